@@ -1,0 +1,82 @@
+"""`bignlp-jax` command line: one sub-command per job, each a thin call into the library.
+
+Usage errors and bad input exit with code 2 and one readable message (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bignlp_jax.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (path, or name under configs/, e.g. tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 mesh.fsdp=4")
+
+
+def cmd_train(args) -> int:
+    from bignlp_jax.config import load_config
+    from bignlp_jax.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from bignlp_jax.config import load_config
+    from bignlp_jax.model.flops import describe
+    from bignlp_jax.parallel.mesh import MESH_AXES, mesh_shape
+
+    cfg = load_config(args.config, args.overrides)
+    if args.devices is None:
+        import jax
+
+        args.devices = jax.device_count()
+    shape = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, args.devices)))
+    info = describe(cfg, shape)
+    gib = 2**30
+    print(f"model                 {info['model']}")
+    print(f"parameters            {info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)")
+    print(f"non-embedding params  {info['non_embedding_parameters']:,}")
+    print(f"train FLOPs / token   {info['flops_per_token']:.4g} (seq_len {info['seq_len']})")
+    print(f"mesh                  {' x '.join(f'{k}={v}' for k, v in shape.items())}")
+    print(f"params / device       {info['param_bytes_per_device'] / gib:.3f} GiB (float32)")
+    print(f"AdamW state / device  {info['optimizer_bytes_per_device'] / gib:.3f} GiB")
+    print(f"total / device        {info['param_plus_optimizer_gib_per_device']:.3f} GiB")
+    print(json.dumps(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bignlp-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (pretrain or finetune) a model from a config")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("describe", help="parameters, FLOPs/token and memory/device of a config")
+    _config_args(p)
+    p.add_argument("--devices", type=int, default=None, help="devices to lay the mesh over")
+    p.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"bignlp-jax {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"bignlp-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Typed, validated configuration (see schema.py) and its loader (see loader.py)."""
+
+from bignlp_jax.config.loader import config_to_yaml, load_config, save_config
+from bignlp_jax.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "Config", "DataConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
+    "RunConfig", "TrainConfig", "config_to_yaml", "load_config", "save_config",
+]

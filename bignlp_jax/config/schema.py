@@ -1,0 +1,184 @@
+"""The typed configuration: one frozen pydantic model per section.
+
+Every field has a type and, where it matters, a range; unknown keys are refused (`extra="forbid"`).
+`loader.py` turns YAML files plus dotted command-line overrides into a validated `Config`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(Section):
+    """Decoder-only transformer shape. `family` picks the defaults users know by name."""
+
+    name: str = "custom"
+    family: Literal["gpt", "llama"] = "gpt"
+    vocab_size: int = Field(32000, ge=2)
+    num_layers: int = Field(2, ge=1)
+    hidden: int = Field(128, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="None: same as num_heads (MHA)")
+    head_dim: int | None = Field(None, ge=1, description="None: hidden // num_heads")
+    mlp_dim: int = Field(512, ge=1)
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0)
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0)
+    max_seq_len: int = Field(2048, ge=1)
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+    attention: Literal["xla", "cudnn"] = "xla"
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        kv = self.kv_heads
+        if self.num_heads % kv:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of "
+                f"model.num_kv_heads={kv} (grouped-query attention shares each kv head "
+                "among num_heads/num_kv_heads query heads)"
+            )
+        if self.head_dim is None and self.hidden % self.num_heads:
+            raise ValueError(
+                f"model.hidden={self.hidden} is not divisible by model.num_heads="
+                f"{self.num_heads}; set model.head_dim explicitly"
+            )
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.dim_per_head}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden // self.num_heads
+
+
+class MeshConfig(Section):
+    """Device mesh axes. -1 means "the devices left over" (at most one axis may say so)."""
+
+    data: int = Field(-1, ge=-1)
+    fsdp: int = Field(1, ge=-1)
+    tensor: int = Field(1, ge=-1)
+    rules: Literal["default", "replicated"] = "default"
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> MeshConfig:
+        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        if any(v == 0 for v in sizes.values()):
+            raise ValueError("mesh axis sizes must be >= 1, or -1 to fill the remaining devices")
+        fills = [k for k, v in sizes.items() if v == -1]
+        if len(fills) > 1:
+            raise ValueError(f"only one mesh axis may be -1, got {', '.join(fills)}")
+        return self
+
+
+class DataConfig(Section):
+    """Where batches come from. `synthetic` needs no files; `tfds` reads an ArrayRecord dataset."""
+
+    source: Literal["synthetic", "tfds"] = "synthetic"
+    seq_len: int = Field(128, ge=2)
+    # TFDS ArrayRecord datasets (read without TensorFlow through tfds.data_source).
+    tfds_name: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    eval_split: str | None = "validation"
+    text_key: str = "text"
+    tokenizer: str | None = Field(None, description="directory written by `bignlp-jax tokenizer train`")
+    worker_threads: int = Field(1, ge=0)
+
+
+class OptimizerConfig(Section):
+    """AdamW with global-norm clipping and a warmup + decay learning-rate schedule."""
+
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["step", "cosine", "linear", "constant"] = "cosine"
+    # step decay: multiply by gamma every decay_every steps after warmup, or at boundaries.
+    gamma: float = Field(0.1, gt=0, le=1)
+    decay_every: int | None = Field(None, ge=1)
+    boundaries: list[int] | None = None
+    # cosine / linear decay end at lr * min_lr_ratio after decay_steps (default: train.steps).
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_steps: int | None = Field(None, ge=1)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip_norm: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_step(self) -> OptimizerConfig:
+        if self.schedule == "step" and not (self.decay_every or self.boundaries):
+            raise ValueError(
+                "optimizer.schedule=step needs optimizer.decay_every or optimizer.boundaries"
+            )
+        if self.boundaries is not None and sorted(self.boundaries) != self.boundaries:
+            raise ValueError(f"optimizer.boundaries must be increasing, got {self.boundaries}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    microbatches: int = Field(1, ge=1, description="gradient accumulation steps per train step")
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: no periodic evaluation")
+    eval_batches: int = Field(4, ge=1)
+    max_time: float | None = Field(None, gt=0, description="wall-clock seconds, then checkpoint")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.global_batch_size % self.microbatches:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be divisible by "
+                f"train.microbatches={self.microbatches}"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0, description="0: only at the end")
+    keep: int = Field(3, ge=1)
+    keep_every: int | None = Field(None, ge=1)
+    resume_from: str | None = None
+    async_save: bool = True
+
+
+class RunConfig(Section):
+    dir: str = "runs/default"
+    seed: int = 0
+    name: str = "run"
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+    init_from: str | None = Field(None, description="checkpoint to load parameters from")
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> Config:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}"
+            )
+        return self

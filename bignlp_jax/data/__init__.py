@@ -1,0 +1,19 @@
+"""Data: batch sources (synthetic, TFDS + Grain) and global batch assembly."""
+
+from __future__ import annotations
+
+from bignlp_jax.config import Config
+from bignlp_jax.data.batches import BatchSource, global_batch, process_rows
+from bignlp_jax.data.synthetic import SyntheticSource
+
+
+def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:
+    """The batch source the config asks for, reading only `rows` of each global batch."""
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(seed=cfg.run.seed, vocab_size=cfg.model.vocab_size,
+                               seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch_size,
+                               rows=rows, split=split)
+    raise NotImplementedError(f"data.source={cfg.data.source!r} is not available yet")
+
+
+__all__ = ["BatchSource", "SyntheticSource", "global_batch", "make_source", "process_rows"]

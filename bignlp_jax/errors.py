@@ -1,0 +1,11 @@
+"""Errors meant for people: the CLI prints them as one message and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input (config, files, mesh...). The message names the problem and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config key, type or value is wrong."""

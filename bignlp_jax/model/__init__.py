@@ -1,0 +1,16 @@
+"""Flax NNX decoder-only transformer and its functional (params-dict) interface."""
+
+from bignlp_jax.model.functional import (
+    abstract_params,
+    count_params,
+    forward,
+    init_params,
+    param_axes,
+    param_shardings,
+)
+from bignlp_jax.model.transformer import Transformer, init_cache
+
+__all__ = [
+    "Transformer", "abstract_params", "count_params", "forward", "init_cache", "init_params",
+    "param_axes", "param_shardings",
+]

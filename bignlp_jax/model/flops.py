@@ -1,0 +1,86 @@
+"""Analytic model figures: parameter count, training FLOPs per token, memory per device.
+
+Nothing is allocated: shapes come from `jax.eval_shape` of the model, and per-device sizes from
+the rules table applied to a mesh *shape* (no devices needed, so a 175B model on a 512-device mesh
+can be described from a laptop).
+
+Training FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B):
+    6 * N + 12 * L * H * Q * T
+N = parameters taking part in matmuls = all parameters minus the input embedding table and learned
+position table (with tied embeddings the table is the output head, so it is counted once);
+L layers, H query heads, Q head dim, T sequence length. The second term is attention's
+QK^T and AV matmuls (forward + backward = 3x the 4*L*H*Q*T forward FLOPs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from bignlp_jax.config import Config, ModelConfig
+from bignlp_jax.model.functional import abstract_params, count_params, param_axes
+from bignlp_jax.parallel.rules import logical_to_spec, rules_table
+
+# AdamW keeps two float32 moments per parameter.
+ADAM_STATE_BYTES_PER_PARAM = 8
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    shapes = abstract_params(cfg)
+    n = count_params(shapes)
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.hidden  # the input table does no matmul; the head does
+    if cfg.position == "learned":
+        n -= cfg.max_seq_len * cfg.hidden
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """PaLM model FLOPs for one training token (forward + backward), no rematerialisation."""
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
+    return 6.0 * non_embedding_params(cfg) + attention
+
+
+def shard_factor(shape, axes, rules, mesh_shape: dict[str, int]) -> int:
+    """How many pieces one array is split into under `rules` on a mesh of `mesh_shape`."""
+    spec = logical_to_spec(axes, rules)
+    factor = 1
+    for size, mesh_axes in zip(shape, spec):
+        if mesh_axes is None:
+            continue
+        for a in (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes:
+            if size % mesh_shape[a] == 0:
+                factor *= mesh_shape[a]
+    return factor
+
+
+def param_bytes_per_device(cfg: ModelConfig, rules_name: str, mesh_shape: dict[str, int],
+                           bytes_per_param: int = 4) -> float:
+    rules = rules_table(rules_name)
+    shapes, axes = abstract_params(cfg), param_axes(cfg)
+    leaves = jax.tree.leaves(shapes)
+    axis_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    return sum(
+        math.prod(s.shape) * bytes_per_param / shard_factor(s.shape, a, rules, mesh_shape)
+        for s, a in zip(leaves, axis_leaves)
+    )
+
+
+def describe(cfg: Config, mesh_shape: dict[str, int]) -> dict:
+    """Headline figures for `bignlp-jax describe`."""
+    m = cfg.model
+    total = count_params(abstract_params(m))
+    params_bytes = param_bytes_per_device(m, cfg.mesh.rules, mesh_shape)
+    optimizer_bytes = params_bytes * ADAM_STATE_BYTES_PER_PARAM / 4
+    return {
+        "model": m.name,
+        "parameters": total,
+        "non_embedding_parameters": non_embedding_params(m),
+        "flops_per_token": flops_per_token(m, cfg.data.seq_len),
+        "seq_len": cfg.data.seq_len,
+        "mesh": dict(mesh_shape),
+        "param_bytes_per_device": params_bytes,
+        "optimizer_bytes_per_device": optimizer_bytes,
+        "param_plus_optimizer_gib_per_device": (params_bytes + optimizer_bytes) / 2**30,
+    }

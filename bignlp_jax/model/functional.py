@@ -1,0 +1,80 @@
+"""A functional view of the NNX model: parameters are a plain nested dict of arrays.
+
+Training, checkpointing and export all work on that dict; `forward` merges it back into the module
+graph inside jit. Parameters are born sharded: `init_params` is jitted with output shardings
+derived from each parameter's logical axes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from bignlp_jax.config import ModelConfig
+from bignlp_jax.model.transformer import Transformer
+from bignlp_jax.parallel.rules import MeshAxes, sharding_for
+
+Params = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=16)
+def _template(cfg: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def graphdef(cfg: ModelConfig):
+    return _template(cfg)[0]
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of every parameter (ShapeDtypeStruct leaves); nothing is allocated."""
+    return _template(cfg)[1].to_pure_dict()
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every parameter, as tuples, in the params dict's structure."""
+    specs = nnx.get_partition_spec(_template(cfg)[1]).to_pure_dict()
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, MeshAxes]) -> Params:
+    """NamedSharding of every parameter under `rules` (checks that each split divides evenly)."""
+    shapes = abstract_params(cfg)
+    axes = param_axes(cfg)
+
+    def one(path, shape):
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        return sharding_for(mesh, get_path(axes, path), rules, shape.shape, name=f"parameter {name}")
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def get_path(tree, path):
+    for p in path:
+        tree = tree[getattr(p, "key", p)]
+    return tree
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, shardings: Params | None = None) -> Params:
+    """Initialise parameters from `key`, compiled so each one is created already sharded."""
+
+    def make(key):
+        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=key)), nnx.Param).to_pure_dict()
+
+    return jax.jit(make, out_shardings=shardings)(key)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens, positions=None, segment_ids=None, *,
+            cache=None, cache_index=None):
+    """Run the model on `params` (pure function; call it inside jit)."""
+    model = nnx.merge(graphdef(cfg), nnx.State(params))
+    return model(tokens, positions, segment_ids, cache=cache, cache_index=cache_index)
+
+
+def count_params(params_or_shapes: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params_or_shapes))

@@ -1,0 +1,153 @@
+"""Transformer layers in Flax NNX: embedding, norm, attention, MLP.
+
+Each parameter is created with the logical names of its axes (`out_sharding` metadata); the rules
+table in `parallel/rules.py` maps them to the mesh. Shapes use B batch, T query length, S key length,
+D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bignlp_jax.model.attention import apply_rope, dot_product_attention
+from bignlp_jax.parallel.rules import constrain
+
+Initializer = nnx.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs | None, init: Initializer, shape, axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter tagged with the logical names of its axes."""
+    key = rngs.params() if rngs is not None else None
+    return nnx.Param(init(key, shape, jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def zeros(key, shape, dtype):  # initializers take a key; zeros and ones do not need one
+    return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding; `attend` reuses it as a tied output head."""
+
+    def __init__(self, vocab_size: int, hidden: int, *, init_std: float, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(init_std)
+        self.embedding = param(rngs, init, (vocab_size, hidden), ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...].astype(dtype), tokens, axis=0)  # [B, T, D]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        w = self.embedding[...].astype(x.dtype)
+        return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (GPT) or RMSNorm (Llama), computed in float32."""
+
+    def __init__(self, dim: int, *, kind: str, eps: float, use_bias: bool):
+        self.kind, self.eps = kind, eps
+        self.scale = param(None, ones, (dim,), ("norm",))
+        self.bias = param(None, zeros, (dim,), ("norm",)) if use_bias and kind == "layernorm" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        h = h * self.scale[...]
+        if self.bias is not None:
+            h = h + self.bias[...]
+        return h.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head or grouped-query causal self-attention with one fused QKV projection.
+
+    The fused weight is [D, K, G+2, H]: for each kv head, its G query heads, then its key, then its
+    value. Splitting it never crosses a `kv_heads` shard, so tensor parallelism needs no gather.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 use_bias: bool, rope: bool, rope_theta: float, init_std: float,
+                 out_std: float, attention_impl: str, rngs: nnx.Rngs):
+        self.K, self.G, self.H = num_kv_heads, num_heads // num_kv_heads, head_dim
+        self.rope, self.rope_theta, self.attention_impl = rope, rope_theta, attention_impl
+        qkv_shape = (hidden, self.K, self.G + 2, head_dim)
+        self.qkv = param(rngs, nnx.initializers.normal(init_std), qkv_shape,
+                         ("embed", "kv_heads", None, "head_dim"))
+        self.out = param(rngs, nnx.initializers.normal(out_std), (num_heads, head_dim, hidden),
+                         ("heads", "head_dim", "embed"))
+        self.qkv_bias = param(None, zeros, qkv_shape[1:], ("kv_heads", None, "head_dim")
+                              ) if use_bias else None
+        self.out_bias = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
+
+    def __call__(self, x, positions, segment_ids, q_index, cache=None, cache_index=None):
+        """x [B,T,D] -> [B,T,D]. With `cache` (k, v [B,S,K,H], segment ids [B,S]) writes this
+        step's keys/values at `cache_index` and attends over the whole cache."""
+        B, T, _ = x.shape
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(x.dtype))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(x.dtype)
+        qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
+        q, k, v = qkv[:, :, :, : self.G], qkv[:, :, :, self.G], qkv[:, :, :, self.G + 1]
+        if self.rope:
+            q = apply_rope(q, positions[:, :, None, None], self.rope_theta)
+            k = apply_rope(k, positions[:, :, None], self.rope_theta)
+        kv_segment_ids, kv_index = segment_ids, q_index
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache, seg_cache = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+            kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(seg_cache, segment_ids, cache_index, 1)
+            kv_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (B, k.shape[1]))
+            new_cache = (k, v, kv_segment_ids)
+        scale = 1.0 / math.sqrt(self.H)
+        o = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids,
+                                  kv_segment_ids, q_index, kv_index, scale, self.attention_impl)
+        o = o.reshape(B, T, self.K * self.G, self.H)  # [B,T,N,H], head n = k * G + g
+        o = constrain(o, ("batch", "seq", "act_heads", None))
+        y = jnp.einsum("btnh,nhd->btd", o, self.out[...].astype(x.dtype))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(x.dtype)
+        return y, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU (gate and up fused into one [D, 2, F] weight) or GELU MLP."""
+
+    def __init__(self, hidden: int, mlp_dim: int, *, kind: str, use_bias: bool,
+                 init_std: float, out_std: float, rngs: nnx.Rngs):
+        self.kind = kind
+        in_shape, in_axes = ((hidden, 2, mlp_dim), ("embed", None, "mlp")) if kind == "swiglu" else (
+            (hidden, mlp_dim), ("embed", "mlp"))
+        self.wi = param(rngs, nnx.initializers.normal(init_std), in_shape, in_axes)
+        self.wo = param(rngs, nnx.initializers.normal(out_std), (mlp_dim, hidden), ("mlp", "embed"))
+        self.bi = param(None, zeros, in_shape[1:], in_axes[1:]) if use_bias else None
+        self.bo = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        wi = self.wi[...].astype(x.dtype)
+        if self.kind == "swiglu":
+            h = jnp.einsum("btd,dcf->btcf", x, wi)  # c = 0 gate, 1 up
+            if self.bi is not None:
+                h = h + self.bi[...].astype(x.dtype)
+            h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+        else:
+            h = jnp.einsum("btd,df->btf", x, wi)
+            if self.bi is not None:
+                h = h + self.bi[...].astype(x.dtype)
+            h = jax.nn.gelu(h, approximate=True)  # GPT-2/3 use the tanh approximation
+        h = constrain(h, ("batch", "seq", "act_mlp"))
+        y = jnp.einsum("btf,fd->btd", h, self.wo[...].astype(x.dtype))
+        if self.bo is not None:
+            y = y + self.bo[...].astype(x.dtype)
+        return y

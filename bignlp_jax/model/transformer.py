@@ -1,0 +1,126 @@
+"""Decoder-only transformer: embedding, a scanned stack of pre-norm blocks, final norm, LM head.
+
+The blocks' parameters are stacked on a leading `layers` axis and run with `jax.lax.scan`, so
+compile time does not grow with depth; `model.remat` wraps the scanned body in `jax.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bignlp_jax.config import ModelConfig
+from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
+from bignlp_jax.parallel.rules import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work (norms, activations, softmax).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias)
+        # GPT-2 / Megatron scale the residual-output projections by 1/sqrt(2 * layers).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.attn_norm = Norm(cfg.hidden, **norm)
+        self.attn = Attention(
+            cfg.hidden, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, use_bias=cfg.use_bias,
+            rope=cfg.position == "rope", rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+            out_std=out_std, attention_impl=cfg.attention, rngs=rngs,
+        )
+        self.mlp_norm = Norm(cfg.hidden, **norm)
+        self.mlp = MLP(cfg.hidden, cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias,
+                       init_std=cfg.init_std, out_std=out_std, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, q_index, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, q_index, cache,
+                                 cache_index)
+        x = constrain(x + h, ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        return x, new_cache
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, rngs=rngs)
+        self.pos_embed = param(rngs, nnx.initializers.normal(cfg.init_std),
+                               (cfg.max_seq_len, cfg.hidden), (None, "embed")
+                               ) if cfg.position == "learned" else None
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg.hidden, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias)
+        self.lm_head = param(rngs, nnx.initializers.normal(cfg.init_std),
+                             (cfg.hidden, cfg.vocab_size), ("embed", "vocab")
+                             ) if not cfg.tie_embeddings else None
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None):
+        """tokens [B,T] -> (logits [B,T,V] float32, new cache or None).
+
+        positions: RoPE / learned positions (restart at 0 in each packed document);
+        segment_ids: document ids, 0 for padding. Both default to one unpacked sequence.
+        cache: dict(k, v [L,B,S,K,H], segment_ids [B,S]) for incremental decoding; the T new
+        tokens occupy slots cache_index .. cache_index+T-1."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        start = 0 if cache is None else cache_index
+        q_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+
+        x = self.embed(tokens, dtype)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...].astype(dtype), positions, axis=0)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            block_state, layer_cache = xs
+            block = nnx.merge(graphdef, block_state)
+            layer_cache = None if layer_cache is None else (
+                layer_cache[0], layer_cache[1], cache["segment_ids"])
+            x, new_cache = block(x, positions, segment_ids, q_index, layer_cache, cache_index)
+            return x, (None if new_cache is None else (new_cache[0], new_cache[1], new_cache[2]))
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        kv = None if cache is None else (cache["k"], cache["v"])
+        x, new_kv = jax.lax.scan(layer, x, (stacked, kv))
+
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        new_cache = None
+        if cache is not None:
+            # every layer wrote the same segment ids; keep the first layer's copy
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": new_kv[2][0]}
+        return logits, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
+    """An empty key/value cache for `length` slots (segment id 0 = empty)."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32)}

@@ -1,0 +1,111 @@
+"""Logical axis names -> mesh axes: the one place that knows how a model is laid out on devices.
+
+Model code names the axes of every parameter and activation (`embed`, `mlp`, `heads`, ...); it
+never sees the mesh. A rules table per strategy maps those names onto the mesh axes
+`data`, `fsdp` and `tensor`. Parameters use the plain names; activations use `act_*` names so
+that, e.g., FSDP can shard a weight's `embed` axis while activations keep `embed` whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bignlp_jax.errors import UserError
+
+MeshAxes = str | tuple[str, ...] | None
+
+RULES: dict[str, dict[str, MeshAxes]] = {
+    # ZeRO-3 style FSDP over `fsdp`, Megatron tensor parallelism over `tensor`, and the batch
+    # split over every data-like axis. With fsdp=tensor=1 this is plain data parallelism.
+    "default": {
+        "batch": ("data", "fsdp"),
+        "seq": None,
+        "embed": "fsdp",
+        "mlp": "tensor",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "head_dim": None,
+        "vocab": "tensor",
+        "layers": None,
+        "norm": None,
+        "act_embed": None,
+        "act_mlp": "tensor",
+        "act_heads": "tensor",
+        "act_kv_heads": "tensor",
+        "act_vocab": "tensor",
+    },
+    # Every parameter on every device; only the batch is split.
+    "replicated": {"batch": ("data", "fsdp")},
+}
+
+
+def rules_table(name: str) -> dict[str, MeshAxes]:
+    if name not in RULES:
+        raise UserError(f"unknown sharding rules {name!r}; known: {', '.join(RULES)}")
+    return RULES[name]
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: dict[str, MeshAxes]) -> PartitionSpec:
+    """Map a tuple of logical names to a PartitionSpec; unknown names are replicated."""
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        mesh_axes = rules.get(name) if name is not None else None
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        # A mesh axis may shard only one dimension of an array: later dims give way.
+        kept = tuple(a for a in (mesh_axes or ()) if a not in used)
+        used.update(kept)
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*out)
+
+
+def sharding_for(
+    mesh: Mesh, axes: Sequence[str | None], rules: dict[str, MeshAxes], shape=None, name=""
+) -> NamedSharding:
+    """NamedSharding for logical `axes`; with `shape`, checks each sharded dim divides evenly."""
+    spec = logical_to_spec(axes, rules)
+    if shape is not None:
+        for dim, (size, mesh_axes) in enumerate(zip(shape, spec)):
+            if mesh_axes is None:
+                continue
+            parts = 1
+            for a in (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes:
+                parts *= mesh.shape[a]
+            if size % parts:
+                raise UserError(
+                    f"{name or 'array'} dimension {dim} ('{axes[dim]}', size {size}) cannot be "
+                    f"split over mesh axes {mesh_axes} ({parts} devices)\n"
+                    f"  fix: choose mesh sizes that divide {size}, or change the model shape"
+                )
+    return NamedSharding(mesh, spec)
+
+
+# --- activation constraints -------------------------------------------------------------------
+# The train step enters `activation_sharding(mesh, rules)` while tracing; model code calls
+# `constrain(x, axes)` with logical names. Outside that context (unit tests, export) it is a no-op.
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict[str, MeshAxes]] | None] = contextvars.ContextVar(
+    "bignlp_activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> Iterator[None]:
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))

@@ -1,0 +1,78 @@
+"""Where training figures go: `metrics.jsonl`, TensorBoard event files, and a progress bar.
+
+Only process 0 writes; other processes get a logger that does nothing, so call sites need no
+`if process_index() == 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "eval_loss")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
+                 enabled: bool | None = None, progress: bool = True):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = self._bar = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                             dynamic_ncols=True, mininterval=1.0)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Append one JSON line {step, time, **scalars} and mirror it to TensorBoard."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _plain(v) for k, v in scalars.items()})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, int(step))
+        if self._bar is not None:
+            self._bar.n = int(step)
+            shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if k in record}
+            self._bar.set_postfix(shown, refresh=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (tqdm.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _plain(value):
+    """JSON-friendly number (NaN/inf become strings so the file stays valid JSON)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return value
+    if math.isfinite(value):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    return str(value)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

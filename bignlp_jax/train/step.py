@@ -1,0 +1,106 @@
+"""The loss, one pure jitted train step (with gradient accumulation), and the eval step.
+
+A batch is a dict of [B, T] arrays: `tokens`, `targets`, `positions`, `segment_ids` (0 = padding)
+and `loss_mask` (1.0 where the target counts). Losses are means over counted target tokens, so a
+step's loss does not depend on how the batch was split into microbatches or devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bignlp_jax.config import Config
+from bignlp_jax.model import forward
+from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
+from bignlp_jax.train.state import TrainState
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token -log p(target), [B, T], in float32 without a second copy of the logits."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit
+
+
+def loss_sums(params, batch, cfg: Config):
+    """(sum of masked token losses, number of counted tokens)."""
+    logits, _ = forward(cfg.model, params, batch["tokens"], batch["positions"],
+                        batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask), jnp.sum(mask)
+
+
+def _grads(params, batch, cfg: Config):
+    """Summed loss, token count and summed gradients, accumulated over `train.microbatches`."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    M = cfg.train.microbatches
+    if M == 1:
+        (loss, count), grads = grad_fn(params, batch, cfg)
+        return loss, count, grads
+
+    # Microbatch m takes rows m, m+M, m+2M, ... so every device holds a share of each one.
+    def split(x):
+        B = x.shape[0]
+        x = x.reshape(B // M, M, *x.shape[1:]).swapaxes(0, 1)  # [M, B/M, T]
+        return x
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        loss, count, grads = carry
+        mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
+        (l, c), g = grad_fn(params, mb, cfg)
+        return (loss + l, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+    return loss, count, grads
+
+
+def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: Callable,
+                    mesh: Mesh, rules: dict[str, MeshAxes], state_sh: TrainState):
+    """Compile-ready train step: (state, batch) -> (state, metrics); the state is donated."""
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        with activation_sharding(mesh, rules):
+            loss_sum, count, grad_sums = _grads(state.params, batch, cfg)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grad_sums)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "tokens": count,
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    b_sh = batch_sharding(mesh, rules)
+    return jax.jit(step, in_shardings=(state_sh, {k: b_sh for k in BATCH_KEYS}),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)
+
+
+def make_eval_step(cfg: Config, mesh: Mesh, rules: dict[str, MeshAxes], params_sh):
+    """(params, batch) -> (summed loss, token count), sharded like training."""
+
+    def step(params, batch):
+        with activation_sharding(mesh, rules):
+            return loss_sums(params, batch, cfg)
+
+    b_sh = batch_sharding(mesh, rules)
+    return jax.jit(step, in_shardings=(params_sh, {k: b_sh for k in BATCH_KEYS}))
