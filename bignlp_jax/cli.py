@@ -12,7 +12,7 @@ import sys
 from bignlp_jax.errors import UserError
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config (path, or name under configs/, e.g. tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 mesh.fsdp=4")
 
@@ -51,16 +51,25 @@ def cmd_describe(args) -> int:
     return 0
 
 
+# Modules that add their own sub-commands: each has `register(subparsers)` which adds parsers
+# with `set_defaults(func=...)`. Keeps this file thin as commands grow.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="bignlp-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
 
     p = sub.add_parser("train", help="train (pretrain or finetune) a model from a config")
-    _config_args(p)
+    config_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("describe", help="parameters, FLOPs/token and memory/device of a config")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--devices", type=int, default=None, help="devices to lay the mesh over")
     p.set_defaults(func=cmd_describe)
     return parser

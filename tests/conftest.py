@@ -1,0 +1,34 @@
+"""Test set-up: 8 simulated CPU devices, configured before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides that make any config a few-second CPU run in a fresh directory."""
+    return [f"run.dir={tmp_path / 'run'}", "train.steps=4", "train.log_every=1"]
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for running `bignlp-jax` in a subprocess with 8 simulated devices."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def bignlp_cmd(*args: str) -> list[str]:
+    """argv that runs the CLI with this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "bignlp_jax.cli", *args]
