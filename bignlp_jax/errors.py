@@ -9,3 +9,8 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key, type or value is wrong."""
+
+
+# Exit code meaning "stopped cleanly after a checkpoint; run me again to continue" (sysexits'
+# EX_TEMPFAIL). Launch scripts requeue a job that exits with it (SIGTERM, train.max_time).
+REQUEUE_EXIT_CODE = 75
