@@ -1,0 +1,104 @@
+"""Open a split of a prepared TFDS dataset as a random-access source, without TensorFlow.
+
+Any dataset prepared in ArrayRecord format under a `data_dir` works: ours (`data prepare`, the
+embedded corpora) and catalogue datasets a user prepared elsewhere (`c4/en`, `glue/sst2:2.0.0`).
+The builder is rebuilt from the files (`dataset_info.json`), so no builder code (and no
+TensorFlow) is imported. Records come back as dicts of numpy values; strings are bytes and
+`text_of` decodes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from bignlp_jax.errors import UserError
+
+DEFAULT_DATA_DIR = "~/.cache/bignlp_jax/datasets"
+
+
+def default_data_dir() -> Path:
+    """`$BIGNLP_DATA_DIR`, else ~/.cache/bignlp_jax/datasets (used when data.data_dir is null)."""
+    return Path(os.environ.get("BIGNLP_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+
+
+def list_datasets(data_dir: Path) -> list[str]:
+    """Names of the prepared datasets under `data_dir` (dirs holding a dataset_info.json)."""
+    names = set()
+    for info in data_dir.glob("*/**/dataset_info.json"):
+        rel = info.parent.relative_to(data_dir).parts  # name[/config]/version
+        names.add("/".join(rel[:-1]))
+    return sorted(names)
+
+
+def _builder(name: str, data_dir: Path):
+    import tensorflow_datasets as tfds
+
+    if not data_dir.is_dir():
+        raise UserError(
+            f"data directory {data_dir} does not exist (looking for dataset {name!r})\n"
+            "  fix: set data.data_dir to the directory holding your prepared TFDS datasets, or "
+            "prepare one with `bignlp-jax data prepare --input GLOB --name NAME --data-dir DIR`"
+        )
+    base = name.split(":")[0]
+    if not (data_dir / base).is_dir():
+        available = list_datasets(data_dir)
+        raise UserError(
+            f"dataset {name!r} not found in {data_dir}\n"
+            f"  looked for: {data_dir / base}\n"
+            f"  available there: {', '.join(available) or '(none)'}\n"
+            "  fix: check data.tfds_name, or prepare it (`bignlp-jax data prepare ...`)"
+        )
+    try:
+        return tfds.builder(name, data_dir=str(data_dir))
+    except Exception as e:  # DatasetNotFoundError, bad version/config, unreadable info
+        raise UserError(f"cannot open TFDS dataset {name!r} in {data_dir}: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def open_split(name: str, data_dir: str | Path | None, split: str,
+               required_keys: Sequence[str] = ()) -> Sequence[dict]:
+    """Random-access source (len, [i]) of the records of `split` of dataset `name`.
+
+    Raises UserError naming what was looked for when the data dir, dataset, split or one of
+    `required_keys` (features) is missing, or the dataset is not in ArrayRecord format.
+    """
+    data_dir = resolve_data_dir(data_dir)
+    builder = _builder(name, data_dir)
+    info = builder.info
+    splits = sorted(info.splits.keys())
+    base_split = split.split("[")[0]
+    if base_split not in splits:
+        raise UserError(
+            f"dataset {name!r} in {data_dir} has no split {split!r}; it has: {', '.join(splits)}"
+        )
+    features = sorted(info.features.keys()) if info.features else []
+    missing = [k for k in required_keys if k not in features]
+    if missing:
+        raise UserError(
+            f"dataset {name!r} in {data_dir} has no feature {missing[0]!r} "
+            f"(features: {', '.join(features)})\n  fix: set data.text_key to one of them"
+        )
+    formats = {str(getattr(f, "value", f)) for f in [info.file_format] if f is not None}
+    if formats and "array_record" not in formats:
+        raise UserError(
+            f"dataset {name!r} in {data_dir} is stored as {', '.join(formats)}, not array_record; "
+            "random access needs ArrayRecord\n  fix: re-prepare it with file_format='array_record'"
+        )
+    return builder.as_data_source(split=split)
+
+
+def text_of(record: dict, key: str) -> str:
+    """The string feature `key` of a record, decoded from UTF-8."""
+    value = record[key]
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "item"):  # numpy scalar of bytes
+        value = value.item()
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return str(value)
