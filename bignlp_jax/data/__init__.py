@@ -13,7 +13,21 @@ def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:
         return SyntheticSource(seed=cfg.run.seed, vocab_size=cfg.model.vocab_size,
                                seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch_size,
                                rows=rows, split=split)
+    if cfg.data.source == "tfds":
+        from bignlp_jax.data.text_source import make_text_source  # grain, tfds: only when used
+
+        return make_text_source(cfg, split, rows)
     raise NotImplementedError(f"data.source={cfg.data.source!r} is not available yet")
 
 
-__all__ = ["BatchSource", "SyntheticSource", "global_batch", "make_source", "process_rows"]
+def record_run_data(cfg: Config, run_dir) -> None:
+    """At the start of a run: check the tokenizer against the model (UserError giving both
+    vocabulary sizes) and copy it into RUN_DIR/tokenizer/. Nothing to do for synthetic data."""
+    if cfg.data.source == "tfds":
+        from bignlp_jax.data.text_source import record_tokenizer
+
+        record_tokenizer(cfg, run_dir)
+
+
+__all__ = ["BatchSource", "SyntheticSource", "global_batch", "make_source", "process_rows",
+           "record_run_data"]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from bignlp_jax.config import Config, save_config
-from bignlp_jax.data import global_batch, make_source, process_rows
+from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
 from bignlp_jax.errors import UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
@@ -92,6 +92,7 @@ def train(cfg: Config, devices=None) -> dict:
     run_dir = Path(cfg.run.dir)
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
+        record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
     state = trainer.fresh_state()
     source = make_source(cfg, "train", trainer.rows)
