@@ -59,7 +59,10 @@ COMMAND_MODULES: list[str] = []
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
+    from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
+
     parser = argparse.ArgumentParser(prog="bignlp-jax", description=__doc__.splitlines()[0])
+    add_distributed_arguments(parser)  # top-level: `bignlp-jax --coordinator H:P ... train ...`
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from bignlp_jax.parallel.distributed import maybe_initialize
+
+        maybe_initialize(args)  # joins a multi-process job (SLURM, Kubernetes, flags) first
         return args.func(args)
     except UserError as e:
         print(f"bignlp-jax {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,295 @@
+"""Multi-process start-up: join the processes of one job with `jax.distributed.initialize`.
+
+Where the job layout (coordinator address, process count, this process's id) comes from; the
+first that applies wins:
+
+1. `--distributed off` (env `BIGNLP_DISTRIBUTED=off`): one process, whatever the environment says.
+2. Explicit: `--coordinator HOST:PORT --num-processes N --process-id I` or the environment
+   variables `BIGNLP_COORDINATOR`, `BIGNLP_NUM_PROCESSES`, `BIGNLP_PROCESS_ID` (set by
+   `launch/local.py` and by the Kubernetes JobSets that `launch/k8s.py` renders).
+3. SLURM: inside an `srun` step with more than one task. The coordinator is the step's first node;
+   the batch script itself (no step) is never treated as distributed.
+4. GKE TPU slices: `TPU_WORKER_HOSTNAMES` (set by GKE) names more than one host, or several
+   slices (`MEGASCALE_NUM_SLICES`); JAX's own TPU detection fills in the details.
+
+JAX aborts the whole process (a C++ fatal error with a stack dump) when the coordinator cannot be
+reached in time, so a watchdog thread fires slightly earlier and exits with a message that names
+the address and the fix. Once joined, a process that stops sending heartbeats for
+`BIGNLP_HEARTBEAT_TIMEOUT` seconds makes the others fail instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bignlp_jax.errors import UserError
+
+# Defaults (seconds). Initialisation waits for every process to start: generous for slow
+# container pulls; heartbeats detect a dead peer; shutdown waits for peers at exit.
+INIT_TIMEOUT = 300.0
+HEARTBEAT_TIMEOUT = 60
+SHUTDOWN_TIMEOUT = 120
+# SLURM: the coordinator port is derived from the job id, in a range above Linux's default
+# ephemeral ports (32768-60999) so outgoing connections never hold it.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 61440, 4096
+
+
+class CoordinatorError(UserError):
+    """The processes of a job could not be joined (unreachable coordinator, bad layout)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits in the job. `coordinator` is None when JAX detects it (TPU)."""
+
+    source: str  # "flags/env", "slurm" or "gke-tpu": named in messages
+    num_processes: int
+    process_id: int
+    coordinator: str | None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Top-level options (given before the sub-command) for multi-process runs."""
+    g = parser.add_argument_group(
+        "multi-process options (normally detected from SLURM / Kubernetes / GKE TPU)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's coordinator (env BIGNLP_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes in the job (env BIGNLP_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help="this process, 0..N-1 (env BIGNLP_PROCESS_ID)")
+    g.add_argument("--init-timeout", type=float, metavar="SECONDS",
+                   help=f"give up joining the other processes after this long "
+                        f"(env BIGNLP_INIT_TIMEOUT, default {INIT_TIMEOUT:g})")
+    g.add_argument("--distributed", choices=("auto", "off"),
+                   help="off: run as a single process even under SLURM/Kubernetes "
+                        "(env BIGNLP_DISTRIBUTED, default auto)")
+
+
+def _int(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise CoordinatorError(f"{name}={value!r} is not an integer") from None
+
+
+def detect(args: argparse.Namespace | None = None,
+           env: Mapping[str, str] = os.environ) -> Layout | None:
+    """The job layout from flags and environment, or None for a single process."""
+    get = (lambda name: getattr(args, name, None)) if args is not None else (lambda name: None)
+    mode = get("distributed") or env.get("BIGNLP_DISTRIBUTED", "auto")
+    if mode not in ("auto", "off"):
+        raise CoordinatorError(f"BIGNLP_DISTRIBUTED={mode!r}: expected 'auto' or 'off'")
+    if mode == "off":
+        return None
+    explicit = _explicit_layout(get, env)
+    if explicit is not None:
+        return explicit if explicit.num_processes > 1 else None
+    for detector in (_slurm_layout, _tpu_layout):
+        layout = detector(env)
+        if layout is not None:
+            return layout
+    return None
+
+
+def _explicit_layout(get, env: Mapping[str, str]) -> Layout | None:
+    coordinator = get("coordinator") or env.get("BIGNLP_COORDINATOR") or None
+    num = get("num_processes")
+    num = num if num is not None else _int(env.get("BIGNLP_NUM_PROCESSES"), "BIGNLP_NUM_PROCESSES")
+    pid = get("process_id")
+    pid = pid if pid is not None else _int(env.get("BIGNLP_PROCESS_ID"), "BIGNLP_PROCESS_ID")
+    given = {"--coordinator": coordinator, "--num-processes": num, "--process-id": pid}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [k for k, v in given.items() if v is None]
+    if missing and not (num == 1 and pid in (None, 0)):
+        raise CoordinatorError(
+            f"multi-process run is missing {', '.join(missing)} (given: "
+            f"{', '.join(f'{k} {v}' for k, v in given.items() if v is not None)})\n"
+            "  fix: pass all three of --coordinator HOST:PORT --num-processes N --process-id I "
+            "(or BIGNLP_COORDINATOR, BIGNLP_NUM_PROCESSES, BIGNLP_PROCESS_ID)"
+        )
+    if num < 1 or not 0 <= (pid or 0) < num:
+        raise CoordinatorError(f"--process-id {pid} must be in 0..{num - 1} (--num-processes {num})")
+    if coordinator is not None and not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d+", coordinator):
+        raise CoordinatorError(f"--coordinator {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
+    return Layout("flags/env", num, pid or 0, coordinator, _device_ids_override(env))
+
+
+def _device_ids_override(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """BIGNLP_LOCAL_DEVICE_IDS: 'all' (or unset) lets a process use every local device."""
+    value = env.get("BIGNLP_LOCAL_DEVICE_IDS", "all").strip()
+    if value in ("", "all"):
+        return None
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise CoordinatorError(
+            f"BIGNLP_LOCAL_DEVICE_IDS={value!r}: expected 'all' or ids like '0,1'") from None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM host list: 'gpu[003-010,12],cpu1' -> 'gpu003'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first)
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node `node_id` from SLURM's compressed form, e.g. '4(x2),2' -> [4, 4, 2]."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node_id] if node_id < len(counts) else 1
+
+
+def _slurm_layout(env: Mapping[str, str]) -> Layout | None:
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return None  # not inside an srun step (e.g. the batch script itself)
+    num = _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"), "SLURM_STEP_NUM_TASKS")
+    if not num or num < 2:
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+    port = (env.get("BIGNLP_COORDINATOR_PORT") or env.get("JAX_COORDINATOR_PORT")
+            or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN))
+    ids = _device_ids_override(env) if "BIGNLP_LOCAL_DEVICE_IDS" in env else None
+    here = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"), int(env.get("SLURM_NODEID", 0)))
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    on_cpu = env.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+    if ids is None and here > 1 and not on_cpu and len(visible) != 1:
+        # One task per GPU and SLURM did not bind GPUs to tasks: each task takes its own GPU.
+        ids = (int(env.get("SLURM_LOCALID", 0)),)
+    return Layout("slurm", num, int(env["SLURM_PROCID"]), f"{first_slurm_host(nodelist)}:{port}", ids)
+
+
+def _tpu_layout(env: Mapping[str, str]) -> Layout | None:
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
+    if not hosts or "TPU_WORKER_ID" not in env:
+        return None
+    per_slice = len(hosts.split(","))
+    slices = _int(env.get("MEGASCALE_NUM_SLICES"), "MEGASCALE_NUM_SLICES") or 1
+    if per_slice * slices < 2:
+        return None
+    slice_id = _int(env.get("MEGASCALE_SLICE_ID"), "MEGASCALE_SLICE_ID") or 0
+    pid = slice_id * per_slice + int(env["TPU_WORKER_ID"])
+    return Layout("gke-tpu", per_slice * slices, pid, None)
+
+
+def _timeout(value, env_name: str, default: float) -> float:
+    raw = value if value is not None else os.environ.get(env_name)
+    if raw is None or raw == "":
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise CoordinatorError(f"{env_name}={raw!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise CoordinatorError(f"{env_name}={raw!r} must be positive")
+    return seconds
+
+
+def describe(layout: Layout) -> str:
+    where = layout.coordinator or "detected by JAX from TPU_WORKER_HOSTNAMES"
+    return (f"process {layout.process_id} of {layout.num_processes} "
+            f"(layout from {layout.source}, coordinator {where})")
+
+
+def _unreachable_message(layout: Layout, timeout: float) -> str:
+    n, i, addr = layout.num_processes, layout.process_id, layout.coordinator or "(TPU worker 0)"
+    if i == 0:
+        what = (f"process 0 of {n} started the coordinator at {addr}, but not all {n} processes "
+                f"joined within {timeout:g} s")
+    else:
+        what = f"process {i} of {n} could not reach the coordinator at {addr} within {timeout:g} s"
+    return (
+        f"{what} (layout from {layout.source})\n"
+        f"  fix: check that all {n} processes were started with the same coordinator and "
+        f"process count, that {addr} is reachable from every host (host name, port, firewall), "
+        "or raise --init-timeout / BIGNLP_INIT_TIMEOUT if hosts start slowly"
+    )
+
+
+def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "") -> None:
+    """Join the job's processes; exits with a readable message if that takes too long."""
+    import jax
+
+    # CPU processes exchange data through gloo (TCP); without it CPU collectives across
+    # processes are not implemented. GPU/TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    heartbeat = int(_timeout(None, "BIGNLP_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT))
+    shutdown = int(_timeout(None, "BIGNLP_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT))
+    prefix = f"bignlp-jax {command}".strip()
+
+    def give_up() -> None:
+        # JAX would abort with a C++ stack dump a little later; leave with a message instead.
+        print(f"{prefix}: error: {_unreachable_message(layout, init_timeout)}",
+              file=sys.stderr, flush=True)
+        os._exit(CoordinatorError.exit_code)
+
+    watchdog = threading.Timer(init_timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    # JAX's own deadline comes later so that the watchdog speaks first.
+    jax_timeout = int(math.ceil(init_timeout)) + 30
+    try:
+        if layout.coordinator is None:  # TPU: JAX reads the TPU_* / MEGASCALE_* variables
+            jax.distributed.initialize(initialization_timeout=jax_timeout,
+                                       heartbeat_timeout_seconds=heartbeat,
+                                       shutdown_timeout_seconds=shutdown)
+        else:
+            jax.distributed.initialize(
+                coordinator_address=layout.coordinator,
+                num_processes=layout.num_processes,
+                process_id=layout.process_id,
+                local_device_ids=list(layout.local_device_ids) if layout.local_device_ids else None,
+                # we resolved the layout ourselves: stop JAX from re-detecting (and overriding
+                # local devices) from SLURM variables
+                cluster_detection_method="deactivate",
+                initialization_timeout=jax_timeout,
+                heartbeat_timeout_seconds=heartbeat,
+                shutdown_timeout_seconds=shutdown,
+            )
+    except (RuntimeError, ValueError) as e:
+        raise CoordinatorError(f"could not join the job as {describe(layout)}: {e}") from None
+    finally:
+        watchdog.cancel()
+    configure_logging(jax.process_index(), jax.process_count())
+
+
+def configure_logging(process_index: int, process_count: int) -> None:
+    """Prefix log lines with the process; warnings from everyone, but our own progress (INFO)
+    only from process 0. Libraries (Orbax, absl) stay at WARNING: their INFO is per-save noise."""
+    logging.basicConfig(
+        force=True,
+        level=logging.WARNING,
+        format=f"[process {process_index}/{process_count}] %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("bignlp_jax").setLevel(logging.INFO if process_index == 0 else logging.WARNING)
+
+
+def maybe_initialize(args: argparse.Namespace | None = None) -> Layout | None:
+    """Called by the CLI before any JAX use: joins the job when it is multi-process."""
+    layout = detect(args)
+    if layout is None:
+        return None
+    timeout = _timeout(getattr(args, "init_timeout", None), "BIGNLP_INIT_TIMEOUT", INIT_TIMEOUT)
+    initialize(layout, timeout, getattr(args, "command", "") or "")
+    return layout

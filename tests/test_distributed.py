@@ -1,0 +1,109 @@
+"""Multi-process start-up: layout detection (flags, env, SLURM, GKE TPU) and a clear failure when
+the coordinator cannot be reached."""
+
+import argparse
+import socket
+import subprocess
+
+import pytest
+
+from bignlp_jax.parallel.distributed import (
+    CoordinatorError, add_arguments, detect, first_slurm_host, tasks_on_node,
+)
+from conftest import bignlp_cmd
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_single_process_by_default():
+    assert detect(parse(), env={}) is None
+
+
+def test_explicit_flags_and_env():
+    layout = detect(parse("--coordinator", "10.0.0.1:1234", "--num-processes", "4",
+                          "--process-id", "3"), env={})
+    assert (layout.coordinator, layout.num_processes, layout.process_id) == ("10.0.0.1:1234", 4, 3)
+    env = {"BIGNLP_COORDINATOR": "host:99", "BIGNLP_NUM_PROCESSES": "2", "BIGNLP_PROCESS_ID": "0"}
+    layout = detect(parse(), env=env)
+    assert (layout.source, layout.coordinator, layout.process_id) == ("flags/env", "host:99", 0)
+    # flags win over the environment
+    assert detect(parse("--process-id", "1"), env=env).process_id == 1
+    # one process is no job to join; --distributed off ignores everything
+    assert detect(parse("--num-processes", "1"), env={}) is None
+    assert detect(parse("--distributed", "off"), env=env) is None
+    assert detect(parse(), env={**env, "BIGNLP_DISTRIBUTED": "off"}) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-processes", "2", "--process-id", "0"], "missing --coordinator"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "must be in 0..1"),
+    (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+])
+def test_explicit_layout_errors(argv, message):
+    with pytest.raises(CoordinatorError, match=message):
+        detect(parse(*argv), env={})
+
+
+def slurm_env(**extra):
+    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+           "SLURM_STEP_NODELIST": "gpu[007-008]", "SLURM_NTASKS": "4"}
+    return {**env, **extra}
+
+
+def test_slurm_step_layout():
+    layout = detect(parse(), env=slurm_env())
+    assert layout.source == "slurm"
+    assert (layout.num_processes, layout.process_id) == (4, 1)
+    assert layout.coordinator == f"gpu007:{61440 + 4242 % 4096}"
+    # two tasks per node on GPUs that SLURM did not bind: each task takes its own device
+    assert layout.local_device_ids == (1,)
+    # one task per node: all local devices; CPU: never restrict
+    one = slurm_env(SLURM_STEP_TASKS_PER_NODE="1(x4)")
+    assert detect(parse(), env=one).local_device_ids is None
+    assert detect(parse(), env=slurm_env(JAX_PLATFORMS="cpu")).local_device_ids is None
+    assert detect(parse(), env=slurm_env(BIGNLP_COORDINATOR_PORT="5000")).coordinator == "gpu007:5000"
+
+
+def test_slurm_batch_script_and_single_task_are_not_distributed():
+    batch = {k: v for k, v in slurm_env().items() if not k.startswith("SLURM_STEP")}
+    assert detect(parse(), env=batch) is None
+    assert detect(parse(), env=slurm_env(SLURM_STEP_NUM_TASKS="1")) is None
+
+
+def test_slurm_host_lists():
+    assert first_slurm_host("node001") == "node001"
+    assert first_slurm_host("node001,host2") == "node001"
+    assert first_slurm_host("gpu[003-010,12],cpu1") == "gpu003"
+    assert first_slurm_host("rack[2,4]-n[07-09]") == "rack2-n07"
+    assert tasks_on_node("4(x2),2", 2) == 2
+    assert tasks_on_node("4(x2),2", 1) == 4
+
+
+def test_gke_tpu_layout():
+    env = {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2",
+           "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": "1"}
+    layout = detect(parse(), env=env)
+    assert (layout.source, layout.num_processes, layout.process_id) == ("gke-tpu", 8, 6)
+    assert layout.coordinator is None  # JAX's TPU detection supplies it
+    assert detect(parse(), env={"TPU_WORKER_HOSTNAMES": "w-0", "TPU_WORKER_ID": "0"}) is None
+
+
+def test_unreachable_coordinator_fails_fast_with_address(cli_env):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    proc = subprocess.run(
+        bignlp_cmd("--coordinator", address, "--num-processes", "2", "--process-id", "1",
+                   "--init-timeout", "2", "describe", "tiny"),
+        env=cli_env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"could not reach the coordinator at {address} within 2 s" in proc.stderr
+    assert "fix:" in proc.stderr
+    assert "Check failure" not in proc.stderr and "Traceback" not in proc.stderr
