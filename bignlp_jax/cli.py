@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from bignlp_jax.errors import UserError
+from bignlp_jax.errors import Preempted, UserError
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"bignlp-jax {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted as e:  # checkpoint saved; exit 75 asks the launcher to run us again
+        print(f"bignlp-jax {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"bignlp-jax {args.command}: interrupted", file=sys.stderr)

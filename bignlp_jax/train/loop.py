@@ -14,12 +14,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
+from bignlp_jax.checkpoint.preemption import StopRequest
+from bignlp_jax.checkpoint.resume import start_state
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
-from bignlp_jax.errors import UserError
+from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
-from bignlp_jax.train.metrics import MetricsLogger
+from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
 from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
@@ -88,38 +91,69 @@ class Trainer:
 
 
 def train(cfg: Config, devices=None) -> dict:
-    """Train for `train.steps` steps; returns the last logged metrics."""
+    """Train until `train.steps`, resuming from the run's newest checkpoint; returns the last
+    logged metrics. On SIGTERM/SIGINT or `train.max_time` it saves, waits until the checkpoint
+    is durable and raises `Preempted` (the CLI exits with REQUEUE_EXIT_CODE)."""
     run_dir = Path(cfg.run.dir)
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
-    state = trainer.fresh_state()
     source = make_source(cfg, "train", trainer.rows)
-    start = int(state.step)
-    logger = MetricsLogger(run_dir, cfg.train.steps, start)
+    start = start_state(trainer, source, run_dir)
+    state, first = start.state, start.step
+    if first >= cfg.train.steps:
+        print(f"{start.origin}: already at step {first} of {cfg.train.steps}; nothing to do")
+        done_records = read_metrics(run_dir)
+        return {k: v for k, v in done_records[-1].items() if k not in ("step", "time")} \
+            if done_records else {}
+    checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
+    logger = MetricsLogger(run_dir, cfg.train.steps, first)
+    logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps}")
+    every = cfg.checkpoint.every_steps
     last: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     window_start, window_steps = time.perf_counter(), 0
     try:
-        for step in range(start, cfg.train.steps):
-            batch = trainer.device_batch(next(source))
-            state, metrics = trainer.train_step(state, batch)
-            done, window_steps = step + 1, window_steps + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                metrics = jax.device_get(metrics)
-                if not math.isfinite(float(metrics["loss"])):
-                    raise NonFiniteLoss(
-                        f"loss is {metrics['loss']} at step {done}; stopping without saving.\n"
-                        "  fix: lower optimizer.lr, raise optimizer.warmup_steps, or check the data"
+        with StopRequest(cfg.train.max_time) as stop:
+            for step in range(first, cfg.train.steps):
+                batch = trainer.device_batch(next(source))
+                state, metrics = trainer.train_step(state, batch)
+                done, window_steps = step + 1, window_steps + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    metrics = jax.device_get(metrics)
+                    _check_finite(metrics, done)
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+                    last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                        last.update(trainer.evaluate(state.params, cfg.train.eval_batches))
+                    logger.log(done, last)
+                    window_start, window_steps = time.perf_counter(), 0
+                reason = stop.should_stop(done)
+                if reason or done == cfg.train.steps or (every and done % every == 0):
+                    _check_finite(metrics, done)  # never overwrite good checkpoints with NaNs
+                    # the source has just handed out batch `done`: its state is the next batch
+                    checkpointer.save(done, state, source.get_state(),
+                                      step_meta(cfg, trainer.mesh, done))
+                if reason:
+                    checkpointer.wait()
+                    raise Preempted(
+                        f"stopped after step {done} of {cfg.train.steps} ({reason}); checkpoint "
+                        f"saved in {checkpointer.directory / str(done)}; run the same command "
+                        "again to continue"
                     )
-                elapsed = time.perf_counter() - window_start
-                last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
-                last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                    last.update(trainer.evaluate(state.params, cfg.train.eval_batches))
-                logger.log(done, last)
-                window_start, window_steps = time.perf_counter(), 0
     finally:
+        checkpointer.close()  # blocks until every started save is durable
         logger.close()
     return last
+
+
+def _check_finite(metrics: dict, done: int) -> None:
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"loss is {loss} at step {done}; stopping without saving (earlier checkpoints "
+            "are kept).\n"
+            "  fix: lower optimizer.lr, raise optimizer.warmup_steps, or check the data"
+        )

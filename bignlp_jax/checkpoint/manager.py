@@ -1,0 +1,174 @@
+"""Save and restore whole training states with an Orbax `CheckpointManager`.
+
+One step directory holds three items: `state` (the sharded TrainState: every process writes its
+own shards into the same directory), `data` (each process's data iterator position, one JSON
+file per process) and `meta` (resolved config, tokenizer reference, mesh, process count).
+Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the
+write finishes in a background thread while training continues; `wait`/`close` block until it is
+durable. Orbax writes into a temporary directory and renames it only when every process is
+done, so a crash mid-save never leaves a step that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
+
+from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir
+from bignlp_jax.config import CheckpointConfig
+from bignlp_jax.errors import UserError
+
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+    """One small JSON file per process (`process_<i>-of-<n>.json`): data iterator positions.
+
+    Each process reads a different shard of the data, so each has its own position; a restore
+    with a different number of processes works when all positions were equal (a stream that is
+    a function of the global step, like the synthetic source), and otherwise says why not."""
+
+    def save(self, directory, args: ProcessJsonSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (Path(directory) / name).write_text(json.dumps(args.item), encoding="utf-8")
+
+    def restore(self, directory, args: ProcessJsonRestore | None = None) -> dict:
+        directory = Path(directory)
+        mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if mine.is_file():
+            return json.loads(mine.read_text(encoding="utf-8"))
+        files = sorted(directory.glob("process_*-of-*.json"))
+        states = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+        if not states:
+            raise UserError(f"{directory} holds no data iterator state (process_*.json)")
+        if any(s != states[0] for s in states):
+            raise UserError(
+                f"the data position in {directory} was saved by {len(files)} processes, each "
+                f"reading its own shard; it cannot be split over {jax.process_count()} "
+                "processes exactly\n  fix: resume with the same number of processes, or start "
+                "a new run with init_from=<this checkpoint> (params only, fresh data order)"
+            )
+        return states[0]
+
+    def metadata(self, directory) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: dict
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# Orbax's "replica-parallel" save splits each replicated array among its replicas, which
+# compiles one slicing program per array and sharding on the first save (15 s for the tiny model
+# on CPU). It only pays off for big arrays, so it is limited to slices of at least this size.
+REPLICA_PARALLEL_MIN_BYTES = 16 * 2**20
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """PyTree handler for the train state: the default type handlers, with the jax.Array one
+    tuned as above."""
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
+        (str, th.StringHandler()),
+        (jax.Array, th.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(),
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def preservation(cfg: CheckpointConfig):
+    """Keep the newest `keep` steps, plus every multiple of `keep_every` for good."""
+    policies = [keep_policy.LatestN(n=cfg.keep)]
+    if cfg.keep_every:
+        policies.append(keep_policy.EveryNSteps(interval_steps=cfg.keep_every))
+    return keep_policy.AnyPreservationPolicy(policies)
+
+
+class RunCheckpointer:
+    """The checkpoints of one run (`RUN_DIR/checkpoints`): save asynchronously, list, wait."""
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
+        self.directory = checkpoints_dir(run_dir)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preservation(cfg),
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save interrupted by a crash
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory.absolute(), options=options,
+            item_handlers={STATE: state_handler(), DATA: ProcessJsonHandler(),
+                           META: ocp.JsonCheckpointHandler()},
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
+        """Start saving `step` (returns once the arrays are off the devices); False if the step
+        already exists (e.g. a run resumed at its final step)."""
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(step, force=True, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeSave(state),
+            DATA: ProcessJsonSave(data_state),
+            META: ocp.args.JsonSave(meta),
+        }))
+
+    def wait(self) -> None:
+        """Block until every started save is durable (committed by all processes)."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def step_meta(cfg, mesh: jax.sharding.Mesh, step: int) -> dict:
+    """What a checkpoint says about itself besides the arrays (JSON)."""
+    return {
+        "step": step,
+        "config": cfg.model_dump(mode="json"),
+        "tokenizer": cfg.data.tokenizer,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+    }
+
+
+def read_meta(step_dir: Path) -> dict:
+    path = Path(step_dir) / META / "metadata"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def restore_state(step_dir: Path, target: Any) -> Any:
+    """The saved TrainState, laid out as `target` says (ShapeDtypeStructs with the shardings of
+    the current mesh: any mesh or device count works, Orbax reads the needed slices)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.Checkpointer(state_handler()) as checkpointer:
+        return checkpointer.restore(Path(step_dir).absolute() / STATE, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args))
+
+
+def restore_data_state(step_dir: Path) -> dict:
+    return ProcessJsonHandler().restore(Path(step_dir) / DATA)

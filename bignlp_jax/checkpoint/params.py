@@ -1,0 +1,113 @@
+"""Parameters only: read a checkpoint's params onto any sharding, and `init_from`.
+
+This is how finetuning, export, evaluation and generation get a model out of a run: no optimizer
+state is read, and the shapes are checked against the model config first so a mismatch names
+the parameter and both shapes instead of surfacing as a TensorStore error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
+from bignlp_jax.config import ModelConfig
+from bignlp_jax.errors import UserError
+from bignlp_jax.model import abstract_params
+
+Params = dict[str, Any]
+HF_PREFIX = "hf:"
+
+
+def _key_name(key) -> str:
+    # dict keys, namedtuple fields and sequence indices all print as plain names, so a saved
+    # tree (Orbax turns namedtuples into dicts) and a live one give the same paths
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat(tree, is_leaf=None) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {"/".join(map(_key_name, path)): leaf for path, leaf in leaves}
+
+
+def saved_tree(state_dir: Path) -> dict[str, Any]:
+    """The metadata tree (shape/dtype per leaf) of a saved train state."""
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same problem
+        raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from None
+    tree = getattr(meta, "item_metadata", meta)
+    return dict(getattr(tree, "tree", tree))
+
+
+def check_shapes(saved: Params, expected: Params, where: str) -> None:
+    """Raise UserError listing every parameter whose shape differs, is missing or unexpected."""
+    is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731 - Orbax metadata leaves have .shape
+    have, want = _flat(saved, is_leaf), _flat(expected, is_leaf)
+    problems = []
+    for name, spec in want.items():
+        if name not in have:
+            problems.append(f"{name}: missing (expected shape {tuple(spec.shape)})")
+        elif tuple(have[name].shape) != tuple(spec.shape):
+            problems.append(
+                f"{name}: checkpoint has shape {tuple(have[name].shape)}, the config "
+                f"expects {tuple(spec.shape)}"
+            )
+    problems += [f"{n}: in the checkpoint but not expected by the config" for n in have
+                 if n not in want]
+    if problems:
+        shown = "\n  ".join(problems[:12] + ([f"... {len(problems) - 12} more"]
+                                            if len(problems) > 12 else []))
+        raise UserError(
+            f"{where} does not match this config:\n  {shown}\n"
+            "  fix: use the model (and optimizer) config the checkpoint was written with "
+            "(see its run's config.yaml)"
+        )
+
+
+def default_shardings(model_cfg: ModelConfig) -> Params:
+    """Every parameter whole on this process's first device (for export and small models)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: device, abstract_params(model_cfg))
+
+
+def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | None = None,
+                step: int | None = None) -> Params:
+    """Read only the parameters of a checkpoint (run dir, checkpoints dir or step dir).
+
+    `shardings` (a tree like the params) places each array; default: one local device. The
+    saved layout does not matter: Orbax reads each target shard from whatever was written."""
+    step_dir = resolve_step_dir(path, step)
+    state_dir = step_dir / STATE
+    saved = saved_tree(state_dir)
+    if "params" not in saved:
+        raise UserError(f"{state_dir} holds no `params` (keys: {', '.join(saved)})")
+    expected = abstract_params(model_cfg)
+    check_shapes(saved["params"], expected, f"checkpoint {step_dir}")
+    shardings = shardings if shardings is not None else default_shardings(model_cfg)
+    target = {"params": jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from None
+    return restored["params"]
+
+
+def load_init_params(spec: str, model_cfg: ModelConfig, shardings: Params) -> Params:
+    """Parameters for `init_from`: a checkpoint path, or `hf:DIR` (a Hugging Face model)."""
+    if spec.startswith(HF_PREFIX):
+        from bignlp_jax.export.hf import load_hf_params  # export stream; imported only when used
+
+        params = load_hf_params(spec[len(HF_PREFIX):], model_cfg)
+        check_shapes(params, abstract_params(model_cfg), f"Hugging Face model {spec}")
+        return jax.device_put(params, shardings)
+    return load_params(spec, model_cfg, shardings)

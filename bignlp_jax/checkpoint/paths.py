@@ -1,0 +1,116 @@
+"""Where checkpoints live, and which of them are complete: plain file-system reads, no devices.
+
+Layout of a run directory:
+
+    RUN_DIR/config.yaml                  resolved config (written at the start of `train`)
+    RUN_DIR/metrics.jsonl
+    RUN_DIR/checkpoints/<step>/state     params, opt_state, step, rng (Orbax PyTree, sharded)
+    RUN_DIR/checkpoints/<step>/data      data iterator state, one JSON file per process
+    RUN_DIR/checkpoints/<step>/meta      config, tokenizer reference, mesh and process count
+
+Orbax writes each step into a temporary directory and renames it when every process has
+finished, so a step directory with a plain integer name is complete; anything else (a
+`<step>.orbax-checkpoint-tmp-*` directory left by a crash) is ignored here and removed by the
+manager on the next start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from bignlp_jax.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+STATE, DATA, META = "state", "data", "meta"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def complete_steps(ckpt_dir: str | Path) -> list[int]:
+    """Finalized steps under a checkpoints directory, ascending ([] if it does not exist)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(ocp.step.checkpoint_steps(ckpt_dir))
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    """The newest complete checkpoint step of a run (or of a checkpoints directory), or None."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
+    steps = complete_steps(ckpt_dir)
+    return steps[-1] if steps else None
+
+
+def is_complete(run_dir: str | Path, cfg) -> bool:
+    """True when the run's final checkpoint (step == train.steps, or later) exists."""
+    last = latest_step(run_dir)
+    return last is not None and last >= cfg.train.steps
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.is_dir() and (path / STATE).is_dir()
+
+
+def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
+    """Find one step directory from a run dir, its checkpoints dir, or a step dir itself.
+
+    `step` picks a step (default: the newest complete one). Raises UserError naming what was
+    looked for and what exists."""
+    path = Path(path)
+    if _is_step_dir(path):
+        if step is not None and path.name.isdigit() and int(path.name) != step:
+            raise UserError(f"{path} is the checkpoint of step {path.name}, not step {step}")
+        return path
+    ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    if not ckpt_dir.is_dir():
+        raise UserError(
+            f"no checkpoint at {path}: expected a run directory (with {CHECKPOINTS}/), a "
+            f"checkpoints directory, or one step directory (with {STATE}/)"
+        )
+    steps = complete_steps(ckpt_dir)
+    if not steps:
+        raise UserError(
+            f"no complete checkpoint in {ckpt_dir} (a run that has not saved yet, or whose "
+            "saves were all interrupted)"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(
+            f"no complete checkpoint of step {step} in {ckpt_dir}; complete steps: "
+            f"{', '.join(map(str, steps))}"
+        )
+    return ckpt_dir / str(step)
+
+
+def load_run_config(run_dir: str | Path):
+    """The resolved `Config` a run was trained with (RUN_DIR/config.yaml, else the newest
+    checkpoint's copy). Accepts a run dir, its checkpoints dir or a step dir."""
+    import json
+
+    from bignlp_jax.config import load_config
+    from bignlp_jax.config.loader import validate
+
+    run_dir = Path(run_dir)
+    candidates = [run_dir]
+    if run_dir.name == CHECKPOINTS:
+        candidates.append(run_dir.parent)
+    elif _is_step_dir(run_dir) and run_dir.parent.name == CHECKPOINTS:
+        candidates.append(run_dir.parent.parent)
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return load_config(candidate / "config.yaml")
+    try:
+        step_dir = resolve_step_dir(run_dir)
+    except UserError:
+        raise UserError(
+            f"no config.yaml in {run_dir} and no checkpoint to read one from; is it a run "
+            "directory written by `bignlp-jax train`?"
+        ) from None
+    meta = json.loads((step_dir / META / "metadata").read_text(encoding="utf-8"))
+    return validate(meta["config"])
