@@ -72,7 +72,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, shardings: Params | None = Non
 def forward(cfg: ModelConfig, params: Params, tokens, positions=None, segment_ids=None, *,
             cache=None, cache_index=None):
     """Run the model on `params` (pure function; call it inside jit)."""
-    model = nnx.merge(graphdef(cfg), nnx.State(params))
+    model = nnx.merge(graphdef(cfg), params)
     return model(tokens, positions, segment_ids, cache=cache, cache_index=cache_index)
 
 

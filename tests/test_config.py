@@ -1,0 +1,90 @@
+"""Config loading, overrides and the one-message errors (exit code 2, no traceback)."""
+
+import subprocess
+
+import pytest
+
+from bignlp_jax import cli
+from bignlp_jax.config import load_config, save_config
+from bignlp_jax.config.loader import load_yaml_tree
+from bignlp_jax.errors import ConfigError
+from conftest import REPO, bignlp_cmd
+
+
+def test_yaml_defaults_and_overrides(tmp_path):
+    cfg = load_config("tiny", ["train.steps=7", "optimizer.lr=1e-4", "mesh.fsdp=2",
+                               "optimizer.boundaries=[10, 20]"])
+    assert cfg.train.steps == 7 and cfg.optimizer.lr == 1e-4 and cfg.mesh.fsdp == 2
+    assert cfg.optimizer.boundaries == [10, 20]
+    assert cfg.model.name == "tiny"  # merged from configs/models/tiny.yaml via `defaults`
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg  # the saved config is complete and exact
+
+
+def test_public_keys_exist():
+    cfg = load_config(None, [])
+    for key in ("run.dir", "run.seed", "train.steps", "train.global_batch_size", "data.seq_len",
+                "mesh.data", "mesh.fsdp", "mesh.tensor", "optimizer.lr",
+                "optimizer.warmup_steps", "optimizer.schedule"):
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.step=3", "unknown config key 'train.step'; did you mean train.steps"),
+        ("trian.steps=3", "unknown config key 'trian'; did you mean train?"),
+        ("optimizer.learning_rate=1", "unknown config key 'optimizer.learning_rate'"),
+        ("train.steps=ten", "config key 'train.steps': Input should be a valid integer"),
+        ("train.steps=0", "config key 'train.steps': Input should be greater than or equal to 1"),
+        ("model.norm=batchnorm", "config key 'model.norm': expected one of 'layernorm' or "
+                                 "'rmsnorm'; got 'batchnorm'"),
+    ],
+)
+def test_config_errors_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert expected in str(err.value)
+
+
+def test_unknown_key_suggests_few_keys_not_all():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["optimizer.weight_decy=0.1"])
+    msg = str(err.value)
+    assert "optimizer.weight_decay" in msg
+    assert "optimizer.warmup_steps" not in msg  # nearest keys only, not a dump
+
+
+def test_defaults_cycle_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_yaml_tree(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "tiny", "train.stesp=3"], "did you mean train.steps"),
+        (["train", "tiny", "train.steps=abc"], "config key 'train.steps'"),
+        (["train", "tiny", "mesh.data=3", "mesh.fsdp=2"], "mesh.data=3 x mesh.fsdp=2 x mesh.tensor=1"
+                                                          " = 6 devices, but 8 are available"),
+        (["train", "no_such_config.yaml"], "config file not found: no_such_config.yaml"),
+    ],
+)
+def test_cli_exits_2_with_one_message(args, expected, capsys, tmp_path):
+    rc = cli.main([*args, f"run.dir={tmp_path}"] if len(args) > 2 else args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_cli_subprocess_has_no_traceback(tmp_path, cli_env):
+    proc = subprocess.run(bignlp_cmd("train", "tiny", "train.stesp=3", f"run.dir={tmp_path}"),
+                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'train.stesp'; did you mean train.steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # failed before any compute
