@@ -1,0 +1,1 @@
+"""Inference: batched autoregressive generation with a key/value cache."""
