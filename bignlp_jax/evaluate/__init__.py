@@ -1,0 +1,1 @@
+"""Evaluation: metric functions, label scoring, and `bignlp-jax eval`."""
