@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -164,6 +164,56 @@ class RunConfig(Section):
     name: str = "run"
 
 
+class TaskConfig(Section):
+    """A finetuning task on the records of `data.tfds_name` (splits `data.split` / `data.eval_split`).
+
+    Each record becomes <s> prompt <sep> target </s>, the loss counting only target tokens.
+    `template` builds the prompt from record fields (Python format syntax, e.g. "{text}").
+    classification: the target is the label word of `record[label_key]`; evaluation scores each
+    label word's log-likelihood and picks the best. text_to_text: the target is
+    `record[target_key]`; evaluation generates greedily and reports exact match and BLEU."""
+
+    type: Literal["classification", "text_to_text"] = "classification"
+    template: str = "{text}"
+    label_key: str = "label"
+    labels: list[str] | None = Field(
+        None, description="classification: label values as stored (integer labels as '0', '1')")
+    label_words: list[str] | None = Field(
+        None, description="word trained and scored for each label (default: the labels)")
+    target_key: str = "target"
+    max_target_tokens: int = Field(64, ge=1, description="text_to_text: generation budget")
+    eval_examples: int | None = Field(None, ge=1, description="cap on examples eval scores")
+
+    @field_validator("labels", "label_words", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value):
+        # YAML reads `labels: [0, 1]` as integers; stored labels are compared as text
+        if isinstance(value, list):
+            return [str(v).lower() if isinstance(v, bool) else str(v) for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> TaskConfig:
+        if self.type != "classification":
+            return self
+        if not self.labels:
+            raise ValueError("task.type=classification needs task.labels (the label set)")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"task.labels has duplicates: {self.labels}")
+        if self.label_words is not None:
+            if len(self.label_words) != len(self.labels):
+                raise ValueError(
+                    f"task.label_words has {len(self.label_words)} entries for "
+                    f"{len(self.labels)} task.labels; give one word per label")
+            if len(set(self.label_words)) != len(self.label_words):
+                raise ValueError(f"task.label_words has duplicates: {self.label_words}")
+        return self
+
+    @property
+    def words(self) -> list[str]:
+        return list(self.label_words or self.labels or [])
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -173,6 +223,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
     init_from: str | None = Field(None, description="checkpoint to load parameters from")
+    task: TaskConfig | None = Field(None, description="finetuning task; null: language modelling")
 
     @model_validator(mode="after")
     def _check_cross(self) -> Config:
