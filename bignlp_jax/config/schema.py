@@ -186,11 +186,16 @@ class TaskConfig(Section):
 
     @field_validator("labels", "label_words", mode="before")
     @classmethod
-    def _labels_as_text(cls, value):
+    def _labels_as_text(cls, value, info):
         # YAML reads `labels: [0, 1]` as integers; stored labels are compared as text
-        if isinstance(value, list):
-            return [str(v).lower() if isinstance(v, bool) else str(v) for v in value]
-        return value
+        if not isinstance(value, list):
+            return value
+        for v in value:
+            if isinstance(v, bool):  # unquoted yes/no/true/false: the spelling is lost
+                raise ValueError(f"task.{info.field_name} holds the boolean {v}: YAML reads "
+                                 "unquoted yes/no/true/false as booleans; quote the words, "
+                                 "e.g. [\"no\", \"yes\"]")
+        return [str(v) for v in value]
 
     @model_validator(mode="after")
     def _check_labels(self) -> TaskConfig:
