@@ -1,0 +1,115 @@
+"""What every launcher shares: how to run `bignlp-jax`, and how a job splits into stages.
+
+A launcher never trains anything itself: it turns a config or a pipeline into one or more
+`bignlp-jax ...` command lines (stages) and hands them to a runner (local processes, SLURM,
+Kubernetes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(Exception):
+    """A launcher cannot continue; the message says why and how to fix it (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One job of a chain: a name (used for file and job names) and its bignlp-jax arguments."""
+
+    name: str
+    args: tuple[str, ...]
+
+
+def bignlp_jax_command(executable: str | None = None) -> list[str]:
+    """argv prefix that runs the CLI: the given path, else the `bignlp-jax` script next to this
+    interpreter (the repo's .venv), else `python -m bignlp_jax.cli` with this interpreter.
+
+    Absolute paths, so jobs started by a scheduler on another shell run the same installation."""
+    if executable:
+        return [executable]
+    script = Path(sys.executable).parent / "bignlp-jax"  # not resolved: keep the venv's bin/
+    if script.is_file():
+        return [str(script.absolute())]
+    return [str(Path(sys.executable).absolute()), "-m", "bignlp_jax.cli"]
+
+
+def resolve_target(target: str) -> str:
+    """A config/pipeline path made absolute (jobs may start in another directory); names such
+    as `tiny` that bignlp-jax finds under configs/ are passed through unchanged."""
+    path = Path(target)
+    return str(path.resolve()) if path.is_file() else target
+
+
+def is_pipeline(target: str) -> bool:
+    """A pipeline YAML lists `stages`; a training config has model/train/... sections."""
+    path = Path(target)
+    if not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and "stages" in data
+
+
+def list_stages(cli: list[str], pipeline: str, overrides: list[str]) -> list[str]:
+    """Ask `bignlp-jax pipeline P --list-stages`: its last stdout line is a JSON list of names."""
+    cmd = [*cli, "pipeline", pipeline, *overrides, "--list-stages"]
+    # a single process, whatever cluster environment this runs in (e.g. inside an allocation)
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "BIGNLP_DISTRIBUTED": "off"})
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise LaunchError(
+            f"could not list the stages of {pipeline}: `{shlex.join(cmd)}` exited with "
+            f"{proc.returncode}\n{proc.stderr.strip()}"
+        )
+    try:
+        names = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        raise LaunchError(f"`{shlex.join(cmd)}` did not end with a JSON list of stage names; "
+                          f"its last line was {lines[-1]!r}")
+    return names
+
+
+def plan_stages(cli: list[str], target: str, overrides: list[str]) -> list[Stage]:
+    """The stages of a config (one `train` stage) or of a pipeline (one per pipeline stage)."""
+    resolved = resolve_target(target)
+    if is_pipeline(resolved):
+        return [Stage(name, ("pipeline", resolved, "--stage", name, *overrides))
+                for name in list_stages(cli, resolved, overrides)]
+    return [Stage("train", ("train", resolved, *overrides))]
+
+
+def run_dir_of(target: str, overrides: list[str]) -> Path:
+    """Where a config's run writes (`run.dir` after overrides): launch files are kept there."""
+    from bignlp_jax.config import load_config
+    from bignlp_jax.errors import UserError
+
+    try:
+        return Path(load_config(target, overrides).run.dir).resolve()
+    except UserError as e:
+        raise LaunchError(str(e)) from None
+
+
+def main_wrapper(main) -> int:
+    """Run a launcher's main(): LaunchError -> one message on stderr and exit code 2."""
+    try:
+        return main()
+    except LaunchError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,182 @@
+"""Run one `bignlp-jax` command as N processes on this machine, joined by jax.distributed.
+
+    python launch/local.py --processes 2 --devices-per-process 2 -- train tiny train.steps=10
+
+Each process gets D simulated CPU devices and the coordinator on loopback, so multi-host code
+paths (process-local batches, cross-process collectives over gloo, checkpoints written by several
+processes) run on one machine. Output lines are prefixed with `[pI]`. If one process fails, the
+others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the launcher exits with the
+failed process's code. SIGTERM/SIGINT to the launcher are forwarded, so a run can be preempted
+like a cluster job (it then exits with the requeue code 75 once every process has saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import LaunchError, bignlp_jax_command, main_wrapper  # noqa: E402
+
+# exit code with which bignlp-jax asks to be run again (checkpoint saved); see bignlp_jax.errors
+REQUEUE_EXIT_CODE = 75
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(base: dict[str, str], index: int, count: int, devices: int,
+                port: int) -> dict[str, str]:
+    """Environment of process `index`: simulated CPU devices and the explicit job layout."""
+    env = dict(base)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["BIGNLP_COORDINATOR"] = f"127.0.0.1:{port}"
+    env["BIGNLP_NUM_PROCESSES"] = str(count)
+    env["BIGNLP_PROCESS_ID"] = str(index)
+    return env
+
+
+def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None:
+    """Copy a child's output to ours, one prefixed line at a time (`\\r` ends a line too, so
+    progress bars do not pile up into one endless line)."""
+    out = sys.stdout.buffer
+    pending = b""
+    while chunk := proc.stdout.read1(65536):
+        lines = re.split(rb"(?<=[\n\r])", pending + chunk)
+        pending = lines.pop()
+        with lock:
+            for line in lines:
+                out.write(prefix + line.rstrip(b"\r\n") + b"\n")
+            out.flush()
+    if pending:
+        with lock:
+            out.write(prefix + pending + b"\n")
+            out.flush()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # each child leads its own process group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal s -> 128+s
+
+
+def launch(args_: list[str], processes: int, devices: int, port: int | None = None,
+           grace: float = 3.0, executable: str | None = None) -> int:
+    """Start the processes, stream their output, and return the job's exit code."""
+    if processes < 1 or devices < 1:
+        raise LaunchError("--processes and --devices-per-process must be at least 1")
+    if not args_:
+        raise LaunchError("no bignlp-jax arguments given; put them after `--`, e.g. "
+                          "`-- train tiny train.steps=10`")
+    port = port or free_port()
+    cmd = [*bignlp_jax_command(executable), *args_]
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    stop_requested = threading.Event()
+
+    def forward(signum, frame):  # preemption drill: every process saves and exits with 75
+        stop_requested.set()
+        for p in procs:
+            _signal_group(p, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    readers = []
+    try:
+        for i in range(processes):
+            p = subprocess.Popen(cmd, env=process_env(dict(os.environ), i, processes, devices, port),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            procs.append(p)
+            print(f"local.py: process {i} (pid {p.pid}): {' '.join(cmd)}", flush=True)
+            t = threading.Thread(target=_stream, args=(p, f"[p{i}] ".encode(), lock), daemon=True)
+            t.start()
+            readers.append(t)
+        code = _supervise(procs, grace, stop_requested)
+    finally:
+        for p in procs:  # never leave children behind, whatever happened above
+            if p.poll() is None:
+                _signal_group(p, signal.SIGKILL)
+                p.wait()
+        for t in readers:
+            t.join(timeout=5)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+def _supervise(procs: list[subprocess.Popen], grace: float, stop_requested: threading.Event) -> int:
+    """Wait for all processes; on the first failure stop the rest and return its code."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if all(c is not None for c in codes):
+            if not failed:
+                return 0
+            i, c = failed[0]
+            print(f"local.py: process {i} exited with code {_exit_code(c)}", flush=True)
+            return _exit_code(c)
+        if failed and not stop_requested.is_set() and failed[0][1] != REQUEUE_EXIT_CODE:
+            i, c = failed[0]
+            running = [p for p in procs if p.poll() is None]
+            print(f"local.py: process {i} exited with code {_exit_code(c)}; stopping the "
+                  f"{len(running)} other process(es)", flush=True)
+            for p in running:
+                _signal_group(p, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for p in running:
+                if p.poll() is None:
+                    _signal_group(p, signal.SIGKILL)
+                p.wait()
+            return _exit_code(c)
+        time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" in argv:
+        split = argv.index("--")
+        own, rest = argv[:split], argv[split + 1:]
+    else:
+        own, rest = argv, []
+    parser = argparse.ArgumentParser(
+        prog="local.py", description=__doc__.splitlines()[0],
+        usage="%(prog)s --processes N --devices-per-process D [--port P] -- BIGNLP_JAX_ARGS...")
+    parser.add_argument("--processes", type=int, required=True, help="processes to start")
+    parser.add_argument("--devices-per-process", type=int, default=1,
+                        help="simulated CPU devices in each process")
+    parser.add_argument("--port", type=int, default=None,
+                        help="coordinator port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--grace", type=float, default=3.0,
+                        help="seconds between SIGTERM and SIGKILL when stopping the others")
+    parser.add_argument("--bignlp-jax", dest="executable", default=None,
+                        help="bignlp-jax executable (default: the one next to this Python)")
+    opts = parser.parse_args(own)
+    return main_wrapper(lambda: launch(rest, opts.processes, opts.devices_per_process,
+                                       opts.port, opts.grace, opts.executable))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

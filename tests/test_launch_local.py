@@ -1,0 +1,83 @@
+"""launch/local.py: several local processes joined by jax.distributed train exactly like one
+process with the same devices, and one failed process fails the whole job quickly."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.multiprocess
+
+LOCAL = str(REPO / "launch" / "local.py")
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_two_processes_match_one_process(tmp_path, cli_env):
+    from bignlp_jax.config import load_config
+
+    overrides = ["train.steps=4", "train.log_every=1", "mesh.data=-1"]
+    proc = subprocess.run(
+        [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "2", "--",
+         "train", "tiny", f"run.dir={tmp_path / 'multi'}", *overrides],
+        env=cli_env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    # every line is labelled with its process, and the processes really were joined
+    assert "[p0] " in proc.stdout and "[p1] " in proc.stdout
+    assert not (tmp_path / "multi" / "metrics.jsonl.p1").exists()
+
+    import jax
+
+    from bignlp_jax.train.loop import train
+
+    cfg = load_config("tiny", [f"run.dir={tmp_path / 'single'}", *overrides])
+    train(cfg, devices=jax.devices()[:4])  # the same 4 devices, one process
+
+    multi, single = read_losses(tmp_path / "multi"), read_losses(tmp_path / "single")
+    assert sorted(multi) == [1, 2, 3, 4]
+    np.testing.assert_allclose([multi[s] for s in sorted(multi)],
+                               [single[s] for s in sorted(single)], rtol=2e-5)
+
+
+def test_one_failed_process_stops_the_job(tmp_path, cli_env):
+    launcher = subprocess.Popen(
+        [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "1", "--grace", "2",
+         "--", "train", "tiny", f"run.dir={tmp_path / 'run'}", "train.steps=100000",
+         "train.log_every=1"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(launcher.stdout), daemon=True)
+    reader.start()
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        for _ in range(6000):  # wait (up to ~10 min on a busy machine) until training runs
+            if metrics.exists() and metrics.read_text().count("\n") >= 2 or launcher.poll():
+                break
+            time.sleep(0.1)
+        assert launcher.poll() is None, "".join(output)[-3000:]
+        pids = dict(re.findall(r"local\.py: process (\d) \(pid (\d+)\)", "".join(output)))
+        import os
+
+        os.kill(int(pids["1"]), signal.SIGKILL)
+        code = launcher.wait(timeout=120)  # the survivor must not keep the job alive
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    reader.join(timeout=10)
+    text = "".join(output)
+    assert code == 128 + signal.SIGKILL, text[-3000:]
+    assert "process 1 exited with code 137; stopping the 1 other process(es)" in text
