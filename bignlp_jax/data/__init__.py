@@ -9,6 +9,10 @@ from bignlp_jax.data.synthetic import SyntheticSource
 
 def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:
     """The batch source the config asks for, reading only `rows` of each global batch."""
+    if cfg.task is not None:  # finetuning: one task example per row (tasks/source.py)
+        from bignlp_jax.tasks.source import make_task_source
+
+        return make_task_source(cfg, split, rows)
     if cfg.data.source == "synthetic":
         return SyntheticSource(seed=cfg.run.seed, vocab_size=cfg.model.vocab_size,
                                seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch_size,

@@ -1,0 +1,46 @@
+"""`bignlp-jax eval CONFIG_OR_RUN_DIR [overrides] [--step S]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def resolve_run(target: str, overrides: list[str]):
+    """(config, run dir) from a run directory (its config.yaml) or a config file (run.dir)."""
+    from bignlp_jax.config import load_config
+
+    path = Path(target)
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            return load_config(path / "config.yaml", overrides), path
+        from bignlp_jax.checkpoint import load_run_config
+        from bignlp_jax.config.loader import apply_overrides, validate
+
+        cfg = load_run_config(path)
+        return validate(apply_overrides(cfg.model_dump(mode="json"), overrides)), path
+    cfg = load_config(target, overrides)
+    return cfg, Path(cfg.run.dir)
+
+
+def cmd_eval(args) -> int:
+    from bignlp_jax.evaluate.run import EVAL_FILE, evaluate_run
+
+    cfg, run_dir = resolve_run(args.target, args.overrides)
+    results = evaluate_run(cfg, run_dir, args.step)
+    shown = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
+    for key, value in shown.items():
+        print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+    print(f"wrote {run_dir / EVAL_FILE}")
+    print(json.dumps(results))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on held-out data -> eval.json")
+    p.add_argument("target", metavar="CONFIG_OR_RUN_DIR",
+                   help="a run directory, or a config (its run.dir is evaluated)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.eval_examples=100")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(func=cmd_eval)
