@@ -54,6 +54,7 @@ def cmd_describe(args) -> int:
 # Modules that add their own sub-commands: each has `register(subparsers)` which adds parsers
 # with `set_defaults(func=...)`. Keeps this file thin as commands grow.
 COMMAND_MODULES: list[str] = [
+    "bignlp_jax.data.commands",
     "bignlp_jax.evaluate.commands",
     "bignlp_jax.infer.commands",
 ]
