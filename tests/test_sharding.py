@@ -1,0 +1,76 @@
+"""Sharded training equals single-device training; parameters are laid out as the rules say."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bignlp_jax.parallel.mesh import mesh_shape
+from bignlp_jax.train.loop import Trainer
+from bignlp_jax.config import MeshConfig
+from bignlp_jax.errors import UserError
+from helpers import tiny_config
+
+# GQA with 4 kv heads (2 query heads each) so tensor=4 splits kv heads evenly.
+GQA = ("model.num_heads=8", "model.num_kv_heads=4")
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+# Different device counts reorder float32 reductions (gradient all-reduce, sharded matmuls), so
+# losses agree to float32 rounding accumulated over a few steps, not bitwise.
+LOSS_RTOL = 2e-5
+
+
+def run_losses(cfg, devices, steps=3):
+    trainer = Trainer.build(cfg, devices)
+    state = trainer.fresh_state()
+    from bignlp_jax.data import make_source
+
+    source = make_source(cfg, "train", trainer.rows)
+    losses = []
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, trainer.device_batch(next(source)))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("ref"), "mesh.data=1", *GQA, llama=True)
+    return run_losses(cfg, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
+def test_sharded_losses_match_single_device(tmp_path, reference, mesh):
+    d, f, t = mesh
+    cfg = tiny_config(tmp_path, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", *GQA,
+                      llama=True)
+    losses, state = run_losses(cfg, jax.devices())
+    np.testing.assert_allclose(losses, reference[0], rtol=LOSS_RTOL)
+    assert losses[-1] < losses[0]  # and it is actually training
+
+    # parameters live where the default rules put them
+    params = state.params
+    qkv = params["blocks"]["attn"]["qkv"]  # [layers, embed, kv_heads, G+2, head_dim]
+    assert qkv.sharding.spec == P(None, "fsdp", "tensor", None, None)
+    assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    assert params["blocks"]["mlp"]["wo"].sharding.spec == P(None, "tensor", "fsdp")
+    assert params["final_norm"]["scale"].sharding.spec == P(None)
+    # and really are split: each device holds 1/(fsdp*tensor) of the qkv weight
+    shard = qkv.addressable_shards[0].data
+    assert shard.size * f * t == qkv.size
+    # optimizer moments follow their parameter
+    mu = state.opt_state[1][0].mu["blocks"]["attn"]["qkv"]
+    assert mu.sharding.spec == qkv.sharding.spec
+
+
+def test_mesh_must_fit_devices():
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    with pytest.raises(UserError, match=r"= 6 devices, but 8 are available"):
+        mesh_shape(MeshConfig(data=3, fsdp=2, tensor=1), 8)
+    with pytest.raises(UserError, match="does not divide the 8 available"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+
+
+def test_indivisible_parameter_is_named(tmp_path):
+    cfg = tiny_config(tmp_path, "mesh.data=1", "mesh.tensor=8", "model.vocab_size=100")
+    with pytest.raises(UserError, match=r"parameter .* \('.*', size .*\) cannot be split"):
+        Trainer.build(cfg, jax.devices())
