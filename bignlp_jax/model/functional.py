@@ -33,12 +33,12 @@ def graphdef(cfg: ModelConfig):
 
 def abstract_params(cfg: ModelConfig) -> Params:
     """Shapes and dtypes of every parameter (ShapeDtypeStruct leaves); nothing is allocated."""
-    return _template(cfg)[1].to_pure_dict()
+    return nnx.to_pure_dict(_template(cfg)[1])
 
 
 def param_axes(cfg: ModelConfig) -> Params:
     """The logical axis names of every parameter, as tuples, in the params dict's structure."""
-    specs = nnx.get_partition_spec(_template(cfg)[1]).to_pure_dict()
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(_template(cfg)[1]))
     return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
@@ -64,7 +64,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, shardings: Params | None = Non
     """Initialise parameters from `key`, compiled so each one is created already sharded."""
 
     def make(key):
-        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=key)), nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
 
     return jax.jit(make, out_shardings=shardings)(key)
 

@@ -47,7 +47,7 @@ def _fresh_state(model_cfg, tx, key, seed) -> TrainState:
     from flax import nnx
 
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=key))
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=rng)
