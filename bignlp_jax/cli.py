@@ -57,6 +57,7 @@ COMMAND_MODULES: list[str] = [
     "bignlp_jax.data.commands",
     "bignlp_jax.evaluate.commands",
     "bignlp_jax.infer.commands",
+    "bignlp_jax.pipeline.commands",
 ]
 
 

@@ -1,0 +1,1 @@
+"""The pretrain -> finetune -> evaluate -> export pipeline (`bignlp-jax pipeline`)."""

@@ -1,0 +1,56 @@
+"""`bignlp-jax pipeline PIPELINE.yaml [--stage NAME] [--list-stages] [overrides]`.
+
+Without --stage, runs every stage in order (finished ones are skipped) and prints the report.
+`--stage NAME` runs one stage (what the SLURM / Kubernetes launchers do, one job per stage);
+`--list-stages` prints the stage names as a JSON list on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_pipeline(args) -> int:
+    from bignlp_jax.pipeline.spec import Pipeline
+
+    pipeline = Pipeline.load(args.pipeline, args.overrides)
+    stages = pipeline.stages()
+    if args.list_stages:
+        print(json.dumps(stages))
+        return 0
+
+    import jax
+
+    from bignlp_jax.errors import UserError
+    from bignlp_jax.pipeline.report import write_report
+    from bignlp_jax.pipeline.stages import execute
+
+    if pipeline.spec.export is not None and "export" not in stages:
+        print("[pipeline] export: left out (bignlp_jax.export.hf is not available)")
+    if args.stage is not None:
+        if args.stage not in stages:
+            raise UserError(f"pipeline {pipeline.path} has no stage {args.stage!r}; its stages: "
+                            f"{', '.join(stages)}")
+        todo = [args.stage]
+    else:
+        todo = stages
+    for stage in todo:
+        execute(pipeline, stage)
+    # the report needs the evaluation; after a lone earlier stage there is nothing to say yet
+    if jax.process_index() == 0 and ("evaluate" in todo or "export" in todo):
+        text = write_report(pipeline)
+        print("\n" + text)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="tokenizer -> pretrain -> finetune -> evaluate -> export")
+    p.add_argument("pipeline", help="pipeline YAML (path, or name under configs/, e.g. "
+                                    "pipelines/default)")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides of the pipeline file, e.g. pretrain.train.steps=50")
+    p.add_argument("--stage", default=None, help="run only this stage (see --list-stages)")
+    p.add_argument("--list-stages", action="store_true",
+                   help="print the stage names in order, as a JSON list on the last line")
+    p.set_defaults(func=cmd_pipeline)

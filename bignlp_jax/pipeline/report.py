@@ -1,0 +1,136 @@
+"""The pipeline's closing report: report.md, loss_curves.png, and the same text on stdout.
+
+It reads only files the stages wrote (metrics.jsonl of each run, evaluate/results.json,
+pipeline.json), so it can be rebuilt at any time without touching a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bignlp_jax.pipeline.spec import Pipeline
+from bignlp_jax.pipeline.stages import read_results, read_state
+from bignlp_jax.train.metrics import read_metrics
+
+REPORT_FILE, PLOT_FILE = "report.md", "loss_curves.png"
+LABELS = {"pretrain": "pretraining", "finetune": "finetuned from pretrained",
+          "finetune_scratch": "finetuned from random init"}
+
+
+def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every training-log line of metrics.jsonl that has `key`. Lines from
+    `bignlp-jax eval` (they carry `eval_seconds`) measure a different set and are left out."""
+    return [(int(r["step"]), float(r[key])) for r in read_metrics(run_dir)
+            if isinstance(r.get(key), (int, float)) and "eval_seconds" not in r]
+
+
+def loss_summary(points: list[tuple[int, float]]) -> str:
+    """'5.83 (step 1) -> 4.10 (25%) -> ... -> 2.95 (step 600), lowest 2.90'."""
+    if not points:
+        return "no loss logged"
+    n = len(points)
+    picks = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
+    parts = [f"{points[i][1]:.3f} (step {points[i][0]})" for i in picks]
+    return " -> ".join(parts) + f"; lowest {min(v for _, v in points):.3f}"
+
+
+def plot(p: Pipeline, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; the PNG is the output
+    import matplotlib.pyplot as plt
+
+    panels = [[s for s in ("pretrain",) if s in p.stages()],
+              [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]
+    panels = [panel for panel in panels if panel]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, stages in zip(axes[0], panels):
+        for stage, color in zip(stages, ("tab:blue", "tab:orange")):
+            run = p.stage_dir(stage)
+            for key, style, what in (("loss", "-", "train"), ("eval_loss", "o--", "validation")):
+                points = curve(run, key)
+                if points:
+                    ax.plot(*zip(*points), style, color=color, markersize=3,
+                            label=f"{LABELS[stage]}: {what}")
+        ax.set_title("pretraining" if stages == ["pretrain"] else "task finetuning")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def build_report(p: Pipeline) -> str:
+    stages = p.stages()
+    results = read_results(p) or {}
+    state = read_state(p)["stages"]
+    lines = [f"# Pipeline report: {p.spec.name}", ""]
+
+    if "pretrain" in stages:
+        cfg = p.run_config("pretrain")
+        lines += ["## Pretraining", "",
+                  f"- model: {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
+                  f"{cfg.model.hidden}), {cfg.train.steps} steps of {cfg.train.global_batch_size}"
+                  f" x {cfg.data.seq_len} tokens on {cfg.data.tfds_name}",
+                  f"- training loss: {loss_summary(curve(p.stage_dir('pretrain'), 'loss'))}"]
+        val = results.get("pretrain")
+        if val:
+            lines.append(f"- validation loss {val['loss']:.3f}, perplexity "
+                         f"**{val['perplexity']:.2f}** (step {val['step']})")
+        lines.append("")
+
+    tuned = {s: results[s] for s in ("finetune", "finetune_scratch") if s in results}
+    if tuned:
+        cfg = p.run_config("finetune")
+        first = next(iter(tuned.values()))
+        lines += ["## Task finetuning", "",
+                  f"Task: {cfg.data.tfds_name} ({cfg.task.type}), {cfg.train.steps} steps; "
+                  f"evaluated on {first.get('examples')} held-out examples.", ""]
+        if cfg.task.type == "classification":
+            lines += ["| model | accuracy | macro-F1 | target perplexity |", "|---|---|---|---|"]
+            for stage, r in tuned.items():
+                lines.append(f"| {LABELS[stage]} | **{_pct(r['accuracy'])}** | "
+                             f"{r['macro_f1']:.3f} | {r['perplexity']:.2f} |")
+            lines.append(f"| majority-class baseline (always '{first['majority_label']}') | "
+                         f"{_pct(first['majority_baseline_accuracy'])} | | |")
+        else:
+            lines += ["| model | exact match | BLEU | target perplexity |", "|---|---|---|---|"]
+            for stage, r in tuned.items():
+                lines.append(f"| {LABELS[stage]} | {_pct(r.get('exact_match', 0.0))} | "
+                             f"{r.get('bleu', 0.0):.2f} | {r['perplexity']:.2f} |")
+        lines.append("")
+
+    lines += ["## Stages", "", "| stage | status | wall time | note |", "|---|---|---|---|"]
+    for stage in stages:
+        entry = state.get(stage, {})
+        seconds = entry.get("seconds")
+        lines.append(f"| {stage} | {entry.get('status', 'not run')} | "
+                     f"{'' if seconds is None else f'{seconds:.0f} s'} | {entry.get('note', '')} |")
+    total = sum(e.get("seconds", 0.0) for s, e in state.items() if s in stages)
+    lines += [f"| total | | {total:.0f} s | |", ""]
+
+    lines += ["## Outputs", "", f"- loss curves: {p.out / PLOT_FILE}"]
+    for stage in stages:
+        lines.append(f"- {stage}: {p.stage_dir(stage)}")
+    if p.spec.export is not None and "export" not in stages:
+        lines.append("- export: left out (bignlp_jax.export.hf is not available in this install)")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(p: Pipeline) -> str:
+    """Write report.md and the PNG into the pipeline's output dir; return the report text."""
+    p.out.mkdir(parents=True, exist_ok=True)
+    plot(p, p.out / PLOT_FILE)
+    text = build_report(p)
+    (p.out / REPORT_FILE).write_text(text, encoding="utf-8")
+    return text
+

@@ -1,0 +1,174 @@
+"""A pipeline file: which run configs its stages use, and where everything goes.
+
+    name: default
+    output_dir: runs/pipeline          # one sub-directory per stage, report.md, loss_curves.png
+    data_dir: null                     # passed to every stage as data.data_dir (null: default)
+    tokenizer: {model_type: bpe}       # trained on the pretraining data, model.vocab_size pieces
+    pretrain:  {config: ../pretrain.yaml, train: {steps: 600}}   # config + any overrides
+    finetune:  {config: ../finetune.yaml}
+    finetune_scratch: true             # also finetune from random init (the baseline)
+    evaluate: true
+    export: {format: hf, dtype: float32}
+
+Every stage's run config is its `config` file, then the stage's other keys (any run-config
+keys, nested), then what the pipeline sets itself so stages feed each other: `run.dir`,
+`data.tokenizer` (the tokenizer stage's output), `data.data_dir`, and for finetuning `init_from`
+(the pretraining run). Command-line overrides address the pipeline file: `pretrain.train.steps=5`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bignlp_jax.config import Config
+from bignlp_jax.config.loader import (
+    CONFIG_ROOT, apply_overrides, deep_merge, load_yaml_tree, resolve_config_path, validate,
+)
+from bignlp_jax.errors import ConfigError, UserError
+
+TRAIN_STAGES = ("pretrain", "finetune", "finetune_scratch")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerStage(_Section):
+    model_type: Literal["bpe", "unigram"] = "bpe"
+
+
+class TrainStage(BaseModel):
+    """`config` plus any run-config keys (kept as extra fields) that override it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    config: str
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExportStage(_Section):
+    format: Literal["hf"] = "hf"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class PipelineConfig(_Section):
+    name: str = "pipeline"
+    output_dir: str = "runs/pipeline"
+    data_dir: str | None = None
+    tokenizer: TokenizerStage | None = None
+    pretrain: TrainStage | None = None
+    finetune: TrainStage | None = None
+    finetune_scratch: bool = False
+    evaluate: bool = True
+    export: ExportStage | None = None
+
+
+class Pipeline:
+    """A loaded pipeline file: its stages and each stage's resolved run config."""
+
+    def __init__(self, spec: PipelineConfig, path: Path):
+        self.spec, self.path = spec, path
+        self.out = Path(spec.output_dir)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> Pipeline:
+        file = resolve_config_path(path)
+        tree = apply_overrides(load_yaml_tree(file), list(overrides))
+        try:
+            spec = PipelineConfig.model_validate(tree)
+        except ValidationError as e:
+            problems = "\n  ".join(
+                f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}"
+                for err in e.errors(include_url=False))
+            raise ConfigError(f"invalid pipeline file {file}:\n  {problems}") from None
+        pipeline = cls(spec, file)
+        pipeline.check()
+        return pipeline
+
+    # -- stages --------------------------------------------------------------------------------
+    def stages(self) -> list[str]:
+        """Stage names in the order they run."""
+        s = self.spec
+        names = []
+        if s.tokenizer is not None:
+            names.append("tokenizer")
+        if s.pretrain is not None:
+            names.append("pretrain")
+        if s.finetune is not None:
+            names.append("finetune")
+            if s.finetune_scratch:
+                names.append("finetune_scratch")
+        if s.evaluate and any(n in names for n in TRAIN_STAGES):
+            names.append("evaluate")
+        if s.export is not None and export_available():
+            names.append("export")
+        return names
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def final_run(self) -> str | None:
+        """The stage whose model is the pipeline's result (exported, generated from)."""
+        return "finetune" if self.spec.finetune is not None else (
+            "pretrain" if self.spec.pretrain is not None else None)
+
+    # -- run configs ---------------------------------------------------------------------------
+    def _stage_file(self, stage: TrainStage) -> Path:
+        for candidate in (self.path.parent / stage.config, CONFIG_ROOT / stage.config):
+            if candidate.is_file():
+                return candidate
+        return resolve_config_path(stage.config)  # raises with the places it looked
+
+    def run_config(self, stage: str) -> Config:
+        """The resolved run config of a training stage, wired to the stages before it."""
+        if stage not in TRAIN_STAGES:
+            raise ValueError(f"{stage} is not a training stage")
+        train_stage = self.spec.pretrain if stage == "pretrain" else self.spec.finetune
+        if train_stage is None:
+            raise UserError(f"pipeline {self.path} has no {stage} stage")
+        tree = deep_merge(load_yaml_tree(self._stage_file(train_stage)), train_stage.overrides)
+        forced: dict[str, Any] = {"run": {"dir": str(self.stage_dir(stage))}}
+        if self.spec.data_dir is not None:
+            forced["data"] = {"data_dir": self.spec.data_dir}
+        if self.spec.tokenizer is not None:
+            forced.setdefault("data", {})["tokenizer"] = str(self.stage_dir("tokenizer"))
+        if stage == "finetune" and self.spec.pretrain is not None:
+            forced["init_from"] = str(self.stage_dir("pretrain"))
+        if stage == "finetune_scratch":
+            forced["init_from"] = None  # the baseline: the same finetuning from random init
+        try:
+            return validate(deep_merge(tree, forced))
+        except ConfigError as e:
+            raise ConfigError(f"pipeline stage {stage}: {e}") from None
+
+    def check(self) -> None:
+        """Catch wiring mistakes before hours of training: every stage config must load, and
+        finetuning must use the pretrained model's shape and vocabulary."""
+        configs = {s: self.run_config(s) for s in self.stages() if s in TRAIN_STAGES}
+        pre, fine = configs.get("pretrain"), configs.get("finetune")
+        if pre is not None and fine is not None and pre.model != fine.model:
+            diff = {k: (v, getattr(fine.model, k)) for k, v in pre.model
+                    if getattr(fine.model, k) != v}
+            shown = ", ".join(f"model.{k}: {a} vs {b}" for k, (a, b) in diff.items())
+            raise UserError(
+                f"pipeline {self.path}: finetune's model differs from pretrain's ({shown}); "
+                "finetuning starts from the pretrained parameters, so the architectures must "
+                "match\n  fix: use the same model config in both stages"
+            )
+        if self.spec.tokenizer is not None and pre is not None and pre.data.source != "tfds":
+            raise UserError(f"pipeline {self.path}: the tokenizer stage trains on the pretraining "
+                            f"data, but pretrain has data.source={pre.data.source}")
+
+
+def export_available() -> bool:
+    """Whether the Hugging Face exporter (bignlp_jax.export.hf) is installed in this tree."""
+    try:
+        return importlib.util.find_spec("bignlp_jax.export.hf") is not None
+    except ModuleNotFoundError:
+        return False

@@ -1,0 +1,182 @@
+"""What each pipeline stage does, how it knows it is already done, and the stage log.
+
+Stages are idempotent: a finished stage is skipped, an interrupted training stage continues
+from its newest checkpoint (train() resumes by itself), and the tokenizer and export stages
+write to a temporary directory and rename it, so a half-written output never counts as done.
+`OUT/pipeline.json` records each stage's status and wall time for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+from bignlp_jax.errors import UserError
+from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
+
+STATE_FILE = "pipeline.json"
+RESULTS_FILE = "results.json"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# -- completion -------------------------------------------------------------------------------
+def is_done(p: Pipeline, stage: str) -> bool:
+    from bignlp_jax.checkpoint import is_complete
+    from bignlp_jax.data.tokenizer import MODEL_FILE
+
+    out = p.stage_dir(stage)
+    if stage == "tokenizer":
+        return (out / MODEL_FILE).is_file()
+    if stage in TRAIN_STAGES:
+        return is_complete(out, p.run_config(stage))
+    if stage == "evaluate":
+        results = read_results(p)
+        if results is None:
+            return False
+        wanted = {s: p.run_config(s).train.steps for s in p.stages() if s in TRAIN_STAGES}
+        return all(results.get(s, {}).get("step") == step for s, step in wanted.items())
+    if stage == "export":
+        return (out / "config.json").is_file()
+    raise UserError(f"unknown pipeline stage {stage!r}; stages: {', '.join(p.stages())}")
+
+
+def read_results(p: Pipeline) -> dict | None:
+    path = p.stage_dir("evaluate") / RESULTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _needs(p: Pipeline, stage: str, before: str) -> None:
+    if before in p.stages() and not is_done(p, before):
+        raise UserError(
+            f"pipeline stage {stage} needs the output of stage {before} ({p.stage_dir(before)}), "
+            f"which is not complete\n  fix: run `bignlp-jax pipeline {p.path} --stage {before}` "
+            "first (or the whole pipeline without --stage)"
+        )
+
+
+# -- the stages -------------------------------------------------------------------------------
+def run_tokenizer(p: Pipeline) -> str:
+    """Train a SentencePiece tokenizer on the pretraining data, model.vocab_size pieces."""
+    from bignlp_jax.data import embedded
+    from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
+    from bignlp_jax.data.tokenizer import train_tokenizer
+
+    cfg = p.run_config("pretrain")
+    out = p.stage_dir("tokenizer")
+    if jax.process_index() == 0:
+        data_dir = resolve_data_dir(cfg.data.data_dir)
+        if cfg.data.tfds_name in embedded.EMBEDDED:
+            embedded.ensure_embedded(data_dir)
+        records = open_split(cfg.data.tfds_name, data_dir, cfg.data.split,
+                             required_keys=(cfg.data.text_key,))
+        texts = (text_of(records[i], cfg.data.text_key) for i in range(len(records)))
+        tok = train_tokenizer(texts, out, cfg.model.vocab_size, p.spec.tokenizer.model_type)
+        message = (f"{tok.vocab_size} pieces ({p.spec.tokenizer.model_type}) trained on "
+                   f"{len(records)} documents of {cfg.data.tfds_name}")
+    _barrier("bignlp_pipeline_tokenizer")
+    return message if jax.process_index() == 0 else "done"
+
+
+def run_train(p: Pipeline, stage: str) -> str:
+    from bignlp_jax.train.loop import train
+
+    for before in ["tokenizer"] + (["pretrain"] if stage == "finetune" else []):
+        _needs(p, stage, before)
+    cfg = p.run_config(stage)
+    last = train(cfg)
+    loss = last.get("loss")
+    return f"{cfg.train.steps} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
+
+
+def run_evaluate(p: Pipeline) -> str:
+    """Evaluate every trained stage; gather the results into OUT/evaluate/results.json."""
+    from bignlp_jax.evaluate.run import evaluate_run
+
+    results = {}
+    for stage in (s for s in p.stages() if s in TRAIN_STAGES):
+        _needs(p, "evaluate", stage)
+        cfg = p.run_config(stage)
+        results[stage] = evaluate_run(cfg, p.stage_dir(stage))
+    if jax.process_index() == 0:
+        out = p.stage_dir("evaluate")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (RESULTS_FILE + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out / RESULTS_FILE)
+    _barrier("bignlp_pipeline_evaluate")
+    return ", ".join(f"{s}: " + (f"accuracy {r['accuracy']:.3f}" if "accuracy" in r
+                                 else f"perplexity {r['perplexity']:.2f}")
+                     for s, r in results.items())
+
+
+def run_export(p: Pipeline) -> str:
+    from bignlp_jax.checkpoint import load_params
+    from bignlp_jax.export.hf import export_hf
+
+    source = p.final_run()
+    _needs(p, "export", source)
+    cfg = p.run_config(source)
+    params = load_params(p.stage_dir(source), cfg.model)
+    run_tok = p.stage_dir(source) / "tokenizer"
+    tokenizer = run_tok if run_tok.is_dir() else None
+    out = export_hf(params, cfg.model, p.stage_dir("export"), p.spec.export.dtype, tokenizer)
+    return f"{source} model as Hugging Face {p.spec.export.dtype} in {out}"
+
+
+def run_stage(p: Pipeline, stage: str) -> str:
+    if stage == "tokenizer":
+        return run_tokenizer(p)
+    if stage in TRAIN_STAGES:
+        return run_train(p, stage)
+    if stage == "evaluate":
+        return run_evaluate(p)
+    if stage == "export":
+        return run_export(p)
+    raise UserError(f"unknown pipeline stage {stage!r}; stages: {', '.join(p.stages())}")
+
+
+# -- the stage log ----------------------------------------------------------------------------
+def read_state(p: Pipeline) -> dict:
+    path = p.out / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}}
+
+
+def record(p: Pipeline, stage: str, status: str, seconds: float, note: str = "") -> None:
+    if jax.process_index() != 0:
+        return
+    state = read_state(p)
+    entry = state["stages"].get(stage, {})
+    if status == "skipped" and entry.get("status") == "done":
+        entry["skipped_at"] = time.time()  # keep the wall time of the run that did the work
+    else:
+        entry = {"status": status, "seconds": round(seconds, 1), "note": note,
+                 "finished_at": time.time()}
+    state["stages"][stage] = entry
+    p.out.mkdir(parents=True, exist_ok=True)
+    tmp = p.out / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(p.out / STATE_FILE)
+
+
+def execute(p: Pipeline, stage: str, log=print) -> bool:
+    """Run one stage unless it is done; True if it ran."""
+    if is_done(p, stage):
+        log(f"[pipeline] {stage}: complete, skipped ({p.stage_dir(stage)})")
+        record(p, stage, "skipped", 0.0)
+        return False
+    log(f"[pipeline] {stage}: running -> {p.stage_dir(stage)}")
+    started = time.perf_counter()
+    note = run_stage(p, stage)
+    seconds = time.perf_counter() - started
+    record(p, stage, "done", seconds, note)
+    log(f"[pipeline] {stage}: done in {seconds:.0f} s ({note})")
+    return True
