@@ -1,0 +1,78 @@
+"""Write our SentencePiece tokenizer so `transformers.AutoTokenizer` loads it and encodes alike.
+
+We do not use `LlamaTokenizer`: it hard-wires Llama's own pipeline (BPE, no normalisation) and
+would ignore the model's normaliser spec. The generic `PreTrainedTokenizerFast` (transformers 5:
+`TokenizersBackend`) follows the SentencePiece model's own settings. We write
+
+- `tokenizer.model`: the SentencePiece model itself;
+- `tokenizer_config.json` / `special_tokens_map.json`: class, special tokens, max length;
+- `tokenizer.json`: the `tokenizers` pipeline, converted by transformers' own SentencePiece
+  converter when transformers is installed (then loading needs neither sentencepiece nor
+  protobuf, and transformers 4.x can load it too). Without transformers, transformers 5
+  converts `tokenizer.model` the same way when it loads the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bignlp_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+SPECIALS = ("bos", "eos", "unk", "pad")
+
+
+def resolve_tokenizer(tokenizer: Any):
+    """A loaded tokenizer from a `Tokenizer`, a .model file, a tokenizer dir or a run dir."""
+    from bignlp_jax.data.tokenizer import load_tokenizer
+
+    if hasattr(tokenizer, "model_path"):
+        return tokenizer
+    return load_tokenizer(tokenizer)
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """bos/eos/unk/pad ids (None where the SentencePiece model has none: it reports -1)."""
+    ids = {k: getattr(tokenizer, f"{k}_id", None) for k in SPECIALS}
+    return {k: (v if v is not None and v >= 0 else None) for k, v in ids.items()}
+
+
+def write_hf_tokenizer(tokenizer: Any, out_dir: str | Path, model_max_length: int) -> dict:
+    """Write the Hugging Face tokenizer files for `tokenizer`; returns its special token ids."""
+    tok = resolve_tokenizer(tokenizer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tok.model_path, out / "tokenizer.model")
+    ids = special_ids(tok)
+    tokens = {f"{k}_token": tok.sp.id_to_piece(i) for k, i in ids.items() if i is not None}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tokens,
+        # Our encode() adds no BOS/EOS; the data pipeline adds them where documents start/end.
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
+    _write_tokenizer_json(out)
+    return ids
+
+
+def _write_tokenizer_json(out: Path) -> None:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        log.info("transformers is not installed: wrote tokenizer.model only (transformers 5 "
+                 "converts it on load)")
+        return
+    try:  # the directory is local and complete: never look anything up online
+        converted = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        converted.backend_tokenizer.save(str(out / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - report any conversion failure as the user's problem
+        raise UserError(f"transformers could not convert {out / 'tokenizer.model'}: {e}") from None
