@@ -30,9 +30,10 @@ from bignlp_jax.errors import UserError
 class ProcessJsonHandler(ocp.CheckpointHandler):
     """One small JSON file per process (`process_<i>-of-<n>.json`): data iterator positions.
 
-    Each process reads a different shard of the data, so each has its own position; a restore
-    with a different number of processes works when all positions were equal (a stream that is
-    a function of the global step, like the synthetic source), and otherwise says why not."""
+    Each process reads its own rows of every batch, so each has its own position. Restoring with
+    another process count hands every process the position of process 0; the source's
+    `set_state` then continues from it exactly (the synthetic and Grain sources are functions of
+    the global step) or says why it cannot."""
 
     def save(self, directory, args: ProcessJsonSave) -> None:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -41,23 +42,19 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
     def restore(self, directory, args: ProcessJsonRestore | None = None) -> dict:
         directory = Path(directory)
         mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if mine.is_file():
-            return json.loads(mine.read_text(encoding="utf-8"))
-        files = sorted(directory.glob("process_*-of-*.json"))
-        states = [json.loads(f.read_text(encoding="utf-8")) for f in files]
-        if not states:
-            raise UserError(f"{directory} holds no data iterator state (process_*.json)")
-        if any(s != states[0] for s in states):
-            raise UserError(
-                f"the data position in {directory} was saved by {len(files)} processes, each "
-                f"reading its own shard; it cannot be split over {jax.process_count()} "
-                "processes exactly\n  fix: resume with the same number of processes, or start "
-                "a new run with init_from=<this checkpoint> (params only, fresh data order)"
-            )
-        return states[0]
+        if not mine.is_file():
+            mine = directory / "process_0-of-{}.json".format(_saved_process_count(directory))
+        return json.loads(mine.read_text(encoding="utf-8"))
 
     def metadata(self, directory) -> None:
         return None
+
+
+def _saved_process_count(directory: Path) -> int:
+    files = list(directory.glob("process_0-of-*.json"))
+    if not files:
+        raise UserError(f"{directory} holds no data iterator state (process_0-of-N.json)")
+    return int(files[0].stem.rsplit("-", 1)[1])
 
 
 @ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)

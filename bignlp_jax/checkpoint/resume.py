@@ -116,16 +116,23 @@ def _previous_good(step_dir: Path, target: TrainState) -> str:
             "or start a new run in another run.dir (this run's checkpoints are kept)")
 
 
-def restore_train_state(trainer, step_dir: Path) -> TrainState:
-    """The full TrainState of a step, resharded onto the trainer's mesh; UserError if unusable."""
+def _short(error: Exception) -> str:
+    """The first line of an exception, without TensorStore's multi-page spec dump."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text.split('. See full TensorStore details')[0][:500]}"
+
+
+def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
+    """The full TrainState of a step, resharded onto the trainer's mesh, and the data position;
+    UserError naming the step, the problem and the previous good step if either is unusable."""
     target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh)
     problem = _readable(step_dir, target)
     if problem is None:
         check_fits(target, f"restoring checkpoint {step_dir}")
         try:
-            return restore_state(step_dir, target)
+            return restore_state(step_dir, target), restore_data_state(step_dir)
         except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
-            problem = f"{type(e).__name__}: {str(e).strip()[:800]}"
+            problem = _short(e)
     raise UserError(f"cannot resume from checkpoint step {step_dir.name} ({step_dir}):\n"
                     f"  {problem}\n{_previous_good(step_dir, target)}")
 
@@ -136,11 +143,7 @@ def start_state(trainer, source, run_dir: str | Path) -> Start:
     run_dir = Path(run_dir)
     step_dir = pick_checkpoint(cfg, run_dir)
     if step_dir is not None:
-        state = restore_train_state(trainer, step_dir)
-        try:
-            data_state = restore_data_state(step_dir)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read the data position of checkpoint {step_dir}: {e}") from None
+        state, data_state = restore_checkpoint(trainer, step_dir)
         source.set_state(data_state)
         return Start(state, int(state.step), f"resumed from checkpoint {step_dir}")
     state = trainer.fresh_state()
@@ -149,3 +152,18 @@ def start_state(trainer, source, run_dir: str | Path) -> Start:
         state = with_params(state, params, trainer.tx, trainer.state_sh)
         return Start(state, 0, f"parameters from init_from={cfg.init_from}")
     return Start(state, 0, "new run")
+
+
+def drop_metrics_after(run_dir: str | Path, step: int) -> None:
+    """Resuming at `step`: forget logged steps after it (a crashed run logged steps its
+    checkpoints do not hold; they are trained again), so metrics.jsonl stays one trajectory."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)  # atomic: a crash here leaves the old or the new file, never half
+

@@ -151,11 +151,20 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
+    """Orbax checkpoints in RUN_DIR/checkpoints: saved every `every_steps` and at the end."""
+
     every_steps: int = Field(0, ge=0, description="0: only at the end")
-    keep: int = Field(3, ge=1)
-    keep_every: int | None = Field(None, ge=1)
-    resume_from: str | None = None
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
+    keep_every: int | None = Field(None, ge=1, description="also keep every multiple of this")
+    resume_from: str | None = Field(
+        None, description="a step of this run, or a run/checkpoint/step directory; used once")
     async_save: bool = True
+
+    @field_validator("resume_from", mode="before")
+    @classmethod
+    def _step_as_text(cls, value):
+        # `checkpoint.resume_from=8` arrives as the YAML integer 8
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class RunConfig(Section):

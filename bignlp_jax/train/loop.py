@@ -16,7 +16,7 @@ import numpy as np
 
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.preemption import StopRequest
-from bignlp_jax.checkpoint.resume import start_state
+from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
 from bignlp_jax.errors import Preempted, UserError
@@ -107,6 +107,7 @@ def train(cfg: Config, devices=None) -> dict:
         done_records = read_metrics(run_dir)
         return {k: v for k, v in done_records[-1].items() if k not in ("step", "time")} \
             if done_records else {}
+    drop_metrics_after(run_dir, first)
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
     logger = MetricsLogger(run_dir, cfg.train.steps, first)
     logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps}")
@@ -150,10 +151,12 @@ def train(cfg: Config, devices=None) -> dict:
 
 
 def _check_finite(metrics: dict, done: int) -> None:
-    loss = float(jax.device_get(metrics["loss"]))
-    if not math.isfinite(loss):
+    # the gradient norm too: finite gradients (and learning rate) keep the updated state finite
+    values = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm")}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
         raise NonFiniteLoss(
-            f"loss is {loss} at step {done}; stopping without saving (earlier checkpoints "
-            "are kept).\n"
+            f"{' and '.join(f'{k} is {v}' for k, v in bad.items())} at step {done}; stopping "
+            "without saving (earlier checkpoints are kept).\n"
             "  fix: lower optimizer.lr, raise optimizer.warmup_steps, or check the data"
         )

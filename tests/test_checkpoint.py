@@ -1,0 +1,247 @@
+"""Checkpoints: exact resume, atomic saves under SIGKILL, SIGTERM/max_time requeue, corrupt or
+mismatched checkpoints, restore onto other meshes, init_from, keep policy, NaN stop.
+
+A 12-step reference run (checkpoints every 4 steps, 8 devices) is trained once per module; the
+other runs are compared with it. Signals need a real process, so those tests run the CLI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from checkpoint_common import (
+    assert_trees_equal,
+    config,
+    disable_compile_cache,
+    enable_compile_cache,
+    host_params,
+    losses,
+    subprocess_env,
+)
+from conftest import bignlp_cmd
+
+from bignlp_jax.checkpoint import is_complete, latest_step, load_params, load_run_config
+from bignlp_jax.checkpoint.manager import RunCheckpointer, read_meta
+from bignlp_jax.config import CheckpointConfig
+from bignlp_jax.errors import REQUEUE_EXIT_CODE, Preempted, UserError
+from bignlp_jax.train.loop import NonFiniteLoss, train
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    env = enable_compile_cache(tmp_path_factory.mktemp("jax_cache"))
+    yield env
+    disable_compile_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_env):
+    """12 uninterrupted steps: (run_dir, losses by step, final params on the host)."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    cfg = config(run_dir, "train.steps=12")
+    train(cfg)
+    return run_dir, losses(run_dir), host_params(run_dir, cfg.model)
+
+
+def test_resume_is_bitwise_exact(reference, tmp_path):
+    ref_dir, ref_losses, ref_params = reference
+    assert latest_step(ref_dir) == 12 and is_complete(ref_dir, config(ref_dir, "train.steps=12"))
+    run = tmp_path / "run"
+    train(config(run, "train.steps=8"))
+    assert latest_step(run) == 8 and not is_complete(run, config(run, "train.steps=12"))
+    train(config(run, "train.steps=12"))
+    resumed = losses(run)
+    assert [resumed[s] for s in range(9, 13)] == [ref_losses[s] for s in range(9, 13)]
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+    # the step directory carries the config, the tokenizer reference and the data position
+    meta = read_meta(run / "checkpoints" / "12")
+    assert meta["step"] == 12 and meta["config"]["train"]["steps"] == 12
+    assert "tokenizer" in meta and meta["mesh"]["data"] == 8
+    assert load_run_config(run).train.steps == 12
+    assert (run / "checkpoints" / "12" / "data" / "process_0-of-1.json").is_file()
+
+
+def test_max_time_stops_with_checkpoint_and_resumes_exactly(reference, tmp_path):
+    _, ref_losses, ref_params = reference
+    run = tmp_path / "run"
+    with pytest.raises(Preempted, match="stopped after step 1 of 12") as stopped:
+        train(config(run, "train.steps=12", "train.max_time=1e-6"))
+    assert stopped.value.exit_code == REQUEUE_EXIT_CODE
+    assert latest_step(run) == 1
+    train(config(run, "train.steps=12"))
+    assert losses(run) == ref_losses
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+
+
+def test_corrupt_latest_checkpoint_is_named_and_never_restarts(reference, tmp_path):
+    ref_dir, ref_losses, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    data_files = sorted((run / "checkpoints" / "12" / "state").rglob("d/*"),
+                        key=lambda p: p.stat().st_size)
+    with open(data_files[-1], "r+b") as f:  # truncate the biggest array file
+        f.truncate(data_files[-1].stat().st_size // 2)
+    with pytest.raises(UserError) as err:
+        train(config(run, "train.steps=16"))
+    message = str(err.value)
+    assert "checkpoint step 12" in message and "checkpoint.resume_from=8" in message
+    assert losses(run) == ref_losses  # nothing was trained, nothing restarted from 0
+    # the offered fix works: resume from 8, the broken step is set aside (not deleted)
+    train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
+    assert (run / "checkpoints_abandoned" / "12").is_dir()
+    assert losses(run) == ref_losses
+    # a requeued job with the same command continues from its own newer checkpoint
+    train(config(run, "train.steps=13", "checkpoint.resume_from=8"))
+    assert latest_step(run) == 13 and sorted(losses(run)) == list(range(1, 14))
+
+
+def test_wrong_model_shape_names_parameter_and_shapes(reference, tmp_path):
+    ref_dir, _, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    with pytest.raises(UserError) as err:
+        train(config(run, "train.steps=16", "model.hidden=32"))
+    message = str(err.value)
+    assert "checkpoint step 12" in message
+    assert "params/embed/embedding: checkpoint has shape (256, 64)" in message
+    assert "expects (256, 32)" in message
+    with pytest.raises(UserError, match=r"embed/embedding: checkpoint has shape \(256, 64\), "
+                                        r"the config expects \(512, 64\)"):
+        load_params(ref_dir, config(run, "model.vocab_size=512").model)
+
+
+def test_init_from_loads_params_only(reference, tmp_path):
+    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.data import make_source
+    from bignlp_jax.train.loop import Trainer
+
+    ref_dir, _, ref_params = reference
+    cfg = config(tmp_path / "finetune", f"init_from={ref_dir}", "train.steps=12")
+    trainer = Trainer.build(cfg)
+    start = start_state(trainer, make_source(cfg, "train", trainer.rows), tmp_path / "finetune")
+    assert start.step == 0 and int(start.state.step) == 0
+    assert_trees_equal(start.state.params, ref_params)
+    moments = [x for path, x in jax.tree_util.tree_flatten_with_path(start.state.opt_state)[0]
+               if any(getattr(k, "name", None) in ("mu", "nu") for k in path)]
+    assert moments and all(not np.asarray(x).any() for x in moments)  # a fresh optimizer
+
+
+@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"], "1 device"])
+def test_restore_onto_other_mesh(reference, tmp_path, mesh):
+    ref_dir, ref_losses, ref_params = reference
+    devices = [jax.devices()[0]] if mesh == "1 device" else None
+    extra = [] if devices else mesh
+    cfg = config(tmp_path / "run", *extra, "train.steps=12",
+                 f"checkpoint.resume_from={ref_dir / 'checkpoints' / '8'}")
+    train(cfg, devices=devices)
+    resumed = losses(tmp_path / "run")
+    assert sorted(resumed) == [9, 10, 11, 12]
+    np.testing.assert_allclose([resumed[s] for s in range(9, 13)],
+                               [ref_losses[s] for s in range(9, 13)], rtol=2e-5)
+    # Adam turns tiny float32 differences in near-zero gradients into lr-sized steps, so the
+    # parameters after 4 more steps agree only to about the learning rate
+    final = host_params(tmp_path / "run", cfg.model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3), final, ref_params)
+    # the arrays read onto the new layout are exactly the saved ones
+    saved8 = load_params(ref_dir, cfg.model, step=8)
+    from bignlp_jax.train.loop import Trainer
+
+    shardings = Trainer.build(cfg, devices).state_sh.params
+    assert_trees_equal(load_params(ref_dir, cfg.model, shardings, step=8), saved8)
+
+
+def test_nan_stops_without_saving_the_bad_state(reference, tmp_path, monkeypatch):
+    from bignlp_jax.data.synthetic import SyntheticSource
+
+    original = SyntheticSource.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        if self.step == 4:  # the 4th batch: a save step that is not a log step
+            batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+        return batch
+
+    monkeypatch.setattr(SyntheticSource, "__next__", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="at step 4"):
+        train(config(run, "train.steps=12", "checkpoint.every_steps=2", "train.log_every=5"))
+    assert latest_step(run) == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+
+
+def test_keep_policy_keeps_latest_and_every_n(tmp_path):
+    ckpt = RunCheckpointer(tmp_path, CheckpointConfig(keep=2, keep_every=4))
+    state = {"w": jnp.arange(6.0)}
+    for step in range(1, 11):
+        ckpt.save(step, state, {"step": step}, {"step": step})
+    ckpt.close()
+    assert latest_step(tmp_path) == 10
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 8, 9, 10]
+
+
+def _run_cli(run_dir, cache_env, *extra):
+    return subprocess.Popen(
+        bignlp_cmd("train", "tiny", *config_overrides(run_dir, *extra)),
+        env=subprocess_env(cache_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def config_overrides(run_dir, *extra):
+    from checkpoint_common import OVERRIDES
+
+    return [*OVERRIDES, f"run.dir={run_dir}", *extra]
+
+
+def _logged_steps(run_dir) -> int:
+    try:
+        return len(losses(run_dir))
+    except ValueError:  # a line being written right now
+        return 0
+
+
+def _wait_for(predicate, proc, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out = proc.stdout.read()
+            raise AssertionError(f"training exited early (rc {proc.returncode}):\n{out[-3000:]}")
+        assert time.monotonic() < deadline, "timed out waiting for the training subprocess"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_from_last_complete(reference, tmp_path, cache_env):
+    _, _, ref_params = reference
+    run = tmp_path / "run"
+    # a checkpoint every step: the kill lands during (or between) asynchronous saves
+    proc = _run_cli(run, cache_env, "train.steps=12", "checkpoint.every_steps=1")
+    _wait_for(lambda: (latest_step(run) or 0) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = latest_step(run)
+    assert proc.returncode == -signal.SIGKILL and killed_at < 12
+    train(config(run, "train.steps=12", "checkpoint.every_steps=1"))
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+    assert sorted(losses(run)) == list(range(1, 13))  # one trajectory, no duplicate steps
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_exits_requeue(tmp_path, cache_env):
+    run = tmp_path / "run"
+    proc = _run_cli(run, cache_env, "train.steps=100000", "checkpoint.every_steps=0")
+    _wait_for(lambda: _logged_steps(run) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    stopped = latest_step(run)
+    assert stopped is not None and f"stopped after step {stopped} of 100000" in out
+    assert max(losses(run)) == stopped  # the checkpoint is the last step trained
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [str(stopped)]
