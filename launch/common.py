@@ -86,22 +86,27 @@ def list_stages(cli: list[str], pipeline: str, overrides: list[str]) -> list[str
     return names
 
 
-def plan_stages(cli: list[str], target: str, overrides: list[str]) -> list[Stage]:
-    """The stages of a config (one `train` stage) or of a pipeline (one per pipeline stage)."""
+def plan_stages(cli: list[str], target: str, overrides: list[str],
+                job_target: str | None = None) -> list[Stage]:
+    """The stages of a config (one `train` stage) or of a pipeline (one per pipeline stage).
+
+    Stage names are read from the local file; the commands name `job_target` (the path as the
+    job will see it, e.g. inside a container), by default the local absolute path."""
     resolved = resolve_target(target)
+    job_target = job_target or resolved
     if is_pipeline(resolved):
-        return [Stage(name, ("pipeline", resolved, "--stage", name, *overrides))
+        return [Stage(name, ("pipeline", job_target, "--stage", name, *overrides))
                 for name in list_stages(cli, resolved, overrides)]
-    return [Stage("train", ("train", resolved, *overrides))]
+    return [Stage("train", ("train", job_target, *overrides))]
 
 
-def run_dir_of(target: str, overrides: list[str]) -> Path:
-    """Where a config's run writes (`run.dir` after overrides): launch files are kept there."""
+def load_run_config(target: str, overrides: list[str]):
+    """The validated config of a training run (for its `run.dir` and `run.name`)."""
     from bignlp_jax.config import load_config
     from bignlp_jax.errors import UserError
 
     try:
-        return Path(load_config(target, overrides).run.dir).resolve()
+        return load_config(target, overrides)
     except UserError as e:
         raise LaunchError(str(e)) from None
 

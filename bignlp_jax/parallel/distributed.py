@@ -41,6 +41,8 @@ SHUTDOWN_TIMEOUT = 120
 # ephemeral ports (32768-60999) so outgoing connections never hold it.
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 61440, 4096
 
+log = logging.getLogger(__name__)
+
 
 class CoordinatorError(UserError):
     """The processes of a job could not be joined (unreachable coordinator, bad layout)."""
@@ -272,6 +274,8 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
     finally:
         watchdog.cancel()
     configure_logging(jax.process_index(), jax.process_count())
+    log.info("joined %s; %d devices in all, %d here", describe(layout), jax.device_count(),
+             jax.local_device_count())
 
 
 def configure_logging(process_index: int, process_count: int) -> None:

@@ -1,0 +1,297 @@
+"""Kubernetes: render (and apply) a JobSet that runs bignlp-jax on GPU node pools or GKE TPU slices.
+
+    python launch/k8s.py render --image IMG --nodes 2 --gpus-per-node 8 --pvc runs:/runs \\
+        configs/pipelines/my.yaml run.dir=/runs/my > my.yaml
+    python launch/k8s.py apply  --image IMG --tpu-accelerator tpu-v5p-slice \\
+        --tpu-topology 2x2x4 --tpu-chips-per-node 4 configs/tiny.yaml
+
+One JobSet per launch; each stage (a config is one `train` stage, a pipeline one per stage) is a
+replicated job of `--nodes` pods, one bignlp-jax process per pod, and waits for the previous
+stage to complete (`dependsOn`, JobSet >= 0.8). The container runs bignlp-jax directly (no shell),
+so no value is ever interpreted by a shell.
+
+How the processes find each other:
+- GPU: the manifest sets BIGNLP_COORDINATOR to pod 0 of the stage (JobSet gives pods stable DNS
+  names `<jobset>-<stage>-<job>-<pod>.<jobset>`), BIGNLP_NUM_PROCESSES, and BIGNLP_PROCESS_ID
+  from the pod's completion index.
+- TPU: GKE injects TPU_WORKER_ID / TPU_WORKER_HOSTNAMES (and MEGASCALE_* for several slices,
+  one Job per slice on its own node pool via the exclusive-topology annotation); bignlp-jax lets
+  JAX detect the layout from them.
+
+Restarts: a failed pod fails its Job and JobSet recreates all of them (`--max-restarts`), so a
+preempted run (exit 75 after a checkpoint) resumes from its checkpoint; bad input (exit 2) fails
+the JobSet at once. Checkpoints must live on storage every pod sees (`--pvc`, or a bucket mount).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import (  # noqa: E402
+    LaunchError, Stage, bignlp_jax_command, main_wrapper, plan_stages,
+)
+
+CONTAINER = "bignlp-jax"
+USER_ERROR_EXIT_CODE = 2  # bignlp_jax.errors.UserError: retrying cannot help
+
+
+@dataclass
+class K8sOptions:
+    name: str
+    image: str
+    nodes: int = 1  # pods (= processes) per slice / per stage
+    gpus_per_node: int = 0
+    tpu_accelerator: str | None = None  # e.g. tpu-v5p-slice, tpu-v5-lite-podslice, tpu-v6e-slice
+    tpu_topology: str | None = None  # e.g. 2x2x4
+    tpu_chips_per_node: int = 4
+    slices: int = 1
+    namespace: str | None = None
+    service_account: str | None = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    pvcs: dict[str, str] = field(default_factory=dict)  # claim name -> mount path
+    cpu: str | None = None
+    memory: str | None = None
+    port: int = 8476
+    max_restarts: int = 10
+    init_timeout: int = 900  # pods of a stage may start minutes apart (image pulls, scale-up)
+    executable: str = "bignlp-jax"
+
+    @property
+    def tpu(self) -> bool:
+        return self.tpu_accelerator is not None
+
+
+def dns_label(text: str) -> str:
+    """A DNS-1123 label: lower-case letters, digits and '-', starting and ending alphanumeric."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return label or "bignlp"
+
+
+def _check(opts: K8sOptions, stages: list[Stage]) -> None:
+    if opts.tpu and opts.gpus_per_node:
+        raise LaunchError("choose either GPUs (--gpus-per-node) or a TPU slice (--tpu-*), not both")
+    if opts.tpu and not opts.tpu_topology:
+        raise LaunchError("--tpu-accelerator needs --tpu-topology (e.g. 2x2x4)")
+    if opts.slices > 1 and not opts.tpu:
+        raise LaunchError("--slices is for TPU multislice; for GPUs raise --nodes instead")
+    for stage in stages:  # pod host names must fit in one DNS label
+        host = f"{opts.name}-{dns_label(stage.name)}-{opts.slices - 1}-{opts.nodes - 1}"
+        if len(host) > 63:
+            raise LaunchError(f"pod host name {host!r} is longer than 63 characters; "
+                              "choose a shorter --name")
+
+
+def _env(opts: K8sOptions, stage_name: str) -> list[dict]:
+    env = [{"name": k, "value": str(v)} for k, v in sorted(opts.env.items())]
+    env.append({"name": "BIGNLP_INIT_TIMEOUT", "value": str(opts.init_timeout)})
+    if not opts.tpu and opts.nodes > 1:
+        coordinator = f"{opts.name}-{stage_name}-0-0.{opts.name}:{opts.port}"
+        env += [
+            {"name": "BIGNLP_COORDINATOR", "value": coordinator},
+            {"name": "BIGNLP_NUM_PROCESSES", "value": str(opts.nodes)},
+            {"name": "BIGNLP_PROCESS_ID", "valueFrom": {"fieldRef": {
+                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        ]
+    return env
+
+
+def _pod_spec(opts: K8sOptions, stage: Stage, stage_name: str) -> dict:
+    limits: dict[str, object] = {}
+    requests: dict[str, object] = {}
+    node_selector = dict(opts.node_selector)
+    if opts.gpus_per_node:
+        limits["nvidia.com/gpu"] = opts.gpus_per_node
+    if opts.tpu:
+        limits["google.com/tpu"] = opts.tpu_chips_per_node
+        node_selector["cloud.google.com/gke-tpu-accelerator"] = opts.tpu_accelerator
+        node_selector["cloud.google.com/gke-tpu-topology"] = opts.tpu_topology
+    if opts.cpu:
+        requests["cpu"] = opts.cpu
+    if opts.memory:
+        requests["memory"] = limits["memory"] = opts.memory
+    container = {
+        "name": CONTAINER,
+        "image": opts.image,
+        "command": [opts.executable, *stage.args],  # exec form: no shell in between
+        "env": _env(opts, stage_name),
+        "ports": [{"containerPort": opts.port, "name": "coordinator"}],
+        "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
+    }
+    spec: dict = {"restartPolicy": "Never", "containers": [container]}
+    if node_selector:
+        spec["nodeSelector"] = node_selector
+    if opts.gpus_per_node:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                "effect": "NoSchedule"}]
+    if opts.tpu:  # TPU hosts talk over the host network (GKE's recommended multi-host setup)
+        spec["hostNetwork"] = True
+        spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if opts.service_account:
+        spec["serviceAccountName"] = opts.service_account
+    if opts.pvcs:
+        spec["volumes"] = [{"name": f"vol{i}", "persistentVolumeClaim": {"claimName": claim}}
+                           for i, claim in enumerate(opts.pvcs)]
+        container["volumeMounts"] = [{"name": f"vol{i}", "mountPath": path}
+                                     for i, path in enumerate(opts.pvcs.values())]
+    return spec
+
+
+def render_jobset(stages: list[Stage], opts: K8sOptions) -> dict:
+    """The JobSet (as a plain dict) running `stages` one after another."""
+    _check(opts, stages)
+    replicated = []
+    previous = None
+    for stage in stages:
+        name = dns_label(stage.name)
+        job = {
+            "name": name,
+            "replicas": opts.slices,
+            "template": {"spec": {
+                "parallelism": opts.nodes,
+                "completions": opts.nodes,
+                "completionMode": "Indexed",
+                "backoffLimit": 0,  # any pod failure restarts the whole group (JobSet policy)
+                "podFailurePolicy": {"rules": [{
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                    "values": [USER_ERROR_EXIT_CODE]},
+                }]},
+                "template": {
+                    "metadata": {"labels": {"app.kubernetes.io/name": "bignlp-jax",
+                                            "bignlp-jax/stage": name}},
+                    "spec": _pod_spec(opts, stage, name),
+                },
+            }},
+        }
+        if previous:
+            job["dependsOn"] = [{"name": previous, "status": "Complete"}]
+        replicated.append(job)
+        previous = name
+    metadata: dict = {"name": opts.name, "labels": {"app.kubernetes.io/name": "bignlp-jax"}}
+    if opts.namespace:
+        metadata["namespace"] = opts.namespace
+    if opts.tpu and opts.slices > 1:
+        metadata["annotations"] = {
+            "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": metadata,
+        "spec": {
+            # stable pod DNS names <jobset>-<job>-<index>-<pod>.<jobset>, published before ready
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "failurePolicy": {
+                "maxRestarts": opts.max_restarts,
+                # a Job failed by the podFailurePolicy above (bad input) is not retried
+                "rules": [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+            },
+            "replicatedJobs": replicated,
+        },
+    }
+
+
+def to_yaml(manifest: dict) -> str:
+    return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)
+
+
+def apply(text: str, path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise LaunchError(f"kubectl not found on PATH; the manifest is in {path}: apply it where "
+                          "kubectl talks to your cluster (`kubectl apply -f FILE`)")
+    proc = subprocess.run([kubectl, "apply", "-f", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LaunchError(f"kubectl apply -f {path} failed: {proc.stderr.strip()}")
+    print(proc.stdout.strip())
+
+
+def _pairs(items: list[str], flag: str, sep: str = "=") -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, found, value = item.partition(sep)
+        if not found or not key:
+            raise LaunchError(f"{flag} {item!r} is not KEY{sep}VALUE")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k8s.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, help_ in (("render", "write the JobSet manifest (stdout or --out)"),
+                           ("apply", "render, save (--out) and `kubectl apply` it")):
+        p = sub.add_parser(command, help=help_)
+        p.add_argument("target", metavar="PIPELINE_OR_CONFIG",
+                       help="path as seen inside the container")
+        p.add_argument("overrides", nargs="*")
+        p.add_argument("--image", required=True, help="container image with bignlp-jax")
+        p.add_argument("--name", help="JobSet name (default: from the file name)")
+        p.add_argument("--nodes", type=int, default=1, help="pods (processes) per stage/slice")
+        p.add_argument("--gpus-per-node", type=int, default=0)
+        p.add_argument("--tpu-accelerator", help="GKE TPU type, e.g. tpu-v5p-slice")
+        p.add_argument("--tpu-topology", help="TPU slice topology, e.g. 2x2x4")
+        p.add_argument("--tpu-chips-per-node", type=int, default=4)
+        p.add_argument("--slices", type=int, default=1, help="TPU slices (multislice)")
+        p.add_argument("--namespace")
+        p.add_argument("--service-account")
+        p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--pvc", action="append", default=[], metavar="CLAIM:MOUNT_PATH",
+                       help="mount a PersistentVolumeClaim (shared run/checkpoint storage)")
+        p.add_argument("--cpu")
+        p.add_argument("--memory")
+        p.add_argument("--port", type=int, default=8476, help="coordinator port (GPU)")
+        p.add_argument("--max-restarts", type=int, default=10)
+        p.add_argument("--init-timeout", type=int, default=900)
+        p.add_argument("--bignlp-jax", dest="executable", default="bignlp-jax")
+        p.add_argument("--out", help="manifest file (render: default stdout)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        # stage names come from the local copy of the pipeline (the repository in the image);
+        # inside the container the file keeps the path the user gave
+        stages = plan_stages(bignlp_jax_command(), args.target, args.overrides,
+                             job_target=args.target)
+        opts = K8sOptions(
+            name=dns_label(args.name or Path(args.target).stem)[:40], image=args.image,
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology,
+            tpu_chips_per_node=args.tpu_chips_per_node, slices=args.slices,
+            namespace=args.namespace, service_account=args.service_account,
+            node_selector=_pairs(args.node_selector, "--node-selector"),
+            env=_pairs(args.env, "--env"), pvcs=_pairs(args.pvc, "--pvc", ":"),
+            cpu=args.cpu, memory=args.memory, port=args.port, max_restarts=args.max_restarts,
+            init_timeout=args.init_timeout, executable=args.executable,
+        )
+        text = to_yaml(render_jobset(stages, opts))
+        if args.command == "render" and not args.out:
+            sys.stdout.write(text)
+            return 0
+        path = Path(args.out or f"{opts.name}.jobset.yaml")
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+        if args.command == "apply":
+            apply(text, path)
+        return 0
+
+    return main_wrapper(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Submit bignlp-jax to SLURM: one sbatch script per stage, chained with afterok dependencies.
+
+    python launch/slurm.py submit --nodes 4 --gpus-per-node 8 --time 24:00:00 \\
+        configs/pipelines/my.yaml run.seed=1
+
+A config is one stage (`bignlp-jax train CONFIG overrides`); a pipeline is one stage per pipeline
+stage (`bignlp-jax pipeline P --stage NAME overrides`, names from `--list-stages`). Each stage's
+script is written to `JOB_DIR/slurm/` and kept; job output goes next to it. Inside a job, `srun`
+starts one task per node (or `--tasks-per-node`, e.g. one per GPU) and bignlp-jax joins the tasks
+with jax.distributed from SLURM's variables.
+
+Preemption: SLURM sends SIGTERM `--signal-before` seconds before the time limit (and `scancel
+--signal=TERM` does the same); bignlp-jax checkpoints and exits with 75; the script then requeues
+the job, which resumes from that checkpoint. Dependent stages wait until it completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import (  # noqa: E402
+    LaunchError, Stage, bignlp_jax_command, is_pipeline, main_wrapper, plan_stages,
+    load_run_config, resolve_target,
+)
+
+REQUEUE_EXIT_CODE = 75  # bignlp_jax.errors.REQUEUE_EXIT_CODE: "checkpoint saved, run me again"
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    job_name: str | None = None
+    container_image: str | None = None
+    container_mounts: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    sbatch_args: list[str] = field(default_factory=list)  # extra "#SBATCH" options, verbatim
+    signal_before: int = 300
+    requeue: bool = True
+    max_restarts: int = 20
+    executable: str | None = None
+    workdir: str = field(default_factory=lambda: str(Path.cwd()))
+
+
+def _safe_name(text: str) -> str:
+    """Job and file names: letters, digits, `._-` only (squeue-friendly, no quoting needed)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "job"
+
+
+def _directive(option: str, value: str | int | None = None) -> str:
+    """One `#SBATCH` line. sbatch (not a shell) reads these; it accepts double-quoted values."""
+    if value is None:
+        return f"#SBATCH {option}"
+    text = str(value)
+    if any(c in text for c in '"\n\r'):
+        raise LaunchError(f"#SBATCH {option}: value {text!r} contains a double quote or newline, "
+                          "which sbatch directives cannot carry")
+    if re.fullmatch(r"[A-Za-z0-9_./:@%+,=-]+", text):
+        return f"#SBATCH {option}={text}"
+    return f'#SBATCH {option}="{text}"'
+
+
+def render_script(stage: Stage, opts: SlurmOptions, job_dir: Path, cli: list[str],
+                  index: int = 0, total: int = 1) -> str:
+    """The sbatch script of one stage (a complete, self-describing file)."""
+    log_dir = job_dir / "slurm"
+    name = _safe_name(f"{opts.job_name or 'bignlp-' + job_dir.name}-{stage.name}")
+    directives = [
+        _directive("--job-name", name),
+        _directive("--nodes", opts.nodes),
+        _directive("--ntasks-per-node", opts.tasks_per_node),
+    ]
+    if opts.gpus_per_node:
+        directives.append(_directive("--gpus-per-node", opts.gpus_per_node))
+    if opts.cpus_per_task:
+        directives.append(_directive("--cpus-per-task", opts.cpus_per_task))
+    for option, value in (("--partition", opts.partition), ("--time", opts.time),
+                          ("--account", opts.account), ("--qos", opts.qos)):
+        if value:
+            directives.append(_directive(option, value))
+    directives += [
+        _directive("--output", f"{log_dir}/{index:02d}-{_safe_name(stage.name)}-%j.out"),
+        _directive("--open-mode", "append"),  # a requeued job appends to the same log
+        _directive("--chdir", opts.workdir),
+        # a failed stage cancels the stages waiting on it instead of leaving them pending
+        _directive("--kill-on-invalid-dep", "yes"),
+    ]
+    if opts.requeue:
+        directives += [_directive("--requeue"),
+                       _directive("--signal", f"TERM@{opts.signal_before}")]
+    else:
+        directives.append(_directive("--no-requeue"))
+    directives += [_directive(arg) for arg in opts.sbatch_args]
+
+    srun = ["srun", "--kill-on-bad-exit=1", "--label"]
+    if opts.container_image:
+        srun.append(f"--container-image={opts.container_image}")
+        srun.append(f"--container-workdir={opts.workdir}")
+        if opts.container_mounts:
+            srun.append(f"--container-mounts={opts.container_mounts}")
+    command = shlex.join([*srun, *cli, *stage.args])
+    exports = []
+    for key, value in sorted(opts.env.items()):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise LaunchError(f"--env {key}=...: {key!r} is not a valid environment variable name")
+        exports.append(f"export {key}={shlex.quote(value)}")
+    requeue = (
+        f"""if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]; then
+  restarts="${{SLURM_RESTART_COUNT:-0}}"
+  if [ "$restarts" -ge {opts.max_restarts} ]; then
+    echo "bignlp slurm: stopped with a checkpoint again after $restarts restarts; not requeueing (--max-restarts {opts.max_restarts})" >&2
+    exit "$rc"
+  fi
+  echo "bignlp slurm: tasks saved a checkpoint and exited {REQUEUE_EXIT_CODE}; requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
+  scontrol requeue "$SLURM_JOB_ID" || echo "bignlp slurm: scontrol requeue failed; resubmit this script to continue" >&2
+fi
+""" if opts.requeue else "")
+    return f"""#!/bin/bash
+# Stage {index + 1}/{total} ({_safe_name(stage.name)}), written by launch/slurm.py. Resubmit: sbatch THIS_FILE
+{chr(10).join(directives)}
+set -uo pipefail
+{chr(10).join(exports)}
+printf 'bignlp slurm: job %s stage %s on %s (restart %s)\n' "$SLURM_JOB_ID" {shlex.quote(stage.name)} \
+  "$SLURM_JOB_NODELIST" "${{SLURM_RESTART_COUNT:-0}}"
+
+# SIGTERM (time limit near, scancel --signal=TERM) goes to the tasks, which save a checkpoint and
+# exit {REQUEUE_EXIT_CODE}. Should this shell get one too, it keeps waiting for them.
+trap 'echo "bignlp slurm: batch shell got SIGTERM; waiting for the tasks to save"' TERM
+{command} &
+srun_pid=$!
+while :; do
+  wait "$srun_pid"
+  rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break  # still running: wait was interrupted by the trap
+done
+echo "bignlp slurm: tasks exited with $rc"
+{requeue}exit "$rc"
+"""
+
+
+def submit(stages: list[Stage], opts: SlurmOptions, job_dir: Path, dry_run: bool = False,
+           after: str | None = None) -> list[str]:
+    """Write one script per stage and submit them in order, each after the previous one.
+    Returns the job ids (dry run: placeholders, and nothing is written or submitted)."""
+    cli = bignlp_jax_command(opts.executable or ("bignlp-jax" if opts.container_image else None))
+    log_dir = job_dir / "slurm"
+    job_ids: list[str] = []
+    records = []
+    for i, stage in enumerate(stages):
+        script = render_script(stage, opts, job_dir, cli, i, len(stages))
+        path = log_dir / f"{i:02d}-{_safe_name(stage.name)}.sbatch"
+        previous = job_ids[-1] if job_ids else after
+        sbatch = ["sbatch", "--parsable"]
+        if previous:
+            sbatch.append(f"--dependency=afterok:{previous}")
+        sbatch.append(str(path))
+        if dry_run:
+            print(f"# ==> {path} (would run: {shlex.join(sbatch)}) <==")
+            print(script)
+            job_ids.append(f"<job {i + 1}>")
+            continue
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(script, encoding="utf-8")
+        path.chmod(0o755)
+        job_id = _sbatch(sbatch)
+        job_ids.append(job_id)
+        records.append({"stage": stage.name, "job_id": job_id, "script": str(path),
+                        "after": previous})
+        print(f"submitted stage {stage.name!r} as job {job_id}"
+              + (f" (after job {previous})" if previous else ""), flush=True)
+    if records:
+        with (log_dir / "jobs.jsonl").open("a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return job_ids
+
+
+def _sbatch(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LaunchError("sbatch not found: run this on a SLURM login node (or use "
+                          "--dry-run to see the scripts)") from None
+    if proc.returncode != 0:
+        raise LaunchError(f"`{shlex.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LaunchError(f"--env {item!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slurm.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="write and submit the sbatch scripts of a config/pipeline")
+    p.add_argument("target", metavar="PIPELINE_OR_CONFIG")
+    p.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: request no GPUs")
+    p.add_argument("--tasks-per-node", type=int, default=1,
+                   help="processes per node: 1 (each sees all its GPUs) or the GPU count")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--job-name", help="job name prefix (default: bignlp-<run.name>); the "
+                   "stage name is appended")
+    p.add_argument("--container-image", help="run tasks in this image (pyxis/enroot srun)")
+    p.add_argument("--container-mounts", help="pyxis mounts, e.g. /data:/data,/runs:/runs")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="export in the job (repeatable), e.g. XLA_FLAGS=...")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
+    p.add_argument("--signal-before", type=int, default=300,
+                   help="seconds before the time limit at which tasks get SIGTERM")
+    p.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="do not requeue a job that stopped with a checkpoint")
+    p.add_argument("--max-restarts", type=int, default=20)
+    p.add_argument("--bignlp-jax", dest="executable",
+                   help="bignlp-jax inside the job (default: the one next to this Python, "
+                        "or `bignlp-jax` in a container)")
+    p.add_argument("--job-dir", help="where scripts and logs go (default: the run directory)")
+    p.add_argument("--after", metavar="JOBID", help="start the first stage after this job")
+    p.add_argument("--dry-run", action="store_true", help="print the scripts; submit nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        opts = SlurmOptions(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+            partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+            job_name=args.job_name, container_image=args.container_image,
+            container_mounts=args.container_mounts, env=parse_env(args.env),
+            sbatch_args=args.sbatch, signal_before=args.signal_before, requeue=args.requeue,
+            max_restarts=args.max_restarts, executable=args.executable,
+        )
+        cli = bignlp_jax_command(args.executable)
+        stages = plan_stages(cli, args.target, args.overrides)
+        if args.job_dir:
+            job_dir = Path(args.job_dir).resolve()
+        elif is_pipeline(resolve_target(args.target)):
+            raise LaunchError("pass --job-dir for a pipeline (where scripts and logs are kept)")
+        else:
+            cfg = load_run_config(resolve_target(args.target), args.overrides)
+            job_dir = Path(cfg.run.dir).resolve()
+            opts.job_name = opts.job_name or f"bignlp-{cfg.run.name}"
+        submit(stages, opts, job_dir, dry_run=args.dry_run, after=args.after)
+        return 0
+
+    return main_wrapper(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
