@@ -58,6 +58,7 @@ COMMAND_MODULES: list[str] = [
     "bignlp_jax.evaluate.commands",
     "bignlp_jax.infer.commands",
     "bignlp_jax.pipeline.commands",
+    "bignlp_jax.export.commands",
 ]
 
 

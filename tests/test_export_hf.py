@@ -30,7 +30,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4  # max |ours - theirs| <= TOL * max |logits|, float32; never loosened
-VOCAB = 320
+VOCAB = 512
 GPT = dict(name="gpt_t", family="gpt", vocab_size=VOCAB, num_layers=2, hidden=24, num_heads=4,
            mlp_dim=40, max_seq_len=64, norm_eps=1e-5, init_std=0.2)
 # GQA (6 query heads over 2 kv heads), head_dim 10 != hidden/heads, non-default theta and eps.

@@ -157,11 +157,12 @@ def _gpt2(cfg: ModelConfig) -> list[Entry]:
         Entry(("blocks", "mlp_norm", "bias"), (Piece(layer + "ln_2.bias"),)),
         # Conv1D stores [in, out]; c_attn's output is all q heads, then all k, then all v:
         # [D,N,3,H] -> [D,3,N,H] -> [D, 3*N*H]
-        Entry(("blocks", "attn", "qkv"), (
-            Piece(att + "c_attn.weight", None, (Transpose((0, 2, 1, 3)), Reshape((D, 3 * N * H)))),)),
+        Entry(("blocks", "attn", "qkv"), (Piece(
+            att + "c_attn.weight", None, (Transpose((0, 2, 1, 3)), Reshape((D, 3 * N * H)))),)),
         Entry(("blocks", "attn", "qkv_bias"), (
             Piece(att + "c_attn.bias", None, (Transpose((1, 0, 2)), Reshape((3 * N * H,)))),)),
-        Entry(("blocks", "attn", "out"), (Piece(att + "c_proj.weight", None, (Reshape((N * H, D)),)),)),
+        Entry(("blocks", "attn", "out"), (  # [N,H,D] -> [N*H, D]
+            Piece(att + "c_proj.weight", None, (Reshape((N * H, D)),)),)),
         Entry(("blocks", "attn", "out_bias"), (Piece(att + "c_proj.bias"),)),
         Entry(("blocks", "mlp", "wi"), (Piece(mlp + "c_fc.weight"),)),
         Entry(("blocks", "mlp", "bi"), (Piece(mlp + "c_fc.bias"),)),

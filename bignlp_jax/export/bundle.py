@@ -1,0 +1,78 @@
+"""Params-only bundles: a directory every params reader of ours already understands.
+
+    OUT/config.yaml                     the resolved config (model, data.tokenizer -> OUT/tokenizer)
+    OUT/checkpoints/<step>/state        {"params": ...} only, as an Orbax PyTree (sharded, no
+                                        optimizer state, no data iterator state)
+    OUT/tokenizer/                      the SentencePiece tokenizer, if the run had one
+
+It has the run-directory layout, so `bignlp_jax.checkpoint.load_params(OUT, ...)`,
+`init_from=OUT`, `bignlp-jax generate --run OUT` and `bignlp-jax export --run OUT` read it with
+no special case. Orbax writes each process's shards directly: nothing is gathered to one host.
+`bignlp-jax import` writes the same layout from a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from bignlp_jax.config import Config, save_config
+from bignlp_jax.errors import UserError
+
+Params = dict[str, Any]
+MARKER = "config.yaml"
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    # the same name on every process (they all write into it), removed by process 0 first
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step: int = 0,
+                       dtype: str | None = None, tokenizer: Any = None) -> Path:
+    """Write a params-only bundle (all processes must call this).
+
+    `dtype` (float32/bfloat16) casts the saved params; readers cast back to the model's float32
+    parameters. `tokenizer`: a loaded tokenizer, .model file, tokenizer dir or run dir."""
+    out_dir = Path(out_dir)
+    if dtype is not None:
+        from bignlp_jax.export.hf import export_dtype
+
+        target = export_dtype(dtype)
+        params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target), p))(params)
+    tmp = _partial_dir(out_dir)
+    if jax.process_index() == 0:
+        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
+            raise UserError(f"{out_dir} exists and is not an earlier bundle or run (no {MARKER}); "
+                            "choose an empty or new --out directory")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _sync("bignlp_jax bundle start")
+    ocp.PyTreeCheckpointer().save(tmp / "checkpoints" / str(step) / "state", {"params": params})
+    if jax.process_index() == 0:
+        data = cfg.data
+        if tokenizer is not None:
+            from bignlp_jax.export.hf_tokenizer import resolve_tokenizer
+
+            resolve_tokenizer(tokenizer).save(tmp / "tokenizer")
+            data = data.model_copy(update={"tokenizer": str(out_dir.resolve() / "tokenizer")})
+        bundle_cfg = cfg.model_copy(update={
+            "data": data, "init_from": None,
+            "run": cfg.run.model_copy(update={"dir": str(out_dir.resolve())})})
+        save_config(bundle_cfg, tmp / MARKER)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    _sync("bignlp_jax bundle done")
+    return out_dir

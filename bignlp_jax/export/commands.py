@@ -1,0 +1,133 @@
+"""`bignlp-jax export` and `bignlp-jax import`: thin wrappers around export/hf.py and bundle.py.
+
+    bignlp-jax export --run RUN_DIR [--step S] --format hf|params --out DIR [--dtype D]
+    bignlp-jax import --format hf --from HF_DIR --out RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bignlp_jax.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's weights as a Hugging Face model or a "
+                                      "params-only bundle")
+    p.add_argument("--run", required=True, help="run directory (or its checkpoints / a step dir)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--format", choices=("hf", "params"), default="hf",
+                   help="hf: safetensors + config.json + tokenizer for transformers; params: "
+                        "params-only Orbax bundle for init_from / generate")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="hf: split the weights into files of at most this size (e.g. 2GB)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="read a local Hugging Face model into a params-only run "
+                                      "directory (use it with init_from=RUN_DIR)")
+    p.add_argument("--format", choices=("hf",), default="hf")
+    p.add_argument("--from", dest="source", required=True, help="Hugging Face model directory")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--dtype", default="float32", help="saved dtype: float32 or bfloat16")
+    p.set_defaults(func=cmd_import)
+
+
+def run_shardings(cfg):
+    """The run's own parameter shardings when its mesh fits these devices, else None (the
+    checkpoint reader then puts each parameter whole on one local device)."""
+    import jax
+
+    from bignlp_jax.model import param_shardings
+    from bignlp_jax.parallel.mesh import build_mesh
+    from bignlp_jax.parallel.rules import rules_table
+
+    try:
+        return param_shardings(cfg.model, build_mesh(cfg.mesh), rules_table(cfg.mesh.rules))
+    except UserError:
+        if jax.process_count() > 1:
+            raise
+        return None
+
+
+def run_tokenizer(run: Path, cfg) -> Path | None:
+    """The run's tokenizer: RUN_DIR/tokenizer (copied there by training), else data.tokenizer."""
+    for candidate in (run / "tokenizer", run.parent / "tokenizer", run.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.model").is_file():
+            return candidate
+    if cfg.data.tokenizer:
+        if not Path(cfg.data.tokenizer).exists():
+            print(f"warning: the run's tokenizer {cfg.data.tokenizer} does not exist; exporting "
+                  "without tokenizer files", file=sys.stderr)
+            return None
+        return Path(cfg.data.tokenizer)
+    return None
+
+
+def cmd_export(args) -> int:
+    from bignlp_jax.checkpoint import load_params, load_run_config, resolve_step_dir
+    from bignlp_jax.export.arch import architecture_of
+    from bignlp_jax.export.bundle import save_params_bundle
+    from bignlp_jax.export.hf import export_dtype, export_hf
+
+    export_dtype(args.dtype)  # refuse before reading anything
+    run = Path(args.run)
+    cfg = load_run_config(run)
+    if args.format == "hf":
+        architecture_of(cfg.model)
+    step_dir = resolve_step_dir(run, args.step)
+    step = int(step_dir.name) if step_dir.name.isdigit() else 0
+    params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg))
+    tokenizer = run_tokenizer(run, cfg)
+    if args.format == "hf":
+        out = export_hf(params, cfg.model, args.out, args.dtype, tokenizer, args.max_shard_size)
+    else:
+        out = save_params_bundle(params, cfg, args.out, step=step, dtype=args.dtype,
+                                 tokenizer=tokenizer)
+    print(json.dumps({"format": args.format, "out": str(out), "step": step, "dtype": args.dtype,
+                      "tokenizer": str(tokenizer) if tokenizer else None}))
+    return 0
+
+
+def _hf_tokenizer(source: Path):
+    """The Hugging Face model's SentencePiece tokenizer, if it has one we can load."""
+    from bignlp_jax.data.tokenizer import load_tokenizer
+
+    if not (source / "tokenizer.model").is_file():
+        return None
+    try:
+        return load_tokenizer(source / "tokenizer.model")
+    except UserError:
+        return None
+
+
+def cmd_import(args) -> int:
+    import jax
+
+    from bignlp_jax.checkpoint.params import default_shardings
+    from bignlp_jax.config import Config, DataConfig, RunConfig
+    from bignlp_jax.export.bundle import save_params_bundle
+    from bignlp_jax.export.hf import export_dtype, hf_model_config, load_hf_params
+
+    export_dtype(args.dtype)
+    if jax.process_count() > 1:
+        raise UserError("`bignlp-jax import` runs as one process; start it without "
+                        "--num-processes / a multi-process launcher")
+    source = Path(args.source)
+    model_cfg = hf_model_config(source)
+    params = load_hf_params(source, model_cfg, shardings=default_shardings(model_cfg))
+    seq_len = min(DataConfig().seq_len, model_cfg.max_seq_len)
+    cfg = Config(model=model_cfg, data=DataConfig(seq_len=seq_len),
+                 run=RunConfig(dir=str(args.out), name=model_cfg.name))
+    tokenizer = _hf_tokenizer(source)
+    out = save_params_bundle(params, cfg, args.out, dtype=args.dtype, tokenizer=tokenizer)
+    print(f"imported {source} ({model_cfg.family}, {model_cfg.num_layers} layers, hidden "
+          f"{model_cfg.hidden}) into {out}; finetune with init_from={out} and the model.* "
+          f"fields of {out / 'config.yaml'}", file=sys.stderr)
+    print(json.dumps({"out": str(out), "model": model_cfg.model_dump(),
+                      "tokenizer": tokenizer is not None}))
+    return 0
