@@ -1,11 +1,19 @@
 """Test set-up: 8 simulated CPU devices, configured before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Embedded corpora and default tokenizers are built once per test session into a fresh dir
+# (subprocesses inherit it), so tests neither depend on nor write to the user's ~/.cache.
+if "BIGNLP_DATA_DIR" not in os.environ:
+    os.environ["BIGNLP_DATA_DIR"] = tempfile.mkdtemp(prefix="bignlp_data_")
+    atexit.register(shutil.rmtree, os.environ["BIGNLP_DATA_DIR"], True)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,3 +40,13 @@ def cli_env():
 def bignlp_cmd(*args: str) -> list[str]:
     """argv that runs the CLI with this interpreter (no reliance on PATH)."""
     return [sys.executable, "-m", "bignlp_jax.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir() -> Path:
+    """$BIGNLP_DATA_DIR with the embedded corpora and the default 1024-piece tokenizer built."""
+    from bignlp_jax.data.embedded import embedded_tokenizer
+
+    data_dir = Path(os.environ["BIGNLP_DATA_DIR"])
+    embedded_tokenizer(data_dir, 1024)
+    return data_dir

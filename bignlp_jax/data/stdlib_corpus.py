@@ -85,11 +85,13 @@ def module_docstrings(module: ModuleType) -> Iterator[tuple[str, str]]:
 def package_docstrings(name: str) -> list[tuple[str, str]]:
     """Every docstring of at least MIN_DOC_CHARS in package `name`, first occurrence only."""
     seen, out = set(), []
-    for module in package_modules(name):
-        for qualname, text in module_docstrings(module):
-            if len(text) >= MIN_DOC_CHARS and text not in seen:
-                seen.add(text)
-                out.append((qualname, text))
+    with warnings.catch_warnings():  # attribute access on deprecated aliases (typing.io) warns
+        warnings.simplefilter("ignore")
+        for module in package_modules(name):
+            for qualname, text in module_docstrings(module):
+                if len(text) >= MIN_DOC_CHARS and text not in seen:
+                    seen.add(text)
+                    out.append((qualname, text))
     return out
 
 

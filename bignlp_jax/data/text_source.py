@@ -89,9 +89,9 @@ def split_name(cfg: Config, split: str) -> str:
 def make_text_source(cfg: Config, split: str, rows: tuple[int, int]) -> PackedBatches:
     """Packed language-modelling batches of the config's dataset, rows [lo, hi) per step."""
     name, directory = dataset_name(cfg), data_dir(cfg)
-    tokenizer = resolve_tokenizer(cfg)
     split_ = split_name(cfg, split)
     source = _open(name, str(directory), split_, cfg.data.text_key)
+    tokenizer = resolve_tokenizer(cfg)
     return PackedBatches(
         source, lm_encoder(tokenizer, cfg.data.text_key), seq_len=cfg.data.seq_len,
         global_batch=cfg.train.global_batch_size, rows=rows,

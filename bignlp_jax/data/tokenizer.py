@@ -173,7 +173,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
             raise UserError(
                 f"SentencePiece could not train a {model_type} tokenizer with vocab size "
                 f"{vocab_size} on {len(sentences)} lines: {e}\n"
-                "  fix: give more text or a smaller --vocab-size"
+                "  fix: change --vocab-size as SentencePiece asks above, or give more text"
             ) from None
         (tmp / MODEL_FILE).write_bytes(model.getvalue())
         tok = Tokenizer(tmp / MODEL_FILE)
