@@ -91,14 +91,19 @@ class DataConfig(Section):
 
     source: Literal["synthetic", "tfds"] = "synthetic"
     seq_len: int = Field(128, ge=2)
-    # TFDS ArrayRecord datasets (read without TensorFlow through tfds.data_source).
-    tfds_name: str | None = None
-    data_dir: str | None = None
+    # TFDS ArrayRecord datasets (read without TensorFlow through tfds.data_source); documents are
+    # shuffled with run.seed, tokenized and packed into seq_len rows (data/pipeline.py).
+    tfds_name: str | None = Field(None, description="e.g. stdlib_docs (embedded), c4/en, my_corpus")
+    data_dir: str | None = Field(
+        None, description="null: $BIGNLP_DATA_DIR or ~/.cache/bignlp_jax/datasets")
     split: str = "train"
     eval_split: str | None = "validation"
     text_key: str = "text"
-    tokenizer: str | None = Field(None, description="directory written by `bignlp-jax tokenizer train`")
-    worker_threads: int = Field(1, ge=0)
+    tokenizer: str | None = Field(
+        None, description="a .model file, a `bignlp-jax tokenizer train` dir or a run dir; null: "
+        "the default tokenizer of the embedded corpora, trained with model.vocab_size pieces")
+    worker_threads: int = Field(
+        1, ge=0, description="Grain read threads per batch row read here; never changes batches")
 
 
 class OptimizerConfig(Section):
