@@ -61,7 +61,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer_dir):
     """A params-only run of the GPT variant, with its tokenizer, as `export --run` reads it."""
-    cfg = VARIANTS["gpt"]
+    cfg = VARIANTS["gpt"].model_copy(update={"vocab_size": TOKENIZER_VOCAB})
     path = tmp_path_factory.mktemp("run") / "run"
     params = random_params(cfg)
     run_cfg = Config(model=cfg, data=DataConfig(seq_len=32), run=RunConfig(dir=str(path)))
@@ -82,13 +82,32 @@ def test_cli_export_hf_loads_in_transformers_with_our_tokenizer(tmp_path, run_di
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer.model").is_file()
     for text in SAMPLES:
         ids = ours.encode(text)
-        assert theirs.encode(text) == ids, text
+        assert theirs.encode(text, add_special_tokens=False) == ids, text
+        assert theirs(text).input_ids == [ours.bos_id, *ids]  # documents start with <s>
         assert theirs.decode(ids) == ours.decode(ids) == text
     hf_config = json.loads((out / "config.json").read_text())
     assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (
         ours.bos_id, ours.eos_id, ours.pad_id)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.eos_id
+
+
+def test_cli_generate_equals_transformers_generate(tmp_path, run_dir, capsys):
+    path, cfg, params = run_dir
+    out = tmp_path / "hf"
+    export_hf(params, cfg, out, tokenizer=path)
+    prompt = "def f(x):"
+    assert main(["generate", "--run", str(path), "--prompt", prompt, "--max-new-tokens", "20"]) == 0
+    ours = json.loads(capsys.readouterr().out.splitlines()[-1])[0]
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    inputs = tokenizer(prompt, return_tensors="pt")
+    new = load_hf(out).generate(**inputs, max_new_tokens=20, do_sample=False)[0]
+    new = new[inputs.input_ids.shape[1]:].tolist()
+    if new and new[-1] == tokenizer.eos_token_id:  # ours stops before </s>, transformers after
+        new = new[:-1]
+    assert ours["tokens"] == len(new) > 5, (ours, new)  # a real continuation, not an instant </s>
+    assert ours["output"] == load_tokenizer(path).decode(new)
 
 
 def test_params_bundle_and_import_give_back_the_params(tmp_path, run_dir):

@@ -52,19 +52,20 @@ def write_hf_tokenizer(tokenizer: Any, out_dir: str | Path, model_max_length: in
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **tokens,
-        # Our encode() adds no BOS/EOS; the data pipeline adds them where documents start/end.
-        "add_bos_token": False,
+        # Every training document starts with <s> (and `bignlp-jax generate` prompts do), so the
+        # tokenizer adds it, as Llama's does; encode(..., add_special_tokens=False) is our encode().
+        "add_bos_token": ids["bos"] is not None,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
-    _write_tokenizer_json(out)
+    _write_tokenizer_json(out, tokens.get("bos_token"), ids["bos"])
     return ids
 
 
-def _write_tokenizer_json(out: Path) -> None:
+def _write_tokenizer_json(out: Path, bos: str | None, bos_id: int | None) -> None:
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -73,6 +74,12 @@ def _write_tokenizer_json(out: Path) -> None:
         return
     try:  # the directory is local and complete: never look anything up online
         converted = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-        converted.backend_tokenizer.save(str(out / "tokenizer.json"))
+        backend = converted.backend_tokenizer
+        if bos is not None:
+            from tokenizers import processors
+
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        backend.save(str(out / "tokenizer.json"))
     except Exception as e:  # noqa: BLE001 - report any conversion failure as the user's problem
         raise UserError(f"transformers could not convert {out / 'tokenizer.model'}: {e}") from None
