@@ -34,8 +34,10 @@ def config(run_dir: Path | str, *extra: str):
     return load_config("tiny", [*OVERRIDES, f"run.dir={run_dir}", *extra])
 
 
-def enable_compile_cache(cache_dir: Path) -> dict[str, str]:
-    """Turn on the persistent cache here; returns the env vars that do it for subprocesses."""
+def enable_compile_cache(tmp_path_factory) -> dict[str, str]:
+    """Turn on the persistent cache (one per test session, shared by the checkpoint test
+    modules) here; returns the env vars that do the same for subprocesses."""
+    cache_dir = tmp_path_factory.getbasetemp() / "checkpoint_jax_cache"
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -50,6 +52,14 @@ def losses(run_dir: Path | str) -> dict[int, float]:
     from bignlp_jax.train.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+def logged_steps(run_dir: Path | str) -> int:
+    """How many steps a (possibly still running) run has logged."""
+    try:
+        return len(losses(run_dir))
+    except ValueError:  # a line being written right now
+        return 0
 
 
 def host_params(run_dir: Path | str, model_cfg, step: int | None = None) -> dict:

@@ -22,6 +22,7 @@ from checkpoint_common import (
     disable_compile_cache,
     enable_compile_cache,
     host_params,
+    logged_steps,
     losses,
     subprocess_env,
 )
@@ -36,7 +37,7 @@ from bignlp_jax.train.loop import NonFiniteLoss, train
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
-    env = enable_compile_cache(tmp_path_factory.mktemp("jax_cache"))
+    env = enable_compile_cache(tmp_path_factory)
     yield env
     disable_compile_cache()
 
@@ -200,13 +201,6 @@ def config_overrides(run_dir, *extra):
     return [*OVERRIDES, f"run.dir={run_dir}", *extra]
 
 
-def _logged_steps(run_dir) -> int:
-    try:
-        return len(losses(run_dir))
-    except ValueError:  # a line being written right now
-        return 0
-
-
 def _wait_for(predicate, proc, timeout=300.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -237,7 +231,7 @@ def test_sigkill_mid_training_resumes_from_last_complete(reference, tmp_path, ca
 def test_sigterm_saves_current_step_and_exits_requeue(tmp_path, cache_env):
     run = tmp_path / "run"
     proc = _run_cli(run, cache_env, "train.steps=100000", "checkpoint.every_steps=0")
-    _wait_for(lambda: _logged_steps(run) >= 2, proc)
+    _wait_for(lambda: logged_steps(run) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]

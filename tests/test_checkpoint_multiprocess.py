@@ -1,0 +1,119 @@
+"""Checkpoints across processes: two processes (loopback jax.distributed, gloo collectives,
+2 CPU devices each, parameters sharded over all 4 devices) save one checkpoint together when
+only one of them is told to stop, restore it together, and then one process restores it alone
+onto another mesh. Restores compile no train step, so only the first phase compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from checkpoint_common import (
+    assert_trees_equal,
+    config,
+    disable_compile_cache,
+    enable_compile_cache,
+    logged_steps,
+    subprocess_env,
+)
+
+from bignlp_jax.checkpoint import latest_step, load_params
+from bignlp_jax.checkpoint.resume import start_state
+from bignlp_jax.data import make_source
+from bignlp_jax.errors import REQUEUE_EXIT_CODE
+from bignlp_jax.train.loop import Trainer
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    env = enable_compile_cache(tmp_path_factory)
+    yield env
+    disable_compile_cache()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: Path, mode: str, dump: Path, cache_env, *overrides: str
+           ) -> list[subprocess.Popen]:
+    env = subprocess_env(cache_env)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    port = str(free_port())
+    procs = []
+    for i in range(2):
+        log = open(run_dir.parent / f"worker{i}.log", "w")  # noqa: SIM115 - closed by the OS
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), port, "2", str(i), str(run_dir), mode, str(dump),
+             *MESH, *overrides],
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def finish(procs, run_dir: Path, timeout: float = 300.0) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def log(run_dir: Path, i: int) -> str:
+    return (run_dir.parent / f"worker{i}.log").read_text()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cache_env):
+    run, dump = tmp_path / "run", tmp_path / "params.npz"
+
+    # 1. Only process 1 gets SIGTERM; both stop after the same step, save it, exit 75.
+    procs = launch(run, "train", dump, cache_env, "train.steps=100000",
+                   "checkpoint.every_steps=0")
+    deadline = time.monotonic() + 300
+    while logged_steps(run) < 2:
+        assert all(p.poll() is None for p in procs), log(run, 0)[-3000:] + log(run, 1)[-3000:]
+        assert time.monotonic() < deadline, "the two-process run did not start training"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = finish(procs, run)
+    assert codes == [REQUEUE_EXIT_CODE] * 2, log(run, 0)[-3000:] + log(run, 1)[-3000:]
+    stopped = latest_step(run)
+    for i in range(2):
+        assert f"stopped after step {stopped} of 100000" in log(run, i)
+    data_files = sorted(p.name for p in (run / "checkpoints" / str(stopped) / "data").iterdir()
+                        if p.suffix == ".json")
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # 2. Both processes restore it (full state and data position) onto their sharded mesh.
+    codes = finish(launch(run, "restore", dump, cache_env, f"train.steps={stopped + 2}"), run)
+    assert codes == [0, 0], log(run, 0)[-3000:] + log(run, 1)[-3000:]
+    two = np.load(dump)
+    assert int(two["step"]) == stopped and json.loads(str(two["data"]))["step"] == stopped
+
+    # 3. One process (8 devices, data-parallel mesh) restores the same checkpoint.
+    cfg = config(run, f"train.steps={stopped + 2}")
+    trainer = Trainer.build(cfg)
+    source = make_source(cfg, "train", trainer.rows)
+    one = start_state(trainer, source, run)
+    assert one.step == stopped and source.get_state()["step"] == stopped
+    flat = jax.tree_util.tree_flatten_with_path(one.state.params)[0]
+    assert len(flat) == len(two.files) - 2
+    for path, x in flat:
+        assert np.array_equal(np.asarray(x), two[jax.tree_util.keystr(path)])
+    assert_trees_equal(load_params(run, cfg.model), one.state.params)
