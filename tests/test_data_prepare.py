@@ -59,11 +59,14 @@ def test_prepare_jsonl_and_parquet_keep_fields(tmp_path):
 
 @pytest.mark.parametrize("make_input, args, message", [
     (None, [], "matches no files"),
-    (lambda p: (p / "x.txt").write_bytes(b"fine\ncaf\xe9\n"), [], "is not UTF-8 text: byte 8 (line 2)"),
+    (lambda p: (p / "x.txt").write_bytes(b"fine\ncaf\xe9\n"), [],
+     "is not UTF-8 text: byte 8 (line 2)"),
     (lambda p: (p / "x.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n'), [],
      "x.jsonl:2 has no field 'text' (fields: body)"),
-    (lambda p: (p / "x.jsonl").write_text('{"text": "a"}\n{oops\n'), [], "x.jsonl:2 is not valid JSON"),
-    (lambda p: (p / "x.txt").write_text("a\n\nb\n"), ["--name", "Bad Name"], "dataset name 'Bad Name'"),
+    (lambda p: (p / "x.jsonl").write_text('{"text": "a"}\n{oops\n'), [],
+     "x.jsonl:2 is not valid JSON"),
+    (lambda p: (p / "x.txt").write_text("a\n\nb\n"), ["--name", "Bad Name"],
+     "dataset name 'Bad Name'"),
 ])
 def test_prepare_bad_input_one_message_exit_2(tmp_path, capsys, make_input, args, message):
     if make_input:

@@ -67,17 +67,17 @@ class Tokenizer:
 
     def describe(self) -> dict:
         """The JSON written next to the model (and into every run that uses it)."""
-        trainer = self.sp.serialized_model_proto()
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-        proto = model_pb2.ModelProto.FromString(trainer)
+        model = self.sp.serialized_model_proto()
+        spec = model_pb2.ModelProto.FromString(model).trainer_spec
         return {
             "format": "sentencepiece",
             "model_file": MODEL_FILE,
-            "model_sha256": hashlib.sha256(trainer).hexdigest(),
-            "model_type": model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower(),
+            "model_sha256": hashlib.sha256(model).hexdigest(),
+            "model_type": model_pb2.TrainerSpec.ModelType.Name(spec.model_type).lower(),
             "vocab_size": self.vocab_size,
-            "byte_fallback": bool(proto.trainer_spec.byte_fallback),
+            "byte_fallback": bool(spec.byte_fallback),
             "special_ids": {"pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id,
                             "eos": self.eos_id, "sep": self.sep_id},
         }
@@ -88,7 +88,15 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         if self.model_path.resolve() != (out / MODEL_FILE).resolve():
             shutil.copyfile(self.model_path, out / MODEL_FILE)
-        (out / JSON_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
+        # Keep what the original JSON adds (e.g. `trained_on`); the model's own facts win.
+        info, source_json = {}, self.model_path.parent / JSON_FILE
+        if source_json.is_file():
+            try:
+                info = json.loads(source_json.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                info = {}
+        info.update(self.describe())
+        (out / JSON_FILE).write_text(json.dumps(info, indent=2) + "\n")
         return out
 
 
@@ -135,7 +143,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
     written atomically (temporary directory, then rename) so concurrent runs never see half of it.
     """
     if model_type not in MODEL_TYPES:
-        raise UserError(f"tokenizer model type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        raise UserError(
+            f"tokenizer model type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     # Byte fallback needs 256 byte pieces plus our specials; below that SentencePiece fails.
     if vocab_size < 300:
         raise UserError(f"tokenizer vocab size {vocab_size} is too small: byte fallback alone "
