@@ -38,7 +38,8 @@ transformers = pytest.importorskip("transformers")
 TOKENIZER_VOCAB = 400  # byte fallback alone needs 256 + specials + the characters seen
 
 SAMPLES = ["def f(x):\n    return x * 2\n", "  two  spaces, tabs\tand 12345 digits <sep> x",
-           "ünïcödé 漢字 🙂", " leading space", "trailing  ", "import os\n\n\nclass A:\n    pass"]
+           "ünïcödé 漢字 🙂", " leading space", "trailing  ",
+           "import os\n\n\nclass A:\n    pass"]
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,13 @@ def cmd_export(args) -> int:
     else:
         out = save_params_bundle(params, cfg, args.out, step=step, dtype=args.dtype,
                                  tokenizer=tokenizer)
+    import jax
+
+    embedding = params["embed"]["embedding"]
     print(json.dumps({"format": args.format, "out": str(out), "step": step, "dtype": args.dtype,
-                      "tokenizer": str(tokenizer) if tokenizer else None}))
+                      "tokenizer": str(tokenizer) if tokenizer else None,
+                      "processes": jax.process_count(),
+                      "devices": len(embedding.sharding.device_set)}))
     return 0
 
 
