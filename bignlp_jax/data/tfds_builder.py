@@ -96,6 +96,11 @@ def write_dataset(name: str, data_dir: str | Path, splits: Mapping[str, SplitGen
             builder.download_and_prepare(download_dir=downloads)
     except UserError:
         raise
+    except AssertionError as e:  # TFDS refuses to write a split without examples
+        if "No examples were yielded" not in str(e):
+            raise
+        raise UserError(f"dataset {name}: {e}\n  fix: give that split some non-empty "
+                        "documents") from None
     except Exception as e:  # TFDS wraps generator errors; show the user-facing cause
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:
@@ -106,5 +111,9 @@ def write_dataset(name: str, data_dir: str | Path, splits: Mapping[str, SplitGen
         raise
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
+        # A failed build leaves an empty dataset dir that would look like a broken dataset.
+        base = Path(data_dir) / name
+        if base.is_dir() and not any(base.rglob("*.array_record*")):
+            shutil.rmtree(base, ignore_errors=True)
     log.info(banner.getvalue().strip())
     return out
