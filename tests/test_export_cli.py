@@ -219,3 +219,27 @@ def test_import_refuses_disallowed_dtype_and_mismatched_config(llama_hf):
     _edit_tensors(path, lambda t: t.update({name: t[name].astype(np.int8)}))
     with pytest.raises(UserError, match=f"dtype not allowed.*{name} \\(I8\\)"):
         load_hf_params(path, cfg)
+
+
+def _assert_params_equal(actual, expected):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 actual, expected)
+
+
+def test_import_reads_sharded_bfloat16_and_base_model_files(tmp_path):
+    cfg = VARIANTS["llama_gqa"]
+    params = random_params(cfg)
+    export_hf(params, cfg, tmp_path / "sharded", dtype="bfloat16", max_shard_size="8KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    rounded = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(np.float32), params)
+    _assert_params_equal(load_hf_params(tmp_path / "sharded", cfg), rounded)
+
+    # GPT-2 as published: base-model names without "transformer.", old causal-mask buffers
+    cfg = VARIANTS["gpt"]
+    params = random_params(cfg)
+    export_hf(params, cfg, tmp_path / "gpt2")
+    _edit_tensors(tmp_path / "gpt2", lambda t: t.update(
+        {**{k.removeprefix("transformer."): t.pop(k) for k in list(t)},
+         "h.0.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)),
+         "h.1.attn.masked_bias": np.array(-1e4, np.float32)}))
+    _assert_params_equal(load_hf_params(tmp_path / "gpt2", cfg), params)
