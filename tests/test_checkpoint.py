@@ -187,6 +187,41 @@ def test_keep_policy_keeps_latest_and_every_n(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 8, 9, 10]
 
 
+def test_restore_that_does_not_fit_says_why(tmp_path):
+    from bignlp_jax.checkpoint.resume import check_fits
+    from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.state import abstract_state
+
+    trainer = Trainer.build(config(tmp_path, "mesh.data=1", "mesh.fsdp=8"))
+    target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh)
+    check_fits(target, "restoring step 8", limit=2**30)
+    with pytest.raises(UserError, match=r"(?s)restoring step 8 does not fit: the train state "
+                                        r"needs [\d.]+ KiB per device.* has 97.66 KiB.*"
+                                        r"raise mesh.fsdp"):
+        check_fits(target, "restoring step 8", limit=100_000)
+
+
+def test_grain_iterator_state_round_trips_through_checkpoint(tmp_path, embedded_data_dir):
+    from bignlp_jax.checkpoint.manager import restore_data_state
+    from bignlp_jax.data import make_source
+
+    cfg = config(tmp_path, "data.source=tfds", "data.tfds_name=stdlib_docs",
+                 "model.vocab_size=1024", "data.seq_len=64", "data.worker_threads=1")
+    source = make_source(cfg, "train", (0, cfg.train.global_batch_size))
+    for _ in range(3):
+        next(source)
+    ckpt = RunCheckpointer(tmp_path, cfg.checkpoint)
+    ckpt.save(3, {"w": jnp.zeros(3)}, source.get_state(), {"step": 3})
+    ckpt.close()
+    expected = [next(source) for _ in range(2)]
+    resumed = make_source(cfg, "train", (0, cfg.train.global_batch_size))
+    resumed.set_state(restore_data_state(tmp_path / "checkpoints" / "3"))
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def _run_cli(run_dir, cache_env, *extra):
     return subprocess.Popen(
         bignlp_cmd("train", "tiny", *config_overrides(run_dir, *extra)),

@@ -123,6 +123,8 @@ class RunCheckpointer:
         already exists (e.g. a run resumed at its final step)."""
         if step in self.manager.all_steps():
             return False
+        # a copy taken now: the source moves on while the save finishes in the background
+        data_state = json.loads(json.dumps(data_state))
         return self.manager.save(step, force=True, args=ocp.args.Composite(**{
             STATE: ocp.args.PyTreeSave(state),
             DATA: ProcessJsonSave(data_state),

@@ -75,10 +75,11 @@ def _set_aside_newer(ckpt_dir: Path, step: int, abandoned: Path) -> None:
               f"(resuming from step {step})", flush=True)
 
 
-def check_fits(target: TrainState, where: str) -> None:
-    """Refuse a restore whose per-device share of the state exceeds device memory."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
+def check_fits(target: TrainState, where: str, limit: int | None = None) -> None:
+    """Refuse a restore whose per-device share of the state exceeds device memory (`limit`
+    bytes; default: what the first local device reports)."""
+    if limit is None:
+        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
         return  # CPU and some backends do not report a limit
     per_device = sum(
@@ -86,12 +87,19 @@ def check_fits(target: TrainState, where: str) -> None:
         for x in jax.tree.leaves(target)
     )
     if per_device > limit:
-        gib = 2**30
         raise UserError(
-            f"{where} does not fit: the train state needs {per_device / gib:.2f} GiB per device "
-            f"on this mesh, and each device has {limit / gib:.2f} GiB\n"
+            f"{where} does not fit: the train state needs {_size(per_device)} per device on "
+            f"this mesh, and each device has {_size(limit)}\n"
             "  fix: use more devices, or shard the state further (raise mesh.fsdp)"
         )
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.4g} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
 
 
 def _readable(step_dir: Path, target: TrainState) -> str | None:
