@@ -134,6 +134,22 @@ def test_init_from_loads_params_only(reference, tmp_path):
     assert moments and all(not np.asarray(x).any() for x in moments)  # a fresh optimizer
 
 
+def test_init_from_hugging_face_dir(reference, tmp_path):
+    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.data import make_source
+    from bignlp_jax.export.hf import export_hf
+    from bignlp_jax.train.loop import Trainer
+
+    ref_dir, _, ref_params = reference
+    model_cfg = config(ref_dir).model
+    export_hf(load_params(ref_dir, model_cfg), model_cfg, tmp_path / "hf", dtype="float32")
+    cfg = config(tmp_path / "finetune", f"init_from=hf:{tmp_path / 'hf'}")
+    trainer = Trainer.build(cfg)
+    start = start_state(trainer, make_source(cfg, "train", trainer.rows), tmp_path / "finetune")
+    assert start.step == 0 and "hf:" in start.origin
+    assert_trees_equal(start.state.params, ref_params)
+
+
 @pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"], "1 device"])
 def test_restore_onto_other_mesh(reference, tmp_path, mesh):
     ref_dir, ref_losses, ref_params = reference

@@ -107,7 +107,6 @@ def load_init_params(spec: str, model_cfg: ModelConfig, shardings: Params) -> Pa
     if spec.startswith(HF_PREFIX):
         from bignlp_jax.export.hf import load_hf_params  # export stream; imported only when used
 
-        params = load_hf_params(spec[len(HF_PREFIX):], model_cfg)
-        check_shapes(params, abstract_params(model_cfg), f"Hugging Face model {spec}")
-        return jax.device_put(params, shardings)
+        # it checks the architecture, names and shapes itself, and places each tensor as read
+        return load_hf_params(spec[len(HF_PREFIX):], model_cfg, shardings=shardings)
     return load_params(spec, model_cfg, shardings)
