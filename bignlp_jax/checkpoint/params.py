@@ -38,12 +38,11 @@ def _flat(tree, is_leaf=None) -> dict[str, Any]:
 
 def saved_tree(state_dir: Path) -> dict[str, Any]:
     """The metadata tree (shape/dtype per leaf) of a saved train state."""
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    try:  # the handler alone: the step-level metadata lives one directory up
+        meta = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute())
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same problem
         raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from None
-    tree = getattr(meta, "item_metadata", meta)
-    return dict(getattr(tree, "tree", tree))
+    return dict(getattr(meta, "tree", meta))
 
 
 def check_shapes(saved: Params, expected: Params, where: str) -> None:
