@@ -243,3 +243,17 @@ def test_import_reads_sharded_bfloat16_and_base_model_files(tmp_path):
          "h.0.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)),
          "h.1.attn.masked_bias": np.array(-1e4, np.float32)}))
     _assert_params_equal(load_hf_params(tmp_path / "gpt2", cfg), params)
+
+
+def test_export_never_replaces_a_directory_that_is_not_an_export(tmp_path):
+    cfg = VARIANTS["gpt"]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an earlier export"):
+        export_hf(random_params(cfg), cfg, precious)
+    with pytest.raises(UserError, match="not an earlier export"):
+        save_params_bundle(random_params(cfg), Config(model=cfg, data=DataConfig(seq_len=32)),
+                           precious)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]  # no leftovers

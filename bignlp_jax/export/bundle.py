@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from bignlp_jax.config import Config, save_config
-from bignlp_jax.errors import UserError
+from bignlp_jax.export.gather import check_on_writer
+from bignlp_jax.export.hf import check_out_dir, export_dtype
 
 Params = dict[str, Any]
 MARKER = "config.yaml"
@@ -46,15 +47,11 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
     parameters. `tokenizer`: a loaded tokenizer, .model file, tokenizer dir or run dir."""
     out_dir = Path(out_dir)
     if dtype is not None:
-        from bignlp_jax.export.hf import export_dtype
-
         target = export_dtype(dtype)
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target), p))(params)
     tmp = _partial_dir(out_dir)
+    check_on_writer(lambda: check_out_dir(out_dir, MARKER))
     if jax.process_index() == 0:
-        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
-            raise UserError(f"{out_dir} exists and is not an earlier bundle or run (no {MARKER}); "
-                            "choose an empty or new --out directory")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)

@@ -39,3 +39,24 @@ def to_host(x, dtype: np.dtype, layer: int | None = None) -> np.ndarray:
 def is_writer() -> bool:
     """Only process 0 writes export files; the others only take part in the gathers."""
     return jax.process_index() == 0
+
+
+def check_on_writer(check) -> None:
+    """Run `check()` (raises UserError) on process 0 and make every process raise with it.
+
+    Without this, a refusal on process 0 (say, an --out directory it will not overwrite) would
+    leave the other processes waiting in the next collective."""
+    from bignlp_jax.errors import UserError
+
+    error = None
+    if is_writer():
+        try:
+            check()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            raise UserError("process 0 refused to write the export (its log says why)")
+    if error is not None:
+        raise error

@@ -31,8 +31,8 @@ from bignlp_jax.export.arch import (
     read_hf_config,
     to_hf_config,
 )
-from bignlp_jax.export.gather import is_writer, to_host
-from bignlp_jax.export.hf_tokenizer import resolve_tokenizer, special_ids, write_hf_tokenizer
+from bignlp_jax.export.gather import check_on_writer, is_writer, to_host
+from bignlp_jax.export.hf_tokenizer import resolve_tokenizer, write_hf_tokenizer
 from bignlp_jax.export.layout import Entry, hf_layout, layer_shape, tensor_order
 from bignlp_jax.export.st_files import DTYPES, SafetensorsDir, ShardedWriter, Spec, parse_size
 from bignlp_jax.model import abstract_params
@@ -100,14 +100,17 @@ def hf_specs(cfg: ModelConfig, dtype: np.dtype) -> list[Spec]:
     return specs
 
 
-def prepare_out_dir(out_dir: Path, marker: str) -> Path:
-    """A fresh temporary sibling of `out_dir` (renamed into place by `finish_out_dir`).
-
-    An existing `out_dir` is replaced only if it holds an earlier export (`marker` exists), so
-    a mistyped --out never deletes someone's files."""
+def check_out_dir(out_dir: Path, marker: str) -> None:
+    """An existing `out_dir` may be replaced only if it holds an earlier export (`marker`
+    exists), so a mistyped --out never deletes someone's files."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
         raise UserError(f"{out_dir} exists and is not an earlier export (no {marker}); "
                         "choose an empty or new --out directory")
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """A fresh temporary sibling of `out_dir`, renamed into place by `finish_out_dir`, so a
+    half-written export never looks complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
@@ -135,10 +138,12 @@ def export_hf(params: Params, model_cfg: ModelConfig, out_dir: str | Path,
     if tok is not None and tok.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
                         f"{model_cfg.vocab_size}: it is not this model's tokenizer")
+    max_shard_bytes = parse_size(max_shard_size)
+    check_on_writer(lambda: check_out_dir(out_dir, "config.json"))
     writer = tmp = None
     if is_writer():
-        tmp = prepare_out_dir(out_dir, "config.json")
-        writer = ShardedWriter(tmp, specs, parse_size(max_shard_size))
+        tmp = prepare_out_dir(out_dir)
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
     for entry, layer in tensor_order(entries, model_cfg.num_layers):
         x = to_host(get_path(params, entry.path), np_dtype, layer)  # a collective: all processes
         for piece, name in zip(entry.pieces, entry.hf_names(layer)):
