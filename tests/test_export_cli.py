@@ -129,8 +129,8 @@ def test_params_bundle_and_import_give_back_the_params(tmp_path, run_dir):
     imported_cfg = load_run_config(imported).model
     assert imported_cfg.model_copy(update={"name": cfg.name}) == cfg
     for loaded in (load_params(imported, imported_cfg),
-                   load_init_params(f"hf:{hf}", cfg, jax.tree.map(lambda _: jax.devices()[0],
-                                                                   params))):
+                   load_init_params(f"hf:{hf}", cfg, jax.tree.map(
+                       lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params))):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
 
 

@@ -7,7 +7,8 @@
 
 It has the run-directory layout, so `bignlp_jax.checkpoint.load_params(OUT, ...)`,
 `init_from=OUT`, `bignlp-jax generate --run OUT` and `bignlp-jax export --run OUT` read it with
-no special case. Orbax writes each process's shards directly: nothing is gathered to one host.
+no special case. Orbax writes each process's shards directly (into a directory all processes
+share, as for training checkpoints): nothing is gathered to one host.
 `bignlp-jax import` writes the same layout from a Hugging Face model.
 """
 
@@ -24,6 +25,7 @@ from jax.experimental import multihost_utils
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.export.gather import check_on_writer
 from bignlp_jax.export.hf import check_out_dir, export_dtype
+from bignlp_jax.export.hf_tokenizer import resolve_tokenizer
 
 Params = dict[str, Any]
 MARKER = "config.yaml"
@@ -50,7 +52,15 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
         target = export_dtype(dtype)
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target), p))(params)
     tmp = _partial_dir(out_dir)
-    check_on_writer(lambda: check_out_dir(out_dir, MARKER))
+    tok = None
+
+    def check() -> None:  # on process 0 only: the output and tokenizer paths may be local to it
+        nonlocal tok
+        check_out_dir(out_dir, MARKER)
+        if tokenizer is not None:
+            tok = resolve_tokenizer(tokenizer)
+
+    check_on_writer(check)
     if jax.process_index() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -59,10 +69,8 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
     ocp.PyTreeCheckpointer().save(tmp / "checkpoints" / str(step) / "state", {"params": params})
     if jax.process_index() == 0:
         data = cfg.data
-        if tokenizer is not None:
-            from bignlp_jax.export.hf_tokenizer import resolve_tokenizer
-
-            resolve_tokenizer(tokenizer).save(tmp / "tokenizer")
+        if tok is not None:
+            tok.save(tmp / "tokenizer")
             data = data.model_copy(update={"tokenizer": str(out_dir.resolve() / "tokenizer")})
         bundle_cfg = cfg.model_copy(update={
             "data": data, "init_from": None,

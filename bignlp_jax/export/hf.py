@@ -134,12 +134,18 @@ def export_hf(params: Params, model_cfg: ModelConfig, out_dir: str | Path,
     out_dir = Path(out_dir)
     entries, _ = _checked_layout(model_cfg)
     specs = hf_specs(model_cfg, np_dtype)
-    tok = resolve_tokenizer(tokenizer) if tokenizer is not None else None
-    if tok is not None and tok.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
-                        f"{model_cfg.vocab_size}: it is not this model's tokenizer")
     max_shard_bytes = parse_size(max_shard_size)
-    check_on_writer(lambda: check_out_dir(out_dir, "config.json"))
+    tok = None
+
+    def check() -> None:  # on process 0 only: the output and tokenizer paths may be local to it
+        nonlocal tok
+        check_out_dir(out_dir, "config.json")
+        tok = resolve_tokenizer(tokenizer) if tokenizer is not None else None
+        if tok is not None and tok.vocab_size > model_cfg.vocab_size:
+            raise UserError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size "
+                            f"is {model_cfg.vocab_size}: it is not this model's tokenizer")
+
+    check_on_writer(check)
     writer = tmp = None
     if is_writer():
         tmp = prepare_out_dir(out_dir)
