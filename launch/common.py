@@ -46,22 +46,48 @@ def bignlp_jax_command(executable: str | None = None) -> list[str]:
 
 
 def resolve_target(target: str) -> str:
-    """A config/pipeline path made absolute (jobs may start in another directory); names such
-    as `tiny` that bignlp-jax finds under configs/ are passed through unchanged."""
-    path = Path(target)
-    return str(path.resolve()) if path.is_file() else target
+    """A config/pipeline as an absolute path (jobs may start in another directory); names such
+    as `tiny` or `pipelines/default` are looked up under configs/ the way bignlp-jax does.
+    Unknown names are passed through for bignlp-jax to report."""
+    from bignlp_jax.config.loader import resolve_config_path
+    from bignlp_jax.errors import UserError
+
+    try:
+        return str(resolve_config_path(target).resolve())
+    except UserError:
+        return target
+
+
+# Top-level keys of a pipeline file (bignlp_jax/pipeline/spec.py) and of a run config: disjoint.
+PIPELINE_KEYS = {"output_dir", "pretrain", "finetune", "finetune_scratch", "tokenizer", "export"}
+RUN_CONFIG_KEYS = {"model", "mesh", "data", "optimizer", "train", "checkpoint", "run", "task"}
 
 
 def is_pipeline(target: str) -> bool:
-    """A pipeline YAML lists `stages`; a training config has model/train/... sections."""
+    """Whether `target` (a resolved path) is a pipeline file rather than a run config."""
+    from bignlp_jax.config.loader import load_yaml_tree
+    from bignlp_jax.errors import UserError
+
     path = Path(target)
     if not path.is_file():
         return False
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return False
-    return isinstance(data, dict) and "stages" in data
+        keys = set(load_yaml_tree(path))
+    except UserError:
+        return False  # bignlp-jax will report the broken file
+    return bool(keys & PIPELINE_KEYS) and not keys & RUN_CONFIG_KEYS
+
+
+def pipeline_output(target: str, overrides: list[str]) -> tuple[Path, str]:
+    """A pipeline's output directory (absolute) and name, with the overrides applied."""
+    from bignlp_jax.errors import UserError
+    from bignlp_jax.pipeline.spec import Pipeline
+
+    try:
+        pipeline = Pipeline.load(target, overrides)
+    except UserError as e:
+        raise LaunchError(str(e)) from None
+    return pipeline.out.resolve(), pipeline.spec.name
 
 
 def list_stages(cli: list[str], pipeline: str, overrides: list[str]) -> list[str]:

@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: make `launch` importable from 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import (  # noqa: E402
-    LaunchError, Stage, bignlp_jax_command, is_pipeline, main_wrapper, plan_stages,
-    load_run_config, resolve_target,
+    LaunchError, Stage, bignlp_jax_command, is_pipeline, load_run_config, main_wrapper,
+    pipeline_output, plan_stages, resolve_target,
 )
 
 REQUEUE_EXIT_CODE = 75  # bignlp_jax.errors.REQUEUE_EXIT_CODE: "checkpoint saved, run me again"
@@ -54,6 +54,7 @@ class SlurmOptions:
     signal_before: int = 300
     requeue: bool = True
     max_restarts: int = 20
+    task_exit_wait: int = 60
     executable: str | None = None
     workdir: str = field(default_factory=lambda: str(Path.cwd()))
 
@@ -108,7 +109,10 @@ def render_script(stage: Stage, opts: SlurmOptions, job_dir: Path, cli: list[str
         directives.append(_directive("--no-requeue"))
     directives += [_directive(arg) for arg in opts.sbatch_args]
 
-    srun = ["srun", "--kill-on-bad-exit=1", "--label"]
+    # Not --kill-on-bad-exit: after a preemption every task exits 75 within moments, and killing
+    # the slower ones would turn the requeue code into "Terminated". Instead SLURM kills the
+    # others --task-exit-wait seconds after the first task ends (JAX's heartbeat may be sooner).
+    srun = ["srun", "--kill-on-bad-exit=0", f"--wait={opts.task_exit_wait}", "--label"]
     if opts.container_image:
         srun.append(f"--container-image={opts.container_image}")
         srun.append(f"--container-workdir={opts.workdir}")
@@ -240,10 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-requeue", dest="requeue", action="store_false",
                    help="do not requeue a job that stopped with a checkpoint")
     p.add_argument("--max-restarts", type=int, default=20)
+    p.add_argument("--task-exit-wait", type=int, default=60,
+                   help="seconds after the first task ends before SLURM kills the others")
     p.add_argument("--bignlp-jax", dest="executable",
                    help="bignlp-jax inside the job (default: the one next to this Python, "
                         "or `bignlp-jax` in a container)")
-    p.add_argument("--job-dir", help="where scripts and logs go (default: the run directory)")
+    p.add_argument("--job-dir", help="where scripts and logs go (default: the run directory, "
+                   "or the pipeline's output_dir)")
     p.add_argument("--after", metavar="JOBID", help="start the first stage after this job")
     p.add_argument("--dry-run", action="store_true", help="print the scripts; submit nothing")
     return parser
@@ -260,18 +267,19 @@ def main(argv: list[str] | None = None) -> int:
             job_name=args.job_name, container_image=args.container_image,
             container_mounts=args.container_mounts, env=parse_env(args.env),
             sbatch_args=args.sbatch, signal_before=args.signal_before, requeue=args.requeue,
-            max_restarts=args.max_restarts, executable=args.executable,
+            max_restarts=args.max_restarts, task_exit_wait=args.task_exit_wait,
+            executable=args.executable,
         )
         cli = bignlp_jax_command(args.executable)
         stages = plan_stages(cli, args.target, args.overrides)
-        if args.job_dir:
-            job_dir = Path(args.job_dir).resolve()
-        elif is_pipeline(resolve_target(args.target)):
-            raise LaunchError("pass --job-dir for a pipeline (where scripts and logs are kept)")
-        else:
-            cfg = load_run_config(resolve_target(args.target), args.overrides)
-            job_dir = Path(cfg.run.dir).resolve()
-            opts.job_name = opts.job_name or f"bignlp-{cfg.run.name}"
+        target = resolve_target(args.target)
+        if is_pipeline(target):  # scripts and logs go to the pipeline's output directory
+            job_dir, name = pipeline_output(target, args.overrides)
+        else:  # ... or to the run directory
+            cfg = load_run_config(target, args.overrides)
+            job_dir, name = Path(cfg.run.dir).resolve(), cfg.run.name
+        job_dir = Path(args.job_dir).resolve() if args.job_dir else job_dir
+        opts.job_name = opts.job_name or f"bignlp-{name}"
         submit(stages, opts, job_dir, dry_run=args.dry_run, after=args.after)
         return 0
 

@@ -28,7 +28,8 @@ def read_losses(run_dir: Path) -> dict[int, float]:
 def test_two_processes_match_one_process(tmp_path, cli_env):
     from bignlp_jax.config import load_config
 
-    overrides = ["train.steps=4", "train.log_every=1", "mesh.data=-1"]
+    overrides = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "mesh.data=-1",
+                 "data.source=synthetic"]
     proc = subprocess.run(
         [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "2", "--",
          "train", "tiny", f"run.dir={tmp_path / 'multi'}", *overrides],
@@ -56,7 +57,7 @@ def test_one_failed_process_stops_the_job(tmp_path, cli_env):
     launcher = subprocess.Popen(
         [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "1", "--grace", "2",
          "--", "train", "tiny", f"run.dir={tmp_path / 'run'}", "train.steps=100000",
-         "train.log_every=1"],
+         "train.log_every=1", "train.eval_every=0", "data.source=synthetic"],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     output: list[str] = []

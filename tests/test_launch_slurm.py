@@ -1,0 +1,228 @@
+"""launch/slurm.py: rendered scripts (resources, environment, quoting), and real jobs on a
+one-node SLURM cluster started by tests/slurm/cluster.sh (needs root; installs slurm-wlm)."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # `launch` is a top-level folder of the repository
+
+from launch.common import LaunchError, Stage, bignlp_jax_command, plan_stages  # noqa: E402
+from launch.slurm import SlurmOptions, render_script, submit  # noqa: E402
+
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+SLURM_DIR = Path(os.environ.get("BIGNLP_SLURM_DIR", "/tmp/bignlp-slurm"))
+NASTY = "a b;$(touch PWNED)`touch PWNED`'\"&|>x"
+
+
+# ---------------------------------------------------------------- rendering (no cluster needed)
+
+def script_lines(script: str, prefix: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith(prefix)]
+
+
+def test_rendered_script_resources_env_and_command(tmp_path):
+    opts = SlurmOptions(nodes=4, gpus_per_node=8, tasks_per_node=8, partition="gpu",
+                        time="04:00:00", account="proj1", container_image="nvcr.io/x/jax:1",
+                        env={"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true",
+                             "NCCL_DEBUG": "WARN"}, job_name="bignlp-demo", signal_before=240)
+    stage = Stage("pretrain", ("pipeline", "/p.yaml", "--stage", "pretrain", "train.steps=10"))
+    script = render_script(stage, opts, tmp_path / "job", ["bignlp-jax"], 0, 2)
+    directives = script_lines(script, "#SBATCH")
+    for expected in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
+                     "--time=04:00:00", "--account=proj1", "--requeue", "--signal=TERM@240",
+                     "--open-mode=append", "--job-name=bignlp-demo-pretrain",
+                     f"--output={tmp_path}/job/slurm/00-pretrain-%j.out"]:
+        assert f"#SBATCH {expected}" in directives, (expected, directives)
+    assert "export NCCL_DEBUG=WARN" in script
+    [srun] = [line for line in script.splitlines() if line.startswith("srun ")]
+    argv = shlex.split(srun.rstrip(" &"))
+    assert argv[:5] == ["srun", "--kill-on-bad-exit=0", "--wait=60", "--label",
+                        "--container-image=nvcr.io/x/jax:1"]
+    assert argv[-6:] == ["bignlp-jax", "pipeline", "/p.yaml", "--stage", "pretrain", "train.steps=10"]
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and '"$rc" -eq 75' in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell
+
+
+def test_metacharacters_reach_bignlp_jax_verbatim(tmp_path):
+    """A run name full of shell syntax is one argument to bignlp-jax and runs nothing."""
+    job_dir = tmp_path / "job dir;$(touch PWNED)"
+    stage = Stage(NASTY, ("train", "tiny", f"run.name={NASTY}", f"run.dir={job_dir}"))
+    script = render_script(stage, SlurmOptions(job_name=f"x{NASTY}"), job_dir, ["bignlp-jax"])
+    assert re.search(r"^#SBATCH --job-name=[A-Za-z0-9._-]+$", script, re.M)
+    # run the script with stand-ins that print their arguments instead of srun/scontrol
+    fake = "srun() { shift 4; printf '%s\\n' \"$@\"; }; scontrol() { :; }; export -f srun scontrol;"
+    env = {**os.environ, "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1"}
+    out = subprocess.run(["bash", "-c", fake + " bash -s"], input=script, text=True,
+                         capture_output=True, cwd=tmp_path, env=env, check=True).stdout
+    assert f"run.name={NASTY}\n" in out and f"stage {NASTY} on n1" in out
+    assert not list(tmp_path.rglob("PWNED"))
+    # sbatch directives cannot carry a double quote: refused with the option named
+    with pytest.raises(LaunchError, match="#SBATCH --output"):
+        render_script(stage, SlurmOptions(), tmp_path / 'a"b', ["bignlp-jax"])
+
+
+def test_dry_run_chains_stages_and_writes_nothing(tmp_path, capsys):
+    stages = [Stage("pretrain", ("train", "a.yaml")), Stage("finetune", ("train", "b.yaml"))]
+    ids = submit(stages, SlurmOptions(), tmp_path / "job", dry_run=True)
+    out = capsys.readouterr().out
+    assert ids == ["<job 1>", "<job 2>"]
+    assert "'--dependency=afterok:<job 1>'" in out  # the 2nd stage waits for the 1st
+    assert out.count("#!/bin/bash") == 2
+    assert not (tmp_path / "job").exists()
+
+
+def test_pipeline_stages_come_from_list_stages(tmp_path):
+    fake = tmp_path / "fake-bignlp-jax"
+    fake.write_text('#!/bin/sh\necho "loading..."\necho \'["pretrain", "finetune"]\'\n')
+    fake.chmod(0o755)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("output_dir: out\npretrain: {config: tiny.yaml}\n")
+    stages = plan_stages([str(fake)], str(pipeline), ["x=1"])
+    assert stages == [
+        Stage("pretrain", ("pipeline", str(pipeline), "--stage", "pretrain", "x=1")),
+        Stage("finetune", ("pipeline", str(pipeline), "--stage", "finetune", "x=1")),
+    ]
+    tiny = str(REPO / "configs" / "tiny.yaml")  # names resolve to absolute paths for the job
+    assert plan_stages([str(fake)], "tiny", ["x=1"]) == [Stage("train", ("train", tiny, "x=1"))]
+
+
+# ---------------------------------------------------------------- a real local SLURM cluster
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the one-node cluster for this session (installing SLURM if needed); stop it after."""
+    if os.geteuid() != 0:
+        pytest.skip("SLURM TESTS SKIPPED: the local cluster needs root (tests/slurm/cluster.sh)")
+    env = {**os.environ, "BIGNLP_SLURM_DIR": str(SLURM_DIR)}
+    proc = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode == 3:
+        pytest.skip(f"SLURM TESTS SKIPPED: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, f"cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+    os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
+    yield SLURM_DIR
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                         text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_job(job_id: str, until, log_glob: Path, timeout: float = 1200) -> dict[str, str]:
+    """Poll scontrol until `until(info)` holds; fail with the job's log if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        if until(info):
+            return info
+        if info["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(1)
+    logs = "\n".join(p.read_text(errors="replace")[-3000:]  # srun --label may split UTF-8
+                     for p in sorted(log_glob.parent.glob(log_glob.name)))
+    pytest.fail(f"job {job_id} is {info['JobState']} ({info.get('Reason')}):\n{logs}")
+
+
+def done(info):
+    return info["JobState"] == "COMPLETED"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records}
+
+
+CPU_JOB = SlurmOptions(tasks_per_node=2, env={
+    "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+
+
+@pytest.mark.slurm
+def test_two_stage_chain_on_slurm(slurm_cluster, tmp_path):
+    job_dir = tmp_path / "job"
+    common = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "data.source=synthetic"]
+    stages = [
+        Stage("pretrain", ("train", "tiny", f"run.dir={job_dir / 'pretrain'}", *common)),
+        Stage("finetune", ("train", "tiny", f"run.dir={job_dir / 'finetune'}",
+                           f"init_from={job_dir / 'pretrain'}", *common)),
+    ]
+    first, second = submit(stages, CPU_JOB, job_dir)
+    logs = job_dir / "slurm"
+    pre = wait_job(first, done, logs / "00-*.out")
+    fine = wait_job(second, done, logs / "01-*.out")
+    assert fine["StartTime"] >= pre["EndTime"]  # ISO timestamps: the chain ran in order
+
+    pre_log = next(logs.glob("00-pretrain-*.out")).read_text(errors="replace")
+    fine_log = next(logs.glob("01-finetune-*.out")).read_text(errors="replace")
+    # two SLURM tasks joined into one JAX job of 2 processes x 2 devices
+    assert "joined process 0 of 2 (layout from slurm" in pre_log, pre_log[-3000:]
+    meta = json.loads((job_dir / "pretrain/checkpoints/4/meta/metadata").read_text())
+    assert (meta["process_count"], meta["device_count"]) == (2, 4)
+    # the finetune job started from the pretrain job's final checkpoint
+    assert f"parameters from init_from={job_dir / 'pretrain'}" in fine_log, fine_log[-3000:]
+    assert losses(job_dir / "finetune")[1] < losses(job_dir / "pretrain")[1]
+    records = [json.loads(line) for line in (logs / "jobs.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["after"]) for r in records] == [("pretrain", None), ("finetune", first)]
+
+
+@pytest.mark.slurm
+def test_sigterm_requeues_and_resumes_to_the_same_result(slurm_cluster, tmp_path, cli_env):
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=300", "train.log_every=1", "train.eval_every=0",
+                 "data.source=synthetic", f"run.dir={run_dir}", f"run.name={NASTY}"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/slurm.py"), "submit", "--tasks-per-node", "2",
+         "--env", "JAX_PLATFORMS=cpu", "--env", "XLA_FLAGS=--xla_force_host_platform_device_count=2",
+         "tiny", *overrides],
+        env=cli_env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = re.search(r"as job (\d+)", proc.stdout).group(1)
+    log = run_dir / "slurm" / "00-train-*.out"
+
+    # once training is under way, send SIGTERM the way SLURM does before a time limit
+    wait_job(job, lambda info: (run_dir / "metrics.jsonl").is_file()
+             and len(losses(run_dir)) >= 3, log)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    wait_job(job, lambda info: int(info["Restarts"]) >= 1, log)
+    # SLURM holds a requeued job for ~2 minutes before it may start again: lift that here
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_job(job, done, log)
+
+    text = next(run_dir.glob("slurm/00-train-*.out")).read_text(errors="replace")
+    assert "exited 75; requeueing job" in text, text[-3000:]
+    stopped = int(re.search(r"stopped after step (\d+)", text).group(1))
+    assert 3 <= stopped < 300
+    assert f"resumed from checkpoint {run_dir}/checkpoints/{stopped}" in text
+    assert not list(tmp_path.rglob("PWNED"))
+
+    # the same run without interruption, in this process on the same 4 devices
+    import jax
+
+    from bignlp_jax.config import load_config
+    from bignlp_jax.train.loop import train
+
+    ref_dir = tmp_path / "reference"
+    train(load_config("tiny", [*overrides[:4], f"run.dir={ref_dir}"]), devices=jax.devices()[:4])
+    got, want = losses(run_dir), losses(ref_dir)
+    assert sorted(got) == list(range(1, 301))
+    np.testing.assert_allclose([got[s] for s in range(1, 301)], [want[s] for s in range(1, 301)],
+                               rtol=1e-4)
+
+
+def test_bignlp_jax_command_is_this_environment():
+    cli = bignlp_jax_command()
+    assert Path(cli[0]).is_absolute()
+    assert Path(cli[0]).parent == Path(sys.executable).parent or cli[1:] == ["-m", "bignlp_jax.cli"]
