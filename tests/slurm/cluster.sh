@@ -74,8 +74,10 @@ JobRequeue=1
 MinJobAge=600
 KillWait=20
 InactiveLimit=0
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# The node is called "localhost" (slurmd -N localhost) so that jobs see a node list that
+# resolves on any machine: bignlp-jax uses the first node's name as the JAX coordinator.
+NodeName=localhost NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -104,7 +106,7 @@ start() {
     --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
   export SLURM_CONF="$CONF"
   slurmctld -f "$CONF"
-  slurmd -f "$CONF"
+  slurmd -f "$CONF" -N localhost
   # Wait for the node to register and become idle.
   local state=""
   for _ in $(seq 120); do
