@@ -73,7 +73,7 @@ def assert_trees_equal(a, b) -> None:
     flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
     flat_b = jax.tree.leaves(b)
     assert len(flat_a) == len(flat_b)
-    for (path, x), y in zip(flat_a, flat_b):
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
 

@@ -1,12 +1,13 @@
 """One process of the multi-process checkpoint test (tests/test_checkpoint_multiprocess.py).
 
-    python checkpoint_worker.py PORT NUM_PROCESSES PROCESS_ID RUN_DIR MODE DUMP [OVERRIDES...]
+    python checkpoint_worker.py PORT NUM_PROCESSES PROCESS_ID RUN_DIR DUMP [OVERRIDES...]
 
 Joins a loopback jax.distributed job (gloo collectives; XLA_FLAGS gives 2 CPU devices per
-process). MODE `train`: trains the pinned tiny config with the overrides, exiting with
-REQUEUE_EXIT_CODE when preempted. MODE `restore`: restores the run's newest checkpoint (full
-train state and data position) onto this job's mesh the way `train` does, and process 0 writes
-the gathered params, the step and the data position to DUMP (.npz).
+process) and trains the pinned tiny config with the overrides. When training is preempted (the
+test sends SIGTERM to one process), every process then restores the checkpoint just written (full
+train state and data position, from disk, onto this job's sharded mesh, the way `train` resumes)
+and process 0 writes the gathered params, the step and the data position to DUMP (.npz).
+Exits with REQUEUE_EXIT_CODE after a preemption, 0 when training finished.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def main(port: str, num_processes: str, process_id: str, run_dir: str, mode: str, dump: str,
+def main(port: str, num_processes: str, process_id: str, run_dir: str, dump: str,
          *overrides: str) -> int:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=int(num_processes), process_id=int(process_id))
@@ -36,13 +37,12 @@ def main(port: str, num_processes: str, process_id: str, run_dir: str, mode: str
     from bignlp_jax.train.loop import Trainer, train
 
     cfg = config(run_dir, *overrides)
-    if mode == "train":
-        try:
-            train(cfg)
-        except Preempted as e:
-            print(f"process {process_id}: {e}", flush=True)
-            return e.exit_code
+    try:
+        train(cfg)
         return 0
+    except Preempted as e:
+        print(f"process {process_id}: {e}", flush=True)
+        exit_code = e.exit_code
     trainer = Trainer.build(cfg)
     source = make_source(cfg, "train", trainer.rows)
     start = start_state(trainer, source, run_dir)
@@ -51,7 +51,7 @@ def main(port: str, num_processes: str, process_id: str, run_dir: str, mode: str
         flat = jax.tree_util.tree_flatten_with_path(gathered)[0]
         arrays = {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
         np.savez(dump, step=start.step, data=json.dumps(source.get_state()), **arrays)
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

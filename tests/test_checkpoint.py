@@ -113,6 +113,7 @@ def test_wrong_model_shape_names_parameter_and_shapes(reference, tmp_path):
     assert "checkpoint step 12" in message
     assert "params/embed/embedding: checkpoint has shape (256, 64)" in message
     assert "expects (256, 32)" in message
+    assert load_run_config(run).model.hidden == 64  # the refused config was not recorded
     with pytest.raises(UserError, match=r"embed/embedding: checkpoint has shape \(256, 64\), "
                                         r"the config expects \(512, 64\)"):
         load_params(ref_dir, config(run, "model.vocab_size=512").model)

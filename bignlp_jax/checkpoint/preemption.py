@@ -25,7 +25,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class StopRequest:
     """Context manager: installs the signal handlers (main thread only) and answers
-    `should_stop(step)` identically on every process."""
+    `should_stop(step)` identically on every process. `max_time` counts from construction."""
 
     def __init__(self, max_time: float | None = None):
         self.max_time = max_time
@@ -34,7 +34,6 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
-        self.start = time.monotonic()
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

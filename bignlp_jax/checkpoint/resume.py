@@ -21,7 +21,10 @@ from jax.experimental import multihost_utils
 from bignlp_jax.checkpoint.manager import restore_data_state, restore_state
 from bignlp_jax.checkpoint.params import check_shapes, load_init_params, saved_tree
 from bignlp_jax.checkpoint.paths import (
-    STATE, checkpoints_dir, complete_steps, resolve_step_dir,
+    STATE,
+    checkpoints_dir,
+    complete_steps,
+    resolve_step_dir,
 )
 from bignlp_jax.errors import UserError
 from bignlp_jax.train.state import TrainState, abstract_state, with_params

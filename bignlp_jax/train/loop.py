@@ -95,13 +95,15 @@ def train(cfg: Config, devices=None) -> dict:
     logged metrics. On SIGTERM/SIGINT or `train.max_time` it saves, waits until the checkpoint
     is durable and raises `Preempted` (the CLI exits with REQUEUE_EXIT_CODE)."""
     run_dir = Path(cfg.run.dir)
+    stop = StopRequest(cfg.train.max_time)  # train.max_time counts from here
     if jax.process_index() == 0:
-        save_config(cfg, run_dir / "config.yaml")
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
     source = make_source(cfg, "train", trainer.rows)
     start = start_state(trainer, source, run_dir)
     state, first = start.state, start.step
+    if jax.process_index() == 0:  # after the restore: a config its checkpoints refuse is not kept
+        save_config(cfg, run_dir / "config.yaml")
     if first >= cfg.train.steps:
         print(f"{start.origin}: already at step {first} of {cfg.train.steps}; nothing to do")
         done_records = read_metrics(run_dir)
@@ -116,7 +118,7 @@ def train(cfg: Config, devices=None) -> dict:
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     window_start, window_steps = time.perf_counter(), 0
     try:
-        with StopRequest(cfg.train.max_time) as stop:
+        with stop:
             for step in range(first, cfg.train.steps):
                 batch = trainer.device_batch(next(source))
                 state, metrics = trainer.train_step(state, batch)
