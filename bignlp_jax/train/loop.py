@@ -94,8 +94,14 @@ def train(cfg: Config, devices=None) -> dict:
     """Train until `train.steps`, resuming from the run's newest checkpoint; returns the last
     logged metrics. On SIGTERM/SIGINT or `train.max_time` it saves, waits until the checkpoint
     is durable and raises `Preempted` (the CLI exits with REQUEUE_EXIT_CODE)."""
+    # Signals are caught from the start: one arriving during the restore or the compile stops
+    # the run after its first step, with a checkpoint. train.max_time counts from here too.
+    with StopRequest(cfg.train.max_time) as stop:
+        return _train(cfg, devices, stop)
+
+
+def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     run_dir = Path(cfg.run.dir)
-    stop = StopRequest(cfg.train.max_time)  # train.max_time counts from here
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
@@ -118,34 +124,33 @@ def train(cfg: Config, devices=None) -> dict:
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     window_start, window_steps = time.perf_counter(), 0
     try:
-        with stop:
-            for step in range(first, cfg.train.steps):
-                batch = trainer.device_batch(next(source))
-                state, metrics = trainer.train_step(state, batch)
-                done, window_steps = step + 1, window_steps + 1
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    metrics = jax.device_get(metrics)
-                    _check_finite(metrics, done)
-                    elapsed = time.perf_counter() - window_start
-                    last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
-                    last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                    if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                        last.update(trainer.evaluate(state.params, cfg.train.eval_batches))
-                    logger.log(done, last)
-                    window_start, window_steps = time.perf_counter(), 0
-                reason = stop.should_stop(done)
-                if reason or done == cfg.train.steps or (every and done % every == 0):
-                    _check_finite(metrics, done)  # never overwrite good checkpoints with NaNs
-                    # the source has just handed out batch `done`: its state is the next batch
-                    checkpointer.save(done, state, source.get_state(),
-                                      step_meta(cfg, trainer.mesh, done))
-                if reason:
-                    checkpointer.wait()
-                    raise Preempted(
-                        f"stopped after step {done} of {cfg.train.steps} ({reason}); checkpoint "
-                        f"saved in {checkpointer.directory / str(done)}; run the same command "
-                        "again to continue"
-                    )
+        for step in range(first, cfg.train.steps):
+            batch = trainer.device_batch(next(source))
+            state, metrics = trainer.train_step(state, batch)
+            done, window_steps = step + 1, window_steps + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                metrics = jax.device_get(metrics)
+                _check_finite(metrics, done)
+                elapsed = time.perf_counter() - window_start
+                last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+                last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                    last.update(trainer.evaluate(state.params, cfg.train.eval_batches))
+                logger.log(done, last)
+                window_start, window_steps = time.perf_counter(), 0
+            reason = stop.should_stop(done)
+            if reason or done == cfg.train.steps or (every and done % every == 0):
+                _check_finite(metrics, done)  # never overwrite good checkpoints with NaNs
+                # the source has just handed out batch `done`: its state is the next batch
+                checkpointer.save(done, state, source.get_state(),
+                                  step_meta(cfg, trainer.mesh, done))
+            if reason:
+                checkpointer.wait()
+                raise Preempted(
+                    f"stopped after step {done} of {cfg.train.steps} ({reason}); checkpoint "
+                    f"saved in {checkpointer.directory / str(done)}; run the same command "
+                    "again to continue"
+                )
     finally:
         checkpointer.close()  # blocks until every started save is durable
         logger.close()
