@@ -1,0 +1,83 @@
+"""Peak matmul throughput per device, the denominator of MFU.
+
+Accelerators come from a table of published dense bf16 figures keyed by `device_kind` (MFU is
+conventionally quoted against the bf16 peak whatever dtype the model runs in). A CPU has no
+published figure that means anything for a given machine, so we measure one: a jitted square
+matmul in the model's dtype, best of several runs, spread over the devices that share the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 TFLOP/s per device (vendor datasheets; sparsity figures excluded). Matched as
+# lower-case substrings of `device.device_kind`, most specific first.
+ACCELERATOR_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v6 lite", 918.0),  # v6e (Trillium) reports "TPU v6 lite"
+    ("tpu v6e", 918.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5 lite", 197.0),  # v5e reports "TPU v5 lite"
+    ("tpu v5e", 197.0),
+    ("tpu v4", 275.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),  # SXM / NVL
+    ("a100", 312.0),
+)
+
+PEAK_ENV = "BIGNLP_PEAK_TFLOPS"  # overrides the table / probe everywhere (train loop too)
+
+
+def table_peak(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    for key, tflops in ACCELERATOR_PEAK_TFLOPS:
+        if key in kind:
+            return tflops
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_matmul_probe(dtype: str = "float32", n: int = 1024, repeats: int = 8) -> float:
+    """Measured TFLOP/s of one n x n x n matmul on the host CPU (all its threads), best of runs.
+
+    Runs on the first device; on a CPU host every simulated device shares the same cores, so the
+    figure is the host's, and `peak_tflops` divides it among the local devices."""
+    device = jax.local_devices()[0]
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()  # compile and warm caches
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def peak_tflops(dtype: str = "float32", override: float | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where the figure came from)."""
+    if override is not None:
+        return float(override), "--peak-tflops"
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]), f"${PEAK_ENV}"
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        host = cpu_matmul_probe(dtype)
+        return host / jax.local_device_count(), f"cpu matmul probe (1024^3 {dtype}, host {host:.3f})"
+    tflops = table_peak(device.device_kind)
+    if tflops is None:
+        raise KeyError(
+            f"no peak figure for device kind {device.device_kind!r}; pass --peak-tflops "
+            f"(or set ${PEAK_ENV}) with its dense bf16 TFLOP/s"
+        )
+    return tflops, f"table: {device.device_kind} dense bf16"
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model TFLOP/s per device over the device's peak."""
+    return flops_per_token * tokens_per_sec / num_devices / 1e12 / peak
