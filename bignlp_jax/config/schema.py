@@ -39,6 +39,10 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     attention: Literal["xla", "cudnn"] = "xla"
+    # Layers run as a `lax.scan` (compile time independent of depth). 0 unrolls the whole stack
+    # into straight-line code: no per-layer weight slicing or stacked residual buffers, which is
+    # faster on CPU and for shallow models, at the price of compile time growing with depth.
+    scan_unroll: int = Field(1, ge=0, description="layers per scan iteration; 0 = all")
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:

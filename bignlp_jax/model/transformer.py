@@ -1,7 +1,8 @@
 """Decoder-only transformer: embedding, a scanned stack of pre-norm blocks, final norm, LM head.
 
 The blocks' parameters are stacked on a leading `layers` axis and run with `jax.lax.scan`, so
-compile time does not grow with depth; `model.remat` wraps the scanned body in `jax.checkpoint`.
+compile time does not grow with depth; `model.remat` wraps the scanned body in `jax.checkpoint`,
+and `model.scan_unroll=0` unrolls the scan into straight-line code (faster for shallow models).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         kv = None if cache is None else (cache["k"], cache["v"])
-        x, new_kv = jax.lax.scan(layer, x, (stacked, kv))
+        unroll = cfg.scan_unroll or cfg.num_layers  # 0: the whole stack, straight-line code
+        x, new_kv = jax.lax.scan(layer, x, (stacked, kv), unroll=min(unroll, cfg.num_layers))
 
         x = self.final_norm(x)
         if self.lm_head is None:
