@@ -3,7 +3,8 @@
 `dot_product_attention` masks causally *within* a packed document: a query sees a key only if the
 key's slot index is not later than its own and both carry the same non-zero segment id. The `xla`
 implementation is plain einsums (used on CPU and as the reference); `cudnn` hands the same inputs to
-cuDNN's fused flash attention through `jax.nn.dot_product_attention`.
+cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU, 16-bit dtypes only;
+decoding steps against a KV cache use the einsums).
 """
 
 from __future__ import annotations
@@ -36,18 +37,41 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index) -> jax.Arra
 def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
                           scale: float, impl: str = "xla") -> jax.Array:
     """q [B,T,K,G,H], k/v [B,S,K,H], segment ids and slot indices [B,T] / [B,S] -> [B,T,K,G,H]."""
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
-    if impl == "cudnn":
-        B, T, K, G, H = q.shape
-        out = jax.nn.dot_product_attention(
-            q.reshape(B, T, K * G, H), k, v, mask=mask[:, None], scale=scale,
-            implementation="cudnn",
-        )
-        return out.reshape(B, T, K, G, H)
-    if impl != "xla":
+    if impl == "cudnn" and q.shape[1] == k.shape[1]:
+        return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, scale)
+    if impl not in ("xla", "cudnn"):  # cudnn decoding against a cache (T != S) uses einsums
         raise ValueError(f"unknown attention implementation {impl!r}")
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     # A large finite negative rather than -inf: fully masked rows (padding) stay finite.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+
+
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, scale):
+    """cuDNN flash attention (bfloat16/float16 only) for self-attention over a whole sequence.
+
+    cuDNN takes a document mask only as an additive [B, 1, T, S] bias, which it must read (and
+    differentiate) in full. So when every row holds exactly one document with no padding (a
+    runtime check, cheap next to attention), the kernel runs with its built-in causal mask and
+    no bias; otherwise (packed documents, padding) the same kernel gets the full mask."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.attention=cudnn needs model.dtype bfloat16 or float16, got "
+                         f"{q.dtype}; use model.attention=xla for float32")
+    B, T, K, G, H = q.shape
+    q = q.reshape(B, T, K * G, H)  # head n = k * G + g: cuDNN's GQA grouping
+
+    def causal(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+
+    def masked(q, k, v):
+        mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                            implementation="cudnn")
+
+    one_document = jnp.all((q_segment_ids == q_segment_ids[:, :1]) & (q_segment_ids != 0))
+    one_document &= jnp.all(q_index == kv_index)
+    out = jax.lax.cond(one_document, causal, masked, q, k, v)
+    return out.reshape(B, T, K, G, H)
