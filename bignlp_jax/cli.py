@@ -58,6 +58,8 @@ COMMAND_MODULES: list[str] = [
     "bignlp_jax.evaluate.commands",
     "bignlp_jax.infer.commands",
     "bignlp_jax.pipeline.commands",
+    "bignlp_jax.perf.bench",
+    "bignlp_jax.perf.plan_command",
     "bignlp_jax.export.commands",
 ]
 

@@ -1,0 +1,255 @@
+"""Ahead-of-time planning: compile the real train step for a mesh you do not have.
+
+`compile_plan` lowers and compiles the train step (`make_train_step`, the one training runs) for
+abstract inputs (`abstract_state`: shapes and shardings, nothing allocated) on N devices, and
+reads back what XLA decided: per-device bytes of parameters, optimizer state and temporaries
+(compiled memory analysis), and the collectives it inserted. The devices are simulated CPU
+devices (`command.py` re-executes itself with `--xla_force_host_platform_device_count=N`), so
+the figures are the CPU compiler's: layouts and fusion differ a little from GPU/TPU, and the
+temporaries are an estimate for the real accelerator, not a promise.
+
+Estimated step time = compute + communication, no overlap assumed (so it is pessimistic):
+  compute = model FLOPs per device (PaLM formula, x4/3 when the forward is recomputed under
+            `remat=full`) / the device's peak;
+  comm    = bytes of every collective in the compiled program (loop bodies counted once per
+            trip) / the device's link bandwidth (slower across hosts when a group spans hosts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from bignlp_jax.config import Config
+from bignlp_jax.model.flops import flops_per_token
+from bignlp_jax.parallel.mesh import build_mesh
+from bignlp_jax.parallel.rules import rules_table
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the estimate needs to know about one accelerator (datasheet figures, per device)."""
+
+    name: str
+    peak_tflops: float  # dense bf16
+    memory_gb: float  # GiB usable for one program
+    link_gbps: float  # GB/s for collectives among devices of one host / ICI slice
+    cross_host_gbps: float  # GB/s per device once a collective group spans hosts
+    host_size: int  # devices per host joined by the fast link
+
+
+DEVICES: dict[str, DeviceSpec] = {
+    # GPUs: NVLink inside an 8-GPU host, ~400 Gb/s InfiniBand per GPU between hosts.
+    "h100": DeviceSpec("h100", 989.0, 80.0, 450.0, 50.0, 8),
+    "h200": DeviceSpec("h200", 989.0, 141.0, 450.0, 50.0, 8),
+    "a100": DeviceSpec("a100", 312.0, 80.0, 300.0, 25.0, 8),
+    # TPUs: a whole slice shares the inter-chip interconnect.
+    "tpu-v4": DeviceSpec("tpu-v4", 275.0, 32.0, 270.0, 270.0, 4096),
+    "tpu-v5e": DeviceSpec("tpu-v5e", 197.0, 16.0, 200.0, 200.0, 256),
+    "tpu-v5p": DeviceSpec("tpu-v5p", 459.0, 95.0, 600.0, 600.0, 8960),
+    "tpu-v6e": DeviceSpec("tpu-v6e", 918.0, 32.0, 400.0, 400.0, 256),
+}
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+           for k in ("tokens", "targets", "positions", "segment_ids")}
+    out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    return out
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+_COLLECTIVE_RE = re.compile(
+    r"^\s*(?:ROOT )?%?[\w.\-]+ = (?P<result>.+?) "
+    r"(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?P<start>-start)?\(")
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of an HLO result type such as `bf16[8,128]{1,0}` or a tuple of them."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
+        if dtype in DTYPE_BYTES:
+            total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _group_size_and_spread(line: str, host_size: int) -> tuple[int, bool]:
+    """Devices per replica group, and whether a group spans hosts of `host_size` devices."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:  # mesh['a'=2,'b'=4] {'b'}: groups run along the listed axes of a row-major mesh
+        axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        along = set(re.findall(r"'([^']+)'", m.group(2)))
+        strides, stride = {}, 1
+        for name, size in reversed(axes):
+            strides[name] = stride
+            stride *= size
+        ids = [0]
+        for name, size in axes:
+            if name in along:
+                ids = [i + k * strides[name] for i in ids for k in range(size)]
+        return len(ids), len({i // host_size for i in ids}) > 1
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](T\([\d,]+\))?", line)
+    if m:
+        size = int(m.group(2))
+        # an iota without transpose lists consecutive devices; a transposed one strides
+        contiguous = m.group(4) is None
+        return size, not (contiguous and size <= host_size)
+    m = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
+    if m:
+        ids = [int(x) for x in m.group(1).split(",")]
+        return len(ids), len({i // host_size for i in ids}) > 1
+    if "source_target_pairs=" in line:  # collective-permute: each device sends one buffer
+        return 2, False
+    return 1, False
+
+
+def _sliced_after(line: str, lines: list[str]) -> bool:
+    """Whether an all-reduce's result only feeds a dynamic-slice (each device keeps its shard).
+
+    The CPU compiler leaves the pair as it is; GPU and TPU compilers turn it into a
+    reduce-scatter, which moves half the bytes, so the estimate counts it as one."""
+    name = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) =", line).group(1)
+    users = [u for u in lines if re.search(rf"[(, ]%{re.escape(name)}[,)]", u)]
+    return bool(users) and all("dynamic-slice" in u.split("=", 1)[1].split("(")[0]
+                               or "dynamic-slice" in u.split("=", 1)[0] for u in users)
+
+
+def collective_bytes(hlo: str, host_size: int = 8) -> dict[str, float]:
+    """Per-device bytes moved by each kind of collective in a compiled HLO module.
+
+    Instructions in a while loop's body count once per trip (XLA records `known_trip_count`).
+    Bytes are the result size (all-gather, all-reduce x2 for its two phases) or operand size
+    (reduce-scatter), the usual ring-algorithm volumes. `cross_host` collects the bytes of groups
+    spanning hosts."""
+    computations: dict[str, list[str]] = {}
+    entry = current = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(2)
+            computations[current] = []
+            entry = current if head.group(1) else entry
+        elif current is not None:
+            computations[current].append(line)
+
+    # How many times each computation runs per step: walk from the entry through while loops.
+    multiplicity: dict[str, float] = {}
+
+    def visit(name: str, times: float) -> None:
+        multiplicity[name] = multiplicity.get(name, 0.0) + times
+        for line in computations.get(name, []):
+            trips = 1.0
+            if " while(" in line:
+                m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                trips = float(m.group(1)) if m else 1.0
+            for callee in re.findall(r"(?:body|to_apply|calls|branch_computations)=\{?%([\w.\-]+)",
+                                     line):
+                if callee in computations and callee != name:
+                    visit(callee, times * (trips if "body=" in line else 1.0))
+
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    visit(entry, 1.0)
+
+    out = {k: 0.0 for k in COLLECTIVES}
+    out["cross_host"] = 0.0
+    for name, lines in computations.items():
+        if name not in multiplicity:
+            continue
+        for line in lines:
+            m = _COLLECTIVE_RE.match(line)
+            if not m:
+                continue
+            kind, result = m.group("op"), m.group("result")
+            if m.group("start") and result.startswith("("):
+                result = result.rsplit(", ", 1)[-1]  # async start: (operand, result) tuple
+            size, spread = _group_size_and_spread(line, host_size)
+            if size <= 1:
+                continue
+            nbytes = _shape_bytes(result)
+            if kind == "reduce-scatter":
+                nbytes *= size  # the operand is `size` times the result
+            if kind == "all-reduce":
+                if _sliced_after(line, lines):
+                    kind = "reduce-scatter"  # what GPU/TPU compilers make of all-reduce + slice
+                else:
+                    nbytes *= 2
+            moved = nbytes * (size - 1) / size * multiplicity[name]
+            out[kind] += moved
+            if spread:
+                out["cross_host"] += moved
+    return out
+
+
+def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | None = None,
+                 memory_gb: float | None = None) -> dict:
+    """Compile the train step for `cfg` on `devices` from abstract inputs; memory and estimates."""
+    from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.state import abstract_state
+
+    spec = spec or DEVICES["h100"]
+    memory_gb = memory_gb if memory_gb is not None else spec.memory_gb
+    start = time.perf_counter()
+    trainer = Trainer.build(cfg, devices)
+    state = abstract_state(cfg.model, trainer.tx, trainer.state_sh)
+    batch = abstract_batch(cfg, trainer.batch_sh)
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+    stats = compiled.memory_analysis()
+    params = shard_bytes(state.params)
+    optimizer = shard_bytes(state.opt_state)
+    arguments = int(stats.argument_size_in_bytes)
+    temp = int(stats.temp_size_in_bytes)
+    # Outputs not aliased to donated inputs need their own buffers (metrics: a few bytes).
+    extra_out = max(int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes), 0)
+    total = arguments + temp + extra_out
+    comm = collective_bytes(compiled.as_text(), spec.host_size)
+
+    n = trainer.mesh.size
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    recompute = 4 / 3 if cfg.model.remat == "full" else 1.0
+    compute_s = flops_per_token(cfg.model, cfg.data.seq_len) * tokens * recompute / n / (
+        spec.peak_tflops * 1e12)
+    fast = sum(comm[k] for k in COLLECTIVES) - comm["cross_host"]
+    comm_s = fast / (spec.link_gbps * 1e9) + comm["cross_host"] / (spec.cross_host_gbps * 1e9)
+    gib = 2**30
+    return {
+        "mesh": dict(trainer.mesh.shape),
+        "remat": cfg.model.remat,
+        "microbatches": cfg.train.microbatches,
+        "devices": n,
+        "param_bytes_per_device": params,
+        "optimizer_bytes_per_device": optimizer,
+        "argument_bytes_per_device": arguments,
+        "temp_bytes_per_device": temp,
+        "total_bytes_per_device": total,
+        "total_gib_per_device": total / gib,
+        "device_memory_gib": memory_gb,
+        "fits": total <= memory_gb * gib,
+        "collective_bytes_per_device": comm,
+        "compute_s": compute_s,
+        "comm_s": comm_s,
+        "est_step_s": compute_s + comm_s,
+        "est_mfu": compute_s / recompute / (compute_s + comm_s),
+        "compile_s": compile_s,
+    }

@@ -1,0 +1,274 @@
+"""`bignlp-jax plan CONFIG --devices N [--device-memory-gb M] [--search]`.
+
+Needs N devices to compile for, so the command re-executes itself with N simulated CPU devices
+(`--xla_force_host_platform_device_count=N`); nothing is allocated on them. `--search` tries mesh
+shapes (data x fsdp x tensor) and remat policies: candidates are filtered by divisibility and by
+the analytic parameter + optimizer bytes (`model/flops.py`, what `describe` prints), ordered by
+an analytic estimate, then compiled one by one within `--time-budget`; the ones that fit are
+ranked by the compiled estimate of step time (`plan.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from bignlp_jax.errors import UserError
+
+CHILD_ENV = "BIGNLP_PLAN_DEVICES"  # set in the re-executed child: its simulated device count
+REMATS = ("none", "dots", "full")
+
+
+def _child_argv(args) -> list[str]:
+    argv = [sys.executable, "-m", "bignlp_jax.cli", "plan", args.config, *args.overrides,
+            "--devices", str(args.devices), "--device", args.device,
+            "--time-budget", str(args.time_budget), "--max-compiles", str(args.max_compiles)]
+    if args.device_memory_gb is not None:
+        argv += ["--device-memory-gb", str(args.device_memory_gb)]
+    if args.search:
+        argv.append("--search")
+    if args.json:
+        argv.append("--json")
+    return argv
+
+
+def _reexec(args) -> int:
+    """Run this command again in a process that has `args.devices` simulated CPU devices."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env[CHILD_ENV] = str(args.devices)
+    return subprocess.run(_child_argv(args), env=env).returncode
+
+
+def analytic_bytes(cfg, shape: dict[str, int]) -> float:
+    """Parameters + AdamW moments per device, as `describe` computes them."""
+    from bignlp_jax.model.flops import describe
+
+    info = describe(cfg, shape)
+    return info["param_bytes_per_device"] + info["optimizer_bytes_per_device"]
+
+
+def mesh_candidates(cfg, n: int) -> list[dict[str, int]]:
+    """Mesh shapes over n devices whose splits divide the model and the batch evenly."""
+    m = cfg.model
+    out = []
+    for tensor in (1, 2, 4, 8):
+        if n % tensor or any(x % tensor for x in (m.num_heads, m.kv_heads, m.mlp_dim,
+                                                  m.vocab_size)):
+            continue
+        rest = n // tensor
+        fsdp = 1
+        while fsdp <= rest:
+            if rest % fsdp == 0 and m.hidden % fsdp == 0 and \
+                    cfg.train.global_batch_size % rest == 0:
+                out.append({"data": rest // fsdp, "fsdp": fsdp, "tensor": tensor})
+            fsdp *= 2
+    return out
+
+
+def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec) -> float:
+    """A rough step time used only to order candidates before compiling them."""
+    from bignlp_jax.model.flops import flops_per_token
+    from bignlp_jax.model.functional import abstract_params, count_params
+
+    m = cfg.model
+    n = math.prod(shape.values())
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    recompute = 4 / 3 if remat == "full" else 1.0
+    compute = flops_per_token(m, cfg.data.seq_len) * tokens * recompute / n / (
+        spec.peak_tflops * 1e12)
+    params = count_params(abstract_params(m)) / shape["tensor"]
+    d, f, t = shape["data"], shape["fsdp"], shape["tensor"]
+    act_bytes = 2 if m.dtype != "float32" else 4
+    gathers = 3 if remat == "full" else 2  # forward, backward (and the recomputed forward)
+    comm = (gathers * params * act_bytes + params * 4) * (f - 1) / f  # fsdp: gather + scatter
+    comm += 2 * params / f * 4 * (d - 1) / d  # data: all-reduce of the gradient shard
+    rows = cfg.train.global_batch_size / (d * f)
+    comm += 8 * m.num_layers * rows * cfg.data.seq_len * m.hidden * act_bytes * (t - 1) / t
+    slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
+    return compute + comm / (slow * 1e9)
+
+
+def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
+    """Rough activation bytes one batch row keeps for the backward pass (Korthikanti et al.
+    2022: 34*T*D + 5*heads*T^2 per layer in 16-bit, the tensor-parallel part divided by t),
+    plus the logits; used only to rule out candidates and to guess how many microbatches one
+    needs before compiling it."""
+    m = cfg.model
+    T, D, L, t = cfg.data.seq_len, m.hidden, m.num_layers, shape["tensor"]
+    scale = 2 if m.dtype == "float32" else 1
+    layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * T / t
+    if m.attention == "cudnn":  # flash attention keeps no T x T scores
+        layer -= 5 * m.num_heads * T * T / t
+    logits = 3 * T * m.vocab_size / t * 4
+    if remat == "full":
+        return (2 * T * D * L + layer) * scale + logits
+    return layer * L * (0.6 if remat == "dots" else 1.0) * scale + logits
+
+
+def microbatch_choices(cfg, shape: dict[str, int]) -> list[int]:
+    """Microbatch counts that split the global batch into whole rows on every device."""
+    B, dp = cfg.train.global_batch_size, shape["data"] * shape["fsdp"]
+    return [k for k in range(1, B + 1) if B % k == 0 and (B // k) % dp == 0]
+
+
+def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: int, log):
+    from bignlp_jax.perf.plan import compile_plan
+
+    gib = 2**30
+    memory = memory_gb * gib * 0.9  # leave room for what the estimates miss
+    candidates, skipped = [], []
+    for shape in mesh_candidates(cfg, n):
+        # parameters + AdamW moments, and a float32 gradient the size of the parameters
+        static = analytic_bytes(cfg, shape) * 4 / 3
+        rows = cfg.train.global_batch_size / (shape["data"] * shape["fsdp"])
+        least = microbatch_choices(cfg, shape)[-1]
+        for remat in REMATS:
+            need = static + rows / least * activation_bytes_per_row(cfg, shape, remat)
+            if need > memory:
+                skipped.append({"mesh": shape, "remat": remat,
+                                "why": f"needs ~{need / gib:.0f} GiB analytically"})
+                continue
+            candidates.append((analytic_step_s(cfg, shape, remat, spec), shape, remat, static))
+    candidates.sort(key=lambda c: c[0])
+
+    results, start, compiles = [], time.perf_counter(), 0
+
+    def attempt(shape, remat, micro):
+        nonlocal compiles
+        compiles += 1
+        trial = _with(cfg, shape, remat, micro)
+        log(f"compiling mesh {_mesh_text(shape)} remat={remat} microbatches={micro}")
+        plan = compile_plan(trial, spec=spec, memory_gb=memory_gb)
+        log(f"  -> {plan['total_gib_per_device']:.1f} GiB/device "
+            f"({'fits' if plan['fits'] else 'does not fit'}), est {plan['est_step_s']:.2f}s/step,"
+            f" compiled in {plan['compile_s']:.0f}s")
+        results.append(plan)
+        return plan
+
+    for estimate, shape, remat, static in candidates:
+        if compiles >= max_compiles or time.perf_counter() - start > budget_s:
+            skipped.append({"mesh": shape, "remat": remat, "why": "not compiled (budget)"})
+            continue
+        choices = microbatch_choices(cfg, shape)
+        rows = cfg.train.global_batch_size / (shape["data"] * shape["fsdp"])
+        room = memory - static
+        per_row = activation_bytes_per_row(cfg, shape, remat)
+        micro = next((k for k in choices if rows / k * per_row <= room), choices[-1])
+        plan = attempt(shape, remat, micro)
+        if not plan["fits"] and compiles < max_compiles:
+            # Temporaries scale with rows per microbatch: retry once with enough microbatches.
+            grads = plan["param_bytes_per_device"]  # part of the temporaries, not per row
+            room = memory - plan["argument_bytes_per_device"] - grads
+            need = (plan["temp_bytes_per_device"] - grads) / max(room, 1.0) * micro
+            bigger = [k for k in choices if k >= need and k > micro]
+            if bigger and room > 0:
+                attempt(shape, remat, bigger[0])
+    fitting = sorted((r for r in results if r["fits"]), key=lambda r: r["est_step_s"])
+    return fitting, [r for r in results if not r["fits"]], skipped
+
+
+def _with(cfg, shape: dict[str, int], remat: str, microbatches: int):
+    return cfg.model_copy(update={
+        "mesh": cfg.mesh.model_copy(update=shape),
+        "model": cfg.model.model_copy(update={"remat": remat}),
+        "train": cfg.train.model_copy(update={"microbatches": microbatches}),
+    })
+
+
+def _mesh_text(shape: dict[str, int]) -> str:
+    return "x".join(str(shape[k]) for k in ("data", "fsdp", "tensor"))
+
+
+def _print_plan(cfg, plan: dict, analytic: float) -> None:
+    gib = 2**30
+    compiled_static = plan["param_bytes_per_device"] + plan["optimizer_bytes_per_device"]
+    print(f"mesh data x fsdp x tensor   {_mesh_text(plan['mesh'])} ({plan['devices']} devices),"
+          f" remat={plan['remat']}")
+    print(f"parameters / device         {plan['param_bytes_per_device'] / gib:10.3f} GiB")
+    print(f"optimizer state / device    {plan['optimizer_bytes_per_device'] / gib:10.3f} GiB")
+    print(f"temporaries / device        {plan['temp_bytes_per_device'] / gib:10.3f} GiB")
+    print(f"total / device              {plan['total_gib_per_device']:10.3f} GiB of "
+          f"{plan['device_memory_gib']:g}: {'fits' if plan['fits'] else 'DOES NOT FIT'}")
+    print(f"analytic params+optimizer   {analytic / gib:10.3f} GiB (compiled/analytic "
+          f"{compiled_static / analytic:.3f})")
+    comm = plan["collective_bytes_per_device"]
+    print(f"collectives / device / step {sum(v for k, v in comm.items() if k != 'cross_host') / gib:10.3f}"
+          f" GiB ({comm['cross_host'] / gib:.3f} across hosts)")
+    print(f"estimated step              {plan['est_step_s']:10.3f} s (compute {plan['compute_s']:.3f}"
+          f" + comm {plan['comm_s']:.3f}), est. MFU {plan['est_mfu']:.1%}; compiled in "
+          f"{plan['compile_s']:.1f}s")
+
+
+def cmd_plan(args) -> int:
+    if args.devices < 1:
+        raise UserError(f"--devices must be at least 1, got {args.devices}")
+    if os.environ.get(CHILD_ENV) != str(args.devices):
+        return _reexec(args)
+
+    import jax
+
+    from bignlp_jax.config import load_config
+    from bignlp_jax.perf.plan import DEVICES, compile_plan
+
+    if jax.device_count() != args.devices:
+        raise UserError(f"plan expected {args.devices} simulated devices, jax sees "
+                        f"{jax.device_count()}; is XLA_FLAGS overridden?")
+    spec = DEVICES[args.device]
+    memory_gb = args.device_memory_gb if args.device_memory_gb is not None else spec.memory_gb
+    cfg = load_config(args.config, args.overrides)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (
+        lambda s: print(s, flush=True))
+    if not args.search:
+        plan = compile_plan(cfg, spec=spec, memory_gb=memory_gb)
+        analytic = analytic_bytes(cfg, plan["mesh"])
+        plan["analytic_param_optimizer_bytes_per_device"] = analytic
+        if not args.json:
+            _print_plan(cfg, plan, analytic)
+        print(json.dumps(plan))
+        return 0
+
+    fitting, too_big, skipped = search(cfg, args.devices, spec, memory_gb, args.time_budget,
+                                       args.max_compiles, log)
+    if not args.json:
+        print(f"\n{len(fitting)} plan(s) fit in {memory_gb:g} GiB on {args.devices} x "
+              f"{spec.name}, fastest first:")
+        print(f"{'mesh d x f x t':>16} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
+              f"{'est s/step':>10} {'est MFU':>8}")
+        for r in [*fitting, *too_big]:
+            tail = (f" {r['est_step_s']:10.3f} {r['est_mfu']:8.1%}" if r["fits"]
+                    else "  does not fit")
+            print(f"{_mesh_text(r['mesh']):>16} {r['remat']:>5} {r['microbatches']:>5} "
+                  f"{r['total_gib_per_device']:8.1f}{tail}")
+        print(f"({len(skipped)} candidates not compiled: too large analytically or over budget)")
+    print(json.dumps({"fitting": fitting, "not_fitting": too_big, "skipped": skipped}))
+    return 0
+
+
+def register(subparsers) -> None:
+    from bignlp_jax.perf.plan import DEVICES
+
+    p = subparsers.add_parser(
+        "plan", help="compile the train step ahead of time for N devices: memory, mesh search")
+    p.add_argument("config", help="YAML config (path, or name under configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
+    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
+    p.add_argument("--device", choices=sorted(DEVICES), default="h100",
+                   help="accelerator whose peak, memory and links the estimate uses")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory per device in GiB (default: the --device's)")
+    p.add_argument("--search", action="store_true",
+                   help="try mesh shapes and remat policies; rank those that fit")
+    p.add_argument("--time-budget", type=float, default=480.0,
+                   help="seconds of compiling allowed for --search (default 480)")
+    p.add_argument("--max-compiles", type=int, default=8,
+                   help="most candidates --search compiles (default 8)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
+    p.set_defaults(func=cmd_plan)
