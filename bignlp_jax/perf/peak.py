@@ -81,3 +81,16 @@ def peak_tflops(dtype: str = "float32", override: float | None = None) -> tuple[
 def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: float) -> float:
     """Model FLOPs utilisation: achieved model TFLOP/s per device over the device's peak."""
     return flops_per_token * tokens_per_sec / num_devices / 1e12 / peak
+
+
+def mfu_meter(cfg, num_devices: int):
+    """tokens/s -> MFU for `cfg` on `num_devices` devices (peak looked up or probed once);
+    None on an accelerator missing from the table (set $BIGNLP_PEAK_TFLOPS)."""
+    from bignlp_jax.model.flops import flops_per_token
+
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    try:
+        peak, _ = peak_tflops(cfg.model.dtype)
+    except KeyError:  # unknown accelerator: no MFU rather than a wrong one
+        return lambda tokens_per_sec: None
+    return lambda tokens_per_sec: mfu(fpt, tokens_per_sec, num_devices, peak)

@@ -22,6 +22,7 @@ from bignlp_jax.data import global_batch, make_source, process_rows, record_run_
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
+from bignlp_jax.perf.peak import mfu_meter
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
@@ -122,6 +123,7 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     every = cfg.checkpoint.every_steps
     last: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    mfu_of = mfu_meter(cfg, trainer.mesh.size)  # the figure `bignlp-jax bench` reports
     window_start, window_steps = time.perf_counter(), 0
     try:
         for step in range(first, cfg.train.steps):
@@ -134,6 +136,7 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
                 elapsed = time.perf_counter() - window_start
                 last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
                 last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                last["mfu"] = mfu_of(last["tokens_per_sec"])
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                     last.update(trainer.evaluate(state.params, cfg.train.eval_batches))
                 logger.log(done, last)
