@@ -145,34 +145,42 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-CPU_JOB = SlurmOptions(tasks_per_node=2, env={
-    "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+def submit_cli(*argv: str, env: dict, cwd: Path) -> list[str]:
+    """Run `launch/slurm.py submit ...`; returns the job ids it reports."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch/slurm.py"), "submit", *argv],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return re.findall(r"as job (\d+)", proc.stdout)
+
+
+CPU_TASKS = ["--tasks-per-node", "2", "--env", "JAX_PLATFORMS=cpu",
+             "--env", "XLA_FLAGS=--xla_force_host_platform_device_count=2"]
 
 
 @pytest.mark.slurm
-def test_two_stage_chain_on_slurm(slurm_cluster, tmp_path):
-    job_dir = tmp_path / "job"
-    common = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "data.source=synthetic"]
-    stages = [
-        Stage("pretrain", ("train", "tiny", f"run.dir={job_dir / 'pretrain'}", *common)),
-        Stage("finetune", ("train", "tiny", f"run.dir={job_dir / 'finetune'}",
-                           f"init_from={job_dir / 'pretrain'}", *common)),
-    ]
-    first, second = submit(stages, CPU_JOB, job_dir)
-    logs = job_dir / "slurm"
+def test_two_stage_pipeline_on_slurm(slurm_cluster, tmp_path, cli_env):
+    out = tmp_path / "pipe"
+    stage = ("{config: %s, data: {source: synthetic}, "
+             "train: {steps: 4, log_every: 1, eval_every: 0}}" % (REPO / "configs/tiny.yaml"))
+    pipeline = tmp_path / "two_stages.yaml"
+    pipeline.write_text(f"name: two\noutput_dir: {out}\npretrain: {stage}\nfinetune: {stage}\n"
+                        "evaluate: false\n")
+    first, second = submit_cli(*CPU_TASKS, str(pipeline), env=cli_env, cwd=tmp_path)
+    logs = out / "slurm"  # scripts and logs are kept in the pipeline's output_dir
     pre = wait_job(first, done, logs / "00-*.out")
     fine = wait_job(second, done, logs / "01-*.out")
     assert fine["StartTime"] >= pre["EndTime"]  # ISO timestamps: the chain ran in order
+    assert (logs / "00-pretrain.sbatch").is_file() and (logs / "01-finetune.sbatch").is_file()
 
     pre_log = next(logs.glob("00-pretrain-*.out")).read_text(errors="replace")
     fine_log = next(logs.glob("01-finetune-*.out")).read_text(errors="replace")
     # two SLURM tasks joined into one JAX job of 2 processes x 2 devices
     assert "joined process 0 of 2 (layout from slurm" in pre_log, pre_log[-3000:]
-    meta = json.loads((job_dir / "pretrain/checkpoints/4/meta/metadata").read_text())
+    meta = json.loads((out / "pretrain/checkpoints/4/meta/metadata").read_text())
     assert (meta["process_count"], meta["device_count"]) == (2, 4)
     # the finetune job started from the pretrain job's final checkpoint
-    assert f"parameters from init_from={job_dir / 'pretrain'}" in fine_log, fine_log[-3000:]
-    assert losses(job_dir / "finetune")[1] < losses(job_dir / "pretrain")[1]
+    assert f"parameters from init_from={out / 'pretrain'}" in fine_log, fine_log[-3000:]
+    assert losses(out / "finetune")[1] < losses(out / "pretrain")[1]
     records = [json.loads(line) for line in (logs / "jobs.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["after"]) for r in records] == [("pretrain", None), ("finetune", first)]
 
@@ -182,14 +190,7 @@ def test_sigterm_requeues_and_resumes_to_the_same_result(slurm_cluster, tmp_path
     run_dir = tmp_path / "run"
     overrides = ["train.steps=300", "train.log_every=1", "train.eval_every=0",
                  "data.source=synthetic", f"run.dir={run_dir}", f"run.name={NASTY}"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch/slurm.py"), "submit", "--tasks-per-node", "2",
-         "--env", "JAX_PLATFORMS=cpu", "--env", "XLA_FLAGS=--xla_force_host_platform_device_count=2",
-         "tiny", *overrides],
-        env=cli_env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    job = re.search(r"as job (\d+)", proc.stdout).group(1)
+    [job] = submit_cli(*CPU_TASKS, "tiny", *overrides, env=cli_env, cwd=tmp_path)
     log = run_dir / "slurm" / "00-train-*.out"
 
     # once training is under way, send SIGTERM the way SLURM does before a time limit
