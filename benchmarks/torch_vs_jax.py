@@ -1,0 +1,163 @@
+"""Side-by-side CPU training throughput: our JAX train step vs Hugging Face LlamaForCausalLM in
+eager PyTorch, same shapes, same batches, float32, AdamW with the same hyper-parameters and
+global-norm clipping.
+
+    .venv/bin/python benchmarks/torch_vs_jax.py [configs/bench/cpu_s.yaml ...] [--rounds 5]
+
+Both frameworks run in this one process, one after the other, in interleaved rounds (a few
+PyTorch steps, then a few JAX steps, repeated), so load from other programs on a shared machine
+hits both alike. Figures are medians over all timed steps. The last lines are a Markdown block
+for `benchmarks/RESULTS.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = [str(REPO / "configs/bench/cpu_s.yaml"), str(REPO / "configs/bench/cpu_m.yaml")]
+
+
+class TorchLlama:
+    """HF LlamaForCausalLM + torch.optim.AdamW, one eager training step per `run` iteration."""
+
+    def __init__(self, cfg, seed: int = 0):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        m, o = cfg.model, cfg.optimizer
+        torch.manual_seed(seed)
+        hf = LlamaConfig(
+            vocab_size=m.vocab_size, hidden_size=m.hidden, intermediate_size=m.mlp_dim,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+            num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head,
+            max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+            rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+            attention_bias=m.use_bias, mlp_bias=m.use_bias, initializer_range=m.init_std,
+        )
+        self.model = LlamaForCausalLM(hf).float().train()  # default attention: SDPA
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
+                                     eps=o.eps, weight_decay=o.weight_decay)
+        self.clip = o.clip_norm
+        self.cfg = cfg
+        self.times: list[float] = []
+        self.loss = float("nan")
+
+    def run(self, batches, record: bool = True) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        for batch in batches:
+            t0 = time.perf_counter()
+            tokens = torch.from_numpy(batch["tokens"]).long()
+            targets = torch.from_numpy(batch["targets"]).long()
+            self.opt.zero_grad(set_to_none=True)
+            logits = self.model(input_ids=tokens).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.opt.step()
+            self.loss = float(loss)
+            if record:
+                self.times.append(time.perf_counter() - t0)
+
+
+def host_batches(cfg, n: int, start: int):
+    from bignlp_jax.data import SyntheticSource
+
+    src = SyntheticSource(seed=cfg.run.seed, vocab_size=cfg.model.vocab_size,
+                          seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch_size,
+                          rows=(0, cfg.train.global_batch_size))
+    src.set_state({"step": start})
+    return [next(src) for _ in range(n)]
+
+
+def compare(config: str, rounds: int, steps_per_round: int, warmup: int) -> dict:
+    import jax
+
+    from bignlp_jax.config import load_config
+    from bignlp_jax.perf.bench import StepTimer
+
+    cfg = load_config(config, ["data.source=synthetic"])
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    print(f"\n== {cfg.model.name}: batch {cfg.train.global_batch_size} x {cfg.data.seq_len}",
+          flush=True)
+    ours = StepTimer(cfg, log=lambda s: print("jax:", s, flush=True))
+    theirs = TorchLlama(cfg)
+    ours.run(warmup, record=False)
+    theirs.run(host_batches(cfg, warmup, 0), record=False)
+    for r in range(rounds):
+        theirs.run(host_batches(cfg, steps_per_round, warmup + r * steps_per_round))
+        ours.run(steps_per_round)
+        print(f"round {r + 1}/{rounds}: torch {tokens / statistics.median(theirs.times[-steps_per_round:]):,.0f}"
+              f" tok/s, jax {tokens / statistics.median(ours.times[-steps_per_round:]):,.0f} tok/s"
+              f"  (load {os.getloadavg()[0]:.2f})", flush=True)
+    report = ours.report()
+    torch_tps = tokens / statistics.median(theirs.times)
+    out = {
+        "config": cfg.model.name,
+        "jax_tokens_per_sec": report["tokens_per_sec"],
+        "torch_tokens_per_sec": torch_tps,
+        "ratio": report["tokens_per_sec"] / torch_tps,
+        "jax_mfu": report["mfu"],
+        "torch_mfu": report["mfu"] * torch_tps / report["tokens_per_sec"],
+        "peak_tflops": report["peak_tflops_per_device"] * report["num_devices"],
+        "jax_step_spread": report["step_time_spread"],
+        "torch_step_spread": [min(theirs.times), max(theirs.times)],
+        "jax_loss": report["final_loss"],
+        "torch_loss": theirs.loss,
+        "devices": jax.device_count(),
+    }
+    print(f"{out['config']}: jax {out['jax_tokens_per_sec']:,.0f} tok/s (MFU {out['jax_mfu']:.1%}),"
+          f" torch {out['torch_tokens_per_sec']:,.0f} tok/s (MFU {out['torch_mfu']:.1%}),"
+          f" ratio {out['ratio']:.2f}", flush=True)
+    return out
+
+
+def versions() -> str:
+    import jax
+    import torch
+    import transformers
+
+    return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    results = [compare(c, args.rounds, args.steps_per_round, args.warmup) for c in args.configs]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    cpu = platform.processor() or platform.machine()
+    print("\n--- paste into benchmarks/RESULTS.md ---")
+    print(f"### {datetime.date.today().isoformat()}: {os.cpu_count()}-core CPU ({cpu}), commit {commit}")
+    print(f"{versions()}; load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
+          f" {args.rounds} rounds x {args.steps_per_round} steps, medians\n")
+    print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | our MFU | PyTorch MFU | CPU peak (GFLOP/s, probe) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['config']} | {r['jax_tokens_per_sec']:,.0f} | {r['torch_tokens_per_sec']:,.0f} | "
+              f"{r['ratio']:.2f} | {r['jax_mfu']:.1%} | {r['torch_mfu']:.1%} | {r['peak_tflops'] * 1e3:.0f} |")
+    print("--- end ---")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

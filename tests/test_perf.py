@@ -1,0 +1,178 @@
+"""Performance tooling: the FLOPs formula, `bench` output, `plan` memory figures, the HLO
+collective counter, and that the speed-motivated model changes keep the numbers."""
+
+import json
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bignlp_jax.model import count_params, abstract_params
+from bignlp_jax.model.flops import flops_per_token, param_bytes_per_device
+from bignlp_jax.perf.plan import collective_bytes
+from conftest import REPO, bignlp_cmd
+from helpers import tiny_config
+
+BENCH_FIELDS = ("tokens_per_sec", "step_time_s", "step_time_spread", "compile_s",
+                "flops_per_token", "tflops_per_device", "mfu", "peak_memory_bytes_per_device",
+                "data_wait_fraction")
+
+
+def test_flops_per_token_gpt_by_hand(tmp_path):
+    # V=128, L=2, D=32, 4 heads of 8, F=64, T=16, learned positions (64 x 32), tied embeddings.
+    m = tiny_config(tmp_path).model
+    per_layer = (2 * 32          # attn_norm scale + bias
+                 + 32 * 4 * 3 * 8 + 4 * 3 * 8  # qkv [D,K,G+2,H] + bias (K=4, G=1)
+                 + 4 * 8 * 32 + 32  # out [N,H,D] + bias
+                 + 2 * 32          # mlp_norm
+                 + 32 * 64 + 64 + 64 * 32 + 32)  # wi, bi, wo, bo
+    total = 128 * 32 + 64 * 32 + 2 * per_layer + 2 * 32  # embed, positions, blocks, final norm
+    assert count_params(abstract_params(m)) == total
+    n = total - 64 * 32  # tied: the table is the output head; positions do no matmul
+    assert flops_per_token(m, 16) == 6 * n + 12 * 2 * 4 * 8 * 16 == 139776
+
+
+def test_flops_per_token_llama_by_hand(tmp_path):
+    # GQA (4 query heads on 2 kv heads), RoPE, SwiGLU, RMSNorm, no biases, untied head.
+    m = tiny_config(tmp_path, llama=True).model
+    per_layer = 32 + 32 * 2 * 4 * 8 + 4 * 8 * 32 + 32 + 32 * 2 * 64 + 64 * 32
+    total = 128 * 32 + 2 * per_layer + 32 + 32 * 128  # embed, blocks, final norm, lm_head
+    assert count_params(abstract_params(m)) == total
+    n = total - 128 * 32  # the input table does no matmul; the untied head does
+    assert flops_per_token(m, 16) == 6 * n + 12 * 2 * 4 * 8 * 16 == 148416
+
+
+def test_bench_prints_json_with_every_field(cli_env, tmp_path):
+    proc = subprocess.run(
+        bignlp_cmd("bench", "configs/tiny.yaml", f"run.dir={tmp_path}", "--steps", "2",
+                   "--warmup", "1", "--peak-tflops", "0.5"),
+        cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in BENCH_FIELDS:
+        assert key in result, key
+    assert result["num_devices"] == 8 and result["steps"] == 2
+    assert result["tokens_per_sec"] > 0 and result["peak_memory_bytes_per_device"] > 0
+    lo, hi = result["step_time_spread"]
+    assert lo <= result["step_time_s"] <= hi
+    assert 0 <= result["data_wait_fraction"] < 1
+    assert result["peak_tflops_per_device"] == 0.5
+    expected = result["flops_per_token"] * result["tokens_per_sec"] / 8 / 1e12 / 0.5
+    assert result["mfu"] == pytest.approx(expected)
+
+
+def _plan(cli_env, *overrides):
+    proc = subprocess.run(
+        bignlp_cmd("plan", "configs/models/llama_126m.yaml", "--devices", "16", "--json",
+                   "data.seq_len=128", "train.global_batch_size=16", "mesh.data=-1", *overrides),
+        cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_plan_memory_shrinks_with_fsdp_and_matches_analytic(cli_env):
+    from bignlp_jax.config import load_config
+
+    plans = {f: _plan(cli_env, f"mesh.fsdp={f}") for f in (2, 8)}
+    model = load_config("configs/models/llama_126m.yaml").model
+    for f, plan in plans.items():
+        assert plan["devices"] == 16 and plan["mesh"]["fsdp"] == f
+        analytic = param_bytes_per_device(model, "default", plan["mesh"])
+        assert plan["param_bytes_per_device"] == pytest.approx(analytic, rel=0.01)
+        # AdamW: two float32 moments per parameter (plus a step counter)
+        assert plan["optimizer_bytes_per_device"] == pytest.approx(2 * analytic, rel=0.01)
+        assert plan["analytic_param_optimizer_bytes_per_device"] == pytest.approx(
+            3 * analytic, rel=0.01)
+    small, large = plans[8], plans[2]
+    assert small["param_bytes_per_device"] < large["param_bytes_per_device"] / 3
+    assert small["total_bytes_per_device"] < large["total_bytes_per_device"]
+    assert small["collective_bytes_per_device"]["all-gather"] > 0  # fsdp gathers parameters
+
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %p = (s32[], f32[64]) parameter(0)
+  %x = f32[64]{0} get-tuple-element(%p), index=1
+  %ag = f32[256]{0} all-gather(%x), channel_id=1, replica_groups=mesh['a'=2,'b'=4] {'b'}, dimensions={0}
+  %ar = f32[256]{0} all-reduce(%ag), channel_id=2, replica_groups=[4,2]<=[8], to_apply=%add
+  %ds = f32[64]{0} dynamic-slice(%ar, %i), dynamic_slice_sizes={64}
+  ROOT %t = (s32[], f32[64]) tuple(%i, %ds)
+}
+
+ENTRY %main (a: f32[64]) -> f32[64] {
+  %a = f32[64]{0} parameter(0)
+  %w = (s32[], f32[64]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %g = f32[512]{0} all-reduce(%a2), channel_id=3, replica_groups=mesh['a'=2,'b'=4] {'a'}, to_apply=%add
+  ROOT %r = f32[64]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collective_bytes_counts_loop_trips_and_groups():
+    out = collective_bytes(HLO, host_size=4)
+    # all-gather of 256 floats over groups of 4 consecutive devices, 3 trips: 1024 B * 3/4 * 3
+    assert out["all-gather"] == pytest.approx(1024 * 3 / 4 * 3)
+    # the sliced all-reduce counts as a reduce-scatter: 1024 B * 1/2 * 3
+    assert out["reduce-scatter"] == pytest.approx(1024 * 1 / 2 * 3)
+    # a plain all-reduce moves its bytes twice; devices 0 and 4 sit on different hosts
+    assert out["all-reduce"] == pytest.approx(2 * 2048 * 1 / 2)
+    assert out["cross_host"] == pytest.approx(out["all-reduce"])
+
+
+def test_search_ranks_fitting_meshes(tmp_path):
+    from bignlp_jax.perf.plan import DEVICES
+    from bignlp_jax.perf.plan_command import search
+
+    cfg = tiny_config(tmp_path, "model.dtype=bfloat16")
+    fitting, too_big, skipped = search(cfg, 8, DEVICES["h100"], 80.0, budget_s=300,
+                                       max_compiles=2, log=lambda s: None)
+    assert len(fitting) == 2 and not too_big
+    assert fitting[0]["est_step_s"] <= fitting[1]["est_step_s"]
+    assert skipped  # the rest were left uncompiled by max_compiles
+    for plan in fitting:
+        assert plan["devices"] == 8 and plan["fits"]
+
+
+def test_cross_entropy_gradient_matches_autodiff():
+    from bignlp_jax.train.step import token_cross_entropy
+
+    def reference(logits, targets):
+        logits = logits.astype(jnp.float32)
+        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - target
+
+    logits = 4 * jax.random.normal(jax.random.key(0), (3, 5, 37))
+    targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 37)
+    weights = jax.random.uniform(jax.random.key(2), (3, 5))
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        x = logits.astype(dtype)
+        np.testing.assert_allclose(token_cross_entropy(x, targets), reference(x, targets),
+                                   rtol=tol, atol=tol)
+        grad = jax.grad(lambda z, f: jnp.sum(f(z, targets) * weights), argnums=0)
+        ours, ref = grad(x, token_cross_entropy), grad(x, reference)
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                                   rtol=tol, atol=tol)
+
+
+def test_unrolled_layers_match_scanned(tmp_path):
+    from bignlp_jax.data import SyntheticSource
+    from bignlp_jax.model import init_params
+    from bignlp_jax.train.step import loss_sums
+
+    batch = next(SyntheticSource(seed=0, vocab_size=128, seq_len=16, global_batch=4,
+                                 rows=(0, 4)))
+    results = []
+    for unroll in (1, 0):
+        cfg = tiny_config(tmp_path, f"model.scan_unroll={unroll}", llama=True)
+        params = init_params(cfg.model, jax.random.key(3))
+        results.append(jax.jit(jax.value_and_grad(
+            lambda p: loss_sums(p, batch, cfg)[0]))(params))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    # same operations, possibly in another order: float32 rounding only
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 grads_a, grads_b)
