@@ -65,6 +65,22 @@ def lane_dataset(source: Sequence, encode: Encoder, *, lane: int, num_lanes: int
     )
 
 
+def _from_json(state: Any) -> Any:
+    """Grain lane state as grain wrote it, from its JSON form (a checkpoint, or `get_state`).
+
+    JSON turns tuples into lists, and grain's concat-then-split tells "no remainder" by comparing
+    `remainder_slices` with the tuple (-1, -1): a list never equals it, so a lane saved right
+    after a row that ended with a whole document would, on restore, take the next document for
+    a remainder with slice [-1:-1] (empty) and drop it. The slices go back to tuples here.
+    """
+    if isinstance(state, dict):
+        return {k: ({f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices"
+                    else _from_json(v)) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_from_json(v) for v in state]
+    return state
+
+
 def _stack(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
     """Lane rows -> the batch format of train/step.py."""
     return {
@@ -133,7 +149,7 @@ class PackedBatches:
         self._iter = self._make_iter()
         self.step = int(state["step"])
         if tuple(state.get("rows", ())) == self.rows:
-            self._iter.set_state(state["lanes"])
+            self._iter.set_state(_from_json(state["lanes"]))
             return
         # Another process layout wrote the state: our lanes are not in it. The stream is a
         # function of (seed, step), so replaying `step` batches reaches the same position.
