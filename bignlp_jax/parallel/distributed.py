@@ -270,7 +270,11 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
                 shutdown_timeout_seconds=shutdown,
             )
     except (RuntimeError, ValueError) as e:
-        raise CoordinatorError(f"could not join the job as {describe(layout)}: {e}") from None
+        hint = ""
+        if layout.process_id == 0 and "RPC server" in str(e):
+            hint = ("\n  fix: the coordinator port is probably in use on this host; choose "
+                    "another (--coordinator HOST:PORT, or BIGNLP_COORDINATOR_PORT under SLURM)")
+        raise CoordinatorError(f"could not join the job as {describe(layout)}: {e}{hint}") from None
     finally:
         watchdog.cancel()
     configure_logging(jax.process_index(), jax.process_count())
