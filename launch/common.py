@@ -15,10 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 class LaunchError(Exception):
     """A launcher cannot continue; the message says why and how to fix it (exit code 2)."""

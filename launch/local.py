@@ -104,8 +104,8 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
     readers = []
     try:
         for i in range(processes):
-            p = subprocess.Popen(cmd, env=process_env(dict(os.environ), i, processes, devices, port),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env = process_env(dict(os.environ), i, processes, devices, port)
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             procs.append(p)
             print(f"local.py: process {i} (pid {p.pid}): {' '.join(cmd)}", flush=True)

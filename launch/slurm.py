@@ -66,6 +66,8 @@ def _safe_name(text: str) -> str:
 
 def _directive(option: str, value: str | int | None = None) -> str:
     """One `#SBATCH` line. sbatch (not a shell) reads these; it accepts double-quoted values."""
+    if any(c in option for c in "\n\r"):
+        raise LaunchError(f"#SBATCH option {option!r} contains a newline")
     if value is None:
         return f"#SBATCH {option}"
     text = str(value)
@@ -128,20 +130,23 @@ def render_script(stage: Stage, opts: SlurmOptions, job_dir: Path, cli: list[str
         f"""if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]; then
   restarts="${{SLURM_RESTART_COUNT:-0}}"
   if [ "$restarts" -ge {opts.max_restarts} ]; then
-    echo "bignlp slurm: stopped with a checkpoint again after $restarts restarts; not requeueing (--max-restarts {opts.max_restarts})" >&2
+    echo "bignlp slurm: not requeueing after $restarts restarts (--max-restarts)" >&2
     exit "$rc"
   fi
-  echo "bignlp slurm: tasks saved a checkpoint and exited {REQUEUE_EXIT_CODE}; requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
-  scontrol requeue "$SLURM_JOB_ID" || echo "bignlp slurm: scontrol requeue failed; resubmit this script to continue" >&2
+  echo "bignlp slurm: tasks saved a checkpoint and exited {REQUEUE_EXIT_CODE};" \
+    "requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
+  scontrol requeue "$SLURM_JOB_ID" \
+    || echo "bignlp slurm: scontrol requeue failed; resubmit this script to continue" >&2
 fi
 """ if opts.requeue else "")
     return f"""#!/bin/bash
-# Stage {index + 1}/{total} ({_safe_name(stage.name)}), written by launch/slurm.py. Resubmit: sbatch THIS_FILE
+# Stage {index + 1}/{total} ({_safe_name(stage.name)}), written by launch/slurm.py.
+# Resubmit by hand with: sbatch THIS_FILE
 {chr(10).join(directives)}
 set -uo pipefail
 {chr(10).join(exports)}
-printf 'bignlp slurm: job %s stage %s on %s (restart %s)\n' "$SLURM_JOB_ID" {shlex.quote(stage.name)} \
-  "$SLURM_JOB_NODELIST" "${{SLURM_RESTART_COUNT:-0}}"
+printf 'bignlp slurm: job %s stage %s on %s (restart %s)\n' "$SLURM_JOB_ID" \
+  {shlex.quote(stage.name)} "$SLURM_JOB_NODELIST" "${{SLURM_RESTART_COUNT:-0}}"
 
 # SIGTERM (time limit near, scancel --signal=TERM) goes to the tasks, which save a checkpoint and
 # exit {REQUEUE_EXIT_CODE}. Should this shell get one too, it keeps waiting for them.

@@ -66,7 +66,8 @@ def test_slurm_step_layout():
     one = slurm_env(SLURM_STEP_TASKS_PER_NODE="1(x4)")
     assert detect(parse(), env=one).local_device_ids is None
     assert detect(parse(), env=slurm_env(JAX_PLATFORMS="cpu")).local_device_ids is None
-    assert detect(parse(), env=slurm_env(BIGNLP_COORDINATOR_PORT="5000")).coordinator == "gpu007:5000"
+    port_set = slurm_env(BIGNLP_COORDINATOR_PORT="5000")
+    assert detect(parse(), env=port_set).coordinator == "gpu007:5000"
 
 
 def test_slurm_batch_script_and_single_task_are_not_distributed():

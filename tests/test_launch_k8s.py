@@ -62,7 +62,8 @@ def test_tpu_multislice():
                       tpu_topology="2x4x4", tpu_chips_per_node=4, slices=2)
     manifest = render_jobset(STAGES[:1], opts)
     annotations = manifest["metadata"]["annotations"]
-    assert annotations["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
+    exclusive = annotations["alpha.jobset.sigs.k8s.io/exclusive-topology"]
+    assert exclusive == "cloud.google.com/gke-nodepool"
     [job] = manifest["spec"]["replicatedJobs"]
     assert job["replicas"] == 2 and job["template"]["spec"]["parallelism"] == 4
     pod = job["template"]["spec"]["template"]["spec"]

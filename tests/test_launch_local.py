@@ -2,6 +2,7 @@
 process with the same devices, and one failed process fails the whole job quickly."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -72,8 +73,6 @@ def test_one_failed_process_stops_the_job(tmp_path, cli_env):
             time.sleep(0.1)
         assert launcher.poll() is None, "".join(output)[-3000:]
         pids = dict(re.findall(r"local\.py: process (\d) \(pid (\d+)\)", "".join(output)))
-        import os
-
         os.kill(int(pids["1"]), signal.SIGKILL)
         code = launcher.wait(timeout=120)  # the survivor must not keep the job alive
     finally:

@@ -49,7 +49,8 @@ def test_rendered_script_resources_env_and_command(tmp_path):
     argv = shlex.split(srun.rstrip(" &"))
     assert argv[:5] == ["srun", "--kill-on-bad-exit=0", "--wait=60", "--label",
                         "--container-image=nvcr.io/x/jax:1"]
-    assert argv[-6:] == ["bignlp-jax", "pipeline", "/p.yaml", "--stage", "pretrain", "train.steps=10"]
+    assert argv[-6:] == ["bignlp-jax", "pipeline", "/p.yaml", "--stage", "pretrain",
+                         "train.steps=10"]
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and '"$rc" -eq 75' in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell
 

@@ -123,9 +123,11 @@ def _explicit_layout(get, env: Mapping[str, str]) -> Layout | None:
             "(or BIGNLP_COORDINATOR, BIGNLP_NUM_PROCESSES, BIGNLP_PROCESS_ID)"
         )
     if num < 1 or not 0 <= (pid or 0) < num:
-        raise CoordinatorError(f"--process-id {pid} must be in 0..{num - 1} (--num-processes {num})")
+        raise CoordinatorError(
+            f"--process-id {pid} must be in 0..{num - 1} (--num-processes {num})")
     if coordinator is not None and not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d+", coordinator):
-        raise CoordinatorError(f"--coordinator {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
+        raise CoordinatorError(
+            f"--coordinator {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
     return Layout("flags/env", num, pid or 0, coordinator, _device_ids_override(env))
 
 
@@ -179,7 +181,8 @@ def _slurm_layout(env: Mapping[str, str]) -> Layout | None:
     if ids is None and here > 1 and not on_cpu and len(visible) != 1:
         # One task per GPU and SLURM did not bind GPUs to tasks: each task takes its own GPU.
         ids = (int(env.get("SLURM_LOCALID", 0)),)
-    return Layout("slurm", num, int(env["SLURM_PROCID"]), f"{first_slurm_host(nodelist)}:{port}", ids)
+    coordinator = f"{first_slurm_host(nodelist)}:{port}"
+    return Layout("slurm", num, int(env["SLURM_PROCID"]), coordinator, ids)
 
 
 def _tpu_layout(env: Mapping[str, str]) -> Layout | None:
@@ -290,7 +293,8 @@ def configure_logging(process_index: int, process_count: int) -> None:
         level=logging.WARNING,
         format=f"[process {process_index}/{process_count}] %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("bignlp_jax").setLevel(logging.INFO if process_index == 0 else logging.WARNING)
+    ours = logging.INFO if process_index == 0 else logging.WARNING
+    logging.getLogger("bignlp_jax").setLevel(ours)
 
 
 def maybe_initialize(args: argparse.Namespace | None = None) -> Layout | None:
