@@ -63,6 +63,11 @@ def test_mini_pipeline_end_to_end_and_rerun(tmp_path, env, capsys):
     outputs = json.loads(gen.stdout.strip().splitlines()[-1])
     assert [o["prompt"] for o in outputs] == ["Return the", "x"]
     assert all(o["tokens"] <= 5 for o in outputs)
+    # eval of a run directory (in-process): eval.json, and a line in metrics.jsonl
+    assert main(["eval", str(out / "finetune"), "task.eval_examples=8"]) == 0
+    assert json.loads((out / "finetune" / "eval.json").read_text())["examples"] == 8
+    assert "eval_accuracy" in (out / "finetune" / "metrics.jsonl").read_text()
+
     # bad input, in-process (exit code 2 and one message)
     assert main(["generate", "--run", str(out / "pretrain"), "--prompt", " "]) == 2
     assert "--prompt number 1 is empty" in capsys.readouterr().err
@@ -79,7 +84,8 @@ def test_pipeline_bad_stage_and_mismatched_models(tmp_path, capsys):
     assert ft.init_from == str(tmp_path / "pretrain")
     assert ft.data.tokenizer == str(tmp_path / "tokenizer")
     assert p.run_config("finetune_scratch").init_from is None
-    args = ["pipeline", "pipelines/mini", f"output_dir={tmp_path}"]
+    # in-process: keep this process's JAX config as it is (no compilation cache)
+    args = ["pipeline", "pipelines/mini", f"output_dir={tmp_path}", "compilation_cache=null"]
     assert main([*args, "--stage", "nope"]) == 2
     assert "has no stage 'nope'" in capsys.readouterr().err
     # a stage whose input is missing says which stage to run first

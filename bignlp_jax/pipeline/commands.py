@@ -26,6 +26,7 @@ def cmd_pipeline(args) -> int:
     from bignlp_jax.pipeline.report import write_report
     from bignlp_jax.pipeline.stages import execute
 
+    pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.export.hf is not available)")
     if args.stage is not None:

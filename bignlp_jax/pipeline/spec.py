@@ -9,6 +9,7 @@
     finetune_scratch: true             # also finetune from random init (the baseline)
     evaluate: true
     export: {format: hf, dtype: float32}
+    compilation_cache: jax_cache       # XLA programs reused across stages (null: off)
 
 Every stage's run config is its `config` file, then the stage's other keys (any run-config
 keys, nested), then what the pipeline sets itself so stages feed each other: `run.dir`,
@@ -67,6 +68,9 @@ class PipelineConfig(_Section):
     finetune_scratch: bool = False
     evaluate: bool = True
     export: ExportStage | None = None
+    # XLA's persistent compilation cache: finetune_scratch, evaluation and reruns reuse the
+    # programs compiled by earlier stages (same shapes, same HLO). Relative to output_dir.
+    compilation_cache: str | None = "jax_cache"
 
 
 class Pipeline:
@@ -112,6 +116,18 @@ class Pipeline:
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
+
+    def enable_compilation_cache(self) -> None:
+        """Point JAX's persistent compilation cache at `compilation_cache` (unless the user
+        already set one, e.g. with JAX_COMPILATION_CACHE_DIR). Call before compiling."""
+        import jax
+
+        if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:
+            return
+        jax.config.update("jax_compilation_cache_dir",
+                          str((self.out / self.spec.compilation_cache).absolute()))
+        # the default (1 s) skips small programs that still cost seconds on a busy CPU
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
     def final_run(self) -> str | None:
         """The stage whose model is the pipeline's result (exported, generated from)."""
