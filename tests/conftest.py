@@ -15,6 +15,14 @@ if "BIGNLP_DATA_DIR" not in os.environ:
     os.environ["BIGNLP_DATA_DIR"] = tempfile.mkdtemp(prefix="bignlp_data_")
     atexit.register(shutil.rmtree, os.environ["BIGNLP_DATA_DIR"], True)
 
+# One persistent XLA compilation cache per test session (subprocesses inherit it): many tests
+# compile the same tiny programs, and on 2 CPU cores compiling dominates the suite's time.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bignlp_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
