@@ -28,6 +28,9 @@ class CharTokenizer:
     def encode(self, text):
         return [4 + self.CHARS.index(c) for c in text]
 
+    def decode(self, ids):
+        return "".join(self.CHARS[i - 4] for i in ids if i >= 4)
+
 
 def classification(labels=("a", "bb", "c"), template="{text}"):
     return TaskConfig(type="classification", template=template, labels=list(labels))
@@ -107,6 +110,24 @@ def test_label_scoring_picks_highest_log_likelihood(logits, best):
     expected = [log_p[4] + log_p[2], 2 * log_p[5] + log_p[2], log_p[6] + log_p[2]]
     np.testing.assert_allclose(scores, [expected, expected], rtol=1e-5)
     assert [("a", "bb", "c")[i] for i in scores.argmax(axis=1)] == [best, best]
+
+
+def test_text_to_text_generation_and_scores():
+    from bignlp_jax.evaluate import metrics
+    from bignlp_jax.evaluate.scoring import generate_targets
+
+    # the model always prefers b, then </s>: greedy answers are "bbb" (max_target_tokens=3)
+    cfg, params = constant_logits_model([0, 0, 1, 0, 0.5, 3.0, 1.0, 0])
+    task = TaskConfig(type="text_to_text", template="{input}", target_key="target",
+                      max_target_tokens=3)
+    fmt = TaskFormat(task, CharTokenizer(), seq_len=12)
+    records = [{"input": b"xa", "target": b"bbb"}, {"input": b"cab", "target": b"ab"}]
+    prompt, target = fmt.example(records[1])
+    assert prompt == [1, 6, 4, 5, 3] and target == [4, 5, 2]
+    answers = generate_targets(cfg, params, fmt, records, batch_size=2)
+    assert answers == ["bbb", "bbb"]
+    gold = [fmt.target_text(r) for r in records]
+    assert metrics.exact_match(answers, gold) == 0.5
 
 
 # -- the task batch source --------------------------------------------------------------------
