@@ -135,8 +135,13 @@ def render_script(stage: Stage, opts: SlurmOptions, job_dir: Path, cli: list[str
   fi
   echo "bignlp slurm: tasks saved a checkpoint and exited {REQUEUE_EXIT_CODE};" \
     "requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
-  scontrol requeue "$SLURM_JOB_ID" \
-    || echo "bignlp slurm: scontrol requeue failed; resubmit this script to continue" >&2
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    # SLURM ends this script now. Do not exit first: for a moment the job would look FAILED,
+    # which could cancel the stages that depend on it.
+    sleep 600
+  else
+    echo "bignlp slurm: scontrol requeue failed; resubmit this script to continue" >&2
+  fi
 fi
 """ if opts.requeue else "")
     return f"""#!/bin/bash
