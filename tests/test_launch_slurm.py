@@ -167,6 +167,7 @@ CPU_TASKS = ["--tasks-per-node", "2", "--env", "JAX_PLATFORMS=cpu",
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(1800)  # the first one may install SLURM with apt-get
 def test_two_stage_pipeline_on_slurm(slurm_cluster, tmp_path, cli_env):
     out = tmp_path / "pipe"
     stage = ("{config: %s, data: {source: synthetic}, "
@@ -195,6 +196,7 @@ def test_two_stage_pipeline_on_slurm(slurm_cluster, tmp_path, cli_env):
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(1800)  # the first one may install SLURM with apt-get
 def test_sigterm_requeues_and_resumes_to_the_same_result(slurm_cluster, tmp_path, cli_env):
     run_dir = tmp_path / "run"
     overrides = ["train.steps=150", "train.log_every=1", "train.eval_every=0",
