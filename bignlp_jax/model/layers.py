@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bignlp_jax.model.attention import apply_rope, dot_product_attention
+from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
 
 Initializer = nnx.initializers.Initializer
@@ -45,8 +46,8 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...].astype(dtype), tokens, axis=0)  # [B, T, D]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        w = self.embedding[...].astype(x.dtype)
-        return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+        w = self.embedding[...].astype(x.dtype).T  # [D, V]
+        return project(x, w, float32_out=True, spec="btd,dv->btv")
 
 
 class Norm(nnx.Module):
@@ -93,7 +94,7 @@ class Attention(nnx.Module):
         """x [B,T,D] -> [B,T,D]. With `cache` (k, v [B,S,K,H], segment ids [B,S]) writes this
         step's keys/values at `cache_index` and attends over the whole cache."""
         B, T, _ = x.shape
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(x.dtype))
+        qkv = project(x, self.qkv[...], spec="btd,dkgh->btkgh")
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(x.dtype)
         qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
@@ -115,7 +116,7 @@ class Attention(nnx.Module):
                                   kv_segment_ids, q_index, kv_index, scale, self.attention_impl)
         o = o.reshape(B, T, self.K * self.G, self.H)  # [B,T,N,H], head n = k * G + g
         o = constrain(o, ("batch", "seq", "act_heads", None))
-        y = jnp.einsum("btnh,nhd->btd", o, self.out[...].astype(x.dtype))
+        y = project(o, self.out[...], contract=2, spec="btnh,nhd->btd")
         if self.out_bias is not None:
             y = y + self.out_bias[...].astype(x.dtype)
         return y, new_cache
@@ -137,17 +138,17 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         wi = self.wi[...].astype(x.dtype)
         if self.kind == "swiglu":
-            h = jnp.einsum("btd,dcf->btcf", x, wi)  # c = 0 gate, 1 up
+            h = project(x, wi, spec="btd,dcf->btcf")  # c = 0 gate, 1 up
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
             h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
         else:
-            h = jnp.einsum("btd,df->btf", x, wi)
+            h = project(x, wi, spec="btd,df->btf")
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
             h = jax.nn.gelu(h, approximate=True)  # GPT-2/3 use the tanh approximation
         h = constrain(h, ("batch", "seq", "act_mlp"))
-        y = jnp.einsum("btf,fd->btd", h, self.wo[...].astype(x.dtype))
+        y = project(h, self.wo[...], spec="btf,fd->btd")
         if self.bo is not None:
             y = y + self.bo[...].astype(x.dtype)
         return y

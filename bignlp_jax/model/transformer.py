@@ -15,6 +15,7 @@ from flax import nnx
 
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
+from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -110,8 +111,7 @@ class Transformer(nnx.Module):
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = project(x, self.lm_head[...], float32_out=True, spec="btd,dv->btv")
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
         new_cache = None
         if cache is not None:
