@@ -49,6 +49,7 @@ class TorchLlama:
         self.clip = o.clip_norm
         self.cfg = cfg
         self.times: list[float] = []
+        self.cpu: list[float] = []  # process CPU seconds per step (both frameworks use 2 threads)
         self.loss = float("nan")
 
     def run(self, batches, record: bool = True) -> None:
@@ -56,7 +57,7 @@ class TorchLlama:
         import torch.nn.functional as F
 
         for batch in batches:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tokens = torch.from_numpy(batch["tokens"]).long()
             targets = torch.from_numpy(batch["targets"]).long()
             self.opt.zero_grad(set_to_none=True)
@@ -66,9 +67,10 @@ class TorchLlama:
             if self.clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             self.opt.step()
-            self.loss = float(loss)
+            self.loss = float(loss.detach())
             if record:
                 self.times.append(time.perf_counter() - t0)
+                self.cpu.append(time.process_time() - c0)
 
 
 def host_batches(cfg, n: int, start: int):
@@ -95,9 +97,12 @@ def compare(config: str, rounds: int, steps_per_round: int, warmup: int) -> dict
     theirs = TorchLlama(cfg)
     ours.run(warmup, record=False)
     theirs.run(host_batches(cfg, warmup, 0), record=False)
+    ours_cpu = []
     for r in range(rounds):
         theirs.run(host_batches(cfg, steps_per_round, warmup + r * steps_per_round))
+        c0 = time.process_time()
         ours.run(steps_per_round)
+        ours_cpu.append((time.process_time() - c0) / steps_per_round)
         print(f"round {r + 1}/{rounds}: torch {tokens / statistics.median(theirs.times[-steps_per_round:]):,.0f}"
               f" tok/s, jax {tokens / statistics.median(ours.times[-steps_per_round:]):,.0f} tok/s"
               f"  (load {os.getloadavg()[0]:.2f})", flush=True)
@@ -113,13 +118,16 @@ def compare(config: str, rounds: int, steps_per_round: int, warmup: int) -> dict
         "peak_tflops": report["peak_tflops_per_device"] * report["num_devices"],
         "jax_step_spread": report["step_time_spread"],
         "torch_step_spread": [min(theirs.times), max(theirs.times)],
+        "jax_cpu_s_per_step": statistics.median(ours_cpu),
+        "torch_cpu_s_per_step": statistics.median(theirs.cpu),
         "jax_loss": report["final_loss"],
         "torch_loss": theirs.loss,
         "devices": jax.device_count(),
     }
     print(f"{out['config']}: jax {out['jax_tokens_per_sec']:,.0f} tok/s (MFU {out['jax_mfu']:.1%}),"
           f" torch {out['torch_tokens_per_sec']:,.0f} tok/s (MFU {out['torch_mfu']:.1%}),"
-          f" ratio {out['ratio']:.2f}", flush=True)
+          f" ratio {out['ratio']:.2f}; CPU s/step jax {out['jax_cpu_s_per_step']:.2f}, torch "
+          f"{out['torch_cpu_s_per_step']:.2f}", flush=True)
     return out
 
 
@@ -150,11 +158,14 @@ def main() -> int:
     print(f"### {datetime.date.today().isoformat()}: {os.cpu_count()}-core CPU ({cpu}), commit {commit}")
     print(f"{versions()}; load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
           f" {args.rounds} rounds x {args.steps_per_round} steps, medians\n")
-    print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | our MFU | PyTorch MFU | CPU peak (GFLOP/s, probe) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | our MFU | PyTorch MFU | "
+          "CPU peak (GFLOP/s, probe) | CPU s/step ours / PyTorch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['config']} | {r['jax_tokens_per_sec']:,.0f} | {r['torch_tokens_per_sec']:,.0f} | "
-              f"{r['ratio']:.2f} | {r['jax_mfu']:.1%} | {r['torch_mfu']:.1%} | {r['peak_tflops'] * 1e3:.0f} |")
+              f"{r['ratio']:.2f} | {r['jax_mfu']:.1%} | {r['torch_mfu']:.1%} | "
+              f"{r['peak_tflops'] * 1e3:.0f} | {r['jax_cpu_s_per_step']:.2f} / "
+              f"{r['torch_cpu_s_per_step']:.2f} |")
     print("--- end ---")
     return 0
 
