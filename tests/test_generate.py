@@ -61,7 +61,7 @@ def test_stops_at_eos():
 
 def test_sampling_reproducible_per_seed():
     params = params_for(CFG)
-    kw = dict(max_new_tokens=NEW, temperature=1.0, top_k=20, top_p=0.9)
+    kw = {"max_new_tokens": NEW, "temperature": 1.0, "top_k": 20, "top_p": 0.9}
     a = generate(CFG, params, PROMPTS, seed=3, **kw)
     assert a == generate(CFG, params, PROMPTS, seed=3, **kw)
     assert a != generate(CFG, params, PROMPTS, seed=4, **kw)
@@ -73,7 +73,7 @@ def test_top_k_and_top_p_filter():
     keys = jax.random.split(jax.random.key(0), 200)
 
     def draws(top_k, top_p):
-        one = lambda k: sample_next(logits, k, greedy=False, temperature=1.0,  # noqa: E731
+        one = lambda k: sample_next(logits, k, greedy=False, temperature=1.0,
                                     top_k=top_k, top_p=top_p)[0]
         return set(np.asarray(jax.jit(jax.vmap(one))(keys)).tolist())
 

@@ -210,9 +210,10 @@ class TaskConfig(Section):
             return value
         for v in value:
             if isinstance(v, bool):  # unquoted yes/no/true/false: the spelling is lost
-                raise ValueError(f"task.{info.field_name} holds the boolean {v}: YAML reads "
-                                 "unquoted yes/no/true/false as booleans; quote the words, "
-                                 "e.g. [\"no\", \"yes\"]")
+                # pydantic turns ValueError (not TypeError) into a config message
+                raise ValueError(  # noqa: TRY004
+                    f"task.{info.field_name} holds the boolean {v}: YAML reads unquoted "
+                    "yes/no/true/false as booleans; quote the words, e.g. [\"no\", \"yes\"]")
         return [str(v) for v in value]
 
     @model_validator(mode="after")

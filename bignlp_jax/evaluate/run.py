@@ -19,7 +19,10 @@ import jax
 from bignlp_jax.config import Config
 from bignlp_jax.evaluate import metrics
 from bignlp_jax.evaluate.scoring import (
-    generate_targets, label_log_likelihoods, make_score_fn, target_nll,
+    generate_targets,
+    label_log_likelihoods,
+    make_score_fn,
+    target_nll,
 )
 from bignlp_jax.tasks.formats import TaskFormat
 from bignlp_jax.tasks.source import open_task_split, task_format

@@ -54,7 +54,10 @@ def plot(p: Pipeline, path: Path) -> Path | None:
                 if points:
                     ax.plot(*zip(*points), style, color=color, markersize=3,
                             label=f"{LABELS[stage]}: {what}")
-        ax.set_title("pretraining" if stages == ["pretrain"] else "task finetuning")
+        pretraining = stages == ["pretrain"]
+        ax.set_title("pretraining" if pretraining else "task finetuning")
+        if not pretraining:
+            ax.set_yscale("log")  # from-scratch starts ~20x higher; the gap matters at the end
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / token)")
         ax.grid(alpha=0.3)
@@ -78,9 +81,10 @@ def build_report(p: Pipeline) -> str:
     if "pretrain" in stages:
         cfg = p.run_config("pretrain")
         lines += ["## Pretraining", "",
-                  f"- model: {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
-                  f"{cfg.model.hidden}), {cfg.train.steps} steps of {cfg.train.global_batch_size}"
-                  f" x {cfg.data.seq_len} tokens on {cfg.data.tfds_name}",
+                  (f"- model: {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
+                   f"{cfg.model.hidden}), {cfg.train.steps} steps of "
+                   f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens on "
+                   f"{cfg.data.tfds_name}"),
                   f"- training loss: {loss_summary(curve(p.stage_dir('pretrain'), 'loss'))}"]
         val = results.get("pretrain")
         if val:
@@ -93,8 +97,8 @@ def build_report(p: Pipeline) -> str:
         cfg = p.run_config("finetune")
         first = next(iter(tuned.values()))
         lines += ["## Task finetuning", "",
-                  f"Task: {cfg.data.tfds_name} ({cfg.task.type}), {cfg.train.steps} steps; "
-                  f"evaluated on {first.get('examples')} held-out examples.", ""]
+                  (f"Task: {cfg.data.tfds_name} ({cfg.task.type}), {cfg.train.steps} steps; "
+                   f"evaluated on {first.get('examples')} held-out examples."), ""]
         if cfg.task.type == "classification":
             lines += ["| model | accuracy | macro-F1 | target perplexity |", "|---|---|---|---|"]
             for stage, r in tuned.items():

@@ -27,7 +27,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bignlp_jax.config import Config
 from bignlp_jax.config.loader import (
-    CONFIG_ROOT, apply_overrides, deep_merge, load_yaml_tree, resolve_config_path, validate,
+    CONFIG_ROOT,
+    apply_overrides,
+    deep_merge,
+    load_yaml_tree,
+    resolve_config_path,
+    validate,
 )
 from bignlp_jax.errors import ConfigError, UserError
 
