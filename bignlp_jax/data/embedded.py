@@ -25,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +110,23 @@ def is_built(name: str, data_dir: Path) -> bool:
     return (data_dir / name / VERSION / "dataset_info.json").is_file()
 
 
+def examples() -> tuple[dict, dict]:
+    """(stdlib_modules splits, stdlib_docs splits), computed in this process."""
+    modules = module_examples()
+    return modules, docs_examples({e["text"] for e in modules["validation"]})
+
+
+def clean_examples() -> tuple[dict, dict]:
+    """`examples()` computed in a fresh interpreter. In a process that has imported other
+    libraries the stdlib is not pristine (transformers adds logging.Logger.warning_advice, torch
+    wraps inspect.getfile), and the corpus must not depend on what was imported before."""
+    code = "import json; from bignlp_jax.data import embedded; print(json.dumps(embedded.examples()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "0"}).stdout
+    modules, docs = json.loads(out.strip().splitlines()[-1])
+    return modules, docs
+
+
 def ensure_embedded(data_dir: str | Path) -> None:
     """Build `stdlib_docs` and `stdlib_modules` under `data_dir` unless already there."""
     data_dir = Path(data_dir).expanduser()
@@ -116,14 +136,13 @@ def ensure_embedded(data_dir: str | Path) -> None:
         if all(is_built(n, data_dir) for n in EMBEDDED):
             return
         python = f"Python {sys.version_info.major}.{sys.version_info.minor}"
-        modules = module_examples()
+        modules, docs = clean_examples()
         if not is_built(MODULES, data_dir):
             write_dataset(MODULES, data_dir, _generators(modules),
                           fields=("text", "label", "source"), version=VERSION, overwrite=True,
                           description=f"stdlib docstring -> package classification ({python})")
         if not is_built(DOCS, data_dir):
-            exclude = {e["text"] for e in modules["validation"]}
-            write_dataset(DOCS, data_dir, _generators(docs_examples(exclude)),
+            write_dataset(DOCS, data_dir, _generators(docs),
                           fields=("text", "source"), version=VERSION, overwrite=True,
                           description=f"pydoc topics and stdlib docstrings ({python})")
 

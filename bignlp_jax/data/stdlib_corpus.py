@@ -77,7 +77,11 @@ def module_docstrings(module: ModuleType) -> Iterator[tuple[str, str]]:
             yield f"{module.__name__}.{attr}", text
         if inspect.isclass(obj):
             for method_name, method in sorted(vars(obj).items()):
-                if inspect.isfunction(method) and not method_name.startswith("_"):
+                # only the class's own methods: libraries monkeypatch stdlib classes (e.g.
+                # transformers adds logging.Logger.warning_advice), which would make the corpus
+                # depend on what the process imported before
+                own = getattr(method, "__module__", None) == module.__name__
+                if inspect.isfunction(method) and own and not method_name.startswith("_"):
                     if text := doc(method):
                         yield f"{module.__name__}.{attr}.{method_name}", text
 
