@@ -50,7 +50,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+# cred_expire: how long a revoked job credential blocks a requeued job from starting again
+# (default 120 s; SLURM holds requeued jobs that long). Shorter here so the requeue test is quick.
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=30
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
