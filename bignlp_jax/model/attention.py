@@ -9,18 +9,38 @@ decoding steps against a KV cache use the einsums).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_len: int
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles at `positions`, [B, T, H/2] each, float32.
+
+    Looked up in a [max_len, H/2] table built at trace time (a compile-time constant), rather
+    than evaluated on the device: XLA fuses an on-device cos/sin into every consumer, which
+    re-evaluates the transcendentals per head in each layer, forward and backward. Positions
+    outside the table give NaN, like the learned position table."""
+    half = head_dim // 2
+    # float32 throughout, as the on-device formula (and Hugging Face) compute it
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, half, dtype=np.float32) / half))
+                ).astype(np.float32)
+    angles = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq  # [max_len, H/2]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate the two halves of the last axis (the Hugging Face Llama convention).
 
-    x: [..., H]; positions broadcastable to x's leading axes."""
+    x: [B, T, ..., H]; cos, sin: [B, T, H/2] from `rope_tables`."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., H/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    extra = (1,) * (x.ndim - 3)  # the head axes between T and H
+    cos = cos.reshape(*cos.shape[:2], *extra, half)
+    sin = sin.reshape(*sin.shape[:2], *extra, half)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -35,18 +55,82 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index) -> jax.Arra
 
 
 def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
-                          scale: float, impl: str = "xla") -> jax.Array:
-    """q [B,T,K,G,H], k/v [B,S,K,H], segment ids and slot indices [B,T] / [B,S] -> [B,T,K,G,H]."""
+                          scale: float, impl: str = "xla", *, self_attention: bool = False
+                          ) -> jax.Array:
+    """q [B,T,K,G,H], k/v [B,S,K,H], segment ids and slot indices [B,T] / [B,S] -> [B,T,K,G,H].
+
+    self_attention: the keys are the queries' own slots (no cache: S == T, kv_index == q_index),
+    so causality is known in advance and the einsum path skips blocks above the diagonal."""
     if impl == "cudnn" and q.shape[1] == k.shape[1]:
         return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, scale)
     if impl not in ("xla", "cudnn"):  # cudnn decoding against a cache (T != S) uses einsums
         raise ValueError(f"unknown attention implementation {impl!r}")
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    T = q.shape[1]
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)[:, None, None]
+    # Head-major layouts once per layer ([B,K,G,T,H], [B,K,S,H]), so the batched matmuls below
+    # read contiguous [T,H] / [S,H] blocks and no per-block transposes are needed.
+    q, k, v = jnp.moveaxis(q, 1, 3), jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
+    block = causal_block_size(T) if self_attention else T
+    if block == T:
+        out = _softmax_attention(q, k, v, mask, scale)
+    else:
+        # Query block i sees keys [0, (i+1) * block) only: the rest is in its future. Same
+        # numbers for every real token, about (n+1)/2n of the work for n blocks.
+        out = jnp.concatenate([
+            _softmax_attention(q[:, :, :, i * block:(i + 1) * block], k[:, :, :(i + 1) * block],
+                               v[:, :, :(i + 1) * block],
+                               mask[..., i * block:(i + 1) * block, :(i + 1) * block], scale)
+            for i in range(T // block)], axis=3)
+    return jnp.moveaxis(out, 3, 1)  # [B,T,K,G,H]
+
+
+def causal_block_size(T: int, target: int = 128, max_blocks: int = 8) -> int:
+    """Query block length for causal block skipping: `target` (or larger, to keep at most
+    `max_blocks` blocks) when it divides T into at least two blocks, else T (no blocking)."""
+    block = max(target, T // max_blocks)
+    return block if T % block == 0 and T // block >= 2 else T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q, k, v, mask, scale: float):
+    """softmax(q k^T * scale, masked) v with a hand-written backward pass.
+
+    Head-major: q [B,K,G,T,H], k/v [B,K,S,H], mask [B,1,1,T,S] -> [B,K,G,T,H]. The softmax is
+    left unnormalised until after the value matmul (dividing [T,H] instead of [T,S]) and the
+    backward pass forms dS = p * (dO/l v^T - rowsum(dO * O)/l) in one elementwise pass; autodiff
+    would add separate passes over the [T,S] probabilities for the normalisation and the
+    softmax gradient."""
+    return _softmax_attention_fwd(q, k, v, mask, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, scale):
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
     # A large finite negative rather than -inf: fully masked rows (padding) stay finite.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalised
+    l = jnp.sum(p, axis=-1, keepdims=True)  # [B,K,G,T,1]
+    out = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) / l
+    return out.astype(q.dtype), (q, k, v, mask, p, l, out)
+
+
+def _softmax_attention_bwd(scale, residuals, d_out):
+    q, k, v, mask, p, l, out = residuals
+    d_out = d_out.astype(jnp.float32)
+    d_out_n = d_out / l  # dO / l
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True) / l  # [B,K,G,T,1]
+    dp = jnp.einsum("bkgth,bksh->bkgts", d_out_n.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32)
+    # masked scores are constants: no gradient (p alone is not 0 there in fully masked rows)
+    ds = jnp.where(mask, p * (dp - delta) * scale, 0.0).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=jnp.float32)
+    dv = jnp.einsum("bkgts,bkgth->bksh", p.astype(v.dtype), d_out_n.astype(v.dtype),
+                    preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, scale):

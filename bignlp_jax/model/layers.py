@@ -77,10 +77,10 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 use_bias: bool, rope: bool, rope_theta: float, init_std: float,
+                 use_bias: bool, rope: bool, init_std: float,
                  out_std: float, attention_impl: str, rngs: nnx.Rngs):
         self.K, self.G, self.H = num_kv_heads, num_heads // num_kv_heads, head_dim
-        self.rope, self.rope_theta, self.attention_impl = rope, rope_theta, attention_impl
+        self.rope, self.attention_impl = rope, attention_impl
         qkv_shape = (hidden, self.K, self.G + 2, head_dim)
         self.qkv = param(rngs, nnx.initializers.normal(init_std), qkv_shape,
                          ("embed", "kv_heads", None, "head_dim"))
@@ -90,9 +90,10 @@ class Attention(nnx.Module):
                               ) if use_bias else None
         self.out_bias = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
 
-    def __call__(self, x, positions, segment_ids, q_index, cache=None, cache_index=None):
-        """x [B,T,D] -> [B,T,D]. With `cache` (k, v [B,S,K,H], segment ids [B,S]) writes this
-        step's keys/values at `cache_index` and attends over the whole cache."""
+    def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None):
+        """x [B,T,D] -> [B,T,D]; rope: (cos, sin) from `rope_tables`, or None. With `cache`
+        (k, v [B,S,K,H], segment ids [B,S]) writes this step's keys/values at `cache_index` and
+        attends over the whole cache."""
         B, T, _ = x.shape
         qkv = project(x, self.qkv[...], spec="btd,dkgh->btkgh")
         if self.qkv_bias is not None:
@@ -100,8 +101,7 @@ class Attention(nnx.Module):
         qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
         q, k, v = qkv[:, :, :, : self.G], qkv[:, :, :, self.G], qkv[:, :, :, self.G + 1]
         if self.rope:
-            q = apply_rope(q, positions[:, :, None, None], self.rope_theta)
-            k = apply_rope(k, positions[:, :, None], self.rope_theta)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv_segment_ids, kv_index = segment_ids, q_index
         new_cache = None
         if cache is not None:
@@ -113,7 +113,8 @@ class Attention(nnx.Module):
             new_cache = (k, v, kv_segment_ids)
         scale = 1.0 / math.sqrt(self.H)
         o = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids,
-                                  kv_segment_ids, q_index, kv_index, scale, self.attention_impl)
+                                  kv_segment_ids, q_index, kv_index, scale, self.attention_impl,
+                                  self_attention=cache is None)
         o = o.reshape(B, T, self.K * self.G, self.H)  # [B,T,N,H], head n = k * G + g
         o = constrain(o, ("batch", "seq", "act_heads", None))
         y = project(o, self.out[...], contract=2, spec="btnh,nhd->btd")

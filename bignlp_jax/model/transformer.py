@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bignlp_jax.config import ModelConfig
+from bignlp_jax.model.attention import rope_tables
 from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
@@ -35,15 +36,15 @@ class Block(nnx.Module):
         self.attn_norm = Norm(cfg.hidden, **norm)
         self.attn = Attention(
             cfg.hidden, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, use_bias=cfg.use_bias,
-            rope=cfg.position == "rope", rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+            rope=cfg.position == "rope", init_std=cfg.init_std,
             out_std=out_std, attention_impl=cfg.attention, rngs=rngs,
         )
         self.mlp_norm = Norm(cfg.hidden, **norm)
         self.mlp = MLP(cfg.hidden, cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias,
                        init_std=cfg.init_std, out_std=out_std, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, q_index, cache=None, cache_index=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, q_index, cache,
+    def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.attn_norm(x), rope, segment_ids, q_index, cache,
                                  cache_index)
         x = constrain(x + h, ("batch", "seq", "act_embed"))
         x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
@@ -90,6 +91,8 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...].astype(dtype), positions, axis=0)
         x = constrain(x, ("batch", "seq", "act_embed"))
+        rope = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, cfg.max_seq_len
+                           ) if cfg.position == "rope" else None
 
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -98,7 +101,7 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, block_state)
             layer_cache = None if layer_cache is None else (
                 layer_cache[0], layer_cache[1], cache["segment_ids"])
-            x, new_cache = block(x, positions, segment_ids, q_index, layer_cache, cache_index)
+            x, new_cache = block(x, rope, segment_ids, q_index, layer_cache, cache_index)
             return x, (None if new_cache is None else (new_cache[0], new_cache[1], new_cache[2]))
 
         if cfg.remat != "none":
