@@ -112,7 +112,8 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     if jax.process_index() == 0:  # after the restore: a config its checkpoints refuse is not kept
         save_config(cfg, run_dir / "config.yaml")
     if first >= cfg.train.steps:
-        print(f"{start.origin}: already at step {first} of {cfg.train.steps}; nothing to do")
+        if jax.process_index() == 0:
+            print(f"{start.origin}: already at step {first} of {cfg.train.steps}; nothing to do")
         done_records = read_metrics(run_dir)
         return {k: v for k, v in done_records[-1].items() if k not in ("step", "time")} \
             if done_records else {}

@@ -104,7 +104,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: Cal
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss_sum / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "tokens": count,
         }
