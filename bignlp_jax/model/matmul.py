@@ -11,25 +11,19 @@ instead transposes the smaller of x and dy itself (x^T kept from the forward pas
 the backward pass) behind an optimisation barrier, so the backward pass runs row-major matmuls
 and copies nothing large.
 Same arithmetic, same parameter layout; only where a transpose happens changes.
-
-`BIGNLP_MATMUL_VJP=plain|transposed` overrides the automatic choice (for benchmarking).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
 
 def _use_transposed_rule() -> bool:
-    choice = os.environ.get("BIGNLP_MATMUL_VJP", "auto")
-    if choice == "auto":
-        return jax.default_backend() == "cpu"
-    return choice == "transposed"
+    return jax.default_backend() == "cpu"
 
 
 def _transpose(a: jax.Array) -> jax.Array:
