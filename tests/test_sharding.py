@@ -74,3 +74,14 @@ def test_indivisible_parameter_is_named(tmp_path):
     cfg = tiny_config(tmp_path, "mesh.data=1", "mesh.tensor=8", "model.vocab_size=100")
     with pytest.raises(UserError, match=r"parameter .* \('.*', size .*\) cannot be split"):
         Trainer.build(cfg, jax.devices())
+
+
+def test_blocked_causal_attention_sharded_matches_single_device(tmp_path):
+    """Rows of 256 take the causal block-skipping path; heads split over tensor=4."""
+    long_rows = ("data.seq_len=256", "model.max_seq_len=256", *GQA)
+    one = tiny_config(tmp_path / "one", "mesh.data=1", *long_rows, llama=True)
+    many = tiny_config(tmp_path / "many", "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4",
+                       *long_rows, llama=True)
+    want, _ = run_losses(one, jax.devices()[:1], steps=2)
+    got, _ = run_losses(many, jax.devices(), steps=2)
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
