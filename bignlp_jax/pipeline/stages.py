@@ -168,19 +168,16 @@ def record(p: Pipeline, stage: str, status: str, seconds: float, note: str = "")
 
 def execute(p: Pipeline, stage: str, log=print) -> bool:
     """Run one stage unless it is done; True if it ran. Under a multi-process launch every
-    process runs the stage; only process 0 logs and writes the pipeline state."""
-    primary = jax.process_index() == 0
-    say = log if primary else (lambda message: None)
+    process runs the stage; only process 0 logs (and `record` writes only there)."""
+    say = log if jax.process_index() == 0 else (lambda message: None)
     if is_done(p, stage):
         say(f"[pipeline] {stage}: complete, skipped ({p.stage_dir(stage)})")
-        if primary:
-            record(p, stage, "skipped", 0.0)
+        record(p, stage, "skipped", 0.0)
         return False
     say(f"[pipeline] {stage}: running -> {p.stage_dir(stage)}")
     started = time.perf_counter()
     note = run_stage(p, stage)
     seconds = time.perf_counter() - started
-    if primary:
-        record(p, stage, "done", seconds, note)
+    record(p, stage, "done", seconds, note)
     say(f"[pipeline] {stage}: done in {seconds:.0f} s ({note})")
     return True
