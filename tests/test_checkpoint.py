@@ -135,6 +135,16 @@ def test_init_from_loads_params_only(reference, tmp_path):
     assert moments and all(not np.asarray(x).any() for x in moments)  # a fresh optimizer
 
 
+def test_init_from_a_relative_path(reference, tmp_path, monkeypatch):
+    """Pipelines and users name run dirs relative to the working directory (Orbax itself
+    refuses relative paths)."""
+    ref_dir, _, ref_params = reference
+    shutil.copytree(ref_dir, tmp_path / "runs" / "pretrain")
+    monkeypatch.chdir(tmp_path)
+    model_cfg = config(tmp_path / "x").model
+    assert_trees_equal(load_params("runs/pretrain", model_cfg), ref_params)
+
+
 def test_init_from_hugging_face_dir(reference, tmp_path):
     from bignlp_jax.checkpoint.resume import start_state
     from bignlp_jax.data import make_source

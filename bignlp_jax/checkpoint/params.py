@@ -93,9 +93,11 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
     try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
+        # Orbax refuses relative paths; run dirs are often given relative to the working dir
+        restored = ocp.PyTreeCheckpointer().restore(
+            state_dir.absolute(), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from None
     return restored["params"]

@@ -66,7 +66,8 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _sync("bignlp_jax bundle start")
-    ocp.PyTreeCheckpointer().save(tmp / "checkpoints" / str(step) / "state", {"params": params})
+    ocp.PyTreeCheckpointer().save((tmp / "checkpoints" / str(step) / "state").absolute(),
+                                  {"params": params})
     if jax.process_index() == 0:
         data = cfg.data
         if tok is not None:
