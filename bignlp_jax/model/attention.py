@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bignlp_jax.model.glue import rotate_half
+
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_len: int
                 ) -> tuple[jax.Array, jax.Array]:
@@ -41,9 +43,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     extra = (1,) * (x.ndim - 3)  # the head axes between T and H
     cos = cos.reshape(*cos.shape[:2], *extra, half)
     sin = sin.reshape(*sin.shape[:2], *extra, half)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return rotate_half(x, cos, sin)
 
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index) -> jax.Array:
@@ -71,16 +71,7 @@ def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_in
     # read contiguous [T,H] / [S,H] blocks and no per-block transposes are needed.
     q, k, v = jnp.moveaxis(q, 1, 3), jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
     block = causal_block_size(T) if self_attention else T
-    if block == T:
-        out = _softmax_attention(q, k, v, mask, scale)
-    else:
-        # Query block i sees keys [0, (i+1) * block) only: the rest is in its future. Same
-        # numbers for every real token, about (n+1)/2n of the work for n blocks.
-        out = jnp.concatenate([
-            _softmax_attention(q[:, :, :, i * block:(i + 1) * block], k[:, :, :(i + 1) * block],
-                               v[:, :, :(i + 1) * block],
-                               mask[..., i * block:(i + 1) * block, :(i + 1) * block], scale)
-            for i in range(T // block)], axis=3)
+    out = _softmax_attention(q, k, v, mask, scale, block)
     return jnp.moveaxis(out, 3, 1)  # [B,T,K,G,H]
 
 
@@ -91,43 +82,79 @@ def causal_block_size(T: int, target: int = 128, max_blocks: int = 8) -> int:
     return block if T % block == 0 and T // block >= 2 else T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_attention(q, k, v, mask, scale: float):
-    """softmax(q k^T * scale, masked) v with a hand-written backward pass.
+def _blocks(T: int, S: int, block: int) -> list[tuple[slice, slice]]:
+    """(query rows, visible keys) per query block. With block < T (self-attention, S == T),
+    query block i sees keys [0, (i+1) * block) only: the rest is in its future. Same numbers
+    for every real token, about (n+1)/2n of the work for n blocks."""
+    if block == T:
+        return [(slice(0, T), slice(0, S))]
+    return [(slice(i * block, (i + 1) * block), slice(0, (i + 1) * block))
+            for i in range(T // block)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_attention(q, k, v, mask, scale: float, block: int):
+    """softmax(q k^T * scale, masked) v per query block, with a hand-written backward pass.
 
     Head-major: q [B,K,G,T,H], k/v [B,K,S,H], mask [B,1,1,T,S] -> [B,K,G,T,H]. The softmax is
     left unnormalised until after the value matmul (dividing [T,H] instead of [T,S]) and the
     backward pass forms dS = p * (dO/l v^T - rowsum(dO * O)/l) in one elementwise pass; autodiff
     would add separate passes over the [T,S] probabilities for the normalisation and the
-    softmax gradient."""
-    return _softmax_attention_fwd(q, k, v, mask, scale)[0]
+    softmax gradient, and would assemble dq, dk, dv from one zero-padded full-size array per
+    block. Here dq is one concatenate and dk, dv sum each key block's contributions once."""
+    return _softmax_attention_fwd(q, k, v, mask, scale, block)[0]
 
 
-def _softmax_attention_fwd(q, k, v, mask, scale):
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-    # A large finite negative rather than -inf: fully masked rows (padding) stay finite.
-    scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
-    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalised
-    l = jnp.sum(p, axis=-1, keepdims=True)  # [B,K,G,T,1]
-    out = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32) / l
-    return out.astype(q.dtype), (q, k, v, mask, p, l, out)
+def _softmax_attention_fwd(q, k, v, mask, scale, block):
+    outs, probs, norms = [], [], []
+    for rows, keys in _blocks(q.shape[3], k.shape[2], block):
+        scores = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, rows], k[:, :, keys],
+                            preferred_element_type=jnp.float32)
+        # A large finite negative rather than -inf: fully masked rows (padding) stay finite.
+        scores = jnp.where(mask[..., rows, keys], scores * scale, jnp.finfo(jnp.float32).min)
+        p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalised
+        l = jnp.sum(p, axis=-1, keepdims=True)  # [B,K,G,t,1]
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v[:, :, keys],
+                               preferred_element_type=jnp.float32) / l)
+        probs.append(p)
+        norms.append(l)
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.astype(q.dtype), (q, k, v, mask, probs, norms, out)
 
 
-def _softmax_attention_bwd(scale, residuals, d_out):
-    q, k, v, mask, p, l, out = residuals
+def _softmax_attention_bwd(scale, block, residuals, d_out):
+    q, k, v, mask, probs, norms, out = residuals
     d_out = d_out.astype(jnp.float32)
-    d_out_n = d_out / l  # dO / l
-    delta = jnp.sum(d_out * out, axis=-1, keepdims=True) / l  # [B,K,G,T,1]
-    dp = jnp.einsum("bkgth,bksh->bkgts", d_out_n.astype(v.dtype), v,
-                    preferred_element_type=jnp.float32)
-    # masked scores are constants: no gradient (p alone is not 0 there in fully masked rows)
-    ds = jnp.where(mask, p * (dp - delta) * scale, 0.0).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=jnp.float32)
-    dv = jnp.einsum("bkgts,bkgth->bksh", p.astype(v.dtype), d_out_n.astype(v.dtype),
-                    preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    blocks = _blocks(q.shape[3], k.shape[2], block)
+    dqs, dks, dvs = [], [], []
+    for (rows, keys), p, l in zip(blocks, probs, norms):
+        d_o = d_out[:, :, :, rows]
+        d_out_n = d_o / l  # dO / l
+        delta = jnp.sum(d_o * out[:, :, :, rows], axis=-1, keepdims=True) / l  # [B,K,G,t,1]
+        dp = jnp.einsum("bkgth,bksh->bkgts", d_out_n.astype(v.dtype), v[:, :, keys],
+                        preferred_element_type=jnp.float32)
+        # masked scores are constants: no gradient (p alone is not 0 there in fully masked rows)
+        ds = jnp.where(mask[..., rows, keys], p * (dp - delta) * scale, 0.0).astype(q.dtype)
+        dqs.append(jnp.einsum("bkgts,bksh->bkgth", ds, k[:, :, keys],
+                              preferred_element_type=jnp.float32))
+        dks.append(jnp.einsum("bkgts,bkgth->bksh", ds, q[:, :, :, rows],
+                              preferred_element_type=jnp.float32))
+        dvs.append(jnp.einsum("bkgts,bkgth->bksh", p.astype(v.dtype), d_out_n.astype(v.dtype),
+                              preferred_element_type=jnp.float32))
+    dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
+    return (dq.astype(q.dtype), _sum_key_blocks(dks, block).astype(k.dtype),
+            _sum_key_blocks(dvs, block).astype(v.dtype), None)
+
+
+def _sum_key_blocks(parts: list[jax.Array], block: int) -> jax.Array:
+    """Query block i's gradient covers keys [0, (i+1) * block): key block j sums the parts of
+    blocks i >= j, and the key blocks are concatenated (each written once)."""
+    if len(parts) == 1:
+        return parts[0]
+    n = len(parts)
+    key_blocks = [sum(parts[i][:, :, j * block:(j + 1) * block] for i in range(j, n))
+                  for j in range(n)]
+    return jnp.concatenate(key_blocks, axis=2)
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bignlp_jax.model.attention import apply_rope, dot_product_attention
+from bignlp_jax.model.glue import split_qkv, swiglu
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
 
@@ -99,7 +100,7 @@ class Attention(nnx.Module):
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(x.dtype)
         qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
-        q, k, v = qkv[:, :, :, : self.G], qkv[:, :, :, self.G], qkv[:, :, :, self.G + 1]
+        q, k, v = split_qkv(qkv)
         if self.rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv_segment_ids, kv_index = segment_ids, q_index
@@ -142,7 +143,7 @@ class MLP(nnx.Module):
             h = project(x, wi, spec="btd,dcf->btcf")  # c = 0 gate, 1 up
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
-            h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+            h = swiglu(h)
         else:
             h = project(x, wi, spec="btd,df->btf")
             if self.bi is not None:

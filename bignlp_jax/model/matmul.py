@@ -27,8 +27,11 @@ def _use_transposed_rule() -> bool:
 
 
 def _transpose(a: jax.Array) -> jax.Array:
-    """A row-major transposed copy that XLA will not fold back into the matmul that reads it."""
-    return jax.lax.optimization_barrier(jnp.transpose(a))
+    """A row-major transposed copy that XLA will not fold back into the matmul that reads it.
+
+    The inner barrier keeps XLA from fusing `a`'s producer (a norm, say) into the transpose,
+    which would recompute it in transposed order, reading its inputs with large strides."""
+    return jax.lax.optimization_barrier(jnp.transpose(jax.lax.optimization_barrier(a)))
 
 
 def _dot(a, b, dtype):
