@@ -8,6 +8,10 @@ Both frameworks run in this one process, one after the other, in interleaved rou
 PyTorch steps, then a few JAX steps, repeated), so load from other programs on a shared machine
 hits both alike. Figures are medians over all timed steps. The last lines are a Markdown block
 for `benchmarks/RESULTS.md`.
+
+Like `bignlp-jax`, the script first re-executes itself with glibc's huge-page malloc tunable
+(`bignlp_jax/perf/hugepages.py`); being one process, both frameworks run with it. Run it with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to compare without.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bignlp_jax.perf.hugepages import reexec_with_huge_pages
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [str(REPO / "configs/bench/cpu_s.yaml"), str(REPO / "configs/bench/cpu_m.yaml")]
@@ -50,6 +57,7 @@ class TorchLlama:
         self.cfg = cfg
         self.times: list[float] = []
         self.cpu: list[float] = []  # process CPU seconds per step (both frameworks use 2 threads)
+        self.faults: list[int] = []  # minor page faults per step
         self.loss = float("nan")
 
     def run(self, batches, record: bool = True) -> None:
@@ -58,6 +66,7 @@ class TorchLlama:
 
         for batch in batches:
             t0, c0 = time.perf_counter(), time.process_time()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             tokens = torch.from_numpy(batch["tokens"]).long()
             targets = torch.from_numpy(batch["targets"]).long()
             self.opt.zero_grad(set_to_none=True)
@@ -71,6 +80,7 @@ class TorchLlama:
             if record:
                 self.times.append(time.perf_counter() - t0)
                 self.cpu.append(time.process_time() - c0)
+                self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 def host_batches(cfg, n: int, start: int):
@@ -120,6 +130,8 @@ def compare(config: str, rounds: int, steps_per_round: int, warmup: int) -> dict
         "torch_step_spread": [min(theirs.times), max(theirs.times)],
         "jax_cpu_s_per_step": statistics.median(ours_cpu),
         "torch_cpu_s_per_step": statistics.median(theirs.cpu),
+        "jax_page_faults_per_step": report["page_faults_per_step"],
+        "torch_page_faults_per_step": statistics.median(theirs.faults),
         "jax_loss": report["final_loss"],
         "torch_loss": theirs.loss,
         "devices": jax.device_count(),
@@ -140,6 +152,7 @@ def versions() -> str:
 
 
 def main() -> int:
+    reexec_with_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
     parser.add_argument("--rounds", type=int, default=5)
@@ -156,16 +169,17 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     print("\n--- paste into benchmarks/RESULTS.md ---")
     print(f"### {datetime.date.today().isoformat()}: {os.cpu_count()}-core CPU ({cpu}), commit {commit}")
-    print(f"{versions()}; load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
+    print(f"{versions()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
           f" {args.rounds} rounds x {args.steps_per_round} steps, medians\n")
     print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | our MFU | PyTorch MFU | "
-          "CPU peak (GFLOP/s, probe) | CPU s/step ours / PyTorch |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "CPU peak (GFLOP/s, probe) | CPU s/step ours / PyTorch | page faults/step ours / PyTorch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['config']} | {r['jax_tokens_per_sec']:,.0f} | {r['torch_tokens_per_sec']:,.0f} | "
               f"{r['ratio']:.2f} | {r['jax_mfu']:.1%} | {r['torch_mfu']:.1%} | "
               f"{r['peak_tflops'] * 1e3:.0f} | {r['jax_cpu_s_per_step']:.2f} / "
-              f"{r['torch_cpu_s_per_step']:.2f} |")
+              f"{r['torch_cpu_s_per_step']:.2f} | {r['jax_page_faults_per_step']:,.0f} / "
+              f"{r['torch_page_faults_per_step']:,.0f} |")
     print("--- end ---")
     return 0
 

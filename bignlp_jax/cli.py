@@ -10,6 +10,7 @@ import json
 import sys
 
 from bignlp_jax.errors import Preempted, UserError
+from bignlp_jax.perf.hugepages import reexec_with_huge_pages
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
@@ -115,5 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The `bignlp-jax` console script: huge-page malloc for XLA's CPU buffers, then `main`."""
+    reexec_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -2,7 +2,10 @@
 collective counter, and that the speed-motivated model changes keep the numbers."""
 
 import json
+import os
+import platform
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,7 @@ from helpers import tiny_config
 
 BENCH_FIELDS = ("tokens_per_sec", "step_time_s", "step_time_spread", "compile_s",
                 "flops_per_token", "tflops_per_device", "mfu", "peak_memory_bytes_per_device",
-                "data_wait_fraction")
+                "data_wait_fraction", "page_faults_per_step")
 
 
 def test_flops_per_token_gpt_by_hand(tmp_path):
@@ -58,6 +61,7 @@ def test_bench_prints_json_with_every_field(cli_env, tmp_path):
     lo, hi = result["step_time_spread"]
     assert lo <= result["step_time_s"] <= hi
     assert 0 <= result["data_wait_fraction"] < 1
+    assert result["page_faults_per_step"] >= 0
     assert result["peak_tflops_per_device"] == 0.5
     expected = result["flops_per_token"] * result["tokens_per_sec"] / 8 / 1e12 / 0.5
     assert result["mfu"] == pytest.approx(expected)
@@ -176,3 +180,31 @@ def test_unrolled_layers_match_scanned(tmp_path):
     # same operations, possibly in another order: float32 rounding only
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  grads_a, grads_b)
+
+
+def test_huge_page_tunable_is_added_once_and_respects_the_user():
+    from bignlp_jax.perf.hugepages import tunables_with_huge_pages
+
+    assert tunables_with_huge_pages(None) == "glibc.malloc.hugetlb=1"
+    assert tunables_with_huge_pages("glibc.malloc.arena_max=2") == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert tunables_with_huge_pages("glibc.malloc.hugetlb=0") is None  # the user's opt-out
+    assert tunables_with_huge_pages("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1") is None
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc tunables only")
+def test_entry_point_reexecutes_with_the_tunable(tmp_path):
+    code = ("import os; from bignlp_jax.perf.hugepages import reexec_with_huge_pages as r; "
+            "r(); print(os.environ.get('GLIBC_TUNABLES'), os.getpid())")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    tunables, pid = out.split()
+    assert tunables == "glibc.malloc.hugetlb=1" and int(pid) == proc.pid  # same process, re-executed
+    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert out.split()[0] == "glibc.malloc.hugetlb=0"

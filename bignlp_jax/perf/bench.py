@@ -13,6 +13,7 @@ no rematerialisation counted), so MFU does not reward recomputation.
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import time
 
@@ -66,12 +67,14 @@ class StepTimer:
         self.metrics = None
         self.times: list[float] = []
         self.waits: list[float] = []
+        self.faults: list[int] = []  # minor page faults of this process per step (see hugepages)
         log(f"compiled in {self.compile_s:.1f}s; peak memory/device "
             f"{self.memory.get('peak_bytes', 0) / 2**30:.3f} GiB")
 
     def run(self, steps: int, record: bool = True) -> None:
         """Run `steps` steps, each waited for; record their times unless warming up."""
         for _ in range(steps):
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             batch = self.trainer.device_batch(next(self.source))
             t1 = time.perf_counter()
@@ -81,6 +84,7 @@ class StepTimer:
             if record:
                 self.times.append(t2 - t0)
                 self.waits.append(t1 - t0)
+                self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     def report(self, peak_override: float | None = None) -> dict:
         """The figures `bench` prints, from the recorded steps."""
@@ -114,6 +118,7 @@ class StepTimer:
             "peak_memory_bytes_per_device": self.memory.get("peak_bytes"),
             "memory": self.memory,
             "data_wait_fraction": sum(self.waits) / sum(times),
+            "page_faults_per_step": statistics.median(self.faults),
             "final_loss": float(self.metrics["loss"]),
         }
 
