@@ -42,8 +42,9 @@ def table_peak(device_kind: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=4)
-def cpu_matmul_probe(dtype: str = "float32", n: int = 1024, repeats: int = 8) -> float:
-    """Measured TFLOP/s of one n x n x n matmul on the host CPU (all its threads), best of runs.
+def cpu_matmul_probe(dtype: str = "float32", n: int = 1024, repeats: int = 32) -> float:
+    """Measured TFLOP/s of one n x n x n matmul on the host CPU (all its threads), best of runs
+    (many of them: a shared VM slows down for stretches, and one slow stretch must not be the peak).
 
     Runs on the first device; on a CPU host every simulated device shares the same cores, so the
     figure is the host's, and `peak_tflops` divides it among the local devices."""
