@@ -169,7 +169,8 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     print("\n--- paste into benchmarks/RESULTS.md ---")
     print(f"### {datetime.date.today().isoformat()}: {os.cpu_count()}-core CPU ({cpu}), commit {commit}")
-    print(f"{versions()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
+    print(f"{versions()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; load average "
+          f"before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
           f" {args.rounds} rounds x {args.steps_per_round} steps, medians\n")
     print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | our MFU | PyTorch MFU | "
           "CPU peak (GFLOP/s, probe) | CPU s/step ours / PyTorch | page faults/step ours / PyTorch |")

@@ -208,3 +208,10 @@ def test_entry_point_reexecutes_with_the_tunable(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=60).stdout
     assert out.split()[0] == "glibc.malloc.hugetlb=0"
+
+
+def test_console_script_goes_through_the_reexec_entry():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="bignlp-jax")
+    assert script.value == "bignlp_jax.cli:entry"

@@ -37,10 +37,9 @@ def reexec_with_huge_pages() -> None:
     the process image is replaced, with the same pid, arguments and the rest of its environment."""
     if sys.platform != "linux" or not sys.executable or not getattr(sys, "orig_argv", None):
         return
-    if platform.libc_ver()[0] != "glibc":
-        return
     tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
-    if tunables is None:
+    # the cheap check first: after the re-exec it ends here, before libc_ver reads the binary
+    if tunables is None or platform.libc_ver()[0] != "glibc":
         return
     os.environ["GLIBC_TUNABLES"] = tunables
     sys.stdout.flush()
