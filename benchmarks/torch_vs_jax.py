@@ -2,11 +2,13 @@
 eager PyTorch, same shapes, same batches, float32, AdamW with the same hyper-parameters and
 global-norm clipping.
 
-    .venv/bin/python benchmarks/torch_vs_jax.py [configs/bench/cpu_s.yaml ...] [--rounds 5]
+    .venv/bin/python benchmarks/torch_vs_jax.py [configs/bench/cpu_s.yaml ...] [--rounds 10]
 
 Both frameworks run in this one process, one after the other, in interleaved rounds (a few
 PyTorch steps, then a few JAX steps, repeated), so load from other programs on a shared machine
-hits both alike. Figures are medians over all timed steps. The last lines are a Markdown block
+hits both alike. Figures are medians over all timed steps: 10 rounds of 4 steps each by default,
+because on a 2-vCPU VM single rounds swing by +-15% and 5-round medians still moved the ratio
+by 0.16 between back-to-back runs (cpu_s 1.22, then 1.06). The last lines are a Markdown block
 for `benchmarks/RESULTS.md`.
 
 Like `bignlp-jax`, the script first re-executes itself with glibc's huge-page malloc tunable
@@ -155,7 +157,7 @@ def main() -> int:
     reexec_with_huge_pages()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps-per-round", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
