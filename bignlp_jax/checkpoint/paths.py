@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from bignlp_jax.checkpoint import integrity
 from bignlp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -31,11 +32,17 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def complete_steps(ckpt_dir: str | Path) -> list[int]:
-    """Finalized steps under a checkpoints directory, ascending ([] if it does not exist)."""
+    """Finalized steps under a checkpoints directory, ascending ([] if it does not exist).
+
+    Orbax deletes old steps in place, so a kill during that cleanup leaves an integer-named
+    directory with some files gone; a step counts only while its state metadata and every file
+    its checksums list are there (stat only, no reads)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted(ocp.step.checkpoint_steps(ckpt_dir))
+    return sorted(s for s in ocp.step.checkpoint_steps(ckpt_dir)
+                  if (ckpt_dir / str(s) / STATE / "_METADATA").is_file()
+                  and integrity.missing_files(ckpt_dir / str(s)) is None)
 
 
 def latest_step(run_dir: str | Path) -> int | None:
