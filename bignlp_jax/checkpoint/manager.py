@@ -99,17 +99,23 @@ class ChecksummedPyTreeHandler(ocp.PyTreeCheckpointHandler):
         integrity.write_primary_sums(Path(directory), jax.process_count())
 
 
-# the same save/restore arguments as the plain PyTree handler
-ocp.args.register_with_handler(ChecksummedPyTreeHandler, for_save=True)(ocp.args.PyTreeSave)
-ocp.args.register_with_handler(ChecksummedPyTreeHandler, for_restore=True)(
-    ocp.args.PyTreeRestore)
+# Orbax maps each argument class to one handler: saves through the checksumming handler use
+# their own subclass, so the plain PyTreeSave/PyTreeRestore keep meaning the plain handler.
+@ocp.args.register_with_handler(ChecksummedPyTreeHandler, for_save=True)
+@dataclasses.dataclass
+class StateSave(ocp.args.PyTreeSave):
+    pass
 
 
-def state_handler() -> ocp.PyTreeCheckpointHandler:
-    """PyTree handler for the train state: the default type handlers, with the jax.Array one
-    tuned as above, and checksums of the written files."""
+@ocp.args.register_with_handler(ChecksummedPyTreeHandler, for_restore=True)
+@dataclasses.dataclass
+class StateRestore(ocp.args.PyTreeRestore):  # Orbax wants a restore pair for every handler
+    pass
+
+
+def _type_handlers():
     th = ocp.type_handlers
-    registry = th.create_type_handler_registry(
+    return th.create_type_handler_registry(
         (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
         (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
         (str, th.StringHandler()),
@@ -117,7 +123,17 @@ def state_handler() -> ocp.PyTreeCheckpointHandler:
             array_metadata_store=array_metadata_store.Store(),
             min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
     )
-    return ChecksummedPyTreeHandler(type_handler_registry=registry)
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """PyTree handler for reading the train state: the default type handlers, with the
+    jax.Array one tuned as above."""
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+
+
+def saving_state_handler() -> ChecksummedPyTreeHandler:
+    """The same, for saving: it also checksums the files it writes (use with `StateSave`)."""
+    return ChecksummedPyTreeHandler(type_handler_registry=_type_handlers())
 
 
 def preservation(cfg: CheckpointConfig):
@@ -147,7 +163,7 @@ class RunCheckpointer:
         fs_probe.quiet_storage_errors()
         self.manager = ocp.CheckpointManager(
             self.directory.absolute(), options=options,
-            item_handlers={STATE: state_handler(), DATA: ProcessJsonHandler(),
+            item_handlers={STATE: saving_state_handler(), DATA: ProcessJsonHandler(),
                            META: ocp.JsonCheckpointHandler()},
         )
 
@@ -168,7 +184,7 @@ class RunCheckpointer:
         data_state = json.loads(json.dumps(data_state))
         with self._storage_errors():
             return self.manager.save(step, force=True, args=ocp.args.Composite(**{
-                STATE: ocp.args.PyTreeSave(state),
+                STATE: StateSave(state),
                 DATA: ProcessJsonSave(data_state),
                 META: ocp.args.JsonSave(meta),
             }))
