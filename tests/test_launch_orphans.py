@@ -85,3 +85,48 @@ def test_sighup_reaches_the_workers_as_sigterm(tmp_path):
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+PEER = """
+import sys, time
+from bignlp_jax.parallel.distributed import Layout, initialize
+initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train")
+print("joined", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
+    """Two processes joined by jax.distributed; process 1 is SIGKILLed (no launcher around).
+    Process 0 names it and exits 1 well inside the heartbeat timeout, without JAX's abort."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**cli_env, "BIGNLP_HEARTBEAT_TIMEOUT": "10", "JAX_PLATFORMS": "cpu"}
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], env=env,
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while not all("joined" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.1)
+        started = time.monotonic()
+        procs[1].kill()
+        code = procs[0].wait(timeout=30)
+        took = time.monotonic() - started
+        out = (tmp_path / "p0.log").read_text()
+        assert code == 1, out
+        assert took < 10, f"{took:.1f} s"  # inside the 10 s heartbeat timeout
+        assert "bignlp-jax train: error: lost process 1 of 2: no sign of life" in out
+        assert "Check failure" not in out and "Terminating process" not in out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
