@@ -440,3 +440,24 @@ def test_read_only_checkpoint_dir_stops_at_once(tmp_path, mounted):
                                         r"writable: Read-only file system \(errno 30\)"):
         train(config(run, "train.steps=4"))
     assert time.monotonic() - started < 10
+
+
+def test_nan_soon_after_a_restore_names_the_checkpoint(reference, tmp_path, monkeypatch):
+    from bignlp_jax.data.synthetic import SyntheticSource
+
+    ref_dir, _, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    original = SyntheticSource.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        if self.step == 14:  # two steps after resuming at 12
+            batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+        return batch
+
+    monkeypatch.setattr(SyntheticSource, "__next__", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"(?s)at step 14.*suspect: checkpoint step 12 "
+                                            r".*2 step\(s\) ago.*checkpoint.resume_from=8.*"
+                                            r"lower optimizer.lr"):
+        train(config(run, "train.steps=16"))
