@@ -461,3 +461,30 @@ def test_nan_soon_after_a_restore_names_the_checkpoint(reference, tmp_path, monk
                                             r".*2 step\(s\) ago.*checkpoint.resume_from=8.*"
                                             r"lower optimizer.lr"):
         train(config(run, "train.steps=16"))
+
+
+def test_checkpoint_dir_turning_read_only_mid_run_stops_in_seconds(reference, tmp_path,
+                                                                    monkeypatch, mounted):
+    from bignlp_jax.checkpoint import complete_steps
+    from bignlp_jax.checkpoint.fs_probe import CheckpointWriteError
+    from bignlp_jax.data.synthetic import SyntheticSource
+
+    run = tmp_path / "run"
+    ckpt = mounted(run / "checkpoints", "size=16m")  # no open files there between saves
+    original, when = SyntheticSource.__next__, {}
+
+    def remount_read_only(self):
+        batch = original(self)
+        if self.step == 3:  # after the step-2 checkpoint, before the step-4 one
+            subprocess.run(["mount", "-o", "remount,ro", str(ckpt)], check=True)
+            when["ro"] = time.monotonic()
+        return batch
+
+    monkeypatch.setattr(SyntheticSource, "__next__", remount_read_only)
+    with pytest.raises(CheckpointWriteError, match=r"cannot save checkpoint step 4 in .*: the "
+                                                   r"file system is read-only \(EROFS\)"):
+        # synchronous saves: step 2 is durable before the mount turns read-only
+        train(config(run, "train.steps=6", "checkpoint.every_steps=2",
+                     "checkpoint.async_save=false"))
+    assert time.monotonic() - when["ro"] < 10
+    assert complete_steps(run / "checkpoints") == [2]
