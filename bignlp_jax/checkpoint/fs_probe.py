@@ -156,9 +156,10 @@ def quiet_storage_errors() -> None:
     is closed" tracebacks TensorStore prints when a failed save's pending writes complete on
     Orbax's already-closed event loop (they carry nothing the one message does not).
     Idempotent; other errors still print."""
-    logger = logging.getLogger("absl")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)
+    for name in ("absl", "asyncio"):  # Orbax logs through absl; asyncio reports lost tasks
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
     if getattr(sys.excepthook, "_bignlp_quiet", False):
         return
     previous_hook = sys.excepthook

@@ -6,6 +6,7 @@ checkpoint), batch k is a function of (seed, k), and step keys are fold_in(rng, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -159,9 +160,15 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
                     f"saved in {checkpointer.directory / str(done)}; run the same command "
                     "again to continue"
                 )
-    finally:
-        checkpointer.close()  # blocks until every started save is durable
-        logger.close()
+    except BaseException:
+        # the error in flight is the one to report: closing can fail for the same cause (a
+        # full disk also refuses the last metrics) and must not replace it
+        for close in (checkpointer.close, logger.close):
+            with contextlib.suppress(Exception):
+                close()
+        raise
+    checkpointer.close()  # blocks until every started save is durable
+    logger.close()
     return last
 
 
