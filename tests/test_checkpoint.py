@@ -488,3 +488,17 @@ def test_checkpoint_dir_turning_read_only_mid_run_stops_in_seconds(reference, tm
                      "checkpoint.async_save=false"))
     assert time.monotonic() - when["ro"] < 10
     assert complete_steps(run / "checkpoints") == [2]
+
+
+@pytest.mark.slow
+def test_full_disk_cli_prints_one_message_and_no_traceback(tmp_path, cache_env, mounted):
+    run = mounted(tmp_path / "run", "size=3m")
+    proc = _run_cli(run, cache_env, "train.steps=12", "checkpoint.every_steps=1",
+                    "checkpoint.keep=100")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "bignlp-jax train: error: cannot save checkpoint step 3" \
+        in errors[0] and "needs about" in errors[0], out[-3000:]
+    assert latest_step(run) == 2
