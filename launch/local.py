@@ -136,7 +136,9 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
         for i in range(processes):
             env = process_env(dict(os.environ), i, processes, devices, port)
             p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True, preexec_fn=die_with_parent)
+                                 start_new_session=True,
+                                 # between fork and exec: only prctl() and getppid()
+                                 preexec_fn=die_with_parent)  # noqa: PLW1509
             procs.append(p)
             print(f"local.py: process {i} (pid {p.pid}): {' '.join(cmd)}", flush=True)
             t = threading.Thread(target=_stream, args=(p, f"[p{i}] ".encode(), lock), daemon=True)

@@ -20,7 +20,6 @@ that catches a step half-deleted by a kill during Orbax's cleanup of old steps.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

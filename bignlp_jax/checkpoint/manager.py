@@ -235,7 +235,7 @@ class RunCheckpointer:
         logged tracebacks of the same failure are dropped (see fs_probe.QuietStorageErrors)."""
         try:
             yield
-        except Exception as e:  # noqa: BLE001 - only storage errors are translated
+        except Exception as e:  # only storage errors are translated; others re-raised
             step, needed = self._pending or (None, None)
             failure = fs_probe.save_failure(e, step, self.directory, needed)
             if failure is None:

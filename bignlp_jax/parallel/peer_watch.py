@@ -15,6 +15,7 @@ within seconds of each other) say so and stop too, instead of hanging in a colle
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -60,10 +61,8 @@ class PeerWatchdog:
 
     def mark_exited(self) -> None:
         """Tell the peers this process is leaving on purpose (runs at interpreter exit)."""
-        try:
+        with contextlib.suppress(Exception):  # the coordinator may be gone already
             self.client.key_value_set(f"{KEY_PREFIX}{self.me}", EXITED, allow_overwrite=True)
-        except Exception:  # noqa: BLE001 - the coordinator may be gone already
-            pass
 
     def _lost(self, process: int, silent: float, exited: bool = False) -> None:
         print(lost_peer_message(self.command, process, self.count, self.me, silent, exited),
