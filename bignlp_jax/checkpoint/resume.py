@@ -133,8 +133,9 @@ def _previous_good(step_dir: Path, target: TrainState) -> str:
             return (f"  fix: resume from the previous good checkpoint with "
                     f"checkpoint.resume_from={step} (newer steps are moved to {ABANDONED}/, "
                     "not deleted), or repair/remove the broken one")
-    return ("  no earlier checkpoint matches either; fix the config to match the checkpoint, "
-            "or start a new run in another run.dir (this run's checkpoints are kept)")
+    return ("  no earlier checkpoint of this run is intact and matches this config either; "
+            "repair or remove the broken step, fix the config to match the checkpoint, or start "
+            "a new run in another run.dir (this run's checkpoints are kept)")
 
 
 def _short(error: Exception) -> str:
