@@ -115,13 +115,18 @@ def _size(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _readable(step_dir: Path, target: TrainState) -> str | None:
-    """None if the step's metadata reads and matches the target's shapes; else the problem."""
+def _readable(step_dir: Path, target: TrainState, shared: bool = True) -> str | None:
+    """None if the step's metadata reads and matches the target's shapes and its files match
+    their checksums; else the problem. `shared`: every process is here together and each
+    verifies 1/N of the files (a collective); else this process verifies them all alone."""
     try:
         check_shapes(saved_tree(step_dir / STATE), target, f"checkpoint {step_dir}")
     except UserError as e:
         return str(e)
-    return integrity.verify_step(step_dir)  # the array files are the ones written
+    if shared:
+        return integrity.verify_step(step_dir)
+    found = integrity.verify(step_dir)
+    return found[1] if found else None
 
 
 def _previous_good(step_dir: Path, target: TrainState) -> str:
@@ -129,7 +134,8 @@ def _previous_good(step_dir: Path, target: TrainState) -> str:
     here = int(step_dir.name) if step_dir.name.isdigit() else None
     earlier = [s for s in complete_steps(step_dir.parent) if here is None or s < here]
     for step in reversed(earlier):
-        if _readable(step_dir.parent / str(step), target) is None:
+        # alone: a restore may have failed on this process only, so no collective here
+        if _readable(step_dir.parent / str(step), target, shared=False) is None:
             return (f"  fix: resume from the previous good checkpoint with "
                     f"checkpoint.resume_from={step} (newer steps are moved to {ABANDONED}/, "
                     "not deleted), or repair/remove the broken one")
