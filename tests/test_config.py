@@ -42,8 +42,8 @@ def test_public_keys_exist():
                                  "'rmsnorm'; got 'batchnorm'"),
         # non-finite numbers are refused at load, not at step 1 (issue 17)
         ("optimizer.lr=inf", "config key 'optimizer.lr': Input should be a finite number"),
-        ("optimizer.weight_decay=nan", "config key 'optimizer.weight_decay': Input should be a "
-                                       "finite number"),
+        ("optimizer.weight_decay=nan",
+         "config key 'optimizer.weight_decay': Input should be a finite number"),
     ],
 )
 def test_config_errors_name_the_key(override, expected):
