@@ -6,13 +6,17 @@ Each process gets D simulated CPU devices and the coordinator on loopback, so mu
 paths (process-local batches, cross-process collectives over gloo, checkpoints written by several
 processes) run on one machine. Output lines are prefixed with `[pI]`. If one process fails, the
 others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the launcher exits with the
-failed process's code. SIGTERM/SIGINT to the launcher are forwarded, so a run can be preempted
-like a cluster job (it then exits with the requeue code 75 once every process has saved).
+failed process's code. SIGTERM/SIGINT to the launcher are forwarded (SIGHUP, a closed terminal,
+as SIGTERM), so a run can be preempted like a cluster job (it then exits with the requeue code 75
+once every process has saved). Workers die with the launcher even when it is SIGKILLed (their
+parent-death signal), so none is ever left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import re
 import signal
@@ -70,6 +74,28 @@ def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None
             out.flush()
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent_fn():
+    """A `preexec_fn`: in the child, before exec, ask the kernel for SIGKILL when the launcher
+    dies (even by SIGKILL, which it cannot forward), so workers are never left behind stalled
+    in a collective. Survives exec; Linux only (elsewhere the forwarding below still applies).
+    libc is loaded here, in the parent: the child between fork and exec only makes syscalls."""
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(128 + signal.SIGKILL)
+
+    return preexec
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # each child leads its own process group (start_new_session)
@@ -97,16 +123,22 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
 
     def forward(signum, frame):  # preemption drill: every process saves and exits with 75
         stop_requested.set()
+        # SIGHUP (the terminal closed) becomes SIGTERM: the workers save and stop
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
         for p in procs:
-            _signal_group(p, signum)
+            _signal_group(p, sent)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward)
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     readers = []
+    die_with_parent = _die_with_parent_fn()
     try:
         for i in range(processes):
             env = process_env(dict(os.environ), i, processes, devices, port)
             p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                                 start_new_session=True,
+                                 # between fork and exec: only prctl() and getppid()
+                                 preexec_fn=die_with_parent)  # noqa: PLW1509
             procs.append(p)
             print(f"local.py: process {i} (pid {p.pid}): {' '.join(cmd)}", flush=True)
             t = threading.Thread(target=_stream, args=(p, f"[p{i}] ".encode(), lock), daemon=True)

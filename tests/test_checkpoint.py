@@ -301,3 +301,204 @@ def test_sigterm_saves_current_step_and_exits_requeue(tmp_path, cache_env):
     assert stopped is not None and f"stopped after step {stopped} of 100000" in out
     assert max(losses(run)) == stopped  # the checkpoint is the last step trained
     assert [p.name for p in (run / "checkpoints").iterdir()] == [str(stopped)]
+
+
+# --- faults: damaged files, full and read-only disks, resume_from to a broken step ----------
+
+def _flip_bit(step_dir, position=None):
+    """Flip one bit in the middle of the step's biggest array file; returns its path."""
+    files = sorted((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    target = files[-1]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2 if position is None else position] ^= 0x10
+    target.write_bytes(bytes(data))
+    return target
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_flipped_bit_is_named_and_previous_step_resumes_bitwise(reference, tmp_path):
+    ref_dir, ref_losses, ref_params = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    damaged = _flip_bit(run / "checkpoints" / "12")
+    with pytest.raises(UserError) as err:
+        train(config(run, "train.steps=16"))
+    message = str(err.value)
+    assert err.value.exit_code == 2
+    assert "checkpoint step 12" in message and damaged.name in message
+    assert "fails its checksum" in message and "checkpoint.resume_from=8" in message
+    # the offered fix: resume from 8 gives exactly the uninterrupted run
+    train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
+    assert (run / "checkpoints_abandoned" / "12").is_dir()
+    assert losses(run) == ref_losses
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+    # params-only readers (export, eval, init_from) refuse the damaged step too
+    with pytest.raises(UserError, match=f"is damaged: .*{damaged.name}"):
+        load_params(run / "checkpoints_abandoned" / "12", config(run).model)
+
+
+def test_resume_from_a_broken_step_moves_nothing(reference, tmp_path):
+    ref_dir, _, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    _flip_bit(run / "checkpoints" / "8")
+    before = _tree(run)
+    with pytest.raises(UserError, match=r"(?s)checkpoint step 8 .*fails its checksum.*"
+                                        r"checkpoint.resume_from=4"):
+        train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
+    assert _tree(run) == before  # nothing set aside, no marker written
+    assert latest_step(run) == 12
+
+
+def test_half_deleted_step_is_not_complete(reference, tmp_path):
+    from bignlp_jax.checkpoint import complete_steps
+
+    ref_dir, _, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    # a kill during Orbax's removal of an old step: some of its files are already gone
+    next((run / "checkpoints" / "4" / "state").rglob("d/*")).unlink()
+    assert complete_steps(run / "checkpoints") == [8, 12]
+    # the newest step is never skipped: missing files there are damage, reported on restore
+    shutil.rmtree(run / "checkpoints" / "12" / "state" / "ocdbt.process_0")
+    assert complete_steps(run / "checkpoints") == [8, 12]
+    with pytest.raises(UserError, match=r"(?s)checkpoint step 12 .*ocdbt.process_0/.* is "
+                                        r"missing.*checkpoint.resume_from=8"):
+        train(config(run, "train.steps=16"))
+
+
+def test_sigterm_during_the_last_step_finishes_the_run(reference, tmp_path, monkeypatch):
+    """A finished run exits 0 (the CLI returns train's result), not 75: a scheduler must not
+    requeue a job that is done."""
+    import os
+
+    from bignlp_jax.data.synthetic import SyntheticSource
+
+    ref_dir, _, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir / "checkpoints" / "8", run / "checkpoints" / "8")
+    original = SyntheticSource.__next__
+
+    def signalled(self):
+        batch = original(self)
+        if self.step == 12:  # the batch of the last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    monkeypatch.setattr(SyntheticSource, "__next__", signalled)
+    train(config(run, "train.steps=12"))  # returns: no Preempted
+    assert latest_step(run) == 12
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(path, *options): a tmpfs at `path` (root only), unmounted after the test."""
+    mounts = []
+
+    def mount(path, *options):
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs",
+                               str(path)], capture_output=True, check=False)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_full_disk_stops_with_bytes_needed_and_resumes_bitwise(reference, tmp_path, mounted):
+    from bignlp_jax.checkpoint import complete_steps
+    from bignlp_jax.checkpoint.fs_probe import CheckpointWriteError
+
+    _, ref_losses, ref_params = reference
+    run = mounted(tmp_path / "run", "size=3m")  # room for two steps of the tiny state
+    with pytest.raises(CheckpointWriteError) as err:
+        train(config(run, "train.steps=12", "checkpoint.every_steps=1", "checkpoint.keep=100"))
+    message = str(err.value)
+    assert err.value.exit_code == 2
+    assert f"cannot save checkpoint step 3 in {run / 'checkpoints'}" in message
+    assert "no space left on the device (ENOSPC)" in message and "needs about" in message
+    assert complete_steps(run / "checkpoints") == [1, 2]  # earlier steps intact
+    # space freed: the same command resumes from step 2 and ends exactly like the reference
+    subprocess.run(["mount", "-o", "remount,size=64m", str(run)], check=True)
+    train(config(run, "train.steps=12", "checkpoint.every_steps=1", "checkpoint.keep=100"))
+    assert losses(run) == ref_losses
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+
+
+def test_read_only_checkpoint_dir_stops_at_once(tmp_path, mounted):
+    run = tmp_path / "run"
+    mounted(run / "checkpoints", "size=1m", "ro")
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"checkpoint directory .*/run/checkpoints is not "
+                                        r"writable: Read-only file system \(errno 30\)"):
+        train(config(run, "train.steps=4"))
+    assert time.monotonic() - started < 10
+
+
+def test_nan_soon_after_a_restore_names_the_checkpoint(reference, tmp_path, monkeypatch):
+    from bignlp_jax.data.synthetic import SyntheticSource
+
+    ref_dir, _, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    original = SyntheticSource.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        if self.step == 14:  # two steps after resuming at 12
+            batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+        return batch
+
+    monkeypatch.setattr(SyntheticSource, "__next__", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"(?s)at step 14.*suspect: checkpoint step 12 "
+                                            r".*2 step\(s\) ago.*checkpoint.resume_from=8.*"
+                                            r"lower optimizer.lr"):
+        train(config(run, "train.steps=16"))
+
+
+def test_checkpoint_dir_turning_read_only_mid_run_stops_in_seconds(reference, tmp_path,
+                                                                    monkeypatch, mounted):
+    from bignlp_jax.checkpoint import complete_steps
+    from bignlp_jax.checkpoint.fs_probe import CheckpointWriteError
+    from bignlp_jax.data.synthetic import SyntheticSource
+
+    run = tmp_path / "run"
+    ckpt = mounted(run / "checkpoints", "size=16m")  # no open files there between saves
+    original, when = SyntheticSource.__next__, {}
+
+    def remount_read_only(self):
+        batch = original(self)
+        if self.step == 3:  # after the step-2 checkpoint, before the step-4 one
+            subprocess.run(["mount", "-o", "remount,ro", str(ckpt)], check=True)
+            when["ro"] = time.monotonic()
+        return batch
+
+    monkeypatch.setattr(SyntheticSource, "__next__", remount_read_only)
+    with pytest.raises(CheckpointWriteError, match=r"cannot save checkpoint step 4 in .*: the "
+                                                   r"file system is read-only \(EROFS\)"):
+        # synchronous saves: step 2 is durable before the mount turns read-only
+        train(config(run, "train.steps=6", "checkpoint.every_steps=2",
+                     "checkpoint.async_save=false"))
+    assert time.monotonic() - when["ro"] < 10
+    assert complete_steps(run / "checkpoints") == [2]
+
+
+@pytest.mark.slow
+def test_full_disk_cli_prints_one_message_and_no_traceback(tmp_path, cache_env, mounted):
+    run = mounted(tmp_path / "run", "size=3m")
+    proc = _run_cli(run, cache_env, "train.steps=12", "checkpoint.every_steps=1",
+                    "checkpoint.keep=100")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "bignlp-jax train: error: cannot save checkpoint step 3" \
+        in errors[0] and "needs about" in errors[0], out[-3000:]
+    assert latest_step(run) == 2

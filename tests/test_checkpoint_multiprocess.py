@@ -26,7 +26,7 @@ from checkpoint_common import (
     subprocess_env,
 )
 
-from bignlp_jax.checkpoint import latest_step, load_params
+from bignlp_jax.checkpoint import integrity, latest_step, load_params
 from bignlp_jax.checkpoint.resume import start_state
 from bignlp_jax.data import make_source
 from bignlp_jax.errors import REQUEUE_EXIT_CODE
@@ -98,6 +98,11 @@ def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cach
     data_files = sorted(p.name for p in (run / "checkpoints" / str(stopped) / "data").iterdir()
                         if p.suffix == ".json")
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    # each process checksummed the files it wrote, process 0 the merged metadata
+    state_dir = run / "checkpoints" / str(stopped) / "state"
+    assert sorted(p.name for p in state_dir.glob("checksums.*.json")) == [
+        "checksums.primary.json", "checksums.process_0.json", "checksums.process_1.json"]
+    assert integrity.verify(state_dir.parent) is None
 
     two = np.load(dump)
     assert int(two["step"]) == stopped and json.loads(str(two["data"]))["step"] == stopped

@@ -40,6 +40,10 @@ def test_public_keys_exist():
         ("train.steps=0", "config key 'train.steps': Input should be greater than or equal to 1"),
         ("model.norm=batchnorm", "config key 'model.norm': expected one of 'layernorm' or "
                                  "'rmsnorm'; got 'batchnorm'"),
+        # non-finite numbers are refused at load, not at step 1 (issue 17)
+        ("optimizer.lr=inf", "config key 'optimizer.lr': Input should be a finite number"),
+        ("optimizer.weight_decay=nan",
+         "config key 'optimizer.weight_decay': Input should be a finite number"),
     ],
 )
 def test_config_errors_name_the_key(override, expected):

@@ -11,6 +11,7 @@ done, so a crash mid-save never leaves a step that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -19,10 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
-from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir
+from bignlp_jax.checkpoint import fs_probe, integrity
+from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir, complete_steps
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 
@@ -75,11 +79,43 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 REPLICA_PARALLEL_MIN_BYTES = 16 * 2**20
 
 
-def state_handler() -> ocp.PyTreeCheckpointHandler:
-    """PyTree handler for the train state: the default type handlers, with the jax.Array one
-    tuned as above."""
+class ChecksummedPyTreeHandler(ocp.PyTreeCheckpointHandler):
+    """The PyTree handler, plus CRC-32C checksums of every file it writes (see integrity.py):
+    each process sums its own files once they are written, the primary the rest at finalize."""
+
+    async def async_save(self, directory, *args, **kwargs):
+        futures = await super().async_save(directory, *args, **kwargs)
+        return [integrity.ChecksumAfter(futures, directory, jax.process_index())]
+
+    def save(self, directory, *args, **kwargs) -> None:
+        async def run():  # the base class's save would bypass our async_save
+            for f in await self.async_save(directory, *args, **kwargs):
+                f.result()
+
+        asyncio_utils.run_sync(run())
+
+    def finalize(self, directory) -> None:
+        super().finalize(directory)
+        integrity.write_primary_sums(Path(directory), jax.process_count())
+
+
+# Orbax maps each argument class to one handler: saves through the checksumming handler use
+# their own subclass, so the plain PyTreeSave/PyTreeRestore keep meaning the plain handler.
+@ocp.args.register_with_handler(ChecksummedPyTreeHandler, for_save=True)
+@dataclasses.dataclass
+class StateSave(ocp.args.PyTreeSave):
+    pass
+
+
+@ocp.args.register_with_handler(ChecksummedPyTreeHandler, for_restore=True)
+@dataclasses.dataclass
+class StateRestore(ocp.args.PyTreeRestore):  # Orbax wants a restore pair for every handler
+    pass
+
+
+def _type_handlers():
     th = ocp.type_handlers
-    registry = th.create_type_handler_registry(
+    return th.create_type_handler_registry(
         (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
         (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
         (str, th.StringHandler()),
@@ -87,7 +123,17 @@ def state_handler() -> ocp.PyTreeCheckpointHandler:
             array_metadata_store=array_metadata_store.Store(),
             min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
     )
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """PyTree handler for reading the train state: the default type handlers, with the
+    jax.Array one tuned as above."""
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+
+
+def saving_state_handler() -> ChecksummedPyTreeHandler:
+    """The same, for saving: it also checksums the files it writes (use with `StateSave`)."""
+    return ChecksummedPyTreeHandler(type_handler_registry=_type_handlers())
 
 
 def preservation(cfg: CheckpointConfig):
@@ -107,11 +153,17 @@ class RunCheckpointer:
             preservation_policy=preservation(cfg),
             enable_async_checkpointing=cfg.async_save,
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by a crash
+            # the step directory is made in `save` itself: made in the background, a failure
+            # (read-only mount, permission) left the save waiting ~300 s for a signal
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             create=True,
         )
+        self.failed = False
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save
+        fs_probe.quiet_storage_errors()
         self.manager = ocp.CheckpointManager(
             self.directory.absolute(), options=options,
-            item_handlers={STATE: state_handler(), DATA: ProcessJsonHandler(),
+            item_handlers={STATE: saving_state_handler(), DATA: ProcessJsonHandler(),
                            META: ocp.JsonCheckpointHandler()},
         )
 
@@ -120,24 +172,77 @@ class RunCheckpointer:
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
         """Start saving `step` (returns once the arrays are off the devices); False if the step
-        already exists (e.g. a run resumed at its final step)."""
+        already exists (e.g. a run resumed at its final step). A storage failure (full disk,
+        read-only, quota, permission) raises CheckpointWriteError naming step, path and error."""
         if step in self.manager.all_steps():
             return False
+        self.wait()  # the previous save (Orbax waits for it anyway): its failure surfaces here
+        needed = self._step_bytes(state)
+        self._pending = (step, needed)
+        self._check_space(step, needed)
         # a copy taken now: the source moves on while the save finishes in the background
         data_state = json.loads(json.dumps(data_state))
-        return self.manager.save(step, force=True, args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeSave(state),
-            DATA: ProcessJsonSave(data_state),
-            META: ocp.args.JsonSave(meta),
-        }))
+        with self._storage_errors():
+            return self.manager.save(step, force=True, args=ocp.args.Composite(**{
+                STATE: StateSave(state),
+                DATA: ProcessJsonSave(data_state),
+                META: ocp.args.JsonSave(meta),
+            }))
 
     def wait(self) -> None:
         """Block until every started save is durable (committed by all processes)."""
-        self.manager.wait_until_finished()
+        with self._storage_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if self.failed:  # already reported: do not bury the message under Orbax's
+                with contextlib.suppress(Exception):
+                    self.manager.close()
+            else:
+                self.manager.close()
+
+    def _step_bytes(self, state: Any) -> int:
+        """What the next step will take on disk: the newest complete step's size, else the
+        state's array bytes (the first save)."""
+        steps = complete_steps(self.directory)
+        if steps:
+            return fs_probe.size_on_disk(self.directory / str(steps[-1]))
+        return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+
+    def _check_space(self, step: int, needed: int) -> None:
+        """Every process stops (or none does), so no process waits at a save barrier alone."""
+        try:
+            fs_probe.check_space(self.directory, step, needed)
+            short = None
+        except fs_probe.CheckpointWriteError as e:
+            short = e
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.array([short is not None], np.int32))
+            if short is None and int(np.max(flags)):
+                short = fs_probe.CheckpointWriteError(
+                    f"cannot save checkpoint step {step} in {self.directory}: another process "
+                    "found too little free space (see its message)")
+        if short is not None:
+            self.failed = True
+            raise short
+
+    @contextlib.contextmanager
+    def _storage_errors(self):
+        """Storage failures from Orbax/TensorStore -> one CheckpointWriteError; Orbax's own
+        logged tracebacks of the same failure are dropped (see fs_probe.QuietStorageErrors)."""
+        try:
+            yield
+        except Exception as e:  # only storage errors are translated; others re-raised
+            step, needed = self._pending or (None, None)
+            failure = fs_probe.save_failure(e, step, self.directory, needed)
+            if failure is None:
+                raise
+            self.failed = True
+            fs_probe.silence_leftovers()
+            raise failure from None
 
 
 def step_meta(cfg, mesh: jax.sharding.Mesh, step: int) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.errors import UserError
@@ -89,6 +90,11 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
         raise UserError(f"{state_dir} holds no `params` (keys: {', '.join(saved)})")
     expected = abstract_params(model_cfg)
     check_shapes(saved["params"], expected, f"checkpoint {step_dir}")
+    # every file, on every process: callers may read params on one process of a job, so no
+    # collective here (resuming a run shares the reading out instead)
+    if damaged := integrity.verify(step_dir):
+        raise UserError(f"checkpoint {step_dir} is damaged: {damaged[1]}\n"
+                        "  fix: use an earlier step of that run, or repair/remove this one")
     shardings = shardings if shardings is not None else default_shardings(model_cfg)
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from bignlp_jax.checkpoint import integrity
 from bignlp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -31,11 +32,20 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def complete_steps(ckpt_dir: str | Path) -> list[int]:
-    """Finalized steps under a checkpoints directory, ascending ([] if it does not exist)."""
+    """Finalized steps under a checkpoints directory, ascending ([] if it does not exist).
+
+    Orbax deletes old steps in place, so a kill during that cleanup leaves an integer-named
+    directory with some files gone. Such a step (its state metadata or a file its checksums
+    list is missing; stat only, no reads) does not count when a newer intact step exists: that
+    is exactly the state a cleanup leaves. The newest step always counts, so damage to it is
+    reported when it is restored, never skipped silently."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted(ocp.step.checkpoint_steps(ckpt_dir))
+    steps = sorted(ocp.step.checkpoint_steps(ckpt_dir))
+    intact = [(ckpt_dir / str(s) / STATE / "_METADATA").is_file()
+              and integrity.missing_file(ckpt_dir / str(s)) is None for s in steps]
+    return [s for i, s in enumerate(steps) if intact[i] or not any(intact[i + 1:])]
 
 
 def latest_step(run_dir: str | Path) -> int | None:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.manager import restore_data_state, restore_state
 from bignlp_jax.checkpoint.params import check_shapes, load_init_params, saved_tree
 from bignlp_jax.checkpoint.paths import (
@@ -45,8 +46,9 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def pick_checkpoint(cfg, run_dir: Path) -> Path | None:
-    """The step directory to resume from, or None for a run without checkpoints."""
+def pick_checkpoint(cfg, run_dir: Path) -> tuple[Path | None, bool]:
+    """The step directory to resume from (None for a run without checkpoints), and whether it
+    is a `checkpoint.resume_from` not applied yet (see `apply_resume_from`)."""
     ckpt_dir = checkpoints_dir(run_dir)
     wanted = cfg.checkpoint.resume_from
     marker = run_dir / RESUME_MARKER
@@ -54,18 +56,26 @@ def pick_checkpoint(cfg, run_dir: Path) -> Path | None:
     _barrier("bignlp_resume_marker_read")  # every process decides before process 0 writes
     if wanted is not None and not applied:
         if wanted.isdigit():
-            step_dir = resolve_step_dir(ckpt_dir, int(wanted))
-        else:
-            step_dir = resolve_step_dir(wanted)
-        if jax.process_index() == 0:
-            if step_dir.parent.resolve() == ckpt_dir.resolve():
-                _set_aside_newer(ckpt_dir, int(step_dir.name), run_dir / ABANDONED)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"resume_from": wanted, "step_dir": str(step_dir)}))
-        _barrier("bignlp_resume_marker_written")
-        return step_dir
+            return resolve_step_dir(ckpt_dir, int(wanted)), True
+        return resolve_step_dir(wanted), True
     steps = complete_steps(ckpt_dir)
-    return ckpt_dir / str(steps[-1]) if steps else None
+    return (ckpt_dir / str(steps[-1]) if steps else None), False
+
+
+def apply_resume_from(cfg, run_dir: Path, step_dir: Path) -> None:
+    """After `step_dir` restored completely (metadata, checksums, arrays, data position): set
+    newer steps of this run aside and record that this resume_from was applied. Done only now,
+    so a refused resume leaves the run directory as it was."""
+    ckpt_dir = checkpoints_dir(run_dir)
+    marker = run_dir / RESUME_MARKER
+    _barrier("bignlp_resume_restored")  # every process has read the step before anything moves
+    if jax.process_index() == 0:
+        if step_dir.parent.resolve() == ckpt_dir.resolve():
+            _set_aside_newer(ckpt_dir, int(step_dir.name), run_dir / ABANDONED)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"resume_from": cfg.checkpoint.resume_from,
+                                      "step_dir": str(step_dir)}))
+    _barrier("bignlp_resume_marker_written")
 
 
 def _set_aside_newer(ckpt_dir: Path, step: int, abandoned: Path) -> None:
@@ -105,13 +115,18 @@ def _size(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _readable(step_dir: Path, target: TrainState) -> str | None:
-    """None if the step's metadata reads and matches the target's shapes; else the problem."""
+def _readable(step_dir: Path, target: TrainState, shared: bool = True) -> str | None:
+    """None if the step's metadata reads and matches the target's shapes and its files match
+    their checksums; else the problem. `shared`: every process is here together and each
+    verifies 1/N of the files (a collective); else this process verifies them all alone."""
     try:
         check_shapes(saved_tree(step_dir / STATE), target, f"checkpoint {step_dir}")
     except UserError as e:
         return str(e)
-    return None
+    if shared:
+        return integrity.verify_step(step_dir)
+    found = integrity.verify(step_dir)
+    return found[1] if found else None
 
 
 def _previous_good(step_dir: Path, target: TrainState) -> str:
@@ -119,12 +134,14 @@ def _previous_good(step_dir: Path, target: TrainState) -> str:
     here = int(step_dir.name) if step_dir.name.isdigit() else None
     earlier = [s for s in complete_steps(step_dir.parent) if here is None or s < here]
     for step in reversed(earlier):
-        if _readable(step_dir.parent / str(step), target) is None:
+        # alone: a restore may have failed on this process only, so no collective here
+        if _readable(step_dir.parent / str(step), target, shared=False) is None:
             return (f"  fix: resume from the previous good checkpoint with "
                     f"checkpoint.resume_from={step} (newer steps are moved to {ABANDONED}/, "
                     "not deleted), or repair/remove the broken one")
-    return ("  no earlier checkpoint matches either; fix the config to match the checkpoint, "
-            "or start a new run in another run.dir (this run's checkpoints are kept)")
+    return ("  no earlier checkpoint of this run is intact and matches this config either; "
+            "repair or remove the broken step, fix the config to match the checkpoint, or start "
+            "a new run in another run.dir (this run's checkpoints are kept)")
 
 
 def _short(error: Exception) -> str:
@@ -138,6 +155,9 @@ def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
     UserError naming the step, the problem and the previous good step if either is unusable."""
     target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh)
     problem = _readable(step_dir, target)
+    if problem is None and not integrity.has_checksums(step_dir) and jax.process_index() == 0:
+        print(f"checkpoint: step {step_dir.name} carries no checksums (written before they "
+              "existed); restoring it unverified", flush=True)
     if problem is None:
         check_fits(target, f"restoring checkpoint {step_dir}")
         try:
@@ -152,9 +172,11 @@ def start_state(trainer, source, run_dir: str | Path) -> Start:
     """Restore or create the state to train from, and position `source` to match it."""
     cfg = trainer.cfg
     run_dir = Path(run_dir)
-    step_dir = pick_checkpoint(cfg, run_dir)
+    step_dir, pending = pick_checkpoint(cfg, run_dir)
     if step_dir is not None:
         state, data_state = restore_checkpoint(trainer, step_dir)
+        if pending:
+            apply_resume_from(cfg, run_dir, step_dir)
         source.set_state(data_state)
         return Start(state, int(state.step), f"resumed from checkpoint {step_dir}")
     state = trainer.fresh_state()

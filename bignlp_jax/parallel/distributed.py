@@ -31,12 +31,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.parallel.peer_watch import PeerWatchdog
 
 # Defaults (seconds). Initialisation waits for every process to start: generous for slow
 # container pulls; heartbeats detect a dead peer; shutdown waits for peers at exit.
 INIT_TIMEOUT = 300.0
 HEARTBEAT_TIMEOUT = 60
 SHUTDOWN_TIMEOUT = 120
+# the peer watchdog names a silent process after this fraction of the heartbeat timeout: JAX's
+# service may declare it dead from half the timeout on, and then aborts every process
+STALE_FRACTION = 0.4
 # SLURM: the coordinator port is derived from the job id, in a range above Linux's default
 # ephemeral ports (32768-60999) so outgoing connections never hold it.
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 61440, 4096
@@ -235,6 +239,7 @@ def _unreachable_message(layout: Layout, timeout: float) -> str:
 def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "") -> None:
     """Join the job's processes; exits with a readable message if that takes too long."""
     import jax
+    from jax._src import distributed as jax_distributed
 
     # CPU processes exchange data through gloo (TCP); without it CPU collectives across
     # processes are not implemented. GPU/TPU backends ignore this setting.
@@ -281,6 +286,10 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
     finally:
         watchdog.cancel()
     configure_logging(jax.process_index(), jax.process_count())
+    # JAX's client (private: jax.distributed keeps it in its global state) carries our watchdog's
+    # key-value traffic; it fires well inside the heartbeat timeout, before JAX's C++ abort
+    PeerWatchdog(jax_distributed.global_state.client, layout.process_id, layout.num_processes,
+                 stale_after=max(2.0, STALE_FRACTION * heartbeat), command=prefix).start()
     log.info("joined %s; %d devices in all, %d here", describe(layout), jax.device_count(),
              jax.local_device_count())
 

@@ -6,6 +6,7 @@ checkpoint), batch k is a function of (seed, k), and step keys are fold_in(rng, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -14,7 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bignlp_jax.checkpoint.fs_probe import check_writable
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
+from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config, save_config
@@ -103,6 +106,8 @@ def train(cfg: Config, devices=None) -> dict:
 
 def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     run_dir = Path(cfg.run.dir)
+    check_writable(run_dir, "run.dir")  # before minutes of compiling, not at the first save
+    check_writable(checkpoints_dir(run_dir), "checkpoint directory")
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
@@ -133,7 +138,7 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
             done, window_steps = step + 1, window_steps + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
-                _check_finite(metrics, done)
+                _check_finite(metrics, done, start)
                 elapsed = time.perf_counter() - window_start
                 last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
                 last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
@@ -144,30 +149,49 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
                 window_start, window_steps = time.perf_counter(), 0
             reason = stop.should_stop(done)
             if reason or done == cfg.train.steps or (every and done % every == 0):
-                _check_finite(metrics, done)  # never overwrite good checkpoints with NaNs
+                _check_finite(metrics, done, start)  # never overwrite good checkpoints with NaNs
                 # the source has just handed out batch `done`: its state is the next batch
                 checkpointer.save(done, state, source.get_state(),
                                   step_meta(cfg, trainer.mesh, done))
-            if reason:
+            if reason and done < cfg.train.steps:  # a finished run is done, not preempted
                 checkpointer.wait()
                 raise Preempted(
                     f"stopped after step {done} of {cfg.train.steps} ({reason}); checkpoint "
                     f"saved in {checkpointer.directory / str(done)}; run the same command "
                     "again to continue"
                 )
-    finally:
-        checkpointer.close()  # blocks until every started save is durable
-        logger.close()
+    except BaseException:
+        # the error in flight is the one to report: closing can fail for the same cause (a
+        # full disk also refuses the last metrics) and must not replace it
+        for close in (checkpointer.close, logger.close):
+            with contextlib.suppress(Exception):
+                close()
+        raise
+    checkpointer.close()  # blocks until every started save is durable
+    logger.close()
     return last
 
 
-def _check_finite(metrics: dict, done: int) -> None:
+# a NaN this soon after a restore points at the checkpoint as much as at the learning rate
+SUSPECT_STEPS = 10
+
+
+def _check_finite(metrics: dict, done: int, start=None) -> None:
     # the gradient norm too: finite gradients (and learning rate) keep the updated state finite
     values = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm")}
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
+        suspect = ""
+        if start is not None and start.origin.startswith("resumed from checkpoint ") \
+                and done - start.step <= SUSPECT_STEPS:
+            step_dir = Path(start.origin.removeprefix("resumed from checkpoint "))
+            earlier = [s for s in complete_steps(step_dir.parent) if s < start.step]
+            fix = (f"checkpoint.resume_from={earlier[-1]}" if earlier
+                   else "an earlier checkpoint (none is left in this run)")
+            suspect = (f"\n  suspect: checkpoint step {start.step} ({step_dir}), restored "
+                       f"{done - start.step} step(s) ago; if it is damaged, resume from {fix}")
         raise NonFiniteLoss(
             f"{' and '.join(f'{k} is {v}' for k, v in bad.items())} at step {done}; stopping "
-            "without saving (earlier checkpoints are kept).\n"
+            f"without saving (earlier checkpoints are kept).{suspect}\n"
             "  fix: lower optimizer.lr, raise optimizer.warmup_steps, or check the data"
         )

@@ -46,7 +46,7 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, int(step))
         if self._bar is not None:
             self._bar.n = int(step)
-            shown = {k: f"{record[k]:.4g}" for k in PROGRESS_KEYS if k in record}
+            shown = {k: shown_value(record[k]) for k in PROGRESS_KEYS if k in record}
             self._bar.set_postfix(shown, refresh=True)
 
     def message(self, text: str) -> None:
@@ -58,6 +58,14 @@ class MetricsLogger:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def shown_value(value) -> str:
+    """A metric for people: 4 significant digits; NaN/inf (stored as strings) as they are."""
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _plain(value):
@@ -75,4 +83,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [{k: _number(v) for k, v in json.loads(line).items()}
+            for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _number(value):
+    """Undo `_plain` for NaN/inf: readers (reports, progress) get floats they can format."""
+    return NON_FINITE[value] if isinstance(value, str) and value in NON_FINITE else value

@@ -1,0 +1,184 @@
+"""File-system faults around checkpoints: say which path and which OS error, in one line.
+
+Three moments:
+- before the model is built, `check_writable` writes and removes a small file in the run
+  directory and the checkpoints directory (a read-only mount or a missing permission shows at
+  once, not after minutes of compiling and training);
+- before each save, `check_space` compares the free space with the size of the step (the
+  previous step's size on disk, else the state's bytes), so a full disk stops the run with the
+  bytes needed before Orbax writes half a step;
+- when a save fails anyway (quota, a disk filled by someone else, a mount gone read-only),
+  `save_failure` turns the error Orbax and TensorStore raise into a `CheckpointWriteError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from bignlp_jax.errors import UserError
+
+# errors that mean "this storage cannot take the checkpoint" (not a bug of ours)
+STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# TensorStore reports the OS error inside a message: `... [os_error_code='28']`
+_TS_ERRNO = re.compile(r"os_error_code='?(\d+)")
+# margin on top of the estimated step size: Orbax's metadata and TensorStore's write slack
+SPACE_MARGIN = 1.10
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, read-only, quota, permission)."""
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Create `path` if needed and write/remove a probe file in it; UserError naming the path
+    and the OS error if that fails."""
+    probe = Path(path) / f".bignlp-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"{what} {path} is not writable: {e.strerror or e} (errno {e.errno})\n"
+            f"  fix: choose a writable {what} (run.dir=...), or fix the mount/permissions"
+        ) from None
+
+
+def size_on_disk(directory: Path) -> int:
+    """Bytes of all files under `directory` (0 if it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # a file removed while we walk (Orbax cleaning up)
+    return total
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:.4g} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_space(directory: Path, step: int, needed: int) -> None:
+    """Refuse to start saving `step` into `directory` when less than `needed` bytes (plus a
+    margin) are free; the earlier checkpoints stay as they are."""
+    want = int(needed * SPACE_MARGIN)
+    have = free_bytes(directory)
+    if have < want:
+        raise CheckpointWriteError(
+            f"cannot save checkpoint step {step} in {directory}: {STORAGE_ERRORS[errno.ENOSPC]} "
+            f"(ENOSPC): the step needs about {_size(want)} and {_size(have)} are free (short by "
+            f"{_size(want - have)}); earlier checkpoints are intact\n"
+            "  fix: free space (or raise the quota) and run the same command again: it "
+            "resumes from the last checkpoint"
+        )
+
+
+def storage_errno(error: BaseException) -> int | None:
+    """The OS error behind a failed save, from an OSError or a TensorStore message (following
+    __cause__/__context__), if it is one of STORAGE_ERRORS."""
+    seen = 0
+    while error is not None and seen < 10:
+        code = error.errno if isinstance(error, OSError) else None
+        if code is None and (m := _TS_ERRNO.search(str(error))):
+            code = int(m.group(1))
+        if code in STORAGE_ERRORS:
+            return code
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def save_failure(error: BaseException, step: int, directory: Path,
+                 needed: int | None) -> CheckpointWriteError | None:
+    """A one-line error for a save that failed on storage, or None if it is something else
+    (then it is a bug or an unexpected failure and keeps its traceback)."""
+    code = storage_errno(error)
+    if code is None:
+        return None
+    detail = f"{STORAGE_ERRORS[code]} ({errno.errorcode[code]})"
+    if code == errno.ENOSPC and needed:
+        try:
+            free = free_bytes(directory)
+            detail += f": the step needs about {_size(needed)}, {_size(free)} are free"
+        except OSError:
+            pass
+    return CheckpointWriteError(
+        f"cannot save checkpoint step {step} in {directory}: {detail}; earlier checkpoints "
+        "are intact\n"
+        "  fix: free space, raise the quota or make the directory writable, then run the same "
+        "command again: it resumes from the last checkpoint"
+    )
+
+
+class QuietStorageErrors(logging.Filter):
+    """Drops Orbax's log records (each with a full traceback, several per failed save) of a
+    storage failure that `save_failure` reports as one message; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and storage_errno(error) is not None:
+            return False
+        m = _TS_ERRNO.search(record.getMessage())
+        return not (m and int(m.group(1)) in STORAGE_ERRORS)
+
+
+_FILTER = QuietStorageErrors()
+
+
+def quiet_storage_errors() -> None:
+    """Install the filter on absl's logger (Orbax logs through absl), and drop the "Event loop
+    is closed" tracebacks TensorStore prints when a failed save's pending writes complete on
+    Orbax's already-closed event loop (they carry nothing the one message does not).
+    Idempotent; other errors still print."""
+    for name in ("absl", "asyncio"):  # Orbax logs through absl; asyncio reports lost tasks
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+    if getattr(sys.excepthook, "_bignlp_quiet", False):
+        return
+    previous_hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+            previous_hook(kind, value, tb)
+
+    excepthook._bignlp_quiet = True
+    sys.excepthook = excepthook
+
+
+def silence_leftovers() -> None:
+    """After a reported storage failure, unfinished write coroutines are collected at exit
+    ("Exception ignored in: <coroutine ...>"); drop those. Other unraisable errors print."""
+    previous_unraisable = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if not inspect.iscoroutine(unraisable.object):
+            previous_unraisable(unraisable)
+
+    sys.unraisablehook = unraisablehook

@@ -1,0 +1,199 @@
+"""Checksums of a checkpoint's array files: written with every save, verified before a restore.
+
+TensorStore checks the structure of an OCDBT database (manifests and b-tree nodes carry CRCs)
+but not the array chunks themselves, so a flipped bit in a data file restores silently as a
+slightly different number. Every save therefore records the CRC-32C and size of each file under
+`<step>/state/`, and a restore recomputes them first:
+
+- each process, once its own writes are done, checksums the files it wrote
+  (`state/ocdbt.process_<i>/...`) into `state/checksums.process_<i>.json`;
+- the primary process, in Orbax's finalize step (after every process finished, before the step
+  directory is renamed into place), checksums the rest of `state/` (the merged OCDBT manifest
+  and the metadata files) into `state/checksums.primary.json`, with the process count.
+
+Both happen inside Orbax's temporary directory, so a step that looks complete always carries its
+checksums. A step written before checksums existed has none and is restored unverified (with a
+note). The same lists make a cheap completeness test (every listed file present, right size)
+that catches a step half-deleted by a kill during Orbax's cleanup of old steps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+PRIMARY = "checksums.primary.json"
+PROCESS_PATTERN = "checksums.process_{}.json"
+PROCESS_DIR = "ocdbt.process_{}"
+ALGORITHM = "crc32c"
+CHUNK = 8 * 2**20
+# written or rewritten by Orbax after finalize (commit markers, step metadata): not array data
+SKIPPED = {"commit_success.txt", "_CHECKPOINT_METADATA"}
+
+
+def crc32c_file(path: Path) -> int:
+    """CRC-32C of a file, read in 8 MiB chunks (about 4 GB/s with the C extension)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = google_crc32c.extend(crc, chunk)
+    return crc
+
+
+def _sums(root: Path, files: list[Path]) -> dict[str, list[int]]:
+    return {f.relative_to(root).as_posix(): [f.stat().st_size, crc32c_file(f)] for f in files}
+
+
+def _write_json(path: Path, record: dict) -> None:
+    # no fsync, like Orbax's own files: on ext4 it would flush the whole step's data (0.9 s for
+    # 128 MiB), and durability of the step is the file system's and Orbax's business
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_process_sums(state_dir: Path, process_index: int) -> None:
+    """Checksum the files this process wrote (its own OCDBT directory), if it has one."""
+    own = state_dir / PROCESS_DIR.format(process_index)
+    files = sorted(p for p in own.rglob("*") if p.is_file()) if own.is_dir() else []
+    _write_json(state_dir / PROCESS_PATTERN.format(process_index),
+                {"algorithm": ALGORITHM, "files": _sums(state_dir, files)})
+
+
+def write_primary_sums(state_dir: Path, process_count: int) -> None:
+    """Checksum every file of `state/` outside the per-process directories (primary only)."""
+    files = sorted(
+        p for p in state_dir.rglob("*")
+        if p.is_file() and p.name not in SKIPPED and not p.name.startswith("checksums.")
+        and not p.relative_to(state_dir).parts[0].startswith("ocdbt.process_")
+    )
+    _write_json(state_dir / PRIMARY, {"algorithm": ALGORITHM, "process_count": process_count,
+                                      "files": _sums(state_dir, files)})
+
+
+class ChecksumAfter:
+    """An Orbax commit future: waits for this process's write futures, then checksums what it
+    wrote. Runs in Orbax's background save thread, before the cross-process barrier."""
+
+    def __init__(self, futures: list[Any] | None, directory: Any, process_index: int):
+        self.futures = list(futures or [])
+        self.directory = directory  # a Path, or Orbax's PathAwaitingCreation (has .path)
+        self.process_index = process_index
+
+    def result(self, timeout: float | None = None) -> None:
+        for f in self.futures:
+            f.result(timeout=timeout)
+        write_process_sums(Path(getattr(self.directory, "path", self.directory)),
+                           self.process_index)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The checksums recorded for one step's state: relative path -> (size, crc)."""
+
+    files: dict[str, tuple[int, int]]
+    problem: str | None  # a missing or unreadable checksum file
+
+
+def read_listing(state_dir: Path) -> Listing | None:
+    """What the step recorded, or None for a step written without checksums."""
+    primary = state_dir / PRIMARY
+    process_files = sorted(state_dir.glob(PROCESS_PATTERN.format("*")))
+    if not primary.is_file() and not process_files:
+        return None
+    try:
+        head = json.loads(primary.read_text(encoding="utf-8"))
+        files = dict(head["files"])
+        for i in range(int(head["process_count"])):
+            path = state_dir / PROCESS_PATTERN.format(i)
+            files.update(json.loads(path.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Listing({}, f"its checksum list is incomplete or unreadable ({e})")
+    return Listing({k: (int(v[0]), int(v[1])) for k, v in files.items()}, None)
+
+
+def missing_file(step_dir: Path) -> str | None:
+    """Cheap (stat only): None if every file the step's checksums list exists; else the first
+    missing one. Steps without checksums pass. (A damaged file is `verify`'s business.)"""
+    state_dir = Path(step_dir) / "state"
+    listing = read_listing(state_dir)
+    if listing is None:
+        return None
+    if listing.problem:
+        return listing.problem
+    for name in sorted(listing.files):
+        if not (state_dir / name).is_file():
+            return f"state/{name} is missing"
+    return None
+
+
+def check_file(state_dir: Path, name: str, size: int, crc: int) -> str | None:
+    """None if the file matches its record; else what is wrong with it."""
+    path = state_dir / name
+    try:
+        have_size = path.stat().st_size
+        if have_size != size:
+            return f"state/{name} has {have_size} bytes; {size} were written"
+        have = crc32c_file(path)
+    except FileNotFoundError:
+        return f"state/{name} is missing"
+    except OSError as e:
+        return f"state/{name} cannot be read ({e.strerror or e})"
+    if have != crc:
+        return (f"state/{name} fails its checksum (crc32c {have:08x}, recorded at save "
+                f"{crc:08x}): the file changed after it was written")
+    return None
+
+
+def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> tuple[int, str] | None:
+    """Recompute the checksums of this process's `share` (index, count) of the step's files.
+
+    Returns (position in the sorted file list, problem) for the first bad file, or None.
+    Position -1: the checksum lists themselves are broken."""
+    state_dir = Path(step_dir) / "state"
+    listing = read_listing(state_dir)
+    if listing is None:
+        return None
+    if listing.problem:
+        return -1, listing.problem
+    index, count = share
+    for position, (name, (size, crc)) in enumerate(sorted(listing.files.items())):
+        if position % count == index and (problem := check_file(state_dir, name, size, crc)):
+            return position, problem
+    return None
+
+
+def problem_at(step_dir: Path, position: int) -> str:
+    """The problem with file number `position` (as `verify` numbers them), recomputed here so
+    every process can print the same message."""
+    state_dir = Path(step_dir) / "state"
+    listing = read_listing(state_dir)
+    if listing is None or listing.problem:
+        return listing.problem if listing else "its checksum list disappeared"
+    name, (size, crc) = sorted(listing.files.items())[position]
+    return check_file(state_dir, name, size, crc) or f"state/{name} fails its checksum"
+
+
+def has_checksums(step_dir: Path) -> bool:
+    return read_listing(Path(step_dir) / "state") is not None
+
+
+def verify_step(step_dir: Path) -> str | None:
+    """Verify a whole step, the files shared out among the processes (each reads 1/N of them);
+    every process gets the same answer: None, or the first bad file's problem."""
+    count = jax.process_count()
+    found = verify(step_dir, (jax.process_index(), count))
+    if count == 1:
+        return found[1] if found else None
+    mine = np.array([found[0] if found else np.iinfo(np.int32).max], np.int32)
+    first = int(np.min(multihost_utils.process_allgather(mine)))
+    if first == np.iinfo(np.int32).max:
+        return None
+    return found[1] if found and found[0] == first else problem_at(step_dir, first)

@@ -1,0 +1,131 @@
+"""launch/local.py never leaves workers behind: they die with the launcher even when it is
+SIGKILLed (parent-death signal), and a SIGHUP (closed terminal) reaches them as SIGTERM.
+
+The workers are a stand-in executable (a Python script passed as --bignlp-jax) that records its
+pid and the signals it gets, so no JAX start-up is paid."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+LOCAL = str(REPO / "launch" / "local.py")
+
+WORKER = """#!{python}
+import os, signal, sys, time
+from pathlib import Path
+out = Path({out!r})
+(out / f"pid.{{os.environ['BIGNLP_PROCESS_ID']}}").write_text(str(os.getpid()))
+def on_term(signum, frame):
+    (out / f"sig.{{os.environ['BIGNLP_PROCESS_ID']}}").write_text(signal.Signals(signum).name)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, on_term)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (dead, not yet reaped by its parent) counts as gone
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+
+
+def start(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    script = tmp_path / "fake-bignlp-jax"
+    script.write_text(WORKER.format(python=sys.executable, out=str(tmp_path)))
+    script.chmod(0o755)
+    launcher = subprocess.Popen(
+        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script), "--", "train"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"pid.{i}").is_file() for i in range(2)):
+        assert launcher.poll() is None and time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid file is written first thing; let the handler install too
+    return launcher, [int((tmp_path / f"pid.{i}").read_text()) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_leaves_no_worker(tmp_path):
+    launcher, pids = start(tmp_path)
+    try:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if alive(p)], "workers outlived a SIGKILLed launcher"
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sighup_reaches_the_workers_as_sigterm(tmp_path):
+    launcher, pids = start(tmp_path)
+    try:
+        launcher.send_signal(signal.SIGHUP)
+        assert launcher.wait(timeout=30) == 75  # the workers' requeue code, passed on
+        assert [(tmp_path / f"sig.{i}").read_text() for i in range(2)] == ["SIGTERM"] * 2
+        assert not [p for p in pids if alive(p)]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+PEER = """
+import sys, time
+from bignlp_jax.parallel.distributed import Layout, initialize
+initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train")
+print("joined", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
+    """Two processes joined by jax.distributed; process 1 is SIGKILLed (no launcher around).
+    Process 0 names it and exits 1 well inside the heartbeat timeout, without JAX's abort."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**cli_env, "BIGNLP_HEARTBEAT_TIMEOUT": "10", "JAX_PLATFORMS": "cpu"}
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], env=env,
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while not all("joined" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.1)
+        started = time.monotonic()
+        procs[1].kill()
+        code = procs[0].wait(timeout=30)
+        took = time.monotonic() - started
+        out = (tmp_path / "p0.log").read_text()
+        assert code == 1, out
+        assert took < 10, f"{took:.1f} s"  # inside the 10 s heartbeat timeout
+        assert "bignlp-jax train: error: lost process 1 of 2: no sign of life" in out
+        assert "Check failure" not in out and "Terminating process" not in out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
