@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
+from bignlp_jax.checkpoint.read_errors import CHECKPOINT_READ_ERRORS
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.errors import UserError
 from bignlp_jax.model import abstract_params
@@ -40,8 +41,8 @@ def saved_tree(state_dir: Path) -> dict[str, Any]:
     """The metadata tree (shape/dtype per leaf) of a saved train state."""
     try:  # the handler alone: the step-level metadata lives one directory up
         meta = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute())
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same problem
-        raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from None
+    except CHECKPOINT_READ_ERRORS as e:  # unreadable metadata; anything else is our bug
+        raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from e
     return dict(getattr(meta, "tree", meta))
 
 
@@ -98,8 +99,8 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
             state_dir.absolute(), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from None
+    except CHECKPOINT_READ_ERRORS as e:
+        raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from e
     return restored["params"]
 
 

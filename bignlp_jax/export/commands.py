@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("hf", "params"), default="hf",
                    help="hf: safetensors + config.json + tokenizer for transformers; params: "
                         "params-only Orbax bundle for init_from / generate")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--max-shard-size", default="5GB",
                    help="hf: split the weights into files of at most this size (e.g. 2GB)")
@@ -30,10 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("import", help="read a local Hugging Face model into a params-only run "
                                       "directory (use it with init_from=RUN_DIR)")
-    p.add_argument("--format", choices=("hf",), default="hf")
+    p.add_argument("--format", choices=("hf",), default="hf",
+                   help="format of --from: hf, a transformers model directory (default: hf)")
     p.add_argument("--from", dest="source", required=True, help="Hugging Face model directory")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--dtype", default="float32", help="saved dtype: float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="saved dtype: float32 (default) or bfloat16")
     p.set_defaults(func=cmd_import)
 
 
