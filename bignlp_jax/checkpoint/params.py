@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
-from bignlp_jax.checkpoint.read_errors import CHECKPOINT_READ_ERRORS
+from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.errors import UserError
 from bignlp_jax.model import abstract_params
@@ -41,7 +41,9 @@ def saved_tree(state_dir: Path) -> dict[str, Any]:
     """The metadata tree (shape/dtype per leaf) of a saved train state."""
     try:  # the handler alone: the step-level metadata lives one directory up
         meta = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute())
-    except CHECKPOINT_READ_ERRORS as e:  # unreadable metadata; anything else is our bug
+    except Exception as e:
+        if not is_read_error(e):  # anything but unreadable metadata is a bug: traceback
+            raise
         raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from e
     return dict(getattr(meta, "tree", meta))
 
@@ -99,7 +101,9 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
             state_dir.absolute(), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
-    except CHECKPOINT_READ_ERRORS as e:
+    except Exception as e:
+        if not is_read_error(e):
+            raise
         raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from e
     return restored["params"]
 

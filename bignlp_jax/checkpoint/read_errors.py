@@ -13,3 +13,16 @@ import msgpack
 # msgpack: Orbax's aggregate file (`_METADATA` / msgpack checkpoints) cut short.
 CHECKPOINT_READ_ERRORS: tuple[type[BaseException], ...] = (
     OSError, ValueError, KeyError, msgpack.exceptions.UnpackException)
+
+
+def is_read_error(error: BaseException) -> bool:
+    """Whether `error`, or an exception it was raised from, is one of CHECKPOINT_READ_ERRORS.
+    Orbax re-raises TensorStore's read errors as a bare `Exception` with the original chained,
+    so the chain is what tells a damaged file from a bug."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CHECKPOINT_READ_ERRORS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

@@ -26,7 +26,7 @@ from bignlp_jax.checkpoint.paths import (
     complete_steps,
     resolve_step_dir,
 )
-from bignlp_jax.checkpoint.read_errors import CHECKPOINT_READ_ERRORS
+from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.errors import UserError
 from bignlp_jax.train.state import TrainState, abstract_state, with_params
 
@@ -143,7 +143,9 @@ def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
         check_fits(target, f"restoring checkpoint {step_dir}")
         try:
             return restore_state(step_dir, target), restore_data_state(step_dir)
-        except CHECKPOINT_READ_ERRORS as e:  # a damaged step; other exceptions are our bugs
+        except Exception as e:
+            if not is_read_error(e):  # a damaged step is the user's; anything else is a bug
+                raise
             problem, cause = _short(e), e
     raise UserError(f"cannot resume from checkpoint step {step_dir.name} ({step_dir}):\n"
                     f"  {problem}\n{_previous_good(step_dir, target)}") from cause
