@@ -40,8 +40,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import yaml
-
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,6 +51,7 @@ from launch.common import (  # noqa: E402
     load_run_config,
     main_wrapper,
     plan_stages,
+    require_modules,
     resolve_target,
 )
 
@@ -224,6 +223,8 @@ def render_jobset(stages: list[Stage], opts: K8sOptions) -> dict:
 
 
 def to_yaml(manifest: dict) -> str:
+    import yaml  # here, so a Python without it gets require_modules' line, not a traceback
+
     return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)
 
 
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        require_modules("yaml", "pydantic", why="k8s.py reads the config or pipeline with")
         # stage names come from the local copy of the pipeline (the repository in the image);
         # inside the container the file keeps the path the user gave
         stages = plan_stages(bignlp_jax_command(), args.target, args.overrides,

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `launch` importable from 
 
 from launch.common import (  # noqa: E402
     LaunchError, Stage, bignlp_jax_command, is_pipeline, load_run_config, main_wrapper,
-    pipeline_output, plan_stages, resolve_target,
+    pipeline_output, plan_stages, require_modules, resolve_target,
 )
 
 REQUEUE_EXIT_CODE = 75  # bignlp_jax.errors.REQUEUE_EXIT_CODE: "checkpoint saved, run me again"
@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        if not args.container_image and not args.executable:  # the jobs run this interpreter
+            require_modules("jax", "bignlp_jax", why="the SLURM jobs run bignlp-jax with")
         opts = SlurmOptions(
             nodes=args.nodes, gpus_per_node=args.gpus_per_node,
             tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
