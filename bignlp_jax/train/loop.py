@@ -24,6 +24,7 @@ from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
 from bignlp_jax.perf.peak import mfu_meter
 from bignlp_jax.train.identity import config_changes, record_config, refuse_unless_allowed
+from bignlp_jax.train.inputs import check_source_runs
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
@@ -109,6 +110,8 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
     run_dir = Path(cfg.run.dir)
     changes = config_changes(cfg, run_dir)  # before building anything: a refusal is instant
     refuse_unless_allowed(changes, allow_config_change)
+    if not changes.has_checkpoints:  # a resumed run no longer reads init_from
+        check_source_runs(cfg)
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
