@@ -102,8 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, required=True,
                    help="pieces in the vocabulary (set model.vocab_size to the same)")
     p.add_argument("--out", required=True,
-                   help="directory for tokenizer.model (+ tokenizer.json when transformers is "
-                        "installed)")
+                   help="directory for tokenizer.model + tokenizer.json (our description: "
+                        "vocab size, special ids, sha256)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe",
                    help="SentencePiece algorithm (default bpe)")
     p.add_argument("--data-dir", default=None, help="TFDS data dir: read --input as a dataset")
