@@ -18,7 +18,7 @@ import time
 import jax
 
 from bignlp_jax.errors import UserError
-from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints
+from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints, upstream
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
 from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported for report.py
     RESULTS_FILE,
@@ -170,6 +170,8 @@ def execute(p: Pipeline, stage: str, log=print) -> bool:
         say(f"[pipeline] {stage}: complete and current, skipped ({p.stage_dir(stage)})")
         record(p, stage, "skipped", 0.0)
         return False
+    for before in upstream(p, stage):  # refuse before moving or recording anything
+        _needs(p, stage, before)
     if fresh == "stale":
         reason = why_stale(p, stage)
         if can_resume(p, stage):
