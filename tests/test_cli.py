@@ -93,3 +93,16 @@ def test_unwritable_paths_are_refused_before_building_anything(tmp_path, capsys)
     assert "the pipeline's output_dir" in capsys.readouterr().err
     assert cli.main(["export", "--run", str(tmp_path), "--out", f"{blocker}/x/hf"]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_library_prefix_is_not_doubled(monkeypatch, capsys):
+    from bignlp_jax.errors import UserError
+    from bignlp_jax.infer import commands
+
+    def refuse(args):
+        raise UserError("generate: top_p must be in (0, 1], got 2.0")
+
+    monkeypatch.setattr(commands, "cmd_generate", refuse)
+    assert cli.main(["generate", "--run", "r", "--prompt", "x", "--top-p", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "bignlp-jax generate: error: top_p must be in (0, 1], got 2.0\n")

@@ -108,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SentencePiece algorithm (default bpe)")
     p.add_argument("--data-dir", default=None, help="TFDS data dir: read --input as a dataset")
     p.add_argument("--split", default="train", help="dataset split to read (default train)")
-    p.add_argument("--text-key", default="text", help="text field (datasets, JSONL, Parquet; default text)")
+    p.add_argument("--text-key", default="text",
+                   help="text field (datasets, JSONL, Parquet; default text)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="format of local files (default: from the extension)")
     p.add_argument("--max-documents", type=int, default=200_000,
@@ -125,7 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="input format (default: from each file's extension)")
     p.add_argument("--text-key", default="text", help="field holding the text (default text)")
-    p.add_argument("--fields", default="", help="extra string fields to keep, comma-separated (default: none)")
+    p.add_argument("--fields", default="",
+                   help="extra string fields to keep, comma-separated (default: none)")
     p.add_argument("--text-unit", choices=TEXT_UNITS, default="file",
                    help="plain text: one document per file, paragraph or line (default file)")
     p.add_argument("--validation-fraction", type=float, default=0.05,

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--max-shard-size", default="5GB",
-                   help="hf: split the weights into files of at most this size (e.g. 2GB; default: 5GB)")
+                   help="hf: split the weights into files of at most this size "
+                        "(e.g. 2GB; default: 5GB)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="read a local Hugging Face model into a params-only run "

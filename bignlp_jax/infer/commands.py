@@ -59,5 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the sampling (default: 0; unused when greedy)")
     p.add_argument("--overflow", choices=("truncate", "error"), default="truncate",
-                   help="prompts longer than the context: keep their end (warn) or fail (default: truncate)")
+                   help="prompts longer than the context: keep their end (warn) or fail "
+                        "(default: truncate)")
     p.set_defaults(func=cmd_generate)

@@ -265,7 +265,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
     p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
     p.add_argument("--device", choices=sorted(DEVICES), default="h100",
-                   help="accelerator whose peak, memory and links the estimate uses (default: h100)")
+                   help="accelerator whose peak, memory and links the estimate uses "
+                        "(default: h100)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory per device in GiB (default: the --device's)")
     p.add_argument("--search", action="store_true",
