@@ -19,6 +19,7 @@ def saved_lr(run_dir) -> float:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["lr"]
 
 
+@pytest.mark.slow  # four short training runs in one directory
 def test_rerun_refuses_other_config_then_records_an_allowed_change(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(tmp_path, "train.steps=2", "train.log_every=5", "train.eval_every=3",
@@ -61,24 +62,19 @@ def test_rerun_refuses_other_config_then_records_an_allowed_change(tmp_path, cap
     assert saved_lr(run) == 0.001
 
 
-@pytest.mark.slow
-def test_cli_refuses_config_change_with_exit_2(tmp_path, cli_env):
-    import subprocess
+def test_cli_refuses_config_change_with_exit_2_and_allows_it_with_the_flag(tmp_path, capsys):
+    from helpers import TINY_MODEL
 
-    from conftest import bignlp_cmd
+    from bignlp_jax.cli import main
 
-    base = [f"run.dir={tmp_path}/run", "data.source=synthetic", "data.seq_len=16",
-            "model.vocab_size=64", "model.num_layers=1", "model.hidden=16", "model.num_heads=2",
-            "model.mlp_dim=32", "model.max_seq_len=16", "train.steps=1",
-            "train.global_batch_size=8", "checkpoint.async_save=false"]
-    run = lambda *extra: subprocess.run(  # noqa: E731
-        bignlp_cmd("train", "tiny", *base, *extra), env=cli_env, capture_output=True, text=True,
-        timeout=300)
-    assert run().returncode == 0
-    refused = run("run.seed=3")
-    assert refused.returncode == 2, refused.stderr
-    assert "run.seed: 0 (run) -> 3 (now)" in refused.stderr and "Traceback" not in refused.stderr
-    allowed = run("run.seed=3", "--allow-config-change")
-    assert allowed.returncode == 0, allowed.stderr
+    base = ["tiny", f"run.dir={tmp_path}/run", "data.source=synthetic", "data.seq_len=16",
+            "train.global_batch_size=8", "train.steps=1", "optimizer.lr=1e-2",
+            "optimizer.warmup_steps=0", "optimizer.schedule=constant", *TINY_MODEL]
+    assert main(["train", *base]) == 0
+    capsys.readouterr()
+    assert main(["train", *base, "run.seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "run.seed: 0 (run) -> 3 (now)" in err and "Traceback" not in err
+    assert main(["train", *base, "run.seed=3", "--allow-config-change"]) == 0
     assert json.loads((tmp_path / "run" / HISTORY_FILE).read_text())["changes"]["run.seed"] == {
         "old": 0, "new": 3}
