@@ -106,3 +106,21 @@ def test_library_prefix_is_not_doubled(monkeypatch, capsys):
     assert cli.main(["generate", "--run", "r", "--prompt", "x", "--top-p", "2"]) == 2
     assert capsys.readouterr().err == (
         "bignlp-jax generate: error: top_p must be in (0, 1], got 2.0\n")
+
+
+def test_only_storage_errors_count_as_unreadable_checkpoints():
+    from bignlp_jax.checkpoint.read_errors import is_read_error
+
+    def orbax_style(cause: BaseException) -> Exception:  # Orbax re-raises a bare Exception
+        try:
+            try:
+                raise cause
+            except BaseException as e:
+                raise Exception("Encountered error while reading array index") from e
+        except Exception as wrapped:
+            return wrapped
+
+    assert is_read_error(orbax_style(ValueError("DATA_LOSS: truncated chunk")))
+    assert is_read_error(FileNotFoundError("checkpoints/12/state/_METADATA"))
+    assert not is_read_error(orbax_style(TypeError("unsupported operand")))  # our bug
+    assert not is_read_error(AttributeError("'NoneType' object has no attribute 'shape'"))
