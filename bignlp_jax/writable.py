@@ -16,6 +16,8 @@ from bignlp_jax.errors import UserError
 def require_writable(path: str | Path, what: str, fix_key: str) -> None:
     """Create `path` if needed and prove a file can be written in it; UserError naming `what`
     (e.g. "run.dir"), the path, the OS's reason and `fix_key` (e.g. "run.dir=DIR") if not."""
+    if "://" in str(path):  # object storage (gs://...): the checkpointer reports its errors
+        return
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

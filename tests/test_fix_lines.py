@@ -54,3 +54,16 @@ def test_finetune_without_its_pretraining_run_says_to_run_the_pretraining(tmp_pa
     assert "init_from=runs/pretrain_stdlib: no such run" in message
     assert "`bignlp-jax train configs/pretrain_stdlib.yaml`" in message
     assert "bignlp-jax pipeline" in message and "tokenizer train" not in message
+
+
+def test_object_storage_paths_are_left_to_the_storage_layer(tmp_path, monkeypatch):
+    from bignlp_jax.train.identity import config_changes
+    from bignlp_jax.train.inputs import check_source_runs
+    from bignlp_jax.writable import require_writable
+
+    monkeypatch.chdir(tmp_path)
+    require_writable("gs://bucket/runs/a", "run.dir", "run.dir=DIR")
+    cfg = load_config("tiny", ["run.dir=gs://bucket/runs/a", "init_from=gs://bucket/runs/p"])
+    check_source_runs(cfg)
+    assert not config_changes(cfg, cfg.run.dir)
+    assert list(tmp_path.iterdir()) == []  # no local gs:/bucket/... directories made

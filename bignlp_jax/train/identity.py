@@ -101,9 +101,12 @@ def compare(old_tree: dict[str, Any], new: Config, run_dir: Path) -> ConfigChang
 
 def config_changes(cfg: Config, run_dir: str | Path) -> ConfigChanges:
     """Compare `cfg` with RUN_DIR/config.yaml (no changes when the run is new)."""
+    remote = "://" in str(run_dir)  # checked before Path() folds gs:// into gs:/
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
-    if not path.is_file():
+    # (a gs:// run.dir is not a local path: compared only once config.yaml is read through
+    # the same storage layer as the checkpoints; until then such runs are not checked)
+    if remote or not path.is_file():
         return ConfigChanges(run_dir)
     try:
         old_tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

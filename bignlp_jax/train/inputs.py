@@ -34,8 +34,8 @@ def configs_writing(run_dir: Path) -> list[Path]:
 def check_source_runs(cfg: Config) -> None:
     """UserError naming the missing run and how to make it, for `init_from` (and a
     `data.tokenizer` that points at the same run) when that path does not exist."""
-    if not cfg.init_from or cfg.init_from.startswith(HF_PREFIX):
-        return
+    if not cfg.init_from or cfg.init_from.startswith(HF_PREFIX) or "://" in cfg.init_from:
+        return  # Hugging Face dirs and object storage are checked where they are read
     source = Path(cfg.init_from).expanduser()
     if source.exists():
         return

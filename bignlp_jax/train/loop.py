@@ -108,7 +108,7 @@ def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
 
 def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -> dict:
     run_dir = Path(cfg.run.dir)
-    changes = config_changes(cfg, run_dir)  # before building anything: a refusal is instant
+    changes = config_changes(cfg, cfg.run.dir)  # before building anything: refusing is instant
     refuse_unless_allowed(changes, allow_config_change)
     if not changes.has_checkpoints:  # a resumed run no longer reads init_from
         check_source_runs(cfg)
