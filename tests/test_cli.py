@@ -24,7 +24,16 @@ def test_every_command_module_registers_its_table_entries():
 
 
 def test_every_option_has_help_text():
-    parser = cli.build_parser()
+    import importlib
+
+    sys.path.insert(0, str(__import__("conftest").REPO))
+    for parser in (cli.build_parser(), importlib.import_module("launch.k8s").build_parser(),
+                   importlib.import_module("launch.slurm").build_parser()):
+        check_help(parser)
+
+
+def check_help(parser: argparse.ArgumentParser) -> None:
+    """Every argument has help, and every option with a default says what it is."""
     stack = [parser]
     while stack:
         p = stack.pop()
@@ -33,7 +42,7 @@ def test_every_option_has_help_text():
                 stack.extend(action.choices.values())
             elif not isinstance(action, argparse._HelpAction):
                 assert action.help, f"{p.prog}: {action.dest} has no help text"
-                if action.option_strings and action.default not in (None, False):
+                if action.option_strings and action.default not in (None, False, []):
                     assert "default" in action.help.lower(), f"{p.prog} {action.dest}"
 
 
