@@ -1,21 +1,65 @@
 """`bignlp-jax` command line: one sub-command per job, each a thin call into the library.
 
-Usage errors and bad input exit with code 2 and one readable message (no traceback).
+Bad input exits with code 2 and one readable message (add --verbose for the traceback); a bug
+in bignlp-jax itself exits 1 with its traceback and a line asking for a bug report.
+Start-up stays light: only the chosen sub-command's module is imported, and nothing here imports
+jax, so `--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
+import traceback
 
 from bignlp_jax.errors import Preempted, UserError
+from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
 from bignlp_jax.perf.hugepages import reexec_with_huge_pages
+from bignlp_jax.writable import require_writable
+
+BUG_REPORT = ("this is a bug in bignlp-jax, not in your input: please report it with the "
+              "command you ran and the traceback above")
+
+EXAMPLES = """examples (from a source checkout, with the venv active: `source .venv/bin/activate`):
+  bignlp-jax train configs/tiny.yaml                     # a 1-minute run (run.dir in the file)
+  bignlp-jax train configs/tiny.yaml train.steps=200 optimizer.lr=1e-3 run.dir=runs/mine
+  bignlp-jax describe configs/models/gpt3_175b.yaml --devices 512 mesh.fsdp=64 mesh.tensor=8
+  bignlp-jax pipeline configs/pipelines/default.yaml     # tokenizer -> ... -> report.md
+  bignlp-jax eval runs/tiny
+  bignlp-jax generate --run runs/pipeline/pretrain --prompt "def main("
+  bignlp-jax export --run runs/tiny --out exported/tiny
+run `bignlp-jax COMMAND --help` for a command's options."""
+
+# Sub-command -> (module with `register(subparsers)`, one-line help for the top-level listing).
+# Only the module of the command being run is imported (jax and friends take ~1 s to import).
+# tests/test_cli.py checks each module registers exactly these names with these help lines.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("bignlp_jax.cli", "train (pretrain or finetune) a model from a config"),
+    "describe": ("bignlp_jax.cli", "parameters, FLOPs/token and memory/device of a config"),
+    "tokenizer": ("bignlp_jax.data.commands", "train SentencePiece tokenizers"),
+    "data": ("bignlp_jax.data.commands", "prepare TFDS datasets"),
+    "eval": ("bignlp_jax.evaluate.commands",
+             "evaluate a run's checkpoint on held-out data -> eval.json"),
+    "generate": ("bignlp_jax.infer.commands", "continue text prompts with a trained run"),
+    "pipeline": ("bignlp_jax.pipeline.commands",
+                 "tokenizer -> pretrain -> finetune -> evaluate -> export"),
+    "bench": ("bignlp_jax.perf.bench", "time the train step: tokens/s, MFU, memory"),
+    "plan": ("bignlp_jax.perf.plan_command",
+             "compile the train step ahead of time for N devices: memory, mesh search"),
+    "export": ("bignlp_jax.export.commands",
+               "write a run's weights as a Hugging Face model or a params-only bundle"),
+    "import": ("bignlp_jax.export.commands",
+               "read a local Hugging Face model into a params-only run directory (use it "
+               "with init_from=RUN_DIR)"),
+}
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config (path, or name under configs/, e.g. tiny)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 mesh.fsdp=4")
+    p.add_argument("config", metavar="CONFIG",
+                   help="YAML config (path, or name under configs/, e.g. tiny)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.steps=10 mesh.fsdp=4 (default: none)")
 
 
 def cmd_train(args) -> int:
@@ -23,11 +67,14 @@ def cmd_train(args) -> int:
     from bignlp_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    require_writable(cfg.run.dir, "run.dir", "run.dir=DIR")  # before building the model
+    train(cfg, allow_config_change=args.allow_config_change)
     return 0
 
 
 def cmd_describe(args) -> int:
+    import json
+
     from bignlp_jax.config import load_config
     from bignlp_jax.model.flops import describe
     from bignlp_jax.parallel.mesh import MESH_AXES, mesh_shape
@@ -52,43 +99,60 @@ def cmd_describe(args) -> int:
     return 0
 
 
-# Modules that add their own sub-commands: each has `register(subparsers)` which adds parsers
-# with `set_defaults(func=...)`. Keeps this file thin as commands grow.
-COMMAND_MODULES: list[str] = [
-    "bignlp_jax.data.commands",
-    "bignlp_jax.evaluate.commands",
-    "bignlp_jax.infer.commands",
-    "bignlp_jax.pipeline.commands",
-    "bignlp_jax.perf.bench",
-    "bignlp_jax.perf.plan_command",
-    "bignlp_jax.export.commands",
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
-
-    parser = argparse.ArgumentParser(prog="bignlp-jax", description=__doc__.splitlines()[0])
-    add_distributed_arguments(parser)  # top-level: `bignlp-jax --coordinator H:P ... train ...`
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-
-    p = sub.add_parser("train", help="train (pretrain or finetune) a model from a config")
+def register(sub: argparse._SubParsersAction) -> None:
+    """This module's own commands: train and describe."""
+    p = sub.add_parser("train", help=COMMANDS["train"][1],
+                       usage="%(prog)s CONFIG [KEY=VALUE ...] [--allow-config-change]\n"
+                       "  e.g. bignlp-jax train tiny train.steps=50",
+                       description="Train from CONFIG (a YAML path or a name under configs/, "
+                       "e.g. tiny) plus dotted overrides. Rerunning the same command resumes "
+                       "the run in run.dir.",
+                       epilog="example: bignlp-jax train tiny train.steps=200 run.dir=runs/mine")
     config_args(p)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the run's config.yaml in keys "
+                        "other than steps/time/cadence; the change is recorded in "
+                        "RUN_DIR/config_history.jsonl (default: refuse and show the diff)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("describe", help="parameters, FLOPs/token and memory/device of a config")
+    p = sub.add_parser("describe", help=COMMANDS["describe"][1])
     config_args(p)
-    p.add_argument("--devices", type=int, default=None, help="devices to lay the mesh over")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices to lay the mesh over (default: the devices jax sees)")
     p.set_defaults(func=cmd_describe)
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is one), if any."""
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `argv`, only the module of the command it names is
+    imported (the others get a placeholder that carries their help line)."""
+    parser = argparse.ArgumentParser(
+        prog="bignlp-jax", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of errors too (default: one line)")
+    add_distributed_arguments(parser)  # top-level: `bignlp-jax --coordinator H:P ... train ...`
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else _chosen_command(argv)
+    registered: set[str] = set()
+    for name, (module, summary) in COMMANDS.items():
+        if name in registered:
+            continue
+        if argv is None or (chosen is not None and module == COMMANDS[chosen][0]):
+            importlib.import_module(module).register(sub)
+            registered |= {n for n, (m, _) in COMMANDS.items() if m == module}
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """argparse, but `key=value` overrides may also follow options (`describe C --devices 8 a=1`)."""
+    """argparse, but `key=value` overrides may also follow options
+    (`describe C --devices 8 a=1`)."""
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray or (extra and not hasattr(args, "overrides")):
@@ -98,22 +162,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def _one_line(command: str, error: BaseException) -> str:
+    """The message without a repeated `command:` prefix (library messages carry their own)."""
+    text = str(error)
+    for prefix in (f"{command}: ", f"{command.split()[0]}: "):
+        text = text.removeprefix(prefix)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(build_parser(argv), argv)
+    command = args.command
     try:
         from bignlp_jax.parallel.distributed import maybe_initialize
 
         maybe_initialize(args)  # joins a multi-process job (SLURM, Kubernetes, flags) first
         return args.func(args)
     except UserError as e:
-        print(f"bignlp-jax {args.command}: error: {e}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"bignlp-jax {command}: error: {_one_line(command, e)}", file=sys.stderr)
         return e.exit_code
     except Preempted as e:  # checkpoint saved; exit 75 asks the launcher to run us again
-        print(f"bignlp-jax {args.command}: {e}", file=sys.stderr)
+        print(f"bignlp-jax {command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"bignlp-jax {args.command}: interrupted", file=sys.stderr)
+        print(f"bignlp-jax {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+        traceback.print_exc()
+        print(f"bignlp-jax {command}: internal error: {BUG_REPORT}", file=sys.stderr)
+        return 1
 
 
 def entry() -> int:

@@ -133,6 +133,19 @@ def load_run_config(target: str, overrides: list[str]):
         raise LaunchError(str(e)) from None
 
 
+def require_modules(*modules: str, why: str) -> None:
+    """LaunchError (one line, exit 2) when this Python lacks `modules`: launchers are run with
+    the project's virtual environment, whose interpreter the jobs they write also use."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LaunchError(
+            f"this Python ({sys.executable}) has no {', '.join(missing)}, which {why}; run the "
+            f"launcher with the project's virtual environment: `.venv/bin/python "
+            f"{Path(sys.argv[0]).as_posix()} ...` (or `source .venv/bin/activate` first)")
+
+
 def main_wrapper(main) -> int:
     """Run a launcher's main(): LaunchError -> one message on stderr and exit code 2."""
     try:

@@ -20,7 +20,13 @@ How the processes find each other:
 
 Restarts: a failed pod fails its Job and JobSet recreates all of them (`--max-restarts`), so a
 preempted run (exit 75 after a checkpoint) resumes from its checkpoint; bad input (exit 2) fails
-the JobSet at once. Checkpoints must live on storage every pod sees (`--pvc`, or a bucket mount).
+the JobSet at once. Checkpoints must live on storage every pod sees (`--pvc`, or a bucket mount):
+`render` warns when no --pvc is given or the run's output directory (a pipeline's output_dir, a
+config's run.dir) is not under one. The container's working directory (`--workdir`, default the
+first --pvc mount) is set explicitly, so a relative output directory lands on that volume.
+
+The manifest targets JobSet v1alpha2 (v0.8 or newer, for dependsOn) and Kubernetes 1.30+
+(podFailurePolicy); tests/test_launch_k8s.py validates it against both schemas.
 """
 
 from __future__ import annotations
@@ -30,16 +36,23 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
+from pathlib import Path, PurePosixPath
 
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import (  # noqa: E402
-    LaunchError, Stage, bignlp_jax_command, main_wrapper, plan_stages,
+    LaunchError,
+    Stage,
+    bignlp_jax_command,
+    is_pipeline,
+    load_run_config,
+    main_wrapper,
+    plan_stages,
+    require_modules,
+    resolve_target,
 )
 
 CONTAINER = "bignlp-jax"
@@ -67,6 +80,11 @@ class K8sOptions:
     max_restarts: int = 10
     init_timeout: int = 900  # pods of a stage may start minutes apart (image pulls, scale-up)
     executable: str = "bignlp-jax"
+    workdir: str | None = None  # container workingDir (None: the first PVC's mount path)
+
+    @property
+    def working_dir(self) -> str | None:
+        return self.workdir or next(iter(self.pvcs.values()), None)
 
     @property
     def tpu(self) -> bool:
@@ -127,6 +145,7 @@ def _pod_spec(opts: K8sOptions, stage: Stage, stage_name: str) -> dict:
         "command": [opts.executable, *stage.args],  # exec form: no shell in between
         "env": _env(opts, stage_name),
         "ports": [{"containerPort": opts.port, "name": "coordinator"}],
+        **({"workingDir": opts.working_dir} if opts.working_dir else {}),
         "resources": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
     }
     spec: dict = {"restartPolicy": "Never", "containers": [container]}
@@ -195,7 +214,8 @@ def render_jobset(stages: list[Stage], opts: K8sOptions) -> dict:
             "failurePolicy": {
                 "maxRestarts": opts.max_restarts,
                 # a Job failed by the podFailurePolicy above (bad input) is not retried
-                "rules": [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+                "rules": [{"name": "failOnUserError", "action": "FailJobSet",
+                           "onJobFailureReasons": ["PodFailurePolicy"]}],
             },
             "replicatedJobs": replicated,
         },
@@ -203,18 +223,60 @@ def render_jobset(stages: list[Stage], opts: K8sOptions) -> dict:
 
 
 def to_yaml(manifest: dict) -> str:
+    import yaml  # here, so a Python without it gets require_modules' line, not a traceback
+
     return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)
 
 
-def apply(text: str, path: Path) -> None:
+def apply(text: str, path: Path | None) -> None:
+    """`kubectl apply` the manifest: from `path` (--out, kept) or from a temporary file that is
+    removed afterwards, whether kubectl succeeds or not (no stray files in the working dir)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        raise LaunchError(f"kubectl not found on PATH; the manifest is in {path}: apply it where "
-                          "kubectl talks to your cluster (`kubectl apply -f FILE`)")
-    proc = subprocess.run([kubectl, "apply", "-f", str(path)], capture_output=True, text=True)
+        kept = (f"the manifest is in {path}: apply it" if path else
+                "write the manifest with `k8s.py render ... --out FILE` and apply it")
+        raise LaunchError(f"kubectl not found on PATH; {kept} where kubectl talks to your "
+                          "cluster (`kubectl apply -f FILE`)")
+    with tempfile.TemporaryDirectory(prefix="bignlp-k8s-") as tmp:
+        file = path or Path(tmp) / "jobset.yaml"
+        if path is None:
+            file.write_text(text, encoding="utf-8")
+        proc = subprocess.run([kubectl, "apply", "-f", str(file)], capture_output=True,
+                              text=True)
     if proc.returncode != 0:
-        raise LaunchError(f"kubectl apply -f {path} failed: {proc.stderr.strip()}")
+        raise LaunchError(f"kubectl apply failed: {proc.stderr.strip()}"
+                          + (f" (the manifest is in {path})" if path else ""))
     print(proc.stdout.strip())
+
+
+def output_dir_of(target: str, overrides: list[str]) -> str | None:
+    """Where the job writes (as the container sees it): a pipeline's output_dir, a config's
+    run.dir; None if the file cannot be read here (bignlp-jax reports it in the job)."""
+    resolved = resolve_target(target)
+    try:
+        if is_pipeline(resolved):
+            from bignlp_jax.pipeline.spec import Pipeline
+
+            return Pipeline.load(resolved, overrides).spec.output_dir
+        return load_run_config(resolved, overrides).run.dir
+    except LaunchError:
+        return None
+
+
+def storage_warnings(output_dir: str | None, opts: K8sOptions) -> list[str]:
+    """Why checkpoints might not survive a pod restart, or not be shared between pods."""
+    if output_dir is None or "://" in output_dir:  # gs://... is shared storage already
+        return []
+    if not opts.pvcs:
+        return [f"no --pvc given: {output_dir} (checkpoints, logs) is written inside each pod "
+                "and lost when it restarts; mount shared storage with --pvc CLAIM:/PATH"]
+    where = PurePosixPath(opts.working_dir or "/") / output_dir  # absolute stays absolute
+    mounts = [PurePosixPath(m) for m in opts.pvcs.values()]
+    if not any(where == m or m in where.parents for m in mounts):
+        return [f"{output_dir} resolves to {where} in the container, which is on no --pvc mount "
+                f"({', '.join(map(str, mounts))}); its checkpoints are lost when a pod restarts. "
+                "Use a path under a mount, or --workdir MOUNT for a relative one"]
+    return []
 
 
 def _pairs(items: list[str], flag: str, sep: str = "=") -> dict[str, str]:
@@ -235,27 +297,42 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=help_)
         p.add_argument("target", metavar="PIPELINE_OR_CONFIG",
                        help="path as seen inside the container")
-        p.add_argument("overrides", nargs="*")
+        p.add_argument("overrides", nargs="*", default=[],
+                       help="dotted overrides passed to bignlp-jax, e.g. train.steps=100")
         p.add_argument("--image", required=True, help="container image with bignlp-jax")
         p.add_argument("--name", help="JobSet name (default: from the file name)")
-        p.add_argument("--nodes", type=int, default=1, help="pods (processes) per stage/slice")
-        p.add_argument("--gpus-per-node", type=int, default=0)
+        p.add_argument("--nodes", type=int, default=1, help="pods (processes) per stage/slice (default 1)")
+        p.add_argument("--gpus-per-node", type=int, default=0,
+                       help="GPUs per pod (default 0: none, or a TPU slice)")
         p.add_argument("--tpu-accelerator", help="GKE TPU type, e.g. tpu-v5p-slice")
         p.add_argument("--tpu-topology", help="TPU slice topology, e.g. 2x2x4")
-        p.add_argument("--tpu-chips-per-node", type=int, default=4)
-        p.add_argument("--slices", type=int, default=1, help="TPU slices (multislice)")
-        p.add_argument("--namespace")
-        p.add_argument("--service-account")
-        p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
-        p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--tpu-chips-per-node", type=int, default=4,
+                       help="TPU chips per host (default 4)")
+        p.add_argument("--slices", type=int, default=1,
+                       help="TPU slices (multislice; default 1)")
+        p.add_argument("--namespace", help="Kubernetes namespace (default: kubectl's)")
+        p.add_argument("--service-account", help="pod service account (default: the namespace's)")
+        p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                       help="schedule pods on nodes with this label (repeatable; default: none)")
+        p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                       help="environment variable of the container (repeatable; default: none)")
         p.add_argument("--pvc", action="append", default=[], metavar="CLAIM:MOUNT_PATH",
-                       help="mount a PersistentVolumeClaim (shared run/checkpoint storage)")
-        p.add_argument("--cpu")
-        p.add_argument("--memory")
-        p.add_argument("--port", type=int, default=8476, help="coordinator port (GPU)")
-        p.add_argument("--max-restarts", type=int, default=10)
-        p.add_argument("--init-timeout", type=int, default=900)
-        p.add_argument("--bignlp-jax", dest="executable", default="bignlp-jax")
+                       help="mount a PersistentVolumeClaim (shared run/checkpoint storage; "
+                            "repeatable; default: none, with a warning)")
+        p.add_argument("--workdir", metavar="DIR",
+                       help="container working directory, where relative paths point (default: "
+                            "the first --pvc mount path; without --pvc, the image's)")
+        p.add_argument("--cpu", help="CPU request per pod, e.g. 16 (default: none)")
+        p.add_argument("--memory", help="memory request and limit per pod, e.g. 200Gi "
+                                        "(default: none)")
+        p.add_argument("--port", type=int, default=8476,
+                       help="coordinator port (GPU; default 8476)")
+        p.add_argument("--max-restarts", type=int, default=10,
+                       help="times the JobSet recreates failed pods (default 10)")
+        p.add_argument("--init-timeout", type=int, default=900,
+                       help="seconds a process waits for the others to join (default 900)")
+        p.add_argument("--bignlp-jax", dest="executable", default="bignlp-jax",
+                       help="the CLI's path inside the image (default: bignlp-jax)")
         p.add_argument("--out", help="manifest file (render: default stdout)")
     return parser
 
@@ -264,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        require_modules("yaml", "pydantic", why="k8s.py reads the config or pipeline with")
         # stage names come from the local copy of the pipeline (the repository in the image);
         # inside the container the file keeps the path the user gave
         stages = plan_stages(bignlp_jax_command(), args.target, args.overrides,
@@ -277,15 +355,17 @@ def main(argv: list[str] | None = None) -> int:
             node_selector=_pairs(args.node_selector, "--node-selector"),
             env=_pairs(args.env, "--env"), pvcs=_pairs(args.pvc, "--pvc", ":"),
             cpu=args.cpu, memory=args.memory, port=args.port, max_restarts=args.max_restarts,
-            init_timeout=args.init_timeout, executable=args.executable,
+            init_timeout=args.init_timeout, executable=args.executable, workdir=args.workdir,
         )
         text = to_yaml(render_jobset(stages, opts))
-        if args.command == "render" and not args.out:
+        for warning in storage_warnings(output_dir_of(args.target, args.overrides), opts):
+            print(f"k8s.py: warning: {warning}", file=sys.stderr)
+        path = Path(args.out) if args.out else None
+        if path is not None:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+        if args.command == "render" and path is None:
             sys.stdout.write(text)
-            return 0
-        path = Path(args.out or f"{opts.name}.jobset.yaml")
-        path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
         if args.command == "apply":
             apply(text, path)
         return 0

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `launch` importable from 
 
 from launch.common import (  # noqa: E402
     LaunchError, Stage, bignlp_jax_command, is_pipeline, load_run_config, main_wrapper,
-    pipeline_output, plan_stages, resolve_target,
+    pipeline_output, plan_stages, require_modules, resolve_target,
 )
 
 REQUEUE_EXIT_CODE = 75  # bignlp_jax.errors.REQUEUE_EXIT_CODE: "checkpoint saved, run me again"
@@ -230,17 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slurm.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", help="write and submit the sbatch scripts of a config/pipeline")
-    p.add_argument("target", metavar="PIPELINE_OR_CONFIG")
-    p.add_argument("overrides", nargs="*", help="dotted overrides passed to every stage")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("target", metavar="PIPELINE_OR_CONFIG",
+                   help="a pipeline file or a run config (path, or name under configs/)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted overrides passed to every stage")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per job (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: request no GPUs")
     p.add_argument("--tasks-per-node", type=int, default=1,
-                   help="processes per node: 1 (each sees all its GPUs) or the GPU count")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--partition")
+                   help="processes per node: 1 (each sees all its GPUs; default) or the GPU "
+                        "count")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per task (default: SLURM's)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     p.add_argument("--time", help="time limit, e.g. 04:00:00")
-    p.add_argument("--account")
-    p.add_argument("--qos")
+    p.add_argument("--account", help="account to charge (default: yours)")
+    p.add_argument("--qos", help="quality of service (default: the account's)")
     p.add_argument("--job-name", help="job name prefix (default: bignlp-<run.name>); the "
                    "stage name is appended")
     p.add_argument("--container-image", help="run tasks in this image (pyxis/enroot srun)")
@@ -250,12 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
     p.add_argument("--signal-before", type=int, default=300,
-                   help="seconds before the time limit at which tasks get SIGTERM")
+                   help="seconds before the time limit at which tasks get SIGTERM (default 300)")
     p.add_argument("--no-requeue", dest="requeue", action="store_false",
-                   help="do not requeue a job that stopped with a checkpoint")
-    p.add_argument("--max-restarts", type=int, default=20)
+                   help="do not requeue a job that stopped with a checkpoint (default: requeue)")
+    p.add_argument("--max-restarts", type=int, default=20,
+                   help="requeues of one job before it counts as failed (default 20)")
     p.add_argument("--task-exit-wait", type=int, default=60,
-                   help="seconds after the first task ends before SLURM kills the others")
+                   help="seconds after the first task ends before SLURM kills the others "
+                        "(default 60)")
     p.add_argument("--bignlp-jax", dest="executable",
                    help="bignlp-jax inside the job (default: the one next to this Python, "
                         "or `bignlp-jax` in a container)")
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        if not args.container_image and not args.executable:  # the jobs run this interpreter
+            require_modules("jax", "bignlp_jax", why="the SLURM jobs run bignlp-jax with")
         opts = SlurmOptions(
             nodes=args.nodes, gpus_per_node=args.gpus_per_node,
             tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,

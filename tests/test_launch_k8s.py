@@ -100,3 +100,91 @@ def test_cli_render_and_apply_without_kubectl(tmp_path, capsys, monkeypatch):
     assert main(["apply", "--image", "img", "--out", str(out), "tiny"]) == 2
     assert "kubectl not found" in capsys.readouterr().err
     assert yaml.safe_load(out.read_text())["kind"] == "JobSet"  # kept for a manual apply
+
+
+# -- the manifests against the published schemas ------------------------------------------------
+KUBERNETES_VERSION = "1.33"  # a current release; podFailurePolicy is GA since 1.31
+JOBSET_SCHEMA = REPO / "tests" / "schemas" / "jobset_v1alpha2_subset.json"
+
+
+def check_against_schemas(manifest: dict) -> None:
+    """The JobSet against the CRD subset, every Job template (pod template included) against
+    the Kubernetes OpenAPI schema, and the dependsOn rules the CRD states in prose."""
+    import json
+
+    import jsonschema
+    import kubernetes_validate
+
+    jsonschema.validate(manifest, json.loads(JOBSET_SCHEMA.read_text()))
+    names = []
+    for job in manifest["spec"]["replicatedJobs"]:
+        kubernetes_validate.validate(
+            {"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {"name": f"{manifest['metadata']['name']}-{job['name']}-0"},
+             "spec": job["template"]["spec"]}, KUBERNETES_VERSION, strict=True)
+        for dep in job.get("dependsOn", []):  # "the first ReplicatedJob cannot use DependsOn"
+            assert names and dep["name"] in names, job["name"]
+        names.append(job["name"])
+
+
+def test_gpu_and_tpu_manifests_pass_the_kubernetes_and_jobset_schemas():
+    gpu = K8sOptions(name="demo", image="ghcr.io/x/bignlp:1", nodes=4, gpus_per_node=8,
+                     pvcs={"runs": "/runs", "data": "/data"}, env={"NCCL_DEBUG": "WARN"},
+                     namespace="ml", cpu="16", memory="200Gi", service_account="trainer",
+                     node_selector={"pool": "h100"})
+    tpu = K8sOptions(name="tpu-run", image="img", nodes=4, tpu_accelerator="tpu-v5p-slice",
+                     tpu_topology="2x4x4", tpu_chips_per_node=4, slices=2,
+                     pvcs={"runs": "/runs"})
+    single = K8sOptions(name="one", image="img")
+    for opts in (gpu, tpu, single):
+        manifest = render_jobset(STAGES, opts)
+        check_against_schemas(yaml.safe_load(to_yaml(manifest)))
+
+
+def test_schema_check_catches_what_the_api_server_would_refuse():
+    import jsonschema
+    import kubernetes_validate
+
+    manifest = render_jobset(STAGES, K8sOptions(name="demo", image="img", gpus_per_node=8))
+    del manifest["spec"]["failurePolicy"]["rules"][0]["name"]  # required by the CRD
+    with pytest.raises(jsonschema.ValidationError, match="'name' is a required property"):
+        check_against_schemas(manifest)
+    manifest = render_jobset(STAGES, K8sOptions(name="demo", image="img", gpus_per_node=8))
+    manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "containers"][0]["ports"][0]["containerPort"] = "8476"  # must be an integer
+    with pytest.raises(kubernetes_validate.ValidationError):
+        check_against_schemas(manifest)
+
+
+def test_render_sets_working_dir_and_warns_about_storage(tmp_path, capsys):
+    assert main(["render", "--image", "img", "tiny"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: no --pvc given: runs/tiny" in captured.err
+    assert "workingDir" not in captured.out  # nothing to point it at: the image's own
+
+    assert main(["render", "--image", "img", "--pvc", "runs:/mnt/runs", "tiny"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # relative run.dir, working dir on the volume: covered
+    pod = yaml.safe_load(captured.out)["spec"]["replicatedJobs"][0]["template"]["spec"][
+        "template"]["spec"]
+    assert pod["containers"][0]["workingDir"] == "/mnt/runs"
+
+    assert main(["render", "--image", "img", "--pvc", "runs:/mnt/runs", "tiny",
+                 "run.dir=/scratch/x"]) == 0
+    assert "/scratch/x resolves to /scratch/x in the container, which is on no --pvc mount" in (
+        capsys.readouterr().err)
+    assert main(["render", "--image", "img", "--pvc", "runs:/mnt/runs", "--workdir", "/app",
+                 "pipelines/mini"]) == 0
+    assert "runs/pipeline_mini resolves to /app/runs/pipeline_mini" in capsys.readouterr().err
+
+
+def test_apply_leaves_no_stray_manifest_when_kubectl_fails(tmp_path, capsys, monkeypatch):
+    kubectl = tmp_path / "bin" / "kubectl"
+    kubectl.parent.mkdir()
+    kubectl.write_text("#!/bin/sh\necho 'error: no cluster' >&2\nexit 1\n")
+    kubectl.chmod(0o755)
+    monkeypatch.setenv("PATH", str(kubectl.parent))
+    monkeypatch.chdir(tmp_path)
+    assert main(["apply", "--image", "img", "--pvc", "runs:/runs", "tiny"]) == 2
+    assert "kubectl apply failed: error: no cluster" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]

@@ -232,3 +232,17 @@ def test_bignlp_jax_command_is_this_environment():
     cli = bignlp_jax_command()
     assert Path(cli[0]).is_absolute()
     assert Path(cli[0]).parent == Path(sys.executable).parent or cli[1:] == ["-m", "bignlp_jax.cli"]
+
+
+def test_launcher_run_by_a_python_without_jax_says_to_use_the_venv(monkeypatch, capsys):
+    import importlib.util
+
+    from launch import slurm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax" else real(name, *a))
+    assert slurm.main(["submit", "--dry-run", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no jax" in err
+    assert ".venv/bin/python" in err and "source .venv/bin/activate" in err

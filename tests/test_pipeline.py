@@ -53,7 +53,7 @@ def test_mini_pipeline_end_to_end_and_rerun(tmp_path, env, capsys):
     before = ckpt.stat().st_mtime_ns
     again = run_cli(*args, env=env)
     for stage in stages:
-        assert f"[pipeline] {stage}: complete, skipped" in again.stdout
+        assert f"[pipeline] {stage}: complete and current, skipped" in again.stdout
     assert ckpt.stat().st_mtime_ns == before
     assert "## Task finetuning" in again.stdout  # the report is printed again
 
@@ -67,10 +67,42 @@ def test_mini_pipeline_end_to_end_and_rerun(tmp_path, env, capsys):
     assert main(["eval", str(out / "finetune"), "task.eval_examples=8"]) == 0
     assert json.loads((out / "finetune" / "eval.json").read_text())["examples"] == 8
     assert "eval_accuracy" in (out / "finetune" / "metrics.jsonl").read_text()
+    lines = (out / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert main(["eval", str(out / "finetune"), "task.eval_examples=8"]) == 0  # idempotent
+    assert (out / "finetune" / "metrics.jsonl").read_text().splitlines()[:-1] == lines[:-1]
+    assert len((out / "finetune" / "metrics.jsonl").read_text().splitlines()) == len(lines)
 
-    # bad input, in-process (exit code 2 and one message)
+    # bad input, in-process (exit code 2 and one message, no doubled `generate:` prefix)
+    assert main(["generate", "--run", str(out / "pretrain"), "--prompt", "x",
+                 "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "bignlp-jax generate: error: max_new_tokens must be >= 1" in err, err
     assert main(["generate", "--run", str(out / "pretrain"), "--prompt", " "]) == 2
     assert "--prompt number 1 is empty" in capsys.readouterr().err
+
+    # more pretraining steps: with --refuse-stale the pipeline lists what is stale and stops
+    refused = run_cli(*args, "pretrain.train.steps=4", "--refuse-stale", env=env, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "pretrain: config train.steps: 3 -> 4" in refused.stderr
+    assert "finetune: pretrain changed" in refused.stderr and "evaluate:" in refused.stderr
+    assert "finetune_scratch" not in refused.stderr  # it does not read the pretrained model
+    # without it: pretraining continues to step 4, everything downstream of it reruns
+    old_finetune_ckpt = (out / "finetune" / "checkpoints" / "3").stat().st_mtime_ns
+    changed = run_cli(*args, "pretrain.train.steps=4", env=env)
+    assert "[pipeline] pretrain: stale (config train.steps: 3 -> 4); continuing" in changed.stdout
+    assert "[pipeline] finetune: stale (pretrain changed); rerunning" in changed.stdout
+    for stage in ["finetune", "evaluate"] + (["export"] if "export" in stages else []):
+        assert f"[pipeline] {stage}: stale (" in changed.stdout, stage
+        assert f"[pipeline] {stage}: done" in changed.stdout
+    assert "[pipeline] finetune_scratch: complete and current, skipped" in changed.stdout
+    moved = sorted((out / "stale").iterdir())
+    assert [m.name.split(".")[0] for m in moved] == sorted(
+        ["evaluate", "finetune"] + (["export"] if "export" in stages else []))
+    assert (out / "finetune" / "checkpoints" / "3").stat().st_mtime_ns != old_finetune_ckpt
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert results["pretrain"]["step"] == 4 and results["finetune"]["step"] == 3
+    # the finetuning started from the 4-step model: its run records the new upstream
+    assert "Stale stages" not in (out / "report.md").read_text()
 
 
 def test_pipeline_bad_stage_and_mismatched_models(tmp_path, capsys):

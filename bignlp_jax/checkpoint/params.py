@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
+from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.errors import UserError
 from bignlp_jax.model import abstract_params
@@ -41,8 +42,10 @@ def saved_tree(state_dir: Path) -> dict[str, Any]:
     """The metadata tree (shape/dtype per leaf) of a saved train state."""
     try:  # the handler alone: the step-level metadata lives one directory up
         meta = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute())
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same problem
-        raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from None
+    except Exception as e:
+        if not is_read_error(e):  # anything but unreadable metadata is a bug: traceback
+            raise
+        raise UserError(f"cannot read the checkpoint metadata in {state_dir}: {e}") from e
     return dict(getattr(meta, "tree", meta))
 
 
@@ -104,8 +107,10 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
             state_dir.absolute(), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from None
+    except Exception as e:
+        if not is_read_error(e):
+            raise
+        raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from e
     return restored["params"]
 
 

@@ -27,6 +27,7 @@ from bignlp_jax.checkpoint.paths import (
     complete_steps,
     resolve_step_dir,
 )
+from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.errors import UserError
 from bignlp_jax.train.state import TrainState, abstract_state, with_params
 
@@ -154,7 +155,7 @@ def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
     """The full TrainState of a step, resharded onto the trainer's mesh, and the data position;
     UserError naming the step, the problem and the previous good step if either is unusable."""
     target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh)
-    problem = _readable(step_dir, target)
+    problem, cause = _readable(step_dir, target), None
     if problem is None and not integrity.has_checksums(step_dir) and jax.process_index() == 0:
         print(f"checkpoint: step {step_dir.name} carries no checksums (written before they "
               "existed); restoring it unverified", flush=True)
@@ -162,10 +163,12 @@ def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
         check_fits(target, f"restoring checkpoint {step_dir}")
         try:
             return restore_state(step_dir, target), restore_data_state(step_dir)
-        except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
-            problem = _short(e)
+        except Exception as e:
+            if not is_read_error(e):  # a damaged step is the user's; anything else is a bug
+                raise
+            problem, cause = _short(e), e
     raise UserError(f"cannot resume from checkpoint step {step_dir.name} ({step_dir}):\n"
-                    f"  {problem}\n{_previous_good(step_dir, target)}")
+                    f"  {problem}\n{_previous_good(step_dir, target)}") from cause
 
 
 def start_state(trainer, source, run_dir: str | Path) -> Start:

@@ -99,12 +99,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True,
                    help="glob of local files, or a TFDS dataset name (with --data-dir; the "
                         "embedded stdlib_docs needs none)")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--out", required=True, help="directory for tokenizer.model + tokenizer.json")
-    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help="pieces in the vocabulary (set model.vocab_size to the same)")
+    p.add_argument("--out", required=True,
+                   help="directory for tokenizer.model + tokenizer.json (our description: "
+                        "vocab size, special ids, sha256)")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe",
+                   help="SentencePiece algorithm (default bpe)")
     p.add_argument("--data-dir", default=None, help="TFDS data dir: read --input as a dataset")
     p.add_argument("--split", default="train", help="dataset split to read (default train)")
-    p.add_argument("--text-key", default="text", help="text field (datasets, JSONL, Parquet)")
+    p.add_argument("--text-key", default="text",
+                   help="text field (datasets, JSONL, Parquet; default text)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="format of local files (default: from the extension)")
     p.add_argument("--max-documents", type=int, default=200_000,
@@ -121,10 +126,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="input format (default: from each file's extension)")
     p.add_argument("--text-key", default="text", help="field holding the text (default text)")
-    p.add_argument("--fields", default="", help="extra string fields to keep, comma-separated")
+    p.add_argument("--fields", default="",
+                   help="extra string fields to keep, comma-separated (default: none)")
     p.add_argument("--text-unit", choices=TEXT_UNITS, default="file",
                    help="plain text: one document per file, paragraph or line (default file)")
-    p.add_argument("--validation-fraction", type=float, default=0.05)
+    p.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="share of documents held out as the validation split (default 0.05)")
     p.add_argument("--validation-input", action="append",
                    help="glob of validation files (instead of --validation-fraction)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")

@@ -52,6 +52,10 @@ def _decode(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        if b"\0" in data[:8192]:  # text in any encoding has no NUL bytes: not a text file
+            raise UserError(f"{path} is a binary file, not text (NUL byte at offset "
+                            f"{data.index(0)})\n  fix: leave it out of --input (narrow the glob "
+                            "or pass --format), or give the text it was made from") from None
         line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path} is not UTF-8 text: byte {e.start} (line {line}) is "
                         f"0x{data[e.start]:02x}\n  fix: convert it, e.g. "
@@ -100,8 +104,8 @@ def read_documents(path: Path, fmt: str, fields: Sequence[str],
 
         try:
             table = pq.ParquetFile(path)
-        except Exception as e:  # ArrowInvalid and friends
-            raise UserError(f"{path} is not a readable Parquet file: {e}") from None
+        except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError OSError
+            raise UserError(f"{path} is not a readable Parquet file: {e}") from e
         columns = table.schema_arrow.names
         missing = [k for k in fields if k not in columns]
         if missing:

@@ -56,9 +56,10 @@ def _builder(name: str, data_dir: Path):
         )
     try:
         return tfds.builder(name, data_dir=str(data_dir))
-    except Exception as e:  # DatasetNotFoundError, bad version/config, unreadable info
+    except (ValueError, OSError, AssertionError) as e:  # DatasetNotFoundError is a ValueError;
+        # bad version/config; unreadable dataset_info.json. Others are our bugs: traceback.
         raise UserError(f"cannot open TFDS dataset {name!r} in {data_dir}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{str(e).splitlines()[0]}") from e
 
 
 def open_split(name: str, data_dir: str | Path | None, split: str,

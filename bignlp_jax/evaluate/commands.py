@@ -20,6 +20,20 @@ def resolve_run(target: str, overrides: list[str]):
 
         cfg = load_run_config(path)
         return validate(apply_overrides(cfg.model_dump(mode="json"), overrides)), path
+    if not path.exists() and path.suffix not in (".yaml", ".yml"):
+        from bignlp_jax.config.loader import resolve_config_path
+        from bignlp_jax.errors import UserError
+
+        try:
+            resolve_config_path(target)  # a config name such as `tiny` is fine
+        except UserError:
+            parent = path.parent if str(path.parent) not in ("", ".") else Path("runs")
+            runs = sorted(str(d) for d in parent.glob("*") if (d / "config.yaml").is_file())
+            raise UserError(
+                f"no run directory {target} (and no config of that name)\n  fix: pass a run "
+                "directory written by `bignlp-jax train` (it holds config.yaml and "
+                "checkpoints/)" + (f", e.g. {', '.join(runs[:5])}" if runs else "")
+                + ", or a config file whose run.dir to evaluate") from None
     cfg = load_config(target, overrides)
     return cfg, Path(cfg.run.dir)
 

@@ -113,11 +113,27 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        _drop_eval_lines(run_dir, results["step"] or 0)  # a rerun replaces, never duplicates
         logger = MetricsLogger(run_dir, 1, progress=False)
         logger.log(results["step"] or 0, {f"eval_{k}": v for k, v in results.items()
                                           if isinstance(v, (int, float)) and k != "step"})
         logger.close()
     return results
+
+
+def _drop_eval_lines(run_dir: Path, step: int) -> None:
+    """Remove earlier `bignlp-jax eval` lines (they carry eval_seconds) for `step` from
+    metrics.jsonl; training lines stay. Atomic: the old or the new file, never half."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or not (
+        (record := json.loads(line)).get("step") == step and "eval_seconds" in record)]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def read_eval(run_dir: str | Path) -> dict | None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.writable import require_writable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,19 +22,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--format", choices=("hf", "params"), default="hf",
                    help="hf: safetensors + config.json + tokenizer for transformers; params: "
-                        "params-only Orbax bundle for init_from / generate")
-    p.add_argument("--out", required=True, help="output directory")
+                        "params-only Orbax bundle for init_from / generate (default: hf)")
+    p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--max-shard-size", default="5GB",
-                   help="hf: split the weights into files of at most this size (e.g. 2GB)")
+                   help="hf: split the weights into files of at most this size "
+                        "(e.g. 2GB; default: 5GB)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="read a local Hugging Face model into a params-only run "
                                       "directory (use it with init_from=RUN_DIR)")
-    p.add_argument("--format", choices=("hf",), default="hf")
+    p.add_argument("--format", choices=("hf",), default="hf",
+                   help="format of --from: hf, a transformers model directory (default: hf)")
     p.add_argument("--from", dest="source", required=True, help="Hugging Face model directory")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--dtype", default="float32", help="saved dtype: float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="saved dtype: float32 (default) or bfloat16")
     p.set_defaults(func=cmd_import)
 
 
@@ -75,6 +78,9 @@ def cmd_export(args) -> int:
     from bignlp_jax.export.hf import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything
+    # the output is written beside --out and renamed into place: its parent must be writable
+    require_writable(Path(args.out).absolute().parent, f"--out {args.out}: its parent directory",
+                     "--out DIR")
     run = Path(args.run)
     cfg = load_run_config(run)
     if args.format == "hf":

@@ -47,11 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate after each prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample only from the K most likely tokens (default: no limit)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches P, "
+                        "0 < P <= 1 (default: no limit)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sampling (default: 0; unused when greedy)")
     p.add_argument("--overflow", choices=("truncate", "error"), default="truncate",
-                   help="prompts longer than the context: keep their end (warn) or fail")
+                   help="prompts longer than the context: keep their end (warn) or fail "
+                        "(default: truncate)")
     p.set_defaults(func=cmd_generate)

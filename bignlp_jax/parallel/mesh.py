@@ -33,6 +33,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
             f"mesh does not fit the devices: mesh.data={sizes['data']} x mesh.fsdp={sizes['fsdp']}"
             f" x mesh.tensor={sizes['tensor']} = {total} devices, but {num_devices} are "
             f"available\n  fix: make the product {num_devices}, or set one axis to -1 to fill"
+            + (f"; to try this mesh on a CPU, simulate {total} devices: XLA_FLAGS="
+               f"--xla_force_host_platform_device_count={total}" if total > num_devices else "")
         )
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 

@@ -156,7 +156,8 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML config (path, or name under configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.remat=full")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps after compiling (default 3)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: table, or a CPU probe)")
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic",

@@ -205,6 +205,10 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
     print(f"estimated step              {plan['est_step_s']:10.3f} s (compute {plan['compute_s']:.3f}"
           f" + comm {plan['comm_s']:.3f}), est. MFU {plan['est_mfu']:.1%}; compiled in "
           f"{plan['compile_s']:.1f}s")
+    if not plan["fits"]:
+        print("  fix: let `--search` find a mesh, remat and microbatches that fit; or plan for "
+              "more devices (--devices), shard the state further (mesh.fsdp), recompute "
+              "activations (model.remat=full) or split the batch (train.microbatches)")
 
 
 def cmd_plan(args) -> int:
@@ -261,7 +265,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
     p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
     p.add_argument("--device", choices=sorted(DEVICES), default="h100",
-                   help="accelerator whose peak, memory and links the estimate uses")
+                   help="accelerator whose peak, memory and links the estimate uses "
+                        "(default: h100)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory per device in GiB (default: the --device's)")
     p.add_argument("--search", action="store_true",

@@ -1,6 +1,8 @@
 """`bignlp-jax pipeline PIPELINE.yaml [--stage NAME] [--list-stages] [overrides]`.
 
-Without --stage, runs every stage in order (finished ones are skipped) and prints the report.
+Without --stage, runs every stage in order and prints the report. A stage is skipped only if it
+finished with the settings and inputs it has now; a stale stage reruns, and with it everything
+downstream (`--refuse-stale`: list the stale stages and stop instead).
 `--stage NAME` runs one stage (what the SLURM / Kubernetes launchers do, one job per stage);
 `--list-stages` prints the stage names as a JSON list on its last line.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from bignlp_jax.writable import require_writable
 
 
 def cmd_pipeline(args) -> int:
@@ -25,7 +29,9 @@ def cmd_pipeline(args) -> int:
     from bignlp_jax.errors import UserError
     from bignlp_jax.pipeline.report import write_report
     from bignlp_jax.pipeline.stages import execute
+    from bignlp_jax.pipeline.state import freshness, read_state, why_stale
 
+    require_writable(pipeline.out, "the pipeline's output_dir", "output_dir=DIR")
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.export.hf is not available)")
@@ -36,6 +42,16 @@ def cmd_pipeline(args) -> int:
         todo = [args.stage]
     else:
         todo = stages
+    if args.refuse_stale:
+        log = read_state(pipeline)
+        stale = [s for s in todo if freshness(pipeline, s, log) == "stale"]
+        if stale:
+            listed = "\n".join(f"  {s}: {why_stale(pipeline, s, log)}" for s in stale)
+            raise UserError(
+                f"pipeline {pipeline.path}: {len(stale)} stage(s) in {pipeline.out} were made "
+                f"from other settings or inputs:\n{listed}\n  fix: run without --refuse-stale "
+                "to redo them (old outputs are moved to "
+                f"{pipeline.out / 'stale'}), or put the old settings back")
     for stage in todo:
         execute(pipeline, stage)
     # the report needs the evaluation; after a lone earlier stage there is nothing to say yet
@@ -49,9 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="tokenizer -> pretrain -> finetune -> evaluate -> export")
     p.add_argument("pipeline", help="pipeline YAML (path, or name under configs/, e.g. "
                                     "pipelines/default)")
-    p.add_argument("overrides", nargs="*",
+    p.add_argument("overrides", nargs="*", default=[],
                    help="dotted overrides of the pipeline file, e.g. pretrain.train.steps=50")
     p.add_argument("--stage", default=None, help="run only this stage (see --list-stages)")
+    p.add_argument("--refuse-stale", action="store_true",
+                   help="if any stage's output was made from other settings or inputs, list "
+                        "those stages and exit 2 (default: rerun them and what depends on them)")
     p.add_argument("--list-stages", action="store_true",
                    help="print the stage names in order, as a JSON list on the last line")
     p.set_defaults(func=cmd_pipeline)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bignlp_jax.pipeline.spec import Pipeline
-from bignlp_jax.pipeline.stages import read_results, read_state
+from bignlp_jax.pipeline.stages import read_results
+from bignlp_jax.pipeline.state import freshness, read_state
 from bignlp_jax.train.metrics import read_metrics
 
 REPORT_FILE, PLOT_FILE = "report.md", "loss_curves.png"
@@ -74,11 +75,19 @@ def _pct(x: float) -> str:
 
 def build_report(p: Pipeline) -> str:
     stages = p.stages()
-    results = read_results(p) or {}
-    state = read_state(p)["stages"]
+    log = read_state(p)
+    state = log["stages"]
+    # only outputs made from the current settings and inputs are reported: results of an
+    # evaluation of older models, or curves of a superseded run, never sit beside new ones
+    fresh = {s: freshness(p, s, log) for s in stages}
+    results = (read_results(p) or {}) if fresh.get("evaluate") == "current" else {}
     lines = [f"# Pipeline report: {p.spec.name}", ""]
+    stale = [s for s in stages if fresh[s] == "stale"]
+    if stale:
+        lines += [f"**Stale stages, left out below: {', '.join(stale)}** (made from other "
+                  f"settings or inputs; run `bignlp-jax pipeline {p.path}` to redo them)", ""]
 
-    if "pretrain" in stages:
+    if "pretrain" in stages and fresh["pretrain"] == "current":
         cfg = p.run_config("pretrain")
         lines += ["## Pretraining", "",
                   (f"- model: {cfg.model.name} ({cfg.model.num_layers} layers, hidden "
@@ -117,7 +126,8 @@ def build_report(p: Pipeline) -> str:
     for stage in stages:
         entry = state.get(stage, {})
         seconds = entry.get("seconds")
-        lines.append(f"| {stage} | {entry.get('status', 'not run')} | "
+        status = "stale" if fresh[stage] == "stale" else entry.get("status", "not run")
+        lines.append(f"| {stage} | {status} | "
                      f"{'' if seconds is None else f'{seconds:.0f} s'} | {entry.get('note', '')} |")
     total = sum(e.get("seconds", 0.0) for s, e in state.items() if s in stages)
     lines += [f"| total | | {total:.0f} s | |", ""]

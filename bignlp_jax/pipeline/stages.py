@@ -1,9 +1,13 @@
-"""What each pipeline stage does, how it knows it is already done, and the stage log.
+"""What each pipeline stage does, and when it runs, reruns or is skipped.
 
-Stages are idempotent: a finished stage is skipped, an interrupted training stage continues
-from its newest checkpoint (train() resumes by itself), and the tokenizer and export stages
-write to a temporary directory and rename it, so a half-written output never counts as done.
-`OUT/pipeline.json` records each stage's status and wall time for the report.
+A stage is skipped only when its output is complete and current: made from the settings and
+inputs the pipeline has now (fingerprint.py). A stale stage (its settings or anything upstream
+changed) runs again, and so, through the fingerprints, does everything downstream; its old
+output is moved to OUT/stale/ first, except a training stage that may simply continue (only
+steps/cadence changed, same inputs), which resumes in place. An interrupted training stage
+continues from its newest checkpoint; the tokenizer and export stages write to a temporary
+directory and rename it, so a half-written output never counts as done.
+`OUT/pipeline.json` (state.py) records each stage's status, wall time and fingerprints.
 """
 
 from __future__ import annotations
@@ -14,10 +18,18 @@ import time
 import jax
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints, upstream
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
-
-STATE_FILE = "pipeline.json"
-RESULTS_FILE = "results.json"
+from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported for report.py
+    RESULTS_FILE,
+    STATE_FILE,
+    can_resume,
+    freshness,
+    read_state,
+    record,
+    set_aside,
+    why_stale,
+)
 
 
 def _barrier(name: str) -> None:
@@ -54,10 +66,15 @@ def read_results(p: Pipeline) -> dict | None:
 
 
 def _needs(p: Pipeline, stage: str, before: str) -> None:
-    if before in p.stages() and not is_done(p, before):
+    if before not in p.stages():
+        return
+    current = freshness(p, before)
+    if current != "current" or not is_done(p, before):
+        what = (f"is stale ({why_stale(p, before)})" if current == "stale"
+                else "is not complete")
         raise UserError(
             f"pipeline stage {stage} needs the output of stage {before} ({p.stage_dir(before)}), "
-            f"which is not complete\n  fix: run `bignlp-jax pipeline {p.path} --stage {before}` "
+            f"which {what}\n  fix: run `bignlp-jax pipeline {p.path} --stage {before}` "
             "first (or the whole pipeline without --stage)"
         )
 
@@ -143,41 +160,33 @@ def run_stage(p: Pipeline, stage: str) -> str:
     raise UserError(f"unknown pipeline stage {stage!r}; stages: {', '.join(p.stages())}")
 
 
-# -- the stage log ----------------------------------------------------------------------------
-def read_state(p: Pipeline) -> dict:
-    path = p.out / STATE_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}}
-
-
-def record(p: Pipeline, stage: str, status: str, seconds: float, note: str = "") -> None:
-    if jax.process_index() != 0:
-        return
-    state = read_state(p)
-    entry = state["stages"].get(stage, {})
-    if status == "skipped" and entry.get("status") == "done":
-        entry["skipped_at"] = time.time()  # keep the wall time of the run that did the work
-    else:
-        entry = {"status": status, "seconds": round(seconds, 1), "note": note,
-                 "finished_at": time.time()}
-    state["stages"][stage] = entry
-    p.out.mkdir(parents=True, exist_ok=True)
-    tmp = p.out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(p.out / STATE_FILE)
-
-
 def execute(p: Pipeline, stage: str, log=print) -> bool:
     """Run one stage unless it is done; True if it ran. Under a multi-process launch every
     process runs the stage; only process 0 logs (and `record` writes only there)."""
     say = log if jax.process_index() == 0 else (lambda message: None)
-    if is_done(p, stage):
-        say(f"[pipeline] {stage}: complete, skipped ({p.stage_dir(stage)})")
+    fresh = freshness(p, stage)
+    _barrier(f"bignlp_pipeline_{stage}_checked")  # all decide before process 0 moves anything
+    if fresh == "current" and is_done(p, stage):
+        say(f"[pipeline] {stage}: complete and current, skipped ({p.stage_dir(stage)})")
         record(p, stage, "skipped", 0.0)
         return False
+    for before in upstream(p, stage):  # refuse before moving or recording anything
+        _needs(p, stage, before)
+    if fresh == "stale":
+        reason = why_stale(p, stage)
+        if can_resume(p, stage):
+            say(f"[pipeline] {stage}: stale ({reason}); continuing the run in place")
+        else:
+            moved = set_aside(p, stage)
+            say(f"[pipeline] {stage}: stale ({reason}); rerunning"
+                + (f", old output moved to {moved}" if moved else ""))
+        _barrier(f"bignlp_pipeline_{stage}_set_aside")
     say(f"[pipeline] {stage}: running -> {p.stage_dir(stage)}")
+    mark = fingerprint(p, stage), input_fingerprints(p, stage)
+    record(p, stage, "running", 0.0, "", *mark)  # an interrupted run resumes, not restarts
     started = time.perf_counter()
     note = run_stage(p, stage)
     seconds = time.perf_counter() - started
-    record(p, stage, "done", seconds, note)
+    record(p, stage, "done", seconds, note, *mark)
     say(f"[pipeline] {stage}: done in {seconds:.0f} s ({note})")
     return True

@@ -20,12 +20,14 @@ from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
-from bignlp_jax.config import Config, save_config
+from bignlp_jax.config import Config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
 from bignlp_jax.perf.peak import mfu_meter
+from bignlp_jax.train.identity import config_changes, record_config, refuse_unless_allowed
+from bignlp_jax.train.inputs import check_source_runs
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
@@ -94,18 +96,25 @@ class Trainer:
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
 
-def train(cfg: Config, devices=None) -> dict:
+def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
     """Train until `train.steps`, resuming from the run's newest checkpoint; returns the last
     logged metrics. On SIGTERM/SIGINT or `train.max_time` it saves, waits until the checkpoint
-    is durable and raises `Preempted` (the CLI exits with REQUEUE_EXIT_CODE)."""
+    is durable and raises `Preempted` (the CLI exits with REQUEUE_EXIT_CODE).
+
+    A rerun must keep the run's config (train/identity.py): only steps, time and cadence keys
+    may change, unless `allow_config_change` (the change is then recorded in the run dir)."""
     # Signals are caught from the start: one arriving during the restore or the compile stops
     # the run after its first step, with a checkpoint. train.max_time counts from here too.
     with StopRequest(cfg.train.max_time) as stop:
-        return _train(cfg, devices, stop)
+        return _train(cfg, devices, stop, allow_config_change)
 
 
-def _train(cfg: Config, devices, stop: StopRequest) -> dict:
+def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -> dict:
     run_dir = Path(cfg.run.dir)
+    changes = config_changes(cfg, cfg.run.dir)  # before building anything: refusing is instant
+    refuse_unless_allowed(changes, allow_config_change)
+    if not changes.has_checkpoints:  # a resumed run no longer reads init_from
+        check_source_runs(cfg)
     check_writable(run_dir, "run.dir")  # before minutes of compiling, not at the first save
     check_writable(checkpoints_dir(run_dir), "checkpoint directory")
     if jax.process_index() == 0:
@@ -115,7 +124,7 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     start = start_state(trainer, source, run_dir)
     state, first = start.state, start.step
     if jax.process_index() == 0:  # after the restore: a config its checkpoints refuse is not kept
-        save_config(cfg, run_dir / "config.yaml")
+        record_config(cfg, changes, first)
     if first >= cfg.train.steps:
         if jax.process_index() == 0:
             print(f"{start.origin}: already at step {first} of {cfg.train.steps}; nothing to do")
@@ -130,22 +139,35 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     last: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     mfu_of = mfu_meter(cfg, trainer.mesh.size)  # the figure `bignlp-jax bench` reports
-    window_start, window_steps = time.perf_counter(), 0
+    run_start = window_start = time.perf_counter()
+    window_steps, compile_seconds = 0, None
     try:
         for step in range(first, cfg.train.steps):
             batch = trainer.device_batch(next(source))
             state, metrics = trainer.train_step(state, batch)
             done, window_steps = step + 1, window_steps + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            record: dict = {}
+            # the first step of every start is logged (step 1 of a new run): it shows the loss
+            # before training and, alone, the compile time, kept out of every throughput figure
+            if done == first + 1 or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
                 _check_finite(metrics, done, start)
                 elapsed = time.perf_counter() - window_start
                 last = {k: float(v) for k, v in metrics.items() if k != "tokens"}
-                last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                last["mfu"] = mfu_of(last["tokens_per_sec"])
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                    last.update(trainer.evaluate(state.params, cfg.train.eval_batches))
-                logger.log(done, last)
+                if compile_seconds is None:  # this step compiled the program: time it alone
+                    compile_seconds = elapsed
+                    last["compile_seconds"] = elapsed
+                else:
+                    last["tokens_per_sec"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    last["mfu"] = mfu_of(last["tokens_per_sec"])
+                record.update(last)
+            # evaluation has its own cadence: eval_every need not be a multiple of log_every
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                evaluated = trainer.evaluate(state.params, cfg.train.eval_batches)
+                last.update(evaluated)
+                record.update(evaluated)
+            if record:
+                logger.log(done, record)
                 window_start, window_steps = time.perf_counter(), 0
             reason = stop.should_stop(done)
             if reason or done == cfg.train.steps or (every and done % every == 0):
@@ -169,6 +191,13 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
         raise
     checkpointer.close()  # blocks until every started save is durable
     logger.close()
+    if jax.process_index() == 0:
+        loss = last.get("loss")
+        print(f"done: step {cfg.train.steps} of {cfg.train.steps}, "
+              + (f"final loss {loss:.4f}, " if loss is not None else "")
+              + f"{cfg.train.steps - first} steps in {time.perf_counter() - run_start:.1f} s "
+              f"(compile {compile_seconds or 0.0:.1f} s); checkpoint "
+              f"{checkpointer.directory / str(cfg.train.steps)}", flush=True)
     return last
 
 
