@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bignlp_jax.data import store_commands
+
 
 def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
@@ -135,4 +137,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="also train the default tokenizer with this many pieces")
     p.set_defaults(func=cmd_data_embedded, command="data embedded")
+
+    store_commands.register(data_sub)
 
