@@ -56,7 +56,8 @@ class StoreSpec:
 
     def rebuild_command(self) -> str:
         return (f"bignlp-jax data tokenize --name {self.name} --data-dir {self.data_dir} "
-                f"--tokenizer {self.tokenizer_path} --split {self.split}")
+                f"--tokenizer {self.tokenizer_path} --split {self.split} --text-key "
+                f"{self.text_key} --overwrite")
 
 
 def dataset_identity(name: str, data_dir: str | Path, split: str, text_key: str,
@@ -249,7 +250,7 @@ class TokenStore:
 
 def _corrupt(path: Path, problem: str, rebuild: str) -> UserError:
     return UserError(f"token store file {path} is {problem}\n"
-                     f"  fix: delete {path.parent} and rebuild it: {rebuild}")
+                     f"  fix: rebuild it: {rebuild}")
 
 
 def _read_manifest(path: Path, rebuild: str) -> dict:
