@@ -124,6 +124,14 @@ class DataConfig(Section):
         None, description="{dataset: weight or {weight, split, eval_split, text_key}} blended "
         "per batch in these proportions (instead of data.tfds_name)")
 
+    @model_validator(mode="after")
+    def _check_mixture(self) -> DataConfig:
+        if self.mixture is not None and (self.source != "tfds" or self.tfds_name or
+                                         not self.mixture):
+            raise ValueError("data.mixture needs data.source=tfds, at least one dataset and "
+                             "data.tfds_name=null (the mixture names the datasets)")
+        return self
+
 
 class OptimizerConfig(Section):
     """AdamW with global-norm clipping and a warmup + decay learning-rate schedule."""
