@@ -103,7 +103,8 @@ def mixture_config(tmp_path, data_dir, *extra):
 
     return load_config("tiny", [
         f"run.dir={tmp_path / 'run'}", f"data.data_dir={data_dir}", *TINY_MODEL,
-        "model.vocab_size=1024", "model.max_seq_len=32", "data.seq_len=32", "data.tfds_name=null",
+        "model.vocab_size=1024", "model.max_seq_len=32", "data.seq_len=32",
+        "data.tfds_name=null",
         "data.mixture={stdlib_docs: 0.75, stdlib_modules: {weight: 0.25, text_key: text}}",
         "train.global_batch_size=8", *extra])
 

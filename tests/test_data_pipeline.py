@@ -72,8 +72,10 @@ def test_epoch_packs_every_document_once_with_segments_and_positions(store):
     real = rows["loss_mask"] == 1
     assert real[:-1].all() and not real[-1].all()  # only the epoch's last row is padded
     # Inputs and targets of the real pairs are the documents, whole, in the epoch's order.
-    np.testing.assert_array_equal(rows["tokens"][real], np.concatenate([DOCS[d][:-1] for d in order]))
-    np.testing.assert_array_equal(rows["targets"][real], np.concatenate([DOCS[d][1:] for d in order]))
+    np.testing.assert_array_equal(rows["tokens"][real],
+                                  np.concatenate([DOCS[d][:-1] for d in order]))
+    np.testing.assert_array_equal(rows["targets"][real],
+                                  np.concatenate([DOCS[d][1:] for d in order]))
     for r in range(R):
         seg, pos, tgt = rows["segment_ids"][r], rows["positions"][r], rows["targets"][r]
         seg, pos, tgt = seg[real[r]], pos[real[r]], tgt[real[r]]

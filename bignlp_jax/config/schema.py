@@ -123,6 +123,9 @@ class DataConfig(Section):
     mixture: dict[str, float | MixtureEntry] | None = Field(
         None, description="{dataset: weight or {weight, split, eval_split, text_key}} blended "
         "per batch in these proportions (instead of data.tfds_name)")
+    stores: dict[str, str] | None = Field(
+        None, description="{dataset/split: token store identity} read by the run; null: filled "
+        "in at the start and saved in run.dir/config.yaml; set: other data is refused")
 
     @model_validator(mode="after")
     def _check_mixture(self) -> DataConfig:
@@ -130,6 +133,9 @@ class DataConfig(Section):
                                          not self.mixture):
             raise ValueError("data.mixture needs data.source=tfds, at least one dataset and "
                              "data.tfds_name=null (the mixture names the datasets)")
+        for name, entry in (self.mixture or {}).items():
+            if isinstance(entry, (int, float)) and not entry > 0:
+                raise ValueError(f"data.mixture.{name}: weight {entry} must be > 0")
         return self
 
 

@@ -1,4 +1,4 @@
-"""CLI: `bignlp-jax data tokenize ...` (build token stores) and `data bench CONFIG` (loader only)."""
+"""CLI: `bignlp-jax data tokenize ...` (build token stores), `data bench CONFIG` (loader alone)."""
 
 from __future__ import annotations
 

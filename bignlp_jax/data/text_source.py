@@ -184,10 +184,11 @@ def make_eval_sources(cfg: Config, rows: tuple[int, int],
 
 
 def store_identities(cfg: Config) -> dict[str, str]:
-    """{dataset/split: store identity} of every store the run reads (built if missing)."""
+    """{dataset/split: store identity} of every store the run reads (built if missing): the
+    training splits, and the held-out ones when the run evaluates."""
     out = {}
     for e in dataset_entries(cfg):
-        for split in (e.split, e.eval_split):
+        for split in (e.split, e.eval_split if cfg.train.eval_every else None):
             if split is not None:
                 out[f"{e.name}/{split}"] = open_store(cfg, e.name, split, e.text_key).identity
     return out

@@ -87,7 +87,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _with_specials(encoded: list[list[int]], bos: int, eos: int, dtype, lengths: list) -> np.ndarray:
+def _with_specials(encoded: list[list[int]], bos: int, eos: int, dtype,
+                   lengths: list) -> np.ndarray:
     """<s> ids </s> of every document, flat (vectorised: the ids are copied once)."""
     lens = np.asarray([len(ids) + 2 for ids in encoded], dtype=np.int64)
     ends = np.cumsum(lens)

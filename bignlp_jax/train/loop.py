@@ -25,6 +25,7 @@ from bignlp_jax.data import (
     process_rows,
     record_run_data,
 )
+from bignlp_jax.data.run_identity import with_store_identities
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
@@ -121,6 +122,7 @@ def train(cfg: Config, devices=None) -> dict:
 
 def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     run_dir = Path(cfg.run.dir)
+    cfg = with_store_identities(cfg, run_dir)  # the stores read go into config.yaml
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
