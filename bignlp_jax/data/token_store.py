@@ -13,9 +13,9 @@ with a manifest. Opening checks the manifest (tokenizer, dataset), the file size
 offsets; the sha256 of the files is checked on first open and remembered in `verified.json`
 (keyed by size and mtime), so later opens of a large store cost O(documents), not O(tokens).
 
-Tokenizing runs in `workers` processes (spawned: the caller may hold JAX threads), each over a
-contiguous range of records, writing its own part; the parts are concatenated in order, so the
-store is the same for any number of workers.
+Tokenizing runs in `workers` processes (spawned: the caller may hold JAX threads) over
+contiguous ranges of records, each range writing its own part; the parts are concatenated in
+order, so the store is the same for any number of workers.
 """
 
 from __future__ import annotations
@@ -147,7 +147,10 @@ def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_
     start = time.perf_counter()
     try:
         workers = max(1, min(workers, num_records))
-        bounds = np.linspace(0, num_records, workers + 1).astype(int)
+        # Several ranges per worker: documents differ in length, so equal record counts are
+        # not equal work; the pool hands the next range to whichever worker is free.
+        parts = 1 if workers == 1 else min(num_records, 4 * workers)
+        bounds = np.linspace(0, num_records, parts + 1).astype(int)
         jobs = [(spec.name, spec.data_dir, spec.split, spec.text_key, spec.tokenizer_path,
                  int(a), int(b), str(tmp / f"part{i:05d}"), dtype)
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
@@ -155,7 +158,7 @@ def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_
             results = [_encode_range(jobs[0])]
         else:
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                results = pool.map(_encode_range, jobs)
+                results = pool.map(_encode_range, jobs, chunksize=1)
         lengths = np.concatenate([np.fromfile(f"{j[7]}.len", dtype=np.int64) for j in jobs])
         with open(tmp / TOKENS, "wb") as out:
             for job in jobs:
