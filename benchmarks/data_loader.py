@@ -45,7 +45,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args()
     cfg = load_config("tiny", [f"data.data_dir={args.data_dir}", f"data.seq_len={args.seq_len}",
-                               f"train.global_batch_size={args.batch}", "run.seed=0"])
+                               f"train.global_batch_size={args.batch}", "run.seed=0",
+                               f"model.max_seq_len={args.seq_len}"])
     rows = (0, args.batch)
     make_source(cfg, "train", rows)  # builds the store outside the timing
     tokens = args.batch * args.seq_len * args.batches

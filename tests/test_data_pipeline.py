@@ -102,7 +102,10 @@ def test_epoch_packs_every_document_once_with_segments_and_positions(store):
     assert first.tolist() == np.concatenate([d[:-1] for d in DOCS])[:T].tolist()
 
 
-def test_index_cache_is_reused_and_independent_of_row_length(store):
+def test_index_cache_is_reused_and_independent_of_row_length(store, monkeypatch):
+    from bignlp_jax.data import sample_index
+
+    monkeypatch.setattr(sample_index, "CACHE_MIN_DOCUMENTS", 1)
     a = SampleIndex(store, T, seed=9)
     order, ends = a.epoch(0)
     cached = sorted(p.name for p in (store.path / "index").glob("seed9-epoch0-*.npy"))
@@ -110,6 +113,10 @@ def test_index_cache_is_reused_and_independent_of_row_length(store):
     b = SampleIndex(store, 2 * T, seed=9)  # another seq_len reads the same document index
     np.testing.assert_array_equal(b.epoch(0)[0], order)
     np.testing.assert_array_equal(b.epoch(0)[1], ends)
+    # a fresh index reads the cached arrays (memory-mapped), not a new permutation
+    cached_order = SampleIndex(store, T, seed=9).epoch(0)[0]
+    assert isinstance(cached_order, np.memmap)
+    np.testing.assert_array_equal(cached_order, order)
 
 
 @pytest.mark.parametrize("n_hosts", [2, 4])

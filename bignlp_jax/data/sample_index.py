@@ -8,8 +8,8 @@ R = ceil(P / T) rows and global sample s is row s mod R of epoch s div R. Findin
 documents is a binary search in the epoch's cumulative pair counts: no earlier row is read.
 
 The per-epoch arrays (Megatron's document index and its cumulative lengths) depend on the seed
-and the store only, not on seq_len, batch size or process count; they are cached as .npy files
-in the store's `index/` directory.
+and the store only, not on seq_len, batch size or process count; for large stores they are
+cached as .npy files in the store's `index/` directory (computing one is O(documents)).
 
 A packed row gives `tokens`, `targets`, `positions` (restarting at 0 for every document piece),
 `segment_ids` (1, 2, ... per piece; 0 = padding) and `loss_mask` (1 for every real target), so
@@ -27,6 +27,9 @@ import numpy as np
 from bignlp_jax.data.token_store import TokenStore
 
 log = logging.getLogger(__name__)
+# Epoch arrays are cached on disk only for stores this large: below it a permutation costs
+# milliseconds, and a small corpus read for many epochs would leave thousands of tiny files.
+CACHE_MIN_DOCUMENTS = 1_000_000
 
 
 class SampleIndex:
@@ -61,7 +64,8 @@ class SampleIndex:
         rng = np.random.default_rng([self.seed, e])
         order = rng.permutation(self.store.num_documents).astype(np.int64)
         ends = np.cumsum(self._pairs[order])
-        self._save(files, (order, ends))
+        if self.store.num_documents >= CACHE_MIN_DOCUMENTS:
+            self._save(files, (order, ends))
         return order, ends
 
     def _save(self, files, arrays) -> None:
