@@ -189,3 +189,14 @@ def test_embedded_corpus_batches_deterministic(embedded_data_dir):
     # The held-out stream is the same every time the loop evaluates.
     assert_same(take(make_source(cfg(), "validation", (0, 8)), 2),
                 take(make_source(cfg(), "validation", (0, 8)), 2))
+
+
+def test_data_bench_reports_loader_speed_as_json(embedded_data_dir, capsys):
+    from bignlp_jax.cli import main
+
+    assert main(["data", "bench", "tiny", f"data.data_dir={embedded_data_dir}", "--steps", "3",
+                 "--start-step", "1000000"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens_per_sec"] > 0 and result["rows_per_sec"] > 0
+    assert result["first_batch_s"] > 0 and result["start_step"] == 1_000_000
+    assert result["steps"] == 3 and result["rows"] == [0, 16]  # tiny: global batch 16
