@@ -96,7 +96,6 @@ class SampleIndex:
         T, P = self.seq_len, self.pairs_per_epoch
         order, ends = self.epoch(e)
         ends = np.asarray(ends)
-        starts_pairs = ends - self._pairs[order]  # stream position of each document's pair 0
         a = rows * T  # [n] first stream position of each row
         b = np.minimum(a + T, P)  # [n] end of the real pairs of each row
         first = np.searchsorted(ends, a, side="right")  # [n] document holding position a
@@ -106,11 +105,14 @@ class SampleIndex:
         piece_row = np.repeat(np.arange(len(rows)), pieces)
         piece_start = np.cumsum(pieces) - pieces
         j = first[piece_row] + (np.arange(pieces.sum()) - piece_start[piece_row])
-        lo = np.maximum(starts_pairs[j], a[piece_row])
+        doc = np.asarray(order[j])  # [M] store document of each piece
+        # Only the pieces' documents are touched: O(rows x pieces), never O(documents).
+        doc_start = ends[j] - self._pairs[doc]  # stream position of the document's pair 0
+        lo = np.maximum(doc_start, a[piece_row])
         hi = np.minimum(ends[j], b[piece_row])
         count = hi - lo  # pairs of the piece inside the row
         # token index of the piece's first input: document offset + offset inside the document
-        token0 = np.asarray(self.store.offsets)[order[j]] + (lo - starts_pairs[j])
+        token0 = np.asarray(self.store.offsets)[doc] + (lo - doc_start)
         # Flatten: the real pairs of all rows, in row order, then padding per row.
         real = b - a  # [n]
         flat_piece = np.repeat(np.arange(len(j)), count)  # [sum(real)]
