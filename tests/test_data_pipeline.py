@@ -200,3 +200,29 @@ def test_data_bench_reports_loader_speed_as_json(embedded_data_dir, capsys):
     assert result["tokens_per_sec"] > 0 and result["rows_per_sec"] > 0
     assert result["first_batch_s"] > 0 and result["start_step"] == 1_000_000
     assert result["steps"] == 3 and result["rows"] == [0, 16]  # tiny: global batch 16
+
+
+def test_checkpoint_files_of_two_processes_restore_on_one_and_four(store, tmp_path, monkeypatch):
+    """Through the checkpoint's per-process JSON files, as `start_state` restores them."""
+    import jax
+
+    from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave
+
+    k = 6
+    full = take(batches(store), k + 3)
+    _, two = hosts(store, 2, k)
+    handler = ProcessJsonHandler()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for i, src in enumerate(two):
+        monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+        handler.save(tmp_path, ProcessJsonSave(src.get_state()))
+    for count in (1, 4):
+        monkeypatch.setattr(jax, "process_count", lambda count=count: count)
+        parts = []
+        for i in range(count):
+            monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+            src = batches(store, rows=(i * B // count, (i + 1) * B // count))
+            src.set_state(handler.restore(tmp_path))
+            parts.append(take(src, 3))
+        assert_same([{key: np.concatenate([p[n][key] for p in parts]) for key in parts[0][n]}
+                     for n in range(3)], full[k:])
