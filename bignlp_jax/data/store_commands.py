@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 
 def cmd_data_tokenize(args) -> int:
