@@ -8,7 +8,8 @@ import pytest
 
 from bignlp_jax.data.sample_index import SampleIndex
 from bignlp_jax.data.store_batches import StoreBatches
-from bignlp_jax.data.token_store import TokenStore, write_store
+from bignlp_jax.data.token_build import write_store
+from bignlp_jax.data.token_store import TokenStore
 from bignlp_jax.errors import UserError
 
 BOS, EOS = 1, 2

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from bignlp_jax.cli import main
-from bignlp_jax.data import token_store
-from bignlp_jax.data.token_store import MANIFEST, OFFSETS, TOKENS, TokenStore, write_store
+from bignlp_jax.data import token_build, token_store
+from bignlp_jax.data.token_build import write_store
+from bignlp_jax.data.token_store import MANIFEST, OFFSETS, TOKENS, TokenStore
 from bignlp_jax.errors import UserError
 
 DOCS = [np.array([2, *range(10, 10 + n), 3]) for n in (5, 0, 17, 3)]
@@ -68,9 +69,9 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, embedded
     def killed(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(token_store, "_encode_range", killed)
+    monkeypatch.setattr(token_build, "_encode_range", killed)
     with pytest.raises(KeyboardInterrupt):
-        token_store.build_store(spec, n, tok.vocab_size)
+        token_build.build_store(spec, n, tok.vocab_size)
     stores = data_dir / "token_stores" / "stdlib_docs"
     assert not list(stores.glob("*/" + MANIFEST)) and not list(stores.glob(".tmp-*"))
     # A process killed outright leaves its .tmp-* directory: not a store, removed next time.
@@ -78,11 +79,11 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, embedded
     final = token_store.store_dir(spec, token_store.dataset_identity(
         "stdlib_docs", data_dir, "validation", "text", n))
     (stores / f".tmp-{final.name}-x").mkdir()
-    path = token_store.build_store(spec, n, tok.vocab_size)
+    path = token_build.build_store(spec, n, tok.vocab_size)
     assert path == final and not list(stores.glob(".tmp-*"))
     one = TokenStore(path, spec.tokenizer_sha256)
     # Two workers write the same store, byte for byte.
-    two = token_store.build_store(spec, n, tok.vocab_size, workers=2, overwrite=True)
+    two = token_build.build_store(spec, n, tok.vocab_size, workers=2, overwrite=True)
     assert json.loads((two / MANIFEST).read_text())["sha256"] == one.manifest["sha256"]
 
 

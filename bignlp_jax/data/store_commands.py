@@ -11,11 +11,11 @@ import time
 def cmd_data_tokenize(args) -> int:
     from bignlp_jax.data import embedded
     from bignlp_jax.data.tfds_source import open_split, resolve_data_dir
+    from bignlp_jax.data.token_build import build_store
     from bignlp_jax.data.token_store import (
         MANIFEST,
         StoreSpec,
         TokenStore,
-        build_store,
         dataset_identity,
         store_dir,
     )

@@ -4,7 +4,7 @@
 `data.data_dir` (null: `$BIGNLP_DATA_DIR` or ~/.cache/bignlp_jax/datasets). The embedded corpora
 (`stdlib_docs`, `stdlib_modules`) are built there on first use; any other dataset must already
 be prepared. Each split is tokenized once into a token store beside the dataset
-(`token_store.py`, built on first use, or ahead with `bignlp-jax data tokenize`) and read by
+(`token_store.py`, `token_build.py`: built on first use, or ahead with `data tokenize`), read by
 index (`sample_index.py`, `store_batches.py`). `data.tokenizer` names a tokenizer (a `.model`,
 a tokenizer dir or a run dir); null means the default tokenizer trained on `stdlib_docs` with
 `model.vocab_size` pieces (built on first use), allowed only for the embedded corpora. The
@@ -23,11 +23,11 @@ from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
 from bignlp_jax.data.store_batches import StoreBatches
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir
+from bignlp_jax.data.token_build import build_store
 from bignlp_jax.data.token_store import (
     MANIFEST,
     StoreSpec,
     TokenStore,
-    build_store,
     dataset_identity,
     store_dir,
 )
