@@ -1,4 +1,5 @@
-"""CLI: `bignlp-jax tokenizer train ...` and `bignlp-jax data prepare|embedded ...`."""
+"""CLI: `bignlp-jax tokenizer train ...` and `bignlp-jax data prepare|embedded ...` (and, from
+store_commands.py, `data tokenize|bench`)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on at most this many documents (default 200000)")
     p.set_defaults(func=cmd_tokenizer_train, command="tokenizer train")
 
-    data = sub.add_parser("data", help="prepare TFDS datasets")
+    data = sub.add_parser("data", help="prepare TFDS datasets, tokenize them, time the loader")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="local text/JSONL/Parquet files -> TFDS dataset")
     p.add_argument("--input", required=True, action="append",
