@@ -92,13 +92,22 @@ class MeshConfig(Section):
         return self
 
 
+class MixtureEntry(Section):
+    """One dataset of `data.mixture`; unset fields take data.split / eval_split / text_key."""
+
+    weight: float = Field(gt=0)
+    split: str | None = None
+    eval_split: str | None = None
+    text_key: str | None = None
+
+
 class DataConfig(Section):
     """Where batches come from. `synthetic` needs no files; `tfds` reads an ArrayRecord dataset."""
 
     source: Literal["synthetic", "tfds"] = "synthetic"
     seq_len: int = Field(128, ge=2)
     # TFDS ArrayRecord datasets (read without TensorFlow through tfds.data_source); documents are
-    # shuffled with run.seed, tokenized and packed into seq_len rows (data/pipeline.py).
+    # tokenized once into a token store, packed into seq_len rows by index (data/store_batches.py)
     tfds_name: str | None = Field(None, description="e.g. stdlib_docs (embedded), c4/en, my_corpus")
     data_dir: str | None = Field(
         None, description="null: $BIGNLP_DATA_DIR or ~/.cache/bignlp_jax/datasets")
@@ -109,7 +118,27 @@ class DataConfig(Section):
         None, description="a .model file, a `bignlp-jax tokenizer train` dir or a run dir; null: "
         "the default tokenizer of the embedded corpora, trained with model.vocab_size pieces")
     worker_threads: int = Field(
-        1, ge=0, description="Grain read threads per batch row read here; never changes batches")
+        1, ge=0, description="Grain prefetch threads of the loader; never changes batches")
+    workers: int = Field(
+        0, ge=0, description="Grain worker processes of the loader (and of building a token "
+        "store on first use); never changes batches")
+    mixture: dict[str, float | MixtureEntry] | None = Field(
+        None, description="{dataset: weight or {weight, split, eval_split, text_key}} blended "
+        "per batch in these proportions (instead of data.tfds_name)")
+    stores: dict[str, str] | None = Field(
+        None, description="{dataset/split: token store identity} read by the run; null: filled "
+        "in at the start and saved in run.dir/config.yaml; set: other data is refused")
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> DataConfig:
+        if self.mixture is not None and (self.source != "tfds" or self.tfds_name or
+                                         not self.mixture):
+            raise ValueError("data.mixture needs data.source=tfds, at least one dataset and "
+                             "data.tfds_name=null (the mixture names the datasets)")
+        for name, entry in (self.mixture or {}).items():
+            if isinstance(entry, (int, float)) and not entry > 0:
+                raise ValueError(f"data.mixture.{name}: weight {entry} must be > 0")
+        return self
 
 
 class OptimizerConfig(Section):

@@ -24,6 +24,17 @@ def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:
     raise NotImplementedError(f"data.source={cfg.data.source!r} is not available yet")
 
 
+def make_eval_sources(cfg: Config, rows: tuple[int, int]) -> dict[str, BatchSource]:
+    """{name: held-out stream}: one per dataset of a `data.mixture`, else {"": the stream}.
+
+    Built once per run; every evaluation rewinds them (`set_state` of their initial state)."""
+    if cfg.task is None and cfg.data.source == "tfds" and cfg.data.mixture:
+        from bignlp_jax.data.text_source import make_eval_sources as per_dataset
+
+        return dict(per_dataset(cfg, rows))
+    return {"": make_source(cfg, "validation", rows)}
+
+
 def record_run_data(cfg: Config, run_dir) -> None:
     """At the start of a run: check the tokenizer against the model (UserError giving both
     vocabulary sizes) and copy it into RUN_DIR/tokenizer/. Nothing to do for synthetic data."""
@@ -33,5 +44,5 @@ def record_run_data(cfg: Config, run_dir) -> None:
         record_tokenizer(cfg, run_dir)
 
 
-__all__ = ["BatchSource", "SyntheticSource", "global_batch", "make_source", "process_rows",
-           "record_run_data"]
+__all__ = ["BatchSource", "SyntheticSource", "global_batch", "make_eval_sources", "make_source",
+           "process_rows", "record_run_data"]

@@ -1,10 +1,13 @@
-"""CLI: `bignlp-jax tokenizer train ...` and `bignlp-jax data prepare|embedded ...`."""
+"""CLI: `bignlp-jax tokenizer train ...` and `bignlp-jax data prepare|embedded ...` (and, from
+store_commands.py, `data tokenize|bench`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from bignlp_jax.data import store_commands
 
 
 def _csv(value: str) -> list[str]:
@@ -116,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on at most this many documents (default 200000)")
     p.set_defaults(func=cmd_tokenizer_train, command="tokenizer train")
 
-    data = sub.add_parser("data", help="prepare TFDS datasets")
+    data = sub.add_parser("data", help="prepare TFDS datasets, tokenize them, time the loader")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="local text/JSONL/Parquet files -> TFDS dataset")
     p.add_argument("--input", required=True, action="append",
@@ -142,4 +145,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="also train the default tokenizer with this many pieces")
     p.set_defaults(func=cmd_data_embedded, command="data embedded")
+
+    store_commands.register(data_sub)
 

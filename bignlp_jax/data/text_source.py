@@ -1,25 +1,65 @@
-"""Config -> text batch source: which dataset, which tokenizer, which split, which seed.
+"""Config -> text batch source: which datasets, which tokenizer, which split, which seed.
 
-`data.source: tfds` reads `data.tfds_name` from `data.data_dir` (null: `$BIGNLP_DATA_DIR` or
-~/.cache/bignlp_jax/datasets). The embedded corpora (`stdlib_docs`, `stdlib_modules`) are built
-there on first use; any other dataset must already be prepared. `data.tokenizer` names a
-tokenizer (a `.model`, a tokenizer dir or a run dir); null means the default tokenizer trained
-on `stdlib_docs` with `model.vocab_size` pieces (built on first use), allowed only for the
-embedded corpora. The training stream is shuffled with `run.seed`; the held-out stream
-(`data.eval_split`) is read in stored order, so every evaluation sees the same batches.
+`data.source: tfds` reads `data.tfds_name` (or every dataset of `data.mixture`) from
+`data.data_dir` (null: `$BIGNLP_DATA_DIR` or ~/.cache/bignlp_jax/datasets). The embedded corpora
+(`stdlib_docs`, `stdlib_modules`) are built there on first use; any other dataset must already
+be prepared. Each split is tokenized once into a token store beside the dataset
+(`token_store.py`, `token_build.py`: built on first use, or ahead with `data tokenize`), read by
+index (`sample_index.py`, `store_batches.py`). `data.tokenizer` names a tokenizer (a `.model`,
+a tokenizer dir or a run dir); null means the default tokenizer trained on `stdlib_docs` with
+`model.vocab_size` pieces (built on first use), allowed only for the embedded corpora. The
+training stream is shuffled with `run.seed`; held-out streams (`data.eval_split`) are read in
+stored order, so every evaluation sees the same batches.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
-from bignlp_jax.data.pipeline import PackedBatches, lm_encoder
+from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store_batches import StoreBatches
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir
+from bignlp_jax.data.token_build import build_store
+from bignlp_jax.data.token_store import (
+    MANIFEST,
+    StoreSpec,
+    TokenStore,
+    dataset_identity,
+    store_dir,
+)
 from bignlp_jax.data.tokenizer import MODEL_FILE, Tokenizer, load_tokenizer
 from bignlp_jax.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset a run reads: its weight in the mixture and its own split and text key."""
+
+    name: str
+    weight: float
+    split: str
+    eval_split: str | None
+    text_key: str
+
+
+def dataset_entries(cfg: Config) -> list[DatasetEntry]:
+    """`data.mixture`'s datasets, or `data.tfds_name` alone with weight 1."""
+    d = cfg.data
+    if not d.mixture:
+        return [DatasetEntry(dataset_name(cfg), 1.0, d.split, d.eval_split, d.text_key)]
+    out = []
+    for name, entry in d.mixture.items():
+        if isinstance(entry, (int, float)):
+            out.append(DatasetEntry(name, float(entry), d.split, d.eval_split, d.text_key))
+        else:
+            out.append(DatasetEntry(name, entry.weight, entry.split or d.split,
+                                    entry.eval_split or d.eval_split,
+                                    entry.text_key or d.text_key))
+    return out
 
 
 def dataset_name(cfg: Config) -> str:
@@ -31,19 +71,24 @@ def dataset_name(cfg: Config) -> str:
 
 def data_dir(cfg: Config) -> Path:
     """The data dir of the config; the embedded corpora are built into it when missing."""
-    path = resolve_data_dir(cfg.data.data_dir)
-    if cfg.data.tfds_name in embedded.EMBEDDED:
+    path = resolve_data_dir(cfg.data.data_dir).absolute()
+    if any(n in embedded.EMBEDDED for n in _names(cfg)):
         embedded.ensure_embedded(path)
     return path
+
+
+def _names(cfg: Config) -> list[str]:
+    return list(cfg.data.mixture) if cfg.data.mixture else [cfg.data.tfds_name or ""]
 
 
 def tokenizer_path(cfg: Config) -> Path:
     """Where the config's tokenizer lives (training the default one if it is missing)."""
     if cfg.data.tokenizer:
         return Path(cfg.data.tokenizer).expanduser()
-    if cfg.data.tfds_name not in embedded.EMBEDDED:
+    other = [n for n in _names(cfg) if n not in embedded.EMBEDDED]
+    if other:
         raise UserError(
-            f"data.tokenizer is not set, and dataset {cfg.data.tfds_name!r} is not one of the "
+            f"data.tokenizer is not set, and dataset {other[0]!r} is not one of the "
             f"embedded corpora ({', '.join(embedded.EMBEDDED)}) that have a default tokenizer\n"
             "  fix: train one with `bignlp-jax tokenizer train --input ... --vocab-size "
             f"{cfg.model.vocab_size} --out DIR` and set data.tokenizer=DIR"
@@ -86,18 +131,67 @@ def split_name(cfg: Config, split: str) -> str:
     return split
 
 
-def make_text_source(cfg: Config, split: str, rows: tuple[int, int]) -> PackedBatches:
-    """Packed language-modelling batches of the config's dataset, rows [lo, hi) per step."""
-    name, directory = dataset_name(cfg), data_dir(cfg)
-    split_ = split_name(cfg, split)
-    source = _open(name, str(directory), split_, cfg.data.text_key)
+def open_store(cfg: Config, name: str, split: str, text_key: str,
+               build: bool = True) -> TokenStore:
+    """The token store of `split` of dataset `name` with the config's tokenizer, built on first
+    use (with data.workers processes) unless `build` is False."""
+    directory = data_dir(cfg)
+    source = _open(name, str(directory), split, text_key)  # data errors before tokenizer ones
     tokenizer = resolve_tokenizer(cfg)
-    return PackedBatches(
-        source, lm_encoder(tokenizer, cfg.data.text_key), seq_len=cfg.data.seq_len,
-        global_batch=cfg.train.global_batch_size, rows=rows,
-        seed=cfg.run.seed if split == "train" else None,
-        num_threads=cfg.data.worker_threads, name=f"split {split_!r} of {name} in {directory}",
-    )
+    sha = tokenizer.describe()["model_sha256"]
+    spec = StoreSpec(name, str(directory), split, text_key, str(tokenizer.model_path), sha)
+    path = store_dir(spec, dataset_identity(name, directory, split, text_key, len(source)))
+    if not (path / MANIFEST).is_file() and build:
+        if len(source) == 0:
+            raise UserError(f"split {split!r} of {name} in {directory} has no records: "
+                            "nothing to train or evaluate on")
+        build_store(spec, len(source), tokenizer.vocab_size, max(1, cfg.data.workers))
+    return TokenStore(path, sha, spec.rebuild_command())
+
+
+def make_text_source(cfg: Config, split: str, rows: tuple[int, int]) -> StoreBatches:
+    """Packed language-modelling batches, rows [lo, hi) per step: the training mixture, or
+    (split 'validation') the held-out stream of data.tfds_name."""
+    if split == "train":
+        entries = dataset_entries(cfg)
+        indexes = {e.name: SampleIndex(open_store(cfg, e.name, e.split, e.text_key),
+                                       cfg.data.seq_len, cfg.run.seed) for e in entries}
+        weights = {e.name: e.weight for e in entries}
+        return StoreBatches(indexes, weights, global_batch=cfg.train.global_batch_size,
+                            rows=rows, workers=cfg.data.workers, threads=cfg.data.worker_threads)
+    sources = make_eval_sources(cfg, rows, split)
+    if len(sources) != 1:
+        raise UserError("data.mixture has several held-out sets; evaluate each of them "
+                        "(make_eval_sources)")
+    return next(iter(sources.values()))
+
+
+def make_eval_sources(cfg: Config, rows: tuple[int, int],
+                      split: str = "validation") -> dict[str, StoreBatches]:
+    """{dataset: held-out stream in stored order} for every dataset with an eval split."""
+    out = {}
+    for e in dataset_entries(cfg):
+        name_split = split_name(cfg, split) if split != "validation" else e.eval_split
+        if name_split is None:
+            continue
+        index = SampleIndex(open_store(cfg, e.name, name_split, e.text_key), cfg.data.seq_len,
+                            seed=None)
+        out[e.name] = StoreBatches({e.name: index}, {e.name: 1.0},
+                                   global_batch=cfg.train.global_batch_size, rows=rows)
+    if not out:
+        split_name(cfg, "validation")  # raises the message about data.eval_split
+    return out
+
+
+def store_identities(cfg: Config) -> dict[str, str]:
+    """{dataset/split: store identity} of every store the run reads (built if missing): the
+    training splits, and the held-out ones when the run evaluates."""
+    out = {}
+    for e in dataset_entries(cfg):
+        for split in (e.split, e.eval_split if cfg.train.eval_every else None):
+            if split is not None:
+                out[f"{e.name}/{split}"] = open_store(cfg, e.name, split, e.text_key).identity
+    return out
 
 
 def record_tokenizer(cfg: Config, run_dir: str | Path) -> Path | None:

@@ -78,8 +78,10 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
     """The metrics of `params` on the held-out data of `cfg` (no files written)."""
     if cfg.task is None:
         lm = trainer.evaluate(params, cfg.train.eval_batches)
+        per_dataset = {k.replace("eval_loss/", "loss/"): v for k, v in lm.items()
+                       if k.startswith("eval_loss/")}  # a data.mixture's held-out sets
         return {"loss": lm["eval_loss"], "perplexity": lm["eval_perplexity"],
-                "batches": cfg.train.eval_batches}
+                "batches": cfg.train.eval_batches, **per_dataset}
     all_records, where = open_task_split(cfg, "validation")
     records = _first(all_records, cfg.task.eval_examples)
     fmt = task_format(cfg, where)

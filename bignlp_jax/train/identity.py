@@ -39,7 +39,7 @@ RESUMABLE_KEYS = frozenset({
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_every",
     "checkpoint.async_save",
     "checkpoint.resume_from",  # which of this run's checkpoints to continue from
-    "data.worker_threads",  # input-pipeline threads: speed only, same batches
+    "data.worker_threads", "data.workers",  # input-pipeline threads/processes: same batches
     "run.dir",  # the same directory, possibly spelled differently (./runs/x, absolute)
     "run.name",  # a label
     # how the same maths is laid out and scheduled: the loss is a token sum over the same

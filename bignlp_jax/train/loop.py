@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -21,7 +21,14 @@ from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config
-from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
+from bignlp_jax.data import (
+    global_batch,
+    make_eval_sources,
+    make_source,
+    process_rows,
+    record_run_data,
+)
+from bignlp_jax.data.run_identity import with_store_identities
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
@@ -50,6 +57,8 @@ class Trainer:
     eval_step: object
     batch_sh: jax.sharding.NamedSharding
     rows: tuple[int, int]
+    # held-out streams and their start states: built at the first evaluation, reused after
+    _eval: dict | None = field(default=None, repr=False)
 
     @classmethod
     def build(cfg_cls, cfg: Config, devices=None) -> Trainer:
@@ -83,17 +92,27 @@ class Trainer:
         return global_batch(local, self.batch_sh, self.cfg.train.global_batch_size)
 
     def evaluate(self, params, num_batches: int) -> dict[str, float]:
-        """Mean loss and perplexity over the first `num_batches` of the held-out stream."""
-        source = make_source(self.cfg, "validation", self.rows)
-        loss_sum = count = 0.0
-        for _ in range(num_batches):
-            batch = next(source, None)
-            if batch is None:
-                break
-            s, c = self.eval_step(params, self.device_batch(batch))
-            loss_sum, count = loss_sum + float(s), count + float(c)
-        loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+        """Mean loss and perplexity over the first `num_batches` of the held-out stream; with a
+        `data.mixture`, also `eval_loss/<dataset>` per held-out set (the total weighs every
+        set by its target tokens)."""
+        if self._eval is None:
+            sources = make_eval_sources(self.cfg, self.rows)
+            self._eval = {name: (s, s.get_state()) for name, s in sources.items()}
+        out, total_sum, total_count = {}, 0.0, 0.0
+        for name, (source, start) in self._eval.items():
+            source.set_state(start)  # every evaluation reads the same batches
+            loss_sum = count = 0.0
+            for _ in range(num_batches):
+                batch = next(source, None)
+                if batch is None:
+                    break
+                s, c = self.eval_step(params, self.device_batch(batch))
+                loss_sum, count = loss_sum + float(s), count + float(c)
+            if name:
+                out[f"eval_loss/{name}"] = loss_sum / max(count, 1.0)
+            total_sum, total_count = total_sum + loss_sum, total_count + count
+        loss = total_sum / max(total_count, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), **out}
 
 
 def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
@@ -111,6 +130,7 @@ def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
 
 def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -> dict:
     run_dir = Path(cfg.run.dir)
+    cfg = with_store_identities(cfg, run_dir)  # the stores read go into config.yaml
     changes = config_changes(cfg, cfg.run.dir)  # before building anything: refusing is instant
     refuse_unless_allowed(changes, allow_config_change)
     if not changes.has_checkpoints:  # a resumed run no longer reads init_from

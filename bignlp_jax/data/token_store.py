@@ -1,0 +1,174 @@
+"""Token store: a split of a prepared dataset tokenized once into flat, memory-mapped arrays.
+
+Layout of a store directory (DATA_DIR/token_stores/NAME/SPLIT-TOKENIZERSHA[:16]-DATASETID[:12]):
+
+    tokens.bin     every document as <s> ids </s>, back to back (uint16, or uint32 for
+                   vocabularies over 65,536 pieces)
+    offsets.npy    int64 [documents + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
+    manifest.json  tokenizer sha256, dataset identity, counts, sha256 of both files; written last
+    verified.json  (size, mtime, sha256) of the files when their sha256 was last checked
+
+This module names and opens stores (`token_build.py` writes them). Opening checks the manifest
+(tokenizer, format), the file sizes and the offsets; the sha256 of the files is checked when a
+file's size or mtime differs from `verified.json`, so later opens of a large store cost
+O(documents), not O(tokens). A damaged store is one message naming the file and the command
+that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bignlp_jax.errors import UserError
+
+FORMAT = "bignlp_token_store/1"
+TOKENS, OFFSETS, MANIFEST, VERIFIED = "tokens.bin", "offsets.npy", "manifest.json", "verified.json"
+STORES_DIR = "token_stores"
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store is made from: a split of a prepared dataset and a tokenizer."""
+
+    name: str
+    data_dir: str
+    split: str
+    text_key: str
+    tokenizer_path: str
+    tokenizer_sha256: str
+
+    def rebuild_command(self) -> str:
+        return (f"bignlp-jax data tokenize --name {self.name} --data-dir {self.data_dir} "
+                f"--tokenizer {self.tokenizer_path} --split {self.split} --text-key "
+                f"{self.text_key} --overwrite")
+
+
+def dataset_identity(name: str, data_dir: str | Path, split: str, text_key: str,
+                     num_records: int) -> str:
+    """sha256 of what identifies the dataset's content: its TFDS info (file shards, lengths),
+    the split, the text key and the record count."""
+    base = Path(data_dir) / name.split(":")[0]
+    infos = sorted(base.glob("**/dataset_info.json"))
+    h = hashlib.sha256(json.dumps([name, split, text_key, num_records]).encode())
+    for info in infos:
+        h.update(info.read_bytes())
+    return h.hexdigest()
+
+
+def store_dir(spec: StoreSpec, identity: str) -> Path:
+    safe = spec.name.replace("/", "__").replace(":", "_")
+    split = spec.split.replace("/", "_")
+    return (Path(spec.data_dir) / STORES_DIR / safe
+            / f"{split}-{spec.tokenizer_sha256[:16]}-{identity[:12]}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TokenStore:
+    """An opened store: `tokens` (memory-mapped), `offsets`, and its `manifest`."""
+
+    def __init__(self, path: str | Path, tokenizer_sha256: str | None = None,
+                 rebuild: str = "bignlp-jax data tokenize ..."):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path, rebuild)
+        ours = self.manifest.get("tokenizer_sha256")
+        if tokenizer_sha256 is not None and ours != tokenizer_sha256:
+            raise UserError(
+                f"token store {self.path} was made with tokenizer sha256 {ours} but this run's "
+                f"tokenizer has sha256 {tokenizer_sha256}; it is never read with another one\n"
+                f"  fix: build the store for this tokenizer: {rebuild}")
+        _verify_files(self.path, self.manifest, rebuild)
+        self.tokens = np.memmap(self.path / TOKENS, dtype=self.manifest["dtype"], mode="r")
+        self.offsets = np.load(self.path / OFFSETS, mmap_mode="r")
+        self.identity = hashlib.sha256(
+            json.dumps(self.manifest["sha256"], sort_keys=True).encode()).hexdigest()
+
+    def __getstate__(self) -> dict:
+        # Grain worker processes get the path, not a copy of the mapped arrays.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.manifest["documents"])
+
+    def describe(self) -> dict:
+        """What a run records about the store it read."""
+        m = self.manifest
+        return {"path": str(self.path), "identity": self.identity, "dataset": m["dataset"],
+                "split": m["split"], "tokenizer_sha256": m["tokenizer_sha256"],
+                "documents": m["documents"], "tokens": m["tokens"]}
+
+
+def _corrupt(path: Path, problem: str, rebuild: str) -> UserError:
+    return UserError(f"token store file {path} is {problem}\n"
+                     f"  fix: rebuild it: {rebuild}")
+
+
+def _read_manifest(path: Path, rebuild: str) -> dict:
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no token store at {path} (no {MANIFEST})\n"
+                        f"  fix: build it: {rebuild}") from None
+    except (OSError, ValueError) as e:
+        raise _corrupt(file, f"unreadable ({type(e).__name__})", rebuild) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _corrupt(file, f"not a {FORMAT} manifest", rebuild)
+    return manifest
+
+
+def _verify_files(path: Path, m: dict, rebuild: str) -> None:
+    """Sizes and offsets always; sha256 once per (size, mtime) of each file."""
+    itemsize = np.dtype(m["dtype"]).itemsize
+    expected = {TOKENS: m["tokens"] * itemsize}
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise _corrupt(file, "missing", rebuild)
+        if file.stat().st_size != size:
+            raise _corrupt(file, f"{file.stat().st_size} bytes, not the {size} its manifest "
+                           "says (truncated?)", rebuild)
+    try:
+        offsets = np.load(path / OFFSETS, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
+    if (offsets.shape != (m["documents"] + 1,) or offsets[0] != 0
+            or offsets[-1] != m["tokens"] or np.any(np.diff(offsets) < 2)):
+        raise _corrupt(path / OFFSETS, "inconsistent with its manifest", rebuild)
+    stamp_file = path / VERIFIED
+    try:
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
+    except ValueError:
+        stamp = {}
+    changed = False
+    for name, digest in m["sha256"].items():
+        st = (path / name).stat()
+        key = [st.st_size, st.st_mtime_ns, digest]
+        if stamp.get(name) == key:
+            continue
+        if sha256_file(path / name) != digest:
+            raise _corrupt(path / name, "corrupt (sha256 differs from its manifest)", rebuild)
+        stamp[name], changed = key, True
+    if changed:
+        try:  # a read-only store is fine: it is verified again next time
+            tmp = stamp_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stamp))
+            os.replace(tmp, stamp_file)
+        except OSError:
+            pass
