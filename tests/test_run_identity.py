@@ -78,3 +78,15 @@ def test_cli_refuses_config_change_with_exit_2_and_allows_it_with_the_flag(tmp_p
     assert main(["train", *base, "run.seed=3", "--allow-config-change"]) == 0
     assert json.loads((tmp_path / "run" / HISTORY_FILE).read_text())["changes"]["run.seed"] == {
         "old": 0, "new": 3}
+
+
+def test_stores_filled_in_at_start_are_no_change_but_other_stores_are(tmp_path):
+    from bignlp_jax.train.identity import compare
+
+    cfg = tiny_config(tmp_path)
+    saved = cfg.model_dump(mode="json")
+    saved["data"]["stores"] = {"stdlib_docs/train": "abc123"}
+    assert not compare(saved, cfg, tmp_path)  # stores unset now: whatever the data resolves to
+    pinned = cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"stores": {"stdlib_docs/train": "def456"}})})
+    assert "data.stores.stdlib_docs/train" in compare(saved, pinned, tmp_path).other

@@ -49,6 +49,10 @@ RESUMABLE_KEYS = frozenset({
 # Any mesh key: a run may resume on a different number or layout of devices (the restore
 # reshards), e.g. a job requeued onto fewer nodes.
 RESUMABLE_PREFIXES = ("mesh.",)
+# Keys a run fills in at start from the others (the token stores its data resolves to,
+# data/run_identity.py, which checks them itself): a config that leaves them unset asks for
+# "whatever the rest resolves to", which is no change.
+DERIVED_KEYS = ("data.stores",)
 
 
 def is_resumable(key: str) -> bool:
@@ -91,6 +95,10 @@ def compare(old_tree: dict[str, Any], new: Config, run_dir: Path) -> ConfigChang
     except ValueError:
         pass  # a config.yaml from another version: compare what it says, key by key
     old, fresh = flatten(old_tree), flatten(new.model_dump(mode="json"))
+    for key in DERIVED_KEYS:
+        if fresh.get(key, _ABSENT) in (None, _ABSENT):
+            old = {k: v for k, v in old.items() if k != key and not k.startswith(key + ".")}
+            fresh.pop(key, None)
     changes = ConfigChanges(run_dir)
     for key in sorted(set(old) | set(fresh)):
         a, b = old.get(key, _ABSENT), fresh.get(key, _ABSENT)
