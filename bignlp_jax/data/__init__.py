@@ -9,8 +9,8 @@ from bignlp_jax.data.synthetic import SyntheticSource
 
 def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:
     """The batch source the config asks for, reading only `rows` of each global batch."""
-    if cfg.task is not None:  # finetuning: one task example per row (tasks/source.py)
-        from bignlp_jax.tasks.source import make_task_source
+    if cfg.task is not None:  # finetuning: one task example per row (data/tasks/source.py)
+        from bignlp_jax.data.tasks.source import make_task_source
 
         return make_task_source(cfg, split, rows)
     if cfg.data.source == "synthetic":

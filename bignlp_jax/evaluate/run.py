@@ -24,8 +24,8 @@ from bignlp_jax.evaluate.scoring import (
     make_score_fn,
     target_nll,
 )
-from bignlp_jax.tasks.formats import TaskFormat
-from bignlp_jax.tasks.source import open_task_split, task_format
+from bignlp_jax.data.tasks.formats import TaskFormat
+from bignlp_jax.data.tasks.source import open_task_split, task_format
 
 EVAL_FILE = "eval.json"
 # Examples written into eval.json so a person can see what the model answered.

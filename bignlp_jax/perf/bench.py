@@ -22,7 +22,7 @@ import jax
 from bignlp_jax.config import Config, load_config
 from bignlp_jax.errors import UserError
 from bignlp_jax.model.flops import flops_per_token
-from bignlp_jax.perf.peak import mfu, peak_tflops
+from bignlp_jax.train.peak import mfu, peak_tflops
 
 
 def compiled_memory(compiled) -> dict[str, int]:

@@ -28,7 +28,7 @@ def cmd_pipeline(args) -> int:
 
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
-        print("[pipeline] export: left out (bignlp_jax.export.hf is not available)")
+        print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")
     if args.stage is not None:
         if args.stage not in stages:
             raise UserError(f"pipeline {pipeline.path} has no stage {args.stage!r}; its stages: "

@@ -126,7 +126,7 @@ def build_report(p: Pipeline) -> str:
     for stage in stages:
         lines.append(f"- {stage}: {p.stage_dir(stage)}")
     if p.spec.export is not None and "export" not in stages:
-        lines.append("- export: left out (bignlp_jax.export.hf is not available in this install)")
+        lines.append("- export: left out (bignlp_jax.hf.weights is not available in this install)")
     return "\n".join(lines) + "\n"
 
 

@@ -188,8 +188,8 @@ class Pipeline:
 
 
 def export_available() -> bool:
-    """Whether the Hugging Face exporter (bignlp_jax.export.hf) is installed in this tree."""
+    """Whether the Hugging Face exporter (bignlp_jax.hf.weights) is installed in this tree."""
     try:
-        return importlib.util.find_spec("bignlp_jax.export.hf") is not None
+        return importlib.util.find_spec("bignlp_jax.hf.weights") is not None
     except ModuleNotFoundError:
         return False

@@ -119,7 +119,7 @@ def run_evaluate(p: Pipeline) -> str:
 
 def run_export(p: Pipeline) -> str:
     from bignlp_jax.checkpoint import load_params
-    from bignlp_jax.export.hf import export_hf
+    from bignlp_jax.hf.weights import export_hf
 
     source = p.final_run()
     _needs(p, "export", source)

@@ -16,15 +16,15 @@ import numpy as np
 
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.preemption import StopRequest
-from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
-from bignlp_jax.perf.peak import mfu_meter
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from bignlp_jax.train.peak import mfu_meter
+from bignlp_jax.train.start import StateLayout, drop_metrics_after, start_state
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
 from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
 
@@ -74,6 +74,11 @@ class Trainer:
     def fresh_state(self) -> TrainState:
         return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh)
 
+    @property
+    def layout(self) -> StateLayout:
+        """What run start-up (train/start.py) needs to create or restore the state."""
+        return StateLayout(self.cfg.model, self.tx, self.state_sh, self.cfg.run.seed)
+
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(local, self.batch_sh, self.cfg.train.global_batch_size)
 
@@ -107,7 +112,7 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
     source = make_source(cfg, "train", trainer.rows)
-    start = start_state(trainer, source, run_dir)
+    start = start_state(cfg, trainer.layout, source, run_dir)
     state, first = start.state, start.step
     if jax.process_index() == 0:  # after the restore: a config its checkpoints refuse is not kept
         save_config(cfg, run_dir / "config.yaml")
