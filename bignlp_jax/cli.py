@@ -12,6 +12,8 @@ import sys
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.perf.hugepages import reexec_with_huge_pages
 
+# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+
 
 def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config (path, or name under configs/, e.g. tiny)")

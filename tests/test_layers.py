@@ -121,3 +121,46 @@ def test_relative_and_function_level_imports_count(tmp_path):
         "def f():\n    from ..train import loop\n    import bignlp_jax.model.layers\n")
     assert import_edges(package) == {("data", "train"): ["bignlp_jax/data/tasks.py:2"],
                                      ("data", "model"): ["bignlp_jax/data/tasks.py:3"]}
+
+
+def unexplained_function_imports(package: Path = PACKAGE) -> list[str]:
+    """Imports inside functions with no reason: none on the line, none on the comment line just
+    above the block of imports, and no module-wide `# Function-level imports: ...` line."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if any(line.startswith("# Function-level imports: ") for line in lines):
+            continue
+        tree = ast.parse(text)
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+                continue
+            row = node.lineno - 1
+            if "#" in lines[row]:
+                continue
+            above = row - 1
+            while above >= 0 and lines[above].strip().startswith(("import ", "from ")):
+                above -= 1
+            if above >= 0 and lines[above].strip().startswith("#"):
+                continue
+            out.append(f"{path.relative_to(package.parent)}:{node.lineno}: {lines[row].strip()}")
+    return out
+
+
+def test_function_level_imports_say_why():
+    """Imports inside functions are for start-up time only (never to dodge a cycle: see the
+    layer test above), and each says why."""
+    assert unexplained_function_imports() == []
+
+
+def test_the_reason_check_finds_a_silent_import(tmp_path):
+    package = tmp_path / "bignlp_jax"
+    package.mkdir()
+    (package / "a.py").write_text(
+        "def f():\n    import json  # why\n\n\ndef g():\n    # why, for both\n"
+        "    import os\n    import re\n\n\ndef h():\n    import sys\n")
+    assert unexplained_function_imports(package) == ["bignlp_jax/a.py:12: import sys"]

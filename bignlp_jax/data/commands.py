@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+
 
 def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]

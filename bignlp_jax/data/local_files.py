@@ -96,7 +96,7 @@ def read_documents(path: Path, fmt: str, fields: Sequence[str],
                 raise UserError(f"{where} holds a JSON {type(record).__name__}, expected an object")
             yield {k: _field(record, k, where) for k in fields}
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # the `parquet` extra: only for Parquet input
 
         try:
             table = pq.ParquetFile(path)

@@ -67,7 +67,7 @@ class Tokenizer:
 
     def describe(self) -> dict:
         """The JSON written next to the model (and into every run that uses it)."""
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2  # loads protobuf
 
         model = self.sp.serialized_model_proto()
         spec = model_pb2.ModelProto.FromString(model).trainer_spec

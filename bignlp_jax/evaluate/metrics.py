@@ -64,7 +64,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (0-100) with one reference per prediction, sacrebleu defaults."""
-    import sacrebleu
+    import sacrebleu  # the `eval` extra; only text-to-text tasks score BLEU
 
     _check_lengths(predictions, references)
     if not references:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import jax
 
+from bignlp_jax.checkpoint import load_params, resolve_step_dir
 from bignlp_jax.config import Config
+from bignlp_jax.data.tasks.formats import TaskFormat
+from bignlp_jax.data.tasks.source import open_task_split, task_format
 from bignlp_jax.evaluate import metrics
 from bignlp_jax.evaluate.scoring import (
     generate_targets,
@@ -24,8 +27,8 @@ from bignlp_jax.evaluate.scoring import (
     make_score_fn,
     target_nll,
 )
-from bignlp_jax.data.tasks.formats import TaskFormat
-from bignlp_jax.data.tasks.source import open_task_split, task_format
+from bignlp_jax.train.loop import Trainer
+from bignlp_jax.train.metrics import MetricsLogger
 
 EVAL_FILE = "eval.json"
 # Examples written into eval.json so a person can see what the model answered.
@@ -97,10 +100,6 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
 def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | None = None,
                  devices=None) -> dict:
     """Evaluate a checkpoint of `run_dir` (default: run.dir), write eval.json and metrics."""
-    from bignlp_jax.checkpoint import load_params, resolve_step_dir
-    from bignlp_jax.train.loop import Trainer
-    from bignlp_jax.train.metrics import MetricsLogger
-
     run_dir = Path(run_dir or cfg.run.dir)
     step_dir = resolve_step_dir(run_dir, step)
     trainer = Trainer.build(cfg, devices)

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_row, stack_rows
+from bignlp_jax.infer.generate import generate
 from bignlp_jax.model import forward
 from bignlp_jax.parallel.rules import activation_sharding, rules_table
-from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_row, stack_rows
 from bignlp_jax.train.step import token_cross_entropy
 
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # local rows -> [global rows] scores
@@ -92,8 +93,6 @@ def target_nll(score: ScoreFn, fmt: TaskFormat, records: Sequence, batch_rows: i
 def generate_targets(model_cfg, params, fmt: TaskFormat, records: Sequence,
                      batch_size: int) -> list[str]:
     """Greedy answers (decoded text) to each record's prompt, up to `task.max_target_tokens`."""
-    from bignlp_jax.infer.generate import generate
-
     tok, budget = fmt.tokenizer, fmt.task.max_target_tokens
     texts = []
     for start in range(0, len(records), batch_size):

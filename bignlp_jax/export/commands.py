@@ -13,6 +13,8 @@ from pathlib import Path
 
 from bignlp_jax.errors import UserError
 
+# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's weights as a Hugging Face model or a "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+
 
 def cmd_generate(args) -> int:
     from bignlp_jax.checkpoint import load_params, load_run_config

@@ -234,7 +234,7 @@ def _unreachable_message(layout: Layout, timeout: float) -> str:
 
 def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "") -> None:
     """Join the job's processes; exits with a readable message if that takes too long."""
-    import jax
+    import jax  # the layout is detected (and flags checked) before jax is loaded
 
     # CPU processes exchange data through gloo (TCP); without it CPU collectives across
     # processes are not implemented. GPU/TPU backends ignore this setting.

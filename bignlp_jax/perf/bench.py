@@ -52,6 +52,7 @@ class StepTimer:
     benchmark can interleave rounds of this with another framework's steps."""
 
     def __init__(self, cfg: Config, log=print):
+        # the CLI imports this module for its parser: load the training stack only when timing
         from bignlp_jax.data import make_source
         from bignlp_jax.train.loop import Trainer
 

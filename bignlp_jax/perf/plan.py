@@ -30,6 +30,8 @@ from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
+from bignlp_jax.train.loop import Trainer
+from bignlp_jax.train.state import abstract_state
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,6 @@ def collective_bytes(hlo: str, host_size: int = 8) -> dict[str, float]:
 def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | None = None,
                  memory_gb: float | None = None) -> dict:
     """Compile the train step for `cfg` on `devices` from abstract inputs; memory and estimates."""
-    from bignlp_jax.train.loop import Trainer
-    from bignlp_jax.train.state import abstract_state
-
     spec = spec or DEVICES["h100"]
     memory_gb = memory_gb if memory_gb is not None else spec.memory_gb
     start = time.perf_counter()

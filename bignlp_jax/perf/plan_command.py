@@ -19,6 +19,8 @@ import time
 
 from bignlp_jax.errors import UserError
 
+# Function-level imports: jax may be imported only after the re-exec gives the process its devices.
+
 CHILD_ENV = "BIGNLP_PLAN_DEVICES"  # set in the re-executed child: its simulated device count
 REMATS = ("none", "dots", "full")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+
 
 def cmd_pipeline(args) -> int:
     from bignlp_jax.pipeline.spec import Pipeline

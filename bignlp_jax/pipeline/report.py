@@ -35,10 +35,10 @@ def loss_summary(points: list[tuple[int, float]]) -> str:
 
 
 def plot(p: Pipeline, path: Path) -> Path | None:
-    import matplotlib
+    import matplotlib  # the `plot` extra; the report is written without it
 
     matplotlib.use("Agg")  # no display; the PNG is the output
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     panels = [[s for s in ("pretrain",) if s in p.stages()],
               [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]

@@ -125,7 +125,7 @@ class Pipeline:
     def enable_compilation_cache(self) -> None:
         """Point JAX's persistent compilation cache at `compilation_cache` (unless the user
         already set one, e.g. with JAX_COMPILATION_CACHE_DIR). Call before compiling."""
-        import jax
+        import jax  # a spec is read and checked without loading jax
 
         if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:
             return

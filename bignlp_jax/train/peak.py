@@ -15,6 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bignlp_jax.model.flops import flops_per_token
+
 # Dense bf16 TFLOP/s per device (vendor datasheets; sparsity figures excluded). Matched as
 # lower-case substrings of `device.device_kind`, most specific first.
 ACCELERATOR_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -87,8 +89,6 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: f
 def mfu_meter(cfg, num_devices: int):
     """tokens/s -> MFU for `cfg` on `num_devices` devices (peak looked up or probed once);
     None on an accelerator missing from the table (set $BIGNLP_PEAK_TFLOPS)."""
-    from bignlp_jax.model.flops import flops_per_token
-
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     try:
         peak, _ = peak_tflops(cfg.model.dtype)

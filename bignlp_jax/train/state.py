@@ -8,6 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import ModelConfig
@@ -44,8 +45,6 @@ def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
 
 
 def _fresh_state(model_cfg, tx, key, seed) -> TrainState:
-    from flax import nnx
-
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from bignlp_jax.config import Config
-from bignlp_jax.errors import UserError
 from bignlp_jax.data.tasks.formats import TaskFormat, empty_row, make_row, stack_rows
+from bignlp_jax.data.tfds_source import open_split
+from bignlp_jax.errors import UserError
 
 STATE_VERSION = 1
 
@@ -83,15 +84,14 @@ class TaskBatches:
 
 
 def task_format(cfg: Config, where: str = "task data") -> TaskFormat:
-    from bignlp_jax.data.text_source import resolve_tokenizer
+    from bignlp_jax.data.text_source import resolve_tokenizer  # grain: only when used
 
     return TaskFormat(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
 
 
 def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
     """Records of a stream role ('train', 'validation') or a named split; and a description."""
-    from bignlp_jax.data import text_source
-    from bignlp_jax.data.tfds_source import open_split
+    from bignlp_jax.data import text_source  # grain: only when used
 
     if cfg.data.source != "tfds":
         raise UserError(f"a task needs data.source=tfds (records of data.tfds_name), got "
