@@ -12,7 +12,7 @@ import sys
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.perf.hugepages import reexec_with_huge_pages
 
-# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def config_args(p: argparse.ArgumentParser) -> None:

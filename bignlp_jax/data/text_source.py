@@ -1,12 +1,13 @@
 """Config -> text batch source: which dataset, which tokenizer, which split, which seed.
 
-`data.source: tfds` reads `data.tfds_name` from `data.data_dir` (null: `$BIGNLP_DATA_DIR` or
-~/.cache/bignlp_jax/datasets). The embedded corpora (`stdlib_docs`, `stdlib_modules`) are built
-there on first use; any other dataset must already be prepared. `data.tokenizer` names a
-tokenizer (a `.model`, a tokenizer dir or a run dir); null means the default tokenizer trained
-on `stdlib_docs` with `model.vocab_size` pieces (built on first use), allowed only for the
-embedded corpora. The training stream is shuffled with `run.seed`; the held-out stream
-(`data.eval_split`) is read in stored order, so every evaluation sees the same batches.
+`data.source: tfds` reads `data.tfds_name` from `data.data_dir` (null: the user's cache,
+~/.cache/bignlp_jax/datasets; a run records the resolved directory). The embedded corpora
+(`stdlib_docs`, `stdlib_modules`) are built there on first use; any other dataset must already
+be prepared. `data.tokenizer` names a tokenizer (a `.model`, a tokenizer dir or a run dir); null
+means the default tokenizer trained on `stdlib_docs` with `model.vocab_size` pieces (built on
+first use), allowed only for the embedded corpora. The training stream is shuffled with
+`run.seed`; the held-out stream (`data.eval_split`) is read in stored order, so every
+evaluation sees the same batches.
 """
 
 from __future__ import annotations

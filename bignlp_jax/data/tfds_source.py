@@ -13,18 +13,32 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 
 DEFAULT_DATA_DIR = "~/.cache/bignlp_jax/datasets"
 
 
 def default_data_dir() -> Path:
-    """`$BIGNLP_DATA_DIR`, else ~/.cache/bignlp_jax/datasets (used when data.data_dir is null)."""
-    return Path(os.environ.get("BIGNLP_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+    """The user's cache, used when data.data_dir is null: ~/.cache/bignlp_jax/datasets, or
+    under $XDG_CACHE_HOME when set (the freedesktop convention pip and Hugging Face follow too).
+    A run records the directory it used in its config.yaml."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    if cache:
+        return Path(cache).expanduser() / "bignlp_jax" / "datasets"
+    return Path(DEFAULT_DATA_DIR).expanduser()
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    """The absolute directory `data.data_dir` names (null: `default_data_dir()`)."""
+    return (default_data_dir() if data_dir is None else Path(data_dir).expanduser()).absolute()
+
+
+def with_resolved_data_dir(cfg: Config) -> Config:
+    """`cfg` with `data.data_dir` made the absolute directory it names, so the config a run
+    records says where its data came from (a null would depend on the user's cache)."""
+    data = cfg.data.model_copy(update={"data_dir": str(resolve_data_dir(cfg.data.data_dir))})
+    return cfg.model_copy(update={"data": data})
 
 
 def list_datasets(data_dir: Path) -> list[str]:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def resolve_run(target: str, overrides: list[str]):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bignlp_jax.errors import UserError
 
-# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def register(sub: argparse._SubParsersAction) -> None:

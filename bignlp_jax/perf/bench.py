@@ -94,7 +94,11 @@ class StepTimer:
         tokens_per_sec = cfg.train.global_batch_size * cfg.data.seq_len / step_time
         n_devices = self.trainer.mesh.size
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        peak, peak_source = peak_tflops(cfg.model.dtype, peak_override)
+        if peak_override is None and cfg.train.peak_tflops is not None:
+            peak_override, where = cfg.train.peak_tflops, "train.peak_tflops"
+        else:
+            where = "--peak-tflops"
+        peak, peak_source = peak_tflops(cfg.model.dtype, peak_override, where)
         return {
             "config": cfg.model.name,
             "device_kind": jax.devices()[0].device_kind,
@@ -159,7 +163,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU (default: table, or a CPU probe)")
+                   help="peak TFLOP/s per device for MFU (default: train.peak_tflops, else "
+                        "the table, or a CPU probe)")
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
                    help="synthetic batches (default) or the config's own data source")
     p.set_defaults(func=cmd_bench)

@@ -21,7 +21,7 @@ from bignlp_jax.errors import UserError
 
 # Function-level imports: jax may be imported only after the re-exec gives the process its devices.
 
-CHILD_ENV = "BIGNLP_PLAN_DEVICES"  # set in the re-executed child: its simulated device count
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's simulated CPU devices
 REMATS = ("none", "dots", "full")
 
 
@@ -41,12 +41,17 @@ def _child_argv(args) -> list[str]:
 def _reexec(args) -> int:
     """Run this command again in a process that has `args.devices` simulated CPU devices."""
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={args.devices}"])
     env["JAX_PLATFORMS"] = "cpu"
-    env[CHILD_ENV] = str(args.devices)
     return subprocess.run(_child_argv(args), env=env).returncode
+
+
+def _has_devices(n: int) -> bool:
+    """Whether this process was started with n simulated CPU devices (JAX's own settings;
+    after a re-exec, or when the caller set them up already)."""
+    return (os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+            and f"{DEVICE_COUNT_FLAG}={n}" in os.environ.get("XLA_FLAGS", "").split())
 
 
 def analytic_bytes(cfg, shape: dict[str, int]) -> float:
@@ -212,7 +217,7 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
 def cmd_plan(args) -> int:
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
-    if os.environ.get(CHILD_ENV) != str(args.devices):
+    if not _has_devices(args.devices):
         return _reexec(args)
 
     import jax

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-# Function-level imports: a command loads its package only when run, so `bignlp-jax --help` stays fast.
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def cmd_pipeline(args) -> int:

@@ -18,6 +18,7 @@ from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
+from bignlp_jax.data.tfds_source import with_resolved_data_dir
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
@@ -102,6 +103,7 @@ def train(cfg: Config, devices=None) -> dict:
     is durable and raises `Preempted` (the CLI exits with REQUEUE_EXIT_CODE)."""
     # Signals are caught from the start: one arriving during the restore or the compile stops
     # the run after its first step, with a checkpoint. train.max_time counts from here too.
+    cfg = with_resolved_data_dir(cfg)  # what config.yaml records is what the run used
     with StopRequest(cfg.train.max_time) as stop:
         return _train(cfg, devices, stop)
 
