@@ -136,6 +136,28 @@ def test_init_from_loads_params_only(reference, tmp_path):
     assert moments and all(not np.asarray(x).any() for x in moments)  # a fresh optimizer
 
 
+
+def test_checkpoint_with_the_old_rng_leaf_still_resumes(reference, tmp_path):
+    """Earlier versions saved an unused `rng` in the train state; those runs resume."""
+    from bignlp_jax.checkpoint.manager import step_meta
+    from bignlp_jax.data import make_source
+    from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
+
+    ref_dir, _, ref_params = reference
+    cfg = config(tmp_path / "old", "train.steps=12")
+    trainer = Trainer.build(cfg)
+    state = trainer.fresh_state()
+    old = {"step": state.step, "params": load_params(ref_dir, cfg.model, trainer.state_sh.params),
+           "opt_state": state.opt_state, "rng": jnp.zeros((2,), jnp.uint32)}
+    source = make_source(cfg, "train", trainer.rows)
+    checkpointer = RunCheckpointer(tmp_path / "old", cfg.checkpoint)
+    checkpointer.save(4, old, source.get_state(), step_meta(cfg, trainer.mesh, 4))
+    checkpointer.close()
+    start = start_state(cfg, trainer.layout, source, tmp_path / "old")
+    assert start.origin.startswith("resumed") and not hasattr(start.state, "rng")
+    assert_trees_equal(start.state.params, ref_params)
+
 def test_init_from_a_relative_path(reference, tmp_path, monkeypatch):
     """Pipelines and users name run dirs relative to the working directory (Orbax itself
     refuses relative paths)."""

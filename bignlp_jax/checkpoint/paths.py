@@ -4,7 +4,7 @@ Layout of a run directory:
 
     RUN_DIR/config.yaml                  resolved config (written at the start of `train`)
     RUN_DIR/metrics.jsonl
-    RUN_DIR/checkpoints/<step>/state     params, opt_state, step, rng (Orbax PyTree, sharded)
+    RUN_DIR/checkpoints/<step>/state     params, opt_state, step (Orbax PyTree, sharded)
     RUN_DIR/checkpoints/<step>/data      data iterator state, one JSON file per process
     RUN_DIR/checkpoints/<step>/meta      config, tokenizer reference, mesh and process count
 

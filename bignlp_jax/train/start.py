@@ -38,6 +38,7 @@ from bignlp_jax.train.state import TrainState, abstract_state, init_state, with_
 
 RESUME_MARKER = "resume_from.json"  # in RUN_DIR: which resume_from value was already applied
 ABANDONED = "checkpoints_abandoned"  # in RUN_DIR: newer steps set aside by resume_from=<step>
+LEGACY_KEYS = ("rng",)  # saved by earlier versions, unused: restoring skips them
 HF_PREFIX = "hf:"  # init_from=hf:DIR reads a Hugging Face model directory
 
 
@@ -132,7 +133,8 @@ def _size(num_bytes: float) -> str:
 def _readable(step_dir: Path, target: TrainState) -> str | None:
     """None if the step's metadata reads and matches the target's shapes; else the problem."""
     try:
-        check_shapes(saved_tree(step_dir / STATE), target, f"checkpoint {step_dir}")
+        saved = {k: v for k, v in saved_tree(step_dir / STATE).items() if k not in LEGACY_KEYS}
+        check_shapes(saved, target, f"checkpoint {step_dir}")
     except UserError as e:
         return str(e)
     return None
@@ -197,6 +199,8 @@ def load_init_params(cfg: Config, shardings: Params) -> Params:
     """Parameters for `init_from`: a checkpoint path (its run's tokenizer must be this run's),
     or `hf:DIR` (a Hugging Face model)."""
     spec = cfg.init_from
+    if spec is None:
+        raise ValueError("load_init_params needs a config with init_from")
     if spec.startswith(HF_PREFIX):
         # it checks the architecture, names and shapes itself, and places each tensor as read
         return load_hf_params(spec[len(HF_PREFIX):], cfg.model, shardings=shardings)
