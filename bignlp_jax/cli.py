@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """argparse, but `key=value` overrides may also follow options (`describe C --devices 8 a=1`)."""
+    """argparse, but `key=value` overrides may also follow options
+    (`describe C --devices 8 a=1`)."""
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray or (extra and not hasattr(args, "overrides")):

@@ -173,7 +173,7 @@ def test_embedded_corpus_batches_deterministic(embedded_data_dir):
     # the next document of lanes saved at a document boundary).
     short = cfg("data.seq_len=32", "data.worker_threads=0")
     original = make_source(short, "train", (0, 8))
-    for k in range(4):
+    for _ in range(4):
         resumed = make_source(short, "train", (0, 8))
         resumed.set_state(json.loads(json.dumps(original.get_state())))
         assert_same([next(resumed)], [next(original)])

@@ -44,7 +44,7 @@ def saved_tree(state_dir: Path) -> dict[str, Any]:
     return dict(getattr(meta, "tree", meta))
 
 
-def check_shapes(saved: Params, expected: Params, where: str) -> None:
+def check_shapes(saved: Any, expected: Any, where: str) -> None:
     """Raise UserError listing every parameter whose shape differs, is missing or unexpected."""
     is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731 - Orbax metadata leaves have .shape
     have, want = _flat(saved, is_leaf), _flat(expected, is_leaf)

@@ -187,7 +187,8 @@ class RunConfig(Section):
 
 
 class TaskConfig(Section):
-    """A finetuning task on the records of `data.tfds_name` (splits `data.split` / `data.eval_split`).
+    """A finetuning task on the records of `data.tfds_name` (splits `data.split` /
+    `data.eval_split`).
 
     Each record becomes <s> prompt <sep> target </s>, the loss counting only target tokens.
     `template` builds the prompt from record fields (Python format syntax, e.g. "{text}").

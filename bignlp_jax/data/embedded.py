@@ -122,7 +122,8 @@ def clean_examples() -> tuple[dict, dict]:
     """`examples()` computed in a fresh interpreter. In a process that has imported other
     libraries the stdlib is not pristine (transformers adds logging.Logger.warning_advice, torch
     wraps inspect.getfile), and the corpus must not depend on what was imported before."""
-    code = "import json; from bignlp_jax.data import embedded; print(json.dumps(embedded.examples()))"
+    code = ("import json; from bignlp_jax.data import embedded; "
+            "print(json.dumps(embedded.examples()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "0"}).stdout
     modules, docs = json.loads(out.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ TensorFlow) is imported. Records come back as dicts of numpy values; strings are
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bignlp_jax.config import Config
@@ -107,7 +107,7 @@ def open_split(name: str, data_dir: str | Path | None, split: str,
     return builder.as_data_source(split=split)
 
 
-def text_of(record: dict, key: str) -> str:
+def text_of(record: Mapping, key: str) -> str:
     """The string feature `key` of a record, decoded from UTF-8."""
     value = record[key]
     if isinstance(value, bytes):

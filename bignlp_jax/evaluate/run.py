@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -105,8 +106,9 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
     trainer = Trainer.build(cfg, devices)
     params = load_params(step_dir, cfg.model, trainer.state_sh.params)
     started = time.perf_counter()
-    results = {"run_dir": str(run_dir), "step": int(step_dir.name) if step_dir.name.isdigit()
-               else None, "task": cfg.task.type if cfg.task else "language_modelling"}
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir), "step": int(step_dir.name) if step_dir.name.isdigit() else None,
+        "task": cfg.task.type if cfg.task else "language_modelling"}
     results.update(evaluate_params(cfg, trainer, params))
     results["seconds"] = round(time.perf_counter() - started, 2)
     if jax.process_index() == 0:

@@ -71,7 +71,7 @@ def label_log_likelihoods(score: ScoreFn, fmt: TaskFormat, records: Sequence,
     Every label sees the same (equally truncated) prompt, so only the answers differ."""
     words = [[*ids, fmt.tokenizer.eos_id] for ids in fmt.word_ids]
     longest = max(len(w) for w in words) - 1
-    rows = []
+    rows: list[dict] = []
     for record in records:
         prompt = fmt.prompt_ids(record, longest)
         rows.extend(make_row(prompt, word, fmt.seq_len) for word in words)
@@ -94,7 +94,7 @@ def generate_targets(model_cfg, params, fmt: TaskFormat, records: Sequence,
                      batch_size: int) -> list[str]:
     """Greedy answers (decoded text) to each record's prompt, up to `task.max_target_tokens`."""
     tok, budget = fmt.tokenizer, fmt.task.max_target_tokens
-    texts = []
+    texts: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = [records[i] for i in range(start, min(start + batch_size, len(records)))]
         prompts = [fmt.prompt_ids(record, budget) for record in chunk]

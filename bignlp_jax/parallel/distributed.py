@@ -130,6 +130,7 @@ def _explicit_layout(get, env: Mapping[str, str]) -> Layout | None:
             "  fix: pass all three of --coordinator HOST:PORT --num-processes N --process-id I "
             "(or BIGNLP_COORDINATOR, BIGNLP_NUM_PROCESSES, BIGNLP_PROCESS_ID)"
         )
+    assert num is not None  # a missing count was refused above
     if num < 1 or not 0 <= (pid or 0) < num:
         raise CoordinatorError(
             f"--process-id {pid} must be in 0..{num - 1} (--num-processes {num})")

@@ -160,7 +160,7 @@ def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: i
         results.append(plan)
         return plan
 
-    for estimate, shape, remat, static in candidates:
+    for _estimate, shape, remat, static in candidates:
         if compiles >= max_compiles or time.perf_counter() - start > budget_s:
             skipped.append({"mesh": shape, "remat": remat, "why": "not compiled (budget)"})
             continue
@@ -207,11 +207,12 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
     print(f"analytic params+optimizer   {analytic / gib:10.3f} GiB (compiled/analytic "
           f"{compiled_static / analytic:.3f})")
     comm = plan["collective_bytes_per_device"]
-    print(f"collectives / device / step {sum(v for k, v in comm.items() if k != 'cross_host') / gib:10.3f}"
+    within = sum(v for k, v in comm.items() if k != "cross_host")
+    print(f"collectives / device / step {within / gib:10.3f}"
           f" GiB ({comm['cross_host'] / gib:.3f} across hosts)")
-    print(f"estimated step              {plan['est_step_s']:10.3f} s (compute {plan['compute_s']:.3f}"
-          f" + comm {plan['comm_s']:.3f}), est. MFU {plan['est_mfu']:.1%}; compiled in "
-          f"{plan['compile_s']:.1f}s")
+    print(f"estimated step              {plan['est_step_s']:10.3f} s (compute "
+          f"{plan['compute_s']:.3f} + comm {plan['comm_s']:.3f}), est. MFU "
+          f"{plan['est_mfu']:.1%}; compiled in {plan['compile_s']:.1f}s")
 
 
 def cmd_plan(args) -> int:

@@ -10,9 +10,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.preemption import StopRequest
@@ -40,10 +42,10 @@ class Trainer:
 
     cfg: Config
     mesh: jax.sharding.Mesh
-    tx: object
+    tx: optax.GradientTransformation
     state_sh: TrainState
-    train_step: object
-    eval_step: object
+    train_step: Any  # jitted (state, batch) -> (state, metrics); .lower() compiles ahead
+    eval_step: Any  # jitted (params, batch) -> (loss sum, token count)
     batch_sh: jax.sharding.NamedSharding
     rows: tuple[int, int]
 

@@ -12,7 +12,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 
 from bignlp_jax.model.flops import flops_per_token
 
@@ -67,7 +66,8 @@ def peak_tflops(dtype: str = "float32", override: float | None = None,
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         host = cpu_matmul_probe(dtype)
-        return host / jax.local_device_count(), f"cpu matmul probe (1024^3 {dtype}, host {host:.3f})"
+        where = f"cpu matmul probe (1024^3 {dtype}, host {host:.3f})"
+        return host / jax.local_device_count(), where
     tflops = table_peak(device.device_kind)
     if tflops is None:
         raise KeyError(

@@ -39,6 +39,7 @@ class TaskBatches:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - at most two epochs meet in one batch
     def _permutation(self, epoch: int) -> np.ndarray:
+        assert self.seed is not None  # held-out streams (seed None) are read in order
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
 
     def example_index(self, slot: int) -> int | None:
@@ -86,6 +87,7 @@ class TaskBatches:
 def task_format(cfg: Config, where: str = "task data") -> TaskFormat:
     from bignlp_jax.data.text_source import resolve_tokenizer  # grain: only when used
 
+    assert cfg.task is not None, "a task format needs a config with a task: section"
     return TaskFormat(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
 
 
@@ -98,6 +100,7 @@ def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
                         f"data.source={cfg.data.source}")
     name, directory = text_source.dataset_name(cfg), text_source.data_dir(cfg)
     split_ = text_source.split_name(cfg, split)
+    assert cfg.task is not None, "task records need a config with a task: section"
     fmt_keys = TaskFormat(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
     records = open_split(name, directory, split_, required_keys=fmt_keys)
     return records, f"split {split_!r} of {name} in {directory}"
