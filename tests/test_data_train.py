@@ -3,6 +3,7 @@
 import json
 
 import jax
+import pytest
 
 from bignlp_jax.checkpoint import load_run_config
 from bignlp_jax.config import load_config
@@ -11,6 +12,7 @@ from bignlp_jax.data.tokenizer import load_tokenizer
 from bignlp_jax.train.loop import train
 
 
+@pytest.mark.slow  # a training/compile run end to end: CI's whole suite runs it
 def test_tiny_trains_on_embedded_text(tmp_path, embedded_data_dir):
     cfg = load_config("tiny", [f"run.dir={tmp_path / 'run'}", "train.steps=30",
                                "train.global_batch_size=8", "train.log_every=1",

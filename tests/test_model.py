@@ -74,6 +74,7 @@ def test_remat_policies_do_not_change_gradients(tmp_path):
                      grads["none"], grads[policy])
 
 
+@pytest.mark.slow  # a training/compile run end to end: CI's whole suite runs it
 def test_tiny_model_learns_synthetic_task(tmp_path):
     from bignlp_jax.train.metrics import read_metrics
 

@@ -128,6 +128,7 @@ def test_collective_bytes_counts_loop_trips_and_groups():
     assert out["cross_host"] == pytest.approx(out["all-reduce"])
 
 
+@pytest.mark.slow  # a training/compile run end to end: CI's whole suite runs it
 def test_search_ranks_fitting_meshes(tmp_path):
     from bignlp_jax.perf.plan import DEVICES
     from bignlp_jax.perf.plan_command import search
