@@ -88,8 +88,8 @@ def main() -> int:
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"| variant | device | tokens/s | step ms (min-max) | TFLOP/s/dev | MFU | "
-            f"peak GiB | compile s |")
+    head = ("| variant | device | tokens/s | step ms (min-max) | TFLOP/s/dev | MFU | "
+            "peak GiB | compile s |")
     print("\n" + head)
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:

@@ -54,6 +54,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "with init_from=RUN_DIR)"),
 }
 
+# Function-level imports: a command loads its package only when run (a fast `--help`).
+
 
 def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG",

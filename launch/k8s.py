@@ -113,7 +113,6 @@ def _check(opts: K8sOptions, stages: list[Stage]) -> None:
 
 def _env(opts: K8sOptions, stage_name: str) -> list[dict]:
     env = [{"name": k, "value": str(v)} for k, v in sorted(opts.env.items())]
-    env.append({"name": "BIGNLP_INIT_TIMEOUT", "value": str(opts.init_timeout)})
     if not opts.tpu and opts.nodes > 1:
         coordinator = f"{opts.name}-{stage_name}-0-0.{opts.name}:{opts.port}"
         env += [
@@ -142,7 +141,8 @@ def _pod_spec(opts: K8sOptions, stage: Stage, stage_name: str) -> dict:
     container = {
         "name": CONTAINER,
         "image": opts.image,
-        "command": [opts.executable, *stage.args],  # exec form: no shell in between
+        # exec form: no shell in between; the timeout is a flag (env carries the layout only)
+        "command": [opts.executable, "--init-timeout", str(opts.init_timeout), *stage.args],
         "env": _env(opts, stage_name),
         "ports": [{"containerPort": opts.port, "name": "coordinator"}],
         **({"workingDir": opts.working_dir} if opts.working_dir else {}),

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         own, rest = argv, []
     parser = argparse.ArgumentParser(
         prog="local.py", description=__doc__.splitlines()[0],
-        usage="%(prog)s --processes N --devices-per-process D [--port P] -- BIGNLP_JAX_ARGS...")
+        usage="%(prog)s --processes N --devices-per-process D [--port P] -- BIGNLP-JAX-ARGS...")
     parser.add_argument("--processes", type=int, required=True, help="processes to start")
     parser.add_argument("--devices-per-process", type=int, default=1,
                         help="simulated CPU devices in each process")

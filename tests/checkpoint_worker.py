@@ -31,7 +31,7 @@ def main(port: str, num_processes: str, process_id: str, run_dir: str, dump: str
     from checkpoint_common import config
     from jax.experimental import multihost_utils
 
-    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.errors import Preempted
     from bignlp_jax.train.loop import Trainer, train
@@ -45,7 +45,7 @@ def main(port: str, num_processes: str, process_id: str, run_dir: str, dump: str
         exit_code = e.exit_code
     trainer = Trainer.build(cfg)
     source = make_source(cfg, "train", trainer.rows)
-    start = start_state(trainer, source, run_dir)
+    start = start_state(cfg, trainer.layout, source, run_dir)
     gathered = multihost_utils.process_allgather(start.state.params, tiled=True)
     if jax.process_index() == 0:
         flat = jax.tree_util.tree_flatten_with_path(gathered)[0]

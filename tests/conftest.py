@@ -9,11 +9,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Embedded corpora and default tokenizers are built once per test session into a fresh dir
-# (subprocesses inherit it), so tests neither depend on nor write to the user's ~/.cache.
-if "BIGNLP_DATA_DIR" not in os.environ:
-    os.environ["BIGNLP_DATA_DIR"] = tempfile.mkdtemp(prefix="bignlp_data_")
-    atexit.register(shutil.rmtree, os.environ["BIGNLP_DATA_DIR"], True)
+# Embedded corpora and default tokenizers are built once per test session into a fresh cache
+# dir (subprocesses inherit it), so tests neither depend on nor write to the user's ~/.cache.
+# XDG_CACHE_HOME moves the default data.data_dir (the freedesktop cache convention, not a
+# bignlp_jax setting); nothing in the product reads a test-only variable.
+_cache = tempfile.mkdtemp(prefix="bignlp_cache_")
+os.environ["XDG_CACHE_HOME"] = _cache
+atexit.register(shutil.rmtree, _cache, True)
 
 # One persistent XLA compilation cache per test session (subprocesses inherit it): many tests
 # compile the same tiny programs, and on 2 CPU cores compiling dominates the suite's time.
@@ -52,9 +54,19 @@ def bignlp_cmd(*args: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def embedded_data_dir() -> Path:
-    """$BIGNLP_DATA_DIR with the embedded corpora and the default 1024-piece tokenizer built."""
+    """The default data dir (in this session's cache) with the embedded corpora and the
+    default 1024-piece tokenizer built."""
     from bignlp_jax.data.embedded import embedded_tokenizer
+    from bignlp_jax.data.tfds_source import default_data_dir
 
-    data_dir = Path(os.environ["BIGNLP_DATA_DIR"])
+    data_dir = default_data_dir()
     embedded_tokenizer(data_dir, 1024)
     return data_dir
+
+
+def pytest_collection_modifyitems(items):
+    """Multi-process and SLURM tests start processes too: the fast tier (`-m "not slow"`)
+    leaves them out with the other slow ones."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)

@@ -44,9 +44,11 @@ def test_einsum_attention_matches_reference_with_gradients(T):
     def loss(fn, q, k, v):
         return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) * cotangent)
 
-    ours = lambda q, k, v: dot_product_attention(q, k, v, seg, seg, index, index, scale,
-                                                 self_attention=True)
-    ref = lambda q, k, v: reference_attention(q, k, v, seg, seg, index, index, scale)
+    def ours(q, k, v):
+        return dot_product_attention(q, k, v, seg, seg, index, index, scale, self_attention=True)
+
+    def ref(q, k, v):
+        return reference_attention(q, k, v, seg, seg, index, index, scale)
     assert (causal_block_size(T) < T) == (T >= 256)
     np.testing.assert_allclose(np.where(real, ours(q, k, v), 0), np.where(real, ref(q, k, v), 0),
                                rtol=1e-5, atol=1e-5)

@@ -120,20 +120,43 @@ def test_wrong_model_shape_names_parameter_and_shapes(reference, tmp_path):
 
 
 def test_init_from_loads_params_only(reference, tmp_path):
-    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
 
     ref_dir, _, ref_params = reference
     cfg = config(tmp_path / "finetune", f"init_from={ref_dir}", "train.steps=12")
     trainer = Trainer.build(cfg)
-    start = start_state(trainer, make_source(cfg, "train", trainer.rows), tmp_path / "finetune")
+    source = make_source(cfg, "train", trainer.rows)
+    start = start_state(cfg, trainer.layout, source, tmp_path / "finetune")
     assert start.step == 0 and int(start.state.step) == 0
     assert_trees_equal(start.state.params, ref_params)
     moments = [x for path, x in jax.tree_util.tree_flatten_with_path(start.state.opt_state)[0]
                if any(getattr(k, "name", None) in ("mu", "nu") for k in path)]
     assert moments and all(not np.asarray(x).any() for x in moments)  # a fresh optimizer
 
+
+
+def test_checkpoint_with_the_old_rng_leaf_still_resumes(reference, tmp_path):
+    """Earlier versions saved an unused `rng` in the train state; those runs resume."""
+    from bignlp_jax.checkpoint.manager import step_meta
+    from bignlp_jax.data import make_source
+    from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
+
+    ref_dir, _, ref_params = reference
+    cfg = config(tmp_path / "old", "train.steps=12")
+    trainer = Trainer.build(cfg)
+    state = trainer.fresh_state()
+    old = {"step": state.step, "params": load_params(ref_dir, cfg.model, trainer.state_sh.params),
+           "opt_state": state.opt_state, "rng": jnp.zeros((2,), jnp.uint32)}
+    source = make_source(cfg, "train", trainer.rows)
+    checkpointer = RunCheckpointer(tmp_path / "old", cfg.checkpoint)
+    checkpointer.save(4, old, source.get_state(), step_meta(cfg, trainer.mesh, 4))
+    checkpointer.close()
+    start = start_state(cfg, trainer.layout, source, tmp_path / "old")
+    assert start.origin.startswith("resumed") and not hasattr(start.state, "rng")
+    assert_trees_equal(start.state.params, ref_params)
 
 def test_init_from_a_relative_path(reference, tmp_path, monkeypatch):
     """Pipelines and users name run dirs relative to the working directory (Orbax itself
@@ -146,9 +169,9 @@ def test_init_from_a_relative_path(reference, tmp_path, monkeypatch):
 
 
 def test_init_from_hugging_face_dir(reference, tmp_path):
-    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
-    from bignlp_jax.export.hf import export_hf
+    from bignlp_jax.hf.weights import export_hf
     from bignlp_jax.train.loop import Trainer
 
     ref_dir, _, ref_params = reference
@@ -156,7 +179,8 @@ def test_init_from_hugging_face_dir(reference, tmp_path):
     export_hf(load_params(ref_dir, model_cfg), model_cfg, tmp_path / "hf", dtype="float32")
     cfg = config(tmp_path / "finetune", f"init_from=hf:{tmp_path / 'hf'}")
     trainer = Trainer.build(cfg)
-    start = start_state(trainer, make_source(cfg, "train", trainer.rows), tmp_path / "finetune")
+    source = make_source(cfg, "train", trainer.rows)
+    start = start_state(cfg, trainer.layout, source, tmp_path / "finetune")
     assert start.step == 0 and "hf:" in start.origin
     assert_trees_equal(start.state.params, ref_params)
 
@@ -215,7 +239,7 @@ def test_keep_policy_keeps_latest_and_every_n(tmp_path):
 
 
 def test_restore_that_does_not_fit_says_why(tmp_path):
-    from bignlp_jax.checkpoint.resume import check_fits
+    from bignlp_jax.train.start import check_fits
     from bignlp_jax.train.loop import Trainer
     from bignlp_jax.train.state import abstract_state
 

@@ -27,7 +27,7 @@ from checkpoint_common import (
 )
 
 from bignlp_jax.checkpoint import integrity, latest_step, load_params
-from bignlp_jax.checkpoint.resume import start_state
+from bignlp_jax.train.start import start_state
 from bignlp_jax.data import make_source
 from bignlp_jax.errors import REQUEUE_EXIT_CODE
 from bignlp_jax.train.loop import Trainer
@@ -111,7 +111,7 @@ def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cach
     cfg = config(run, "train.steps=100000")
     trainer = Trainer.build(cfg)
     source = make_source(cfg, "train", trainer.rows)
-    one = start_state(trainer, source, run)
+    one = start_state(cfg, trainer.layout, source, run)
     assert one.step == stopped and source.get_state()["step"] == stopped
     flat = jax.tree_util.tree_flatten_with_path(one.state.params)[0]
     assert len(flat) == len(two.files) - 2

@@ -85,6 +85,7 @@ def test_cli_exits_2_with_one_message(args, expected, capsys, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_subprocess_has_no_traceback(tmp_path, cli_env):
     proc = subprocess.run(bignlp_cmd("train", "tiny", "train.stesp=3", f"run.dir={tmp_path}"),
                           cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=120)

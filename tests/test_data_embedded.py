@@ -8,6 +8,8 @@ import subprocess
 import sys
 from contextlib import redirect_stdout
 
+import pytest
+
 from bignlp_jax.data import embedded
 from bignlp_jax.data.tfds_source import open_split, text_of
 
@@ -19,6 +21,7 @@ print(hashlib.sha256(json.dumps([modules, docs], sort_keys=True).encode()).hexdi
 """
 
 
+@pytest.mark.slow
 def test_same_documents_whatever_the_hash_seed():
     """The corpora come from sorted modules, members and topics, never from set/dict order that
     string hashing could change, nor from what this (test) process imported before:

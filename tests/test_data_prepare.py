@@ -79,6 +79,7 @@ def test_prepare_bad_input_one_message_exit_2(tmp_path, capsys, make_input, args
     assert message in err and err.count("error:") == 1
 
 
+@pytest.mark.slow
 def test_cli_exit_code_2_for_non_utf8_file(tmp_path):
     from conftest import bignlp_cmd
 

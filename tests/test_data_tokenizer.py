@@ -66,6 +66,7 @@ def test_cli_trains_on_local_files(tmp_path, capsys):
     assert "matches no files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_model_vocab_must_match_tokenizer(embedded_data_dir, tmp_path):
     from conftest import bignlp_cmd
 

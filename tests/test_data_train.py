@@ -3,13 +3,16 @@
 import json
 
 import jax
+import pytest
 
+from bignlp_jax.checkpoint import load_run_config
 from bignlp_jax.config import load_config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.tokenizer import load_tokenizer
 from bignlp_jax.train.loop import train
 
 
+@pytest.mark.slow  # a training/compile run end to end: CI's whole suite runs it
 def test_tiny_trains_on_embedded_text(tmp_path, embedded_data_dir):
     cfg = load_config("tiny", [f"run.dir={tmp_path / 'run'}", "train.steps=30",
                                "train.global_batch_size=8", "train.log_every=1",
@@ -30,3 +33,6 @@ def test_tiny_trains_on_embedded_text(tmp_path, embedded_data_dir):
     assert recorded.describe() == default.describe()
     assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())[
         "vocab_size"] == cfg.model.vocab_size
+    # ... and the data dir it read: the config said null (the user's cache), config.yaml says where
+    assert cfg.data.data_dir is None
+    assert load_run_config(tmp_path / "run").data.data_dir == str(embedded_data_dir.absolute())

@@ -68,6 +68,23 @@ def test_slurm_step_layout():
     assert detect(parse(), env=slurm_env(JAX_PLATFORMS="cpu")).local_device_ids is None
     port_set = slurm_env(BIGNLP_COORDINATOR_PORT="5000")
     assert detect(parse(), env=port_set).coordinator == "gpu007:5000"
+    # devices are chosen by a flag (the environment carries the layout only)
+    assert detect(parse("--local-device-ids", "0,1"), env=slurm_env()).local_device_ids == (0, 1)
+    assert detect(parse("--local-device-ids", "all"), env=one).local_device_ids is None
+    assert detect(parse(), env=slurm_env(BIGNLP_LOCAL_DEVICE_IDS="0,1")).local_device_ids == (1,)
+    with pytest.raises(CoordinatorError, match="--local-device-ids 'gpu0'"):
+        detect(parse("--local-device-ids", "gpu0"), env=slurm_env())
+
+
+def test_timeouts_are_flags():
+    from bignlp_jax.parallel.distributed import _timeout
+
+    args = parse("--heartbeat-timeout", "7.5", "--shutdown-timeout", "30")
+    assert (args.heartbeat_timeout, args.shutdown_timeout) == (7.5, 30.0)
+    assert _timeout(args.heartbeat_timeout, "--heartbeat-timeout", 60) == 7.5
+    assert _timeout(None, "--heartbeat-timeout", 60) == 60
+    with pytest.raises(CoordinatorError, match="--init-timeout -1 must be a positive number"):
+        _timeout(-1.0, "--init-timeout", 300)
 
 
 def test_slurm_batch_script_and_single_task_are_not_distributed():
@@ -94,6 +111,7 @@ def test_gke_tpu_layout():
     assert detect(parse(), env={"TPU_WORKER_HOSTNAMES": "w-0", "TPU_WORKER_ID": "0"}) is None
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_fast_with_address(cli_env):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -26,13 +26,12 @@ from test_export_hf import (  # noqa: E402
 )
 
 from bignlp_jax.checkpoint import load_params, load_run_config  # noqa: E402
-from bignlp_jax.checkpoint.params import load_init_params  # noqa: E402
 from bignlp_jax.cli import main  # noqa: E402
 from bignlp_jax.config import Config, DataConfig, ModelConfig, RunConfig  # noqa: E402
 from bignlp_jax.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from bignlp_jax.errors import UserError  # noqa: E402
 from bignlp_jax.export.bundle import save_params_bundle  # noqa: E402
-from bignlp_jax.export.hf import export_hf, hf_model_config, load_hf_params  # noqa: E402
+from bignlp_jax.hf.weights import export_hf, hf_model_config, load_hf_params  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 TOKENIZER_VOCAB = 400  # byte fallback alone needs 256 + specials + the characters seen
@@ -129,7 +128,7 @@ def test_params_bundle_and_import_give_back_the_params(tmp_path, run_dir):
     imported_cfg = load_run_config(imported).model
     assert imported_cfg.model_copy(update={"name": cfg.name}) == cfg
     for loaded in (load_params(imported, imported_cfg),
-                   load_init_params(f"hf:{hf}", cfg, jax.tree.map(
+                   load_hf_params(hf, cfg, shardings=jax.tree.map(
                        lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params))):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
 

@@ -11,8 +11,8 @@ from bignlp_jax.config.schema import TaskConfig
 from bignlp_jax.errors import UserError
 from bignlp_jax.evaluate.scoring import label_log_likelihoods, sequence_log_likelihood
 from bignlp_jax.model import abstract_params, init_params
-from bignlp_jax.tasks.formats import TaskFormat, make_row, stack_rows
-from bignlp_jax.tasks.source import TaskBatches
+from bignlp_jax.data.tasks.formats import TaskFormat, make_row, stack_rows
+from bignlp_jax.data.tasks.source import TaskBatches
 
 SMALL = ["model.vocab_size=512", "model.num_layers=1", "model.hidden=32", "model.num_heads=2",
          "model.mlp_dim=64", "model.max_seq_len=64", "data.seq_len=64",
@@ -177,14 +177,15 @@ def pretrained(tmp_path_factory):
 
 
 def test_finetune_starts_from_pretrained_params(tmp_path, pretrained):
-    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
 
     run_dir, params = pretrained
     cfg = finetune_config(tmp_path, f"init_from={run_dir}")
     trainer = Trainer.build(cfg)
-    start = start_state(trainer, make_source(cfg, "train", trainer.rows), cfg.run.dir)
+    source = make_source(cfg, "train", trainer.rows)
+    start = start_state(cfg, trainer.layout, source, cfg.run.dir)
     assert start.step == 0
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), start.state.params, params)
     # (the finetune config has run.seed=0, the pretrained run 7: ignoring init_from would fail)
@@ -203,20 +204,21 @@ def test_unknown_label_and_template_field():
 
 
 def test_init_from_other_architecture(tmp_path, pretrained):
-    from bignlp_jax.checkpoint import load_init_params
     from bignlp_jax.checkpoint.params import default_shardings
+    from bignlp_jax.train.start import load_init_params
 
     cfg = finetune_config(tmp_path, f"init_from={pretrained[0]}", "model.hidden=48")
     with pytest.raises(UserError, match=r"embed/embedding: checkpoint has shape \(512, 32\), "
                                         r"the config expects \(512, 48\)"):
-        load_init_params(cfg.init_from, cfg.model, default_shardings(cfg.model))
+        load_init_params(cfg, default_shardings(cfg.model))
 
 
 def test_init_from_other_tokenizer(tmp_path, pretrained):
     import shutil
 
+    from bignlp_jax.checkpoint.params import default_shardings
     from bignlp_jax.data.tokenizer import train_tokenizer
-    from bignlp_jax.tasks.source import make_task_source
+    from bignlp_jax.train.start import load_init_params
 
     run_dir = tmp_path / "pre"
     shutil.copytree(pretrained[0], run_dir)
@@ -225,10 +227,13 @@ def test_init_from_other_tokenizer(tmp_path, pretrained):
     texts = [" ".join("".join(rng.choice(list("abcdefghij"), 5)) for _ in range(12))
              for _ in range(400)]
     train_tokenizer(texts, run_dir / "tokenizer", 512)
-    cfg = finetune_config(tmp_path, f"init_from={run_dir}")
-    with pytest.raises(UserError, match="(?s)was trained with another tokenizer.*fix: set "
-                                        "data.tokenizer="):
-        make_task_source(cfg, "train", (0, 8))
+    # finetuning and pretraining (no task:) start up the same way, and both check
+    finetune = finetune_config(tmp_path, f"init_from={run_dir}")
+    pretrain = finetune.model_copy(update={"task": None})
+    for cfg in (finetune, pretrain):
+        with pytest.raises(UserError, match=f"(?s)init_from={run_dir} was trained with another "
+                                            "tokenizer.*fix: set data.tokenizer="):
+            load_init_params(cfg, default_shardings(cfg.model))
 
 
 def test_task_config_errors():

@@ -73,8 +73,10 @@ def test_top_k_and_top_p_filter():
     keys = jax.random.split(jax.random.key(0), 200)
 
     def draws(top_k, top_p):
-        one = lambda k: sample_next(logits, k, greedy=False, temperature=1.0,
-                                    top_k=top_k, top_p=top_p)[0]
+        def one(k):
+            return sample_next(logits, k, greedy=False, temperature=1.0, top_k=top_k,
+                               top_p=top_p)[0]
+
         return set(np.asarray(jax.jit(jax.vmap(one))(keys)).tolist())
 
     assert draws(2, None) == {0, 1}

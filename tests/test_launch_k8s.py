@@ -45,8 +45,8 @@ def test_gpu_chain():
         pod = spec["template"]["spec"]
         [container] = pod["containers"]
         # exec form: every argument, shell syntax included, reaches bignlp-jax verbatim
-        assert container["command"] == ["bignlp-jax", "pipeline", "configs/p.yaml", "--stage",
-                                        job["name"], NASTY]
+        assert container["command"] == ["bignlp-jax", "--init-timeout", "900", "pipeline",
+                                        "configs/p.yaml", "--stage", job["name"], NASTY]
         assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "runs"
         assert container["volumeMounts"][0]["mountPath"] == "/runs"
@@ -54,7 +54,7 @@ def test_gpu_chain():
         assert env["BIGNLP_COORDINATOR"] == f"demo-{job['name']}-0-0.demo:8476"
         assert env["BIGNLP_NUM_PROCESSES"] == "4"
         assert "job-completion-index" in env["BIGNLP_PROCESS_ID"]["fieldRef"]["fieldPath"]
-        assert env["NCCL_DEBUG"] == "WARN" and env["BIGNLP_INIT_TIMEOUT"] == "900"
+        assert env["NCCL_DEBUG"] == "WARN" and "BIGNLP_INIT_TIMEOUT" not in env
 
 
 def test_tpu_multislice():
@@ -93,7 +93,7 @@ def test_cli_render_and_apply_without_kubectl(tmp_path, capsys, monkeypatch):
     assert manifest["metadata"]["name"] == "my-run"
     [job] = manifest["spec"]["replicatedJobs"]
     assert job["template"]["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "bignlp-jax", "train", "tiny", "train.steps=3"]
+        "bignlp-jax", "--init-timeout", "900", "train", "tiny", "train.steps=3"]
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no kubectl here
     out = tmp_path / "m.yaml"

@@ -67,13 +67,14 @@ def test_remat_policies_do_not_change_gradients(tmp_path):
     for policy in ("none", "full", "dots"):
         cfg = tiny_config(tmp_path, f"model.remat={policy}")
         params = init_params(cfg.model, jax.random.key(3))
-        grads[policy] = jax.jit(jax.grad(lambda p: loss_sums(p, batch, cfg)[0]))(params)
+        grads[policy] = jax.jit(jax.grad(lambda p, cfg=cfg: loss_sums(p, batch, cfg)[0]))(params)
     for policy in ("full", "dots"):
         # recomputation may reorder float32 sums: equal to float32 rounding, not bitwise
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      grads["none"], grads[policy])
 
 
+@pytest.mark.slow  # a training/compile run end to end: CI's whole suite runs it
 def test_tiny_model_learns_synthetic_task(tmp_path):
     from bignlp_jax.train.metrics import read_metrics
 

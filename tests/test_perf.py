@@ -47,6 +47,7 @@ def test_flops_per_token_llama_by_hand(tmp_path):
     assert flops_per_token(m, 16) == 6 * n + 12 * 2 * 4 * 8 * 16 == 148416
 
 
+@pytest.mark.slow
 def test_bench_prints_json_with_every_field(cli_env, tmp_path):
     proc = subprocess.run(
         bignlp_cmd("bench", "configs/tiny.yaml", f"run.dir={tmp_path}", "--steps", "2",
@@ -76,6 +77,7 @@ def _plan(cli_env, *overrides):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_plan_memory_shrinks_with_fsdp_and_matches_analytic(cli_env):
     from bignlp_jax.config import load_config
 
@@ -126,6 +128,7 @@ def test_collective_bytes_counts_loop_trips_and_groups():
     assert out["cross_host"] == pytest.approx(out["all-reduce"])
 
 
+@pytest.mark.slow  # a training/compile run end to end: CI's whole suite runs it
 def test_search_ranks_fitting_meshes(tmp_path):
     from bignlp_jax.perf.plan import DEVICES
     from bignlp_jax.perf.plan_command import search
@@ -174,7 +177,7 @@ def test_unrolled_layers_match_scanned(tmp_path):
         cfg = tiny_config(tmp_path, f"model.scan_unroll={unroll}", llama=True)
         params = init_params(cfg.model, jax.random.key(3))
         results.append(jax.jit(jax.value_and_grad(
-            lambda p: loss_sums(p, batch, cfg)[0]))(params))
+            lambda p, cfg=cfg: loss_sums(p, batch, cfg)[0]))(params))
     (loss_a, grads_a), (loss_b, grads_b) = results
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
     # same operations, possibly in another order: float32 rounding only

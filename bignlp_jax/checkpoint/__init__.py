@@ -4,7 +4,7 @@ Public API (used by training, finetuning, export, evaluation and generation):
 `load_params`, `load_run_config`, `latest_step`, `is_complete`, `RunCheckpointer`.
 """
 
-from bignlp_jax.checkpoint.params import load_init_params, load_params
+from bignlp_jax.checkpoint.params import load_params
 from bignlp_jax.checkpoint.paths import (
     checkpoints_dir,
     complete_steps,
@@ -19,7 +19,6 @@ __all__ = [
     "complete_steps",
     "is_complete",
     "latest_step",
-    "load_init_params",
     "load_params",
     "load_run_config",
     "resolve_step_dir",

@@ -270,8 +270,9 @@ def restore_state(step_dir: Path, target: Any) -> Any:
     the current mesh: any mesh or device count works, Orbax reads the needed slices)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     with ocp.Checkpointer(state_handler()) as checkpointer:
+        # partial: keys the target leaves out (an older version's unused `rng`) are not read
         return checkpointer.restore(Path(step_dir).absolute() / STATE, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args))
+            item=target, restore_args=restore_args, partial_restore=True))
 
 
 def restore_data_state(step_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Parameters only: read a checkpoint's params onto any sharding, and `init_from`.
+"""Parameters only: read a checkpoint's params onto any sharding.
 
 This is how finetuning, export, evaluation and generation get a model out of a run: no optimizer
 state is read, and the shapes are checked against the model config first so a mismatch names
@@ -21,7 +21,6 @@ from bignlp_jax.errors import UserError
 from bignlp_jax.model import abstract_params
 
 Params = dict[str, Any]
-HF_PREFIX = "hf:"
 
 
 def _key_name(key) -> str:
@@ -49,7 +48,7 @@ def saved_tree(state_dir: Path) -> dict[str, Any]:
     return dict(getattr(meta, "tree", meta))
 
 
-def check_shapes(saved: Params, expected: Params, where: str) -> None:
+def check_shapes(saved: Any, expected: Any, where: str) -> None:
     """Raise UserError listing every parameter whose shape differs, is missing or unexpected."""
     is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731 - Orbax metadata leaves have .shape
     have, want = _flat(saved, is_leaf), _flat(expected, is_leaf)
@@ -113,12 +112,3 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
         raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from e
     return restored["params"]
 
-
-def load_init_params(spec: str, model_cfg: ModelConfig, shardings: Params) -> Params:
-    """Parameters for `init_from`: a checkpoint path, or `hf:DIR` (a Hugging Face model)."""
-    if spec.startswith(HF_PREFIX):
-        from bignlp_jax.export.hf import load_hf_params  # export stream; imported only when used
-
-        # it checks the architecture, names and shapes itself, and places each tensor as read
-        return load_hf_params(spec[len(HF_PREFIX):], model_cfg, shardings=shardings)
-    return load_params(spec, model_cfg, shardings)

@@ -4,7 +4,7 @@ Layout of a run directory:
 
     RUN_DIR/config.yaml                  resolved config (written at the start of `train`)
     RUN_DIR/metrics.jsonl
-    RUN_DIR/checkpoints/<step>/state     params, opt_state, step, rng (Orbax PyTree, sharded)
+    RUN_DIR/checkpoints/<step>/state     params, opt_state, step (Orbax PyTree, sharded)
     RUN_DIR/checkpoints/<step>/data      data iterator state, one JSON file per process
     RUN_DIR/checkpoints/<step>/meta      config, tokenizer reference, mesh and process count
 
@@ -16,11 +16,14 @@ manager on the next start.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import orbax.checkpoint as ocp
 
 from bignlp_jax.checkpoint import integrity
+from bignlp_jax.config import load_config
+from bignlp_jax.config.loader import validate
 from bignlp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -101,11 +104,6 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
 def load_run_config(run_dir: str | Path):
     """The resolved `Config` a run was trained with (RUN_DIR/config.yaml, else the newest
     checkpoint's copy). Accepts a run dir, its checkpoints dir or a step dir."""
-    import json
-
-    from bignlp_jax.config import load_config
-    from bignlp_jax.config.loader import validate
-
     run_dir = Path(run_dir)
     candidates = [run_dir]
     if run_dir.name == CHECKPOINTS:

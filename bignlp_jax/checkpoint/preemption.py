@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ class StopRequest:
         self.max_time = max_time
         self.signal: int | None = None
         self.start = time.monotonic()
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

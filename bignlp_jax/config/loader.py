@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.resources
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,13 @@ from pydantic import BaseModel, ValidationError
 from bignlp_jax.config.schema import Config
 from bignlp_jax.errors import ConfigError
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (bignlp_jax/configs links to the top-level configs/ in a
+# clone, and is a plain folder in a wheel), so names such as `tiny` work from any install.
+CONFIG_ROOT = Path(str(importlib.resources.files("bignlp_jax") / "configs"))
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """Find a config by path, or by name under the repository's `configs/` folder."""
+    """Find a config by path, or by name under the packaged `configs/` folder."""
     candidates = [Path(path), CONFIG_ROOT / path, CONFIG_ROOT / f"{path}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
@@ -70,13 +74,15 @@ def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(merged, data)
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings; values are parsed as YAML scalars/lists (`3`, `1e-4`, `[1,2]`)."""
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are parsed as YAML scalars/lists (`3`, `1e-4`,
+    `[1,2]`)."""
     tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -102,7 +108,7 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _describe_error(err: dict[str, Any]) -> str:
+def _describe_error(err: Mapping[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     given = err.get("input")
     if err["type"] == "extra_forbidden":
@@ -132,7 +138,7 @@ def validate(tree: dict[str, Any]) -> Config:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """YAML file (or None for all defaults) + overrides -> validated Config."""
     tree = load_yaml_tree(resolve_config_path(path)) if path is not None else {}
     return validate(apply_overrides(tree, list(overrides)))

@@ -110,7 +110,8 @@ class DataConfig(Section):
     # tokenized once into a token store, packed into seq_len rows by index (data/store_batches.py)
     tfds_name: str | None = Field(None, description="e.g. stdlib_docs (embedded), c4/en, my_corpus")
     data_dir: str | None = Field(
-        None, description="null: $BIGNLP_DATA_DIR or ~/.cache/bignlp_jax/datasets")
+        None, description="null: ~/.cache/bignlp_jax/datasets ($XDG_CACHE_HOME/bignlp_jax/"
+        "datasets when set); a run records the directory it used in config.yaml")
     split: str = "train"
     eval_split: str | None = "validation"
     text_key: str = "text"
@@ -179,6 +180,9 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="0: no periodic evaluation")
     eval_batches: int = Field(4, ge=1)
     max_time: float | None = Field(None, gt=0, description="wall-clock seconds, then checkpoint")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak dense TFLOP/s per device for MFU; null: the datasheet "
+        "table (accelerators) or a measured matmul (CPU)")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
@@ -214,7 +218,8 @@ class RunConfig(Section):
 
 
 class TaskConfig(Section):
-    """A finetuning task on the records of `data.tfds_name` (splits `data.split` / `data.eval_split`).
+    """A finetuning task on the records of `data.tfds_name` (splits `data.split` /
+    `data.eval_split`).
 
     Each record becomes <s> prompt <sep> target </s>, the loss counting only target tokens.
     `template` builds the prompt from record fields (Python format syntax, e.g. "{text}").

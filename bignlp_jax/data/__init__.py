@@ -9,8 +9,8 @@ from bignlp_jax.data.synthetic import SyntheticSource
 
 def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:
     """The batch source the config asks for, reading only `rows` of each global batch."""
-    if cfg.task is not None:  # finetuning: one task example per row (tasks/source.py)
-        from bignlp_jax.tasks.source import make_task_source
+    if cfg.task is not None:  # finetuning: one task example per row (data/tasks/source.py)
+        from bignlp_jax.data.tasks.source import make_task_source  # grain, tfds: when used
 
         return make_task_source(cfg, split, rows)
     if cfg.data.source == "synthetic":
@@ -39,7 +39,7 @@ def record_run_data(cfg: Config, run_dir) -> None:
     """At the start of a run: check the tokenizer against the model (UserError giving both
     vocabulary sizes) and copy it into RUN_DIR/tokenizer/. Nothing to do for synthetic data."""
     if cfg.data.source == "tfds":
-        from bignlp_jax.data.text_source import record_tokenizer
+        from bignlp_jax.data.text_source import record_tokenizer  # grain, tfds: when used
 
         record_tokenizer(cfg, run_dir)
 

@@ -29,7 +29,8 @@ class BatchSource(Protocol):
 def process_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> tuple[int, int]:
     """[start, stop) of the global batch rows this process's devices hold (must be contiguous)."""
     index_map = sharding.addressable_devices_indices_map((global_batch, seq_len))
-    starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})
+    starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch)
+                     for idx in index_map.values()})
     start, stop = starts[0][0], starts[-1][1]
     covered = sum(b - a for a, b in starts)
     if covered != stop - start:

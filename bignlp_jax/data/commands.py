@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from bignlp_jax.data import store_commands
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def _csv(value: str) -> list[str]:

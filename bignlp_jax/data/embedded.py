@@ -34,6 +34,8 @@ from pathlib import Path
 
 from bignlp_jax.data import stdlib_corpus
 from bignlp_jax.data.tfds_builder import write_dataset
+from bignlp_jax.data.tfds_source import open_split, text_of
+from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 
 DOCS, MODULES = "stdlib_docs", "stdlib_modules"
 EMBEDDED = (DOCS, MODULES)
@@ -120,7 +122,8 @@ def clean_examples() -> tuple[dict, dict]:
     """`examples()` computed in a fresh interpreter. In a process that has imported other
     libraries the stdlib is not pristine (transformers adds logging.Logger.warning_advice, torch
     wraps inspect.getfile), and the corpus must not depend on what was imported before."""
-    code = "import json; from bignlp_jax.data import embedded; print(json.dumps(embedded.examples()))"
+    code = ("import json; from bignlp_jax.data import embedded; "
+            "print(json.dumps(embedded.examples()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "0"}).stdout
     modules, docs = json.loads(out.strip().splitlines()[-1])
@@ -149,9 +152,6 @@ def ensure_embedded(data_dir: str | Path) -> None:
 
 def embedded_tokenizer(data_dir: str | Path, vocab_size: int, model_type: str = "bpe") -> Path:
     """Directory of the default tokenizer (trained on `stdlib_docs` train), built if missing."""
-    from bignlp_jax.data.tfds_source import open_split, text_of
-    from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
-
     data_dir = Path(data_dir).expanduser()
     out = data_dir / "tokenizers" / f"{DOCS}_{model_type}_{vocab_size}"
     if (out / MODEL_FILE).is_file():

@@ -100,7 +100,11 @@ def read_documents(path: Path, fmt: str, fields: Sequence[str],
                 raise UserError(f"{where} holds a JSON {type(record).__name__}, expected an object")
             yield {k: _field(record, k, where) for k in fields}
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq  # the `parquet` extra: only for Parquet input
+        except ImportError:
+            raise UserError(f"{path}: reading Parquet needs pyarrow, which is not installed\n"
+                            "  fix: pip install 'bignlp_jax[parquet]'") from None
 
         try:
             table = pq.ParquetFile(path)

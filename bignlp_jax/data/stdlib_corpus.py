@@ -101,7 +101,7 @@ def package_docstrings(name: str) -> list[tuple[str, str]]:
 
 def pydoc_topics() -> list[tuple[str, str]]:
     """(topic, text) of the language reference topics shipped in `pydoc_data.topics`."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # ~1 MB of text: only when the corpus is built
 
     return [(f"pydoc.{name}", topics[name].strip()) for name in sorted(topics)]
 

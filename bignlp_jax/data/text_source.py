@@ -1,7 +1,8 @@
 """Config -> text batch source: which datasets, which tokenizer, which split, which seed.
 
 `data.source: tfds` reads `data.tfds_name` (or every dataset of `data.mixture`) from
-`data.data_dir` (null: `$BIGNLP_DATA_DIR` or ~/.cache/bignlp_jax/datasets). The embedded corpora
+`data.data_dir` (null: the user's cache, ~/.cache/bignlp_jax/datasets; a run records the resolved
+directory). The embedded corpora
 (`stdlib_docs`, `stdlib_modules`) are built there on first use; any other dataset must already
 be prepared. Each split is tokenized once into a token store beside the dataset
 (`token_store.py`, `token_build.py`: built on first use, or ahead with `data tokenize`), read by

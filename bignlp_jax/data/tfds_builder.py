@@ -41,7 +41,7 @@ def check_name(name: str) -> str:
 
 def _builder_class(name: str, version: str, fields: tuple[str, ...], description: str,
                    splits: Mapping[str, SplitGenerator]):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # seconds to import: only when a dataset is written
 
     class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(version)
@@ -75,7 +75,7 @@ def write_dataset(name: str, data_dir: str | Path, splits: Mapping[str, SplitGen
                   fields: Iterable[str] = ("text",), version: str = "1.0.0",
                   description: str = "", overwrite: bool = False) -> Path:
     """Write `splits` as TFDS dataset `name` (ArrayRecord) under `data_dir`; returns its dir."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # seconds to import: only when a dataset is written
 
     check_name(name)
     fields = tuple(fields)

@@ -10,21 +10,35 @@ TensorFlow) is imported. Records come back as dicts of numpy values; strings are
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 
 DEFAULT_DATA_DIR = "~/.cache/bignlp_jax/datasets"
 
 
 def default_data_dir() -> Path:
-    """`$BIGNLP_DATA_DIR`, else ~/.cache/bignlp_jax/datasets (used when data.data_dir is null)."""
-    return Path(os.environ.get("BIGNLP_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+    """The user's cache, used when data.data_dir is null: ~/.cache/bignlp_jax/datasets, or
+    under $XDG_CACHE_HOME when set (the freedesktop convention pip and Hugging Face follow too).
+    A run records the directory it used in its config.yaml."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    if cache:
+        return Path(cache).expanduser() / "bignlp_jax" / "datasets"
+    return Path(DEFAULT_DATA_DIR).expanduser()
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    """The absolute directory `data.data_dir` names (null: `default_data_dir()`)."""
+    return (default_data_dir() if data_dir is None else Path(data_dir).expanduser()).absolute()
+
+
+def with_resolved_data_dir(cfg: Config) -> Config:
+    """`cfg` with `data.data_dir` made the absolute directory it names, so the config a run
+    records says where its data came from (a null would depend on the user's cache)."""
+    data = cfg.data.model_copy(update={"data_dir": str(resolve_data_dir(cfg.data.data_dir))})
+    return cfg.model_copy(update={"data": data})
 
 
 def list_datasets(data_dir: Path) -> list[str]:
@@ -37,7 +51,7 @@ def list_datasets(data_dir: Path) -> list[str]:
 
 
 def _builder(name: str, data_dir: Path):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # seconds to import: only when a dataset is read
 
     if not data_dir.is_dir():
         raise UserError(
@@ -94,7 +108,7 @@ def open_split(name: str, data_dir: str | Path | None, split: str,
     return builder.as_data_source(split=split)
 
 
-def text_of(record: dict, key: str) -> str:
+def text_of(record: Mapping, key: str) -> str:
     """The string feature `key` of a record, decoded from UTF-8."""
     value = record[key]
     if isinstance(value, bytes):

@@ -50,7 +50,7 @@ class Tokenizer:
         self.vocab_size = int(self.sp.get_piece_size())
         self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.sep_id = self.sp.piece_to_id(SEP_PIECE)
+        self.sep_id: int | None = self.sp.piece_to_id(SEP_PIECE)
         if self.sep_id == self.unk_id:  # a SentencePiece model not trained by us
             self.sep_id = None
 
@@ -67,15 +67,17 @@ class Tokenizer:
 
     def describe(self) -> dict:
         """The JSON written next to the model (and into every run that uses it)."""
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2  # loads protobuf
 
         model = self.sp.serialized_model_proto()
-        spec = model_pb2.ModelProto.FromString(model).trainer_spec
+        # protobuf-generated classes: invisible to type checkers
+        spec = model_pb2.ModelProto.FromString(model).trainer_spec  # type: ignore[attr-defined]
         return {
             "format": "sentencepiece",
             "model_file": MODEL_FILE,
             "model_sha256": hashlib.sha256(model).hexdigest(),
-            "model_type": model_pb2.TrainerSpec.ModelType.Name(spec.model_type).lower(),
+            "model_type": model_pb2.TrainerSpec.ModelType.Name(  # type: ignore[attr-defined]
+                spec.model_type).lower(),
             "vocab_size": self.vocab_size,
             "byte_fallback": bool(spec.byte_fallback),
             "special_ids": {"pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id,

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+# Function-level imports: a command loads its package only when run (a fast `--help`).
+
 
 def resolve_run(target: str, overrides: list[str]):
     """(config, run dir) from a run directory (its config.yaml) or a config file (run.dir)."""

@@ -12,6 +12,8 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
+from bignlp_jax.errors import UserError
+
 
 def accuracy(predictions: Sequence, references: Sequence) -> float:
     _check_lengths(predictions, references)
@@ -64,7 +66,11 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (0-100) with one reference per prediction, sacrebleu defaults."""
-    import sacrebleu
+    try:
+        import sacrebleu  # the `bleu` extra: only text-to-text tasks score BLEU
+    except ImportError:
+        raise UserError("BLEU needs sacrebleu, which is not installed\n"
+                        "  fix: pip install 'bignlp_jax[bleu]'") from None
 
     _check_lengths(predictions, references)
     if not references:

@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
+from bignlp_jax.checkpoint import load_params, resolve_step_dir
 from bignlp_jax.config import Config
+from bignlp_jax.data.tasks.formats import TaskFormat
+from bignlp_jax.data.tasks.source import open_task_split, task_format
 from bignlp_jax.evaluate import metrics
 from bignlp_jax.evaluate.scoring import (
     generate_targets,
@@ -24,8 +28,8 @@ from bignlp_jax.evaluate.scoring import (
     make_score_fn,
     target_nll,
 )
-from bignlp_jax.tasks.formats import TaskFormat
-from bignlp_jax.tasks.source import open_task_split, task_format
+from bignlp_jax.train.loop import Trainer
+from bignlp_jax.train.metrics import MetricsLogger
 
 EVAL_FILE = "eval.json"
 # Examples written into eval.json so a person can see what the model answered.
@@ -99,17 +103,14 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
 def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | None = None,
                  devices=None) -> dict:
     """Evaluate a checkpoint of `run_dir` (default: run.dir), write eval.json and metrics."""
-    from bignlp_jax.checkpoint import load_params, resolve_step_dir
-    from bignlp_jax.train.loop import Trainer
-    from bignlp_jax.train.metrics import MetricsLogger
-
     run_dir = Path(run_dir or cfg.run.dir)
     step_dir = resolve_step_dir(run_dir, step)
     trainer = Trainer.build(cfg, devices)
     params = load_params(step_dir, cfg.model, trainer.state_sh.params)
     started = time.perf_counter()
-    results = {"run_dir": str(run_dir), "step": int(step_dir.name) if step_dir.name.isdigit()
-               else None, "task": cfg.task.type if cfg.task else "language_modelling"}
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir), "step": int(step_dir.name) if step_dir.name.isdigit() else None,
+        "task": cfg.task.type if cfg.task else "language_modelling"}
     results.update(evaluate_params(cfg, trainer, params))
     results["seconds"] = round(time.perf_counter() - started, 2)
     if jax.process_index() == 0:

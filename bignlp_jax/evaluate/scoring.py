@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_row, stack_rows
+from bignlp_jax.infer.generate import generate
 from bignlp_jax.model import forward
 from bignlp_jax.parallel.rules import activation_sharding, rules_table
-from bignlp_jax.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_row, stack_rows
 from bignlp_jax.train.step import token_cross_entropy
 
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # local rows -> [global rows] scores
@@ -70,7 +71,7 @@ def label_log_likelihoods(score: ScoreFn, fmt: TaskFormat, records: Sequence,
     Every label sees the same (equally truncated) prompt, so only the answers differ."""
     words = [[*ids, fmt.tokenizer.eos_id] for ids in fmt.word_ids]
     longest = max(len(w) for w in words) - 1
-    rows = []
+    rows: list[dict] = []
     for record in records:
         prompt = fmt.prompt_ids(record, longest)
         rows.extend(make_row(prompt, word, fmt.seq_len) for word in words)
@@ -92,10 +93,8 @@ def target_nll(score: ScoreFn, fmt: TaskFormat, records: Sequence, batch_rows: i
 def generate_targets(model_cfg, params, fmt: TaskFormat, records: Sequence,
                      batch_size: int) -> list[str]:
     """Greedy answers (decoded text) to each record's prompt, up to `task.max_target_tokens`."""
-    from bignlp_jax.infer.generate import generate
-
     tok, budget = fmt.tokenizer, fmt.task.max_target_tokens
-    texts = []
+    texts: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = [records[i] for i in range(start, min(start + batch_size, len(records)))]
         prompts = [fmt.prompt_ids(record, budget) for record in chunk]

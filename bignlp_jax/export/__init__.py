@@ -1,2 +1,2 @@
-"""Export and import of model weights: Hugging Face (safetensors + config + tokenizer) and
-params-only bundles. `layout.py` is the one name/layout map both directions use."""
+"""The `export` and `import` commands: Hugging Face directories (through hf/) and params-only
+bundles (bundle.py)."""

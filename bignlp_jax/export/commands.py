@@ -1,4 +1,4 @@
-"""`bignlp-jax export` and `bignlp-jax import`: thin wrappers around export/hf.py and bundle.py.
+"""`bignlp-jax export` and `bignlp-jax import`: thin wrappers around hf/weights.py and bundle.py.
 
     bignlp-jax export --run RUN_DIR [--step S] --format hf|params --out DIR [--dtype D]
     bignlp-jax import --format hf --from HF_DIR --out RUN_DIR
@@ -13,6 +13,8 @@ from pathlib import Path
 
 from bignlp_jax.errors import UserError
 from bignlp_jax.writable import require_writable
+
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,9 +75,9 @@ def run_tokenizer(run: Path, cfg) -> Path | None:
 
 def cmd_export(args) -> int:
     from bignlp_jax.checkpoint import load_params, load_run_config, resolve_step_dir
-    from bignlp_jax.export.arch import architecture_of
+    from bignlp_jax.hf.arch import architecture_of
     from bignlp_jax.export.bundle import save_params_bundle
-    from bignlp_jax.export.hf import export_dtype, export_hf
+    from bignlp_jax.hf.weights import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything
     # the output is written beside --out and renamed into place: its parent must be writable
@@ -122,7 +124,7 @@ def cmd_import(args) -> int:
     from bignlp_jax.checkpoint.params import default_shardings
     from bignlp_jax.config import Config, DataConfig, RunConfig
     from bignlp_jax.export.bundle import save_params_bundle
-    from bignlp_jax.export.hf import export_dtype, hf_model_config, load_hf_params
+    from bignlp_jax.hf.weights import export_dtype, hf_model_config, load_hf_params
 
     export_dtype(args.dtype)
     if jax.process_count() > 1:

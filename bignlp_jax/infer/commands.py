@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+# Function-level imports: a command loads its package only when run (a fast `--help`).
+
 
 def cmd_generate(args) -> int:
     from bignlp_jax.checkpoint import load_params, load_run_config

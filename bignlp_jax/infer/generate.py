@@ -129,7 +129,8 @@ def prepare_prompts(prompt_ids: list[list[int]], max_new_tokens: int, context: i
                 raise UserError(f"generate: {message}\n  fix: shorten the prompt, lower "
                                 "max_new_tokens, or allow truncation (overflow=truncate)")
             if overflow != "truncate":
-                raise UserError(f"generate: overflow must be 'truncate' or 'error', got {overflow!r}")
+                raise UserError(
+                    f"generate: overflow must be 'truncate' or 'error', got {overflow!r}")
             log.warning("%s; keeping its last %d tokens", message, room)
             ids = ids[-room:]
         fitted.append(ids)

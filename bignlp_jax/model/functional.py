@@ -49,7 +49,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict[str, MeshAxes]) ->
 
     def one(path, shape):
         name = "/".join(str(getattr(p, "key", p)) for p in path)
-        return sharding_for(mesh, get_path(axes, path), rules, shape.shape, name=f"parameter {name}")
+        return sharding_for(mesh, get_path(axes, path), rules, shape.shape,
+                            name=f"parameter {name}")
 
     return jax.tree_util.tree_map_with_path(one, shapes)
 

@@ -1,8 +1,8 @@
 """Transformer layers in Flax NNX: embedding, norm, attention, MLP.
 
 Each parameter is created with the logical names of its axes (`out_sharding` metadata); the rules
-table in `parallel/rules.py` maps them to the mesh. Shapes use B batch, T query length, S key length,
-D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocabulary.
+table in `parallel/rules.py` maps them to the mesh. Shapes use B batch, T query length, S key
+length, D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class Norm(nnx.Module):
     def __init__(self, dim: int, *, kind: str, eps: float, use_bias: bool):
         self.kind, self.eps = kind, eps
         self.scale = param(None, ones, (dim,), ("norm",))
-        self.bias = param(None, zeros, (dim,), ("norm",)) if use_bias and kind == "layernorm" else None
+        with_bias = use_bias and kind == "layernorm"
+        self.bias = param(None, zeros, (dim,), ("norm",)) if with_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
@@ -107,9 +108,10 @@ class Attention(nnx.Module):
         new_cache = None
         if cache is not None:
             k_cache, v_cache, seg_cache = cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
-            kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(seg_cache, segment_ids, cache_index, 1)
+            update = jax.lax.dynamic_update_slice_in_dim
+            k = update(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+            v = update(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+            kv_segment_ids = update(seg_cache, segment_ids, cache_index, 1)
             kv_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (B, k.shape[1]))
             new_cache = (k, v, kv_segment_ids)
         scale = 1.0 / math.sqrt(self.H)
@@ -130,8 +132,8 @@ class MLP(nnx.Module):
     def __init__(self, hidden: int, mlp_dim: int, *, kind: str, use_bias: bool,
                  init_std: float, out_std: float, rngs: nnx.Rngs):
         self.kind = kind
-        in_shape, in_axes = ((hidden, 2, mlp_dim), ("embed", None, "mlp")) if kind == "swiglu" else (
-            (hidden, mlp_dim), ("embed", "mlp"))
+        in_shape, in_axes = (((hidden, 2, mlp_dim), ("embed", None, "mlp")) if kind == "swiglu"
+                             else ((hidden, mlp_dim), ("embed", "mlp")))
         self.wi = param(rngs, nnx.initializers.normal(init_std), in_shape, in_axes)
         self.wo = param(rngs, nnx.initializers.normal(out_std), (mlp_dim, hidden), ("mlp", "embed"))
         self.bi = param(None, zeros, in_shape[1:], in_axes[1:]) if use_bias else None

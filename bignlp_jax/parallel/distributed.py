@@ -15,7 +15,10 @@ first that applies wins:
 JAX aborts the whole process (a C++ fatal error with a stack dump) when the coordinator cannot be
 reached in time, so a watchdog thread fires slightly earlier and exits with a message that names
 the address and the fix. Once joined, a process that stops sending heartbeats for
-`BIGNLP_HEARTBEAT_TIMEOUT` seconds makes the others fail instead of hanging forever.
+`--heartbeat-timeout` seconds makes the others fail instead of hanging forever.
+
+Environment variables carry the process layout only (as torchrun's and JAX's do); timeouts and
+device choices are flags, so nothing else about a run comes from the environment.
 """
 
 from __future__ import annotations
@@ -75,7 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="this process, 0..N-1 (env BIGNLP_PROCESS_ID)")
     g.add_argument("--init-timeout", type=float, metavar="SECONDS",
                    help=f"give up joining the other processes after this long "
-                        f"(env BIGNLP_INIT_TIMEOUT, default {INIT_TIMEOUT:g})")
+                        f"(default {INIT_TIMEOUT:g})")
+    g.add_argument("--heartbeat-timeout", type=float, metavar="SECONDS",
+                   help=f"a process silent this long fails the job (default {HEARTBEAT_TIMEOUT})")
+    g.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help=f"wait this long for the other processes at exit "
+                        f"(default {SHUTDOWN_TIMEOUT})")
+    g.add_argument("--local-device-ids", metavar="IDS",
+                   help="devices this process uses, e.g. 0,1 (default: all, or under SLURM "
+                        "with one task per GPU, the task's own GPU)")
     g.add_argument("--distributed", choices=("auto", "off"),
                    help="off: run as a single process even under SLURM/Kubernetes "
                         "(env BIGNLP_DISTRIBUTED, default auto)")
@@ -102,11 +113,8 @@ def detect(args: argparse.Namespace | None = None,
     explicit = _explicit_layout(get, env)
     if explicit is not None:
         return explicit if explicit.num_processes > 1 else None
-    for detector in (_slurm_layout, _tpu_layout):
-        layout = detector(env)
-        if layout is not None:
-            return layout
-    return None
+    layout = _slurm_layout(env, get)
+    return layout if layout is not None else _tpu_layout(env)
 
 
 def _explicit_layout(get, env: Mapping[str, str]) -> Layout | None:
@@ -126,25 +134,26 @@ def _explicit_layout(get, env: Mapping[str, str]) -> Layout | None:
             "  fix: pass all three of --coordinator HOST:PORT --num-processes N --process-id I "
             "(or BIGNLP_COORDINATOR, BIGNLP_NUM_PROCESSES, BIGNLP_PROCESS_ID)"
         )
+    assert num is not None  # a missing count was refused above
     if num < 1 or not 0 <= (pid or 0) < num:
         raise CoordinatorError(
             f"--process-id {pid} must be in 0..{num - 1} (--num-processes {num})")
     if coordinator is not None and not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d+", coordinator):
         raise CoordinatorError(
             f"--coordinator {coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
-    return Layout("flags/env", num, pid or 0, coordinator, _device_ids_override(env))
+    return Layout("flags/env", num, pid or 0, coordinator, _device_ids_override(get))
 
 
-def _device_ids_override(env: Mapping[str, str]) -> tuple[int, ...] | None:
-    """BIGNLP_LOCAL_DEVICE_IDS: 'all' (or unset) lets a process use every local device."""
-    value = env.get("BIGNLP_LOCAL_DEVICE_IDS", "all").strip()
+def _device_ids_override(get) -> tuple[int, ...] | None:
+    """--local-device-ids: 'all' (or not given) lets a process use every local device."""
+    value = (get("local_device_ids") or "all").strip()
     if value in ("", "all"):
         return None
     try:
         return tuple(int(x) for x in value.split(","))
     except ValueError:
         raise CoordinatorError(
-            f"BIGNLP_LOCAL_DEVICE_IDS={value!r}: expected 'all' or ids like '0,1'") from None
+            f"--local-device-ids {value!r}: expected 'all' or ids like '0,1'") from None
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -169,7 +178,7 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id] if node_id < len(counts) else 1
 
 
-def _slurm_layout(env: Mapping[str, str]) -> Layout | None:
+def _slurm_layout(env: Mapping[str, str], get=lambda name: None) -> Layout | None:
     if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
         return None  # not inside an srun step (e.g. the batch script itself)
     num = _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"), "SLURM_STEP_NUM_TASKS")
@@ -178,7 +187,7 @@ def _slurm_layout(env: Mapping[str, str]) -> Layout | None:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
     port = (env.get("BIGNLP_COORDINATOR_PORT") or env.get("JAX_COORDINATOR_PORT")
             or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN))
-    ids = _device_ids_override(env) if "BIGNLP_LOCAL_DEVICE_IDS" in env else None
+    ids = _device_ids_override(get)
     here = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"), int(env.get("SLURM_NODEID", 0)))
     visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
     on_cpu = env.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
@@ -202,17 +211,12 @@ def _tpu_layout(env: Mapping[str, str]) -> Layout | None:
     return Layout("gke-tpu", per_slice * slices, pid, None)
 
 
-def _timeout(value, env_name: str, default: float) -> float:
-    raw = value if value is not None else os.environ.get(env_name)
-    if raw is None or raw == "":
+def _timeout(value: float | None, flag: str, default: float) -> float:
+    if value is None:
         return default
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise CoordinatorError(f"{env_name}={raw!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise CoordinatorError(f"{env_name}={raw!r} must be positive")
-    return seconds
+    if value <= 0:
+        raise CoordinatorError(f"{flag} {value:g} must be a positive number of seconds")
+    return float(value)
 
 
 def describe(layout: Layout) -> str:
@@ -232,20 +236,21 @@ def _unreachable_message(layout: Layout, timeout: float) -> str:
         f"{what} (layout from {layout.source})\n"
         f"  fix: check that all {n} processes were started with the same coordinator and "
         f"process count, that {addr} is reachable from every host (host name, port, firewall), "
-        "or raise --init-timeout / BIGNLP_INIT_TIMEOUT if hosts start slowly"
+        "or raise --init-timeout if hosts start slowly"
     )
 
 
-def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "") -> None:
+def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "",
+               heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+               shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
     """Join the job's processes; exits with a readable message if that takes too long."""
-    import jax
+    import jax  # the layout is detected (and flags checked) before jax is loaded
     from jax._src import distributed as jax_distributed
 
     # CPU processes exchange data through gloo (TCP); without it CPU collectives across
     # processes are not implemented. GPU/TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    heartbeat = int(_timeout(None, "BIGNLP_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT))
-    shutdown = int(_timeout(None, "BIGNLP_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT))
+    heartbeat, shutdown = int(math.ceil(heartbeat_timeout)), int(math.ceil(shutdown_timeout))
     prefix = f"bignlp-jax {command}".strip()
 
     def give_up() -> None:
@@ -311,6 +316,10 @@ def maybe_initialize(args: argparse.Namespace | None = None) -> Layout | None:
     layout = detect(args)
     if layout is None:
         return None
-    timeout = _timeout(getattr(args, "init_timeout", None), "BIGNLP_INIT_TIMEOUT", INIT_TIMEOUT)
-    initialize(layout, timeout, getattr(args, "command", "") or "")
+    def timeout(name: str, default: float) -> float:
+        return _timeout(getattr(args, name, None), f"--{name.replace('_', '-')}", default)
+
+    initialize(layout, timeout("init_timeout", INIT_TIMEOUT), getattr(args, "command", "") or "",
+               heartbeat_timeout=timeout("heartbeat_timeout", HEARTBEAT_TIMEOUT),
+               shutdown_timeout=timeout("shutdown_timeout", SHUTDOWN_TIMEOUT))
     return layout

@@ -22,7 +22,7 @@ import jax
 from bignlp_jax.config import Config, load_config
 from bignlp_jax.errors import UserError
 from bignlp_jax.model.flops import flops_per_token
-from bignlp_jax.perf.peak import mfu, peak_tflops
+from bignlp_jax.train.peak import mfu, peak_tflops
 
 
 def compiled_memory(compiled) -> dict[str, int]:
@@ -52,6 +52,7 @@ class StepTimer:
     benchmark can interleave rounds of this with another framework's steps."""
 
     def __init__(self, cfg: Config, log=print):
+        # the CLI imports this module for its parser: load the training stack only when timing
         from bignlp_jax.data import make_source
         from bignlp_jax.train.loop import Trainer
 
@@ -93,7 +94,11 @@ class StepTimer:
         tokens_per_sec = cfg.train.global_batch_size * cfg.data.seq_len / step_time
         n_devices = self.trainer.mesh.size
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        peak, peak_source = peak_tflops(cfg.model.dtype, peak_override)
+        if peak_override is None and cfg.train.peak_tflops is not None:
+            peak_override, where = cfg.train.peak_tflops, "train.peak_tflops"
+        else:
+            where = "--peak-tflops"
+        peak, peak_source = peak_tflops(cfg.model.dtype, peak_override, where)
         return {
             "config": cfg.model.name,
             "device_kind": jax.devices()[0].device_kind,
@@ -159,7 +164,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps after compiling (default 3)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU (default: table, or a CPU probe)")
+                   help="peak TFLOP/s per device for MFU (default: train.peak_tflops, else "
+                        "the table, or a CPU probe)")
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
                    help="synthetic batches (default) or the config's own data source")
     p.set_defaults(func=cmd_bench)

@@ -28,8 +28,8 @@ from jax.sharding import NamedSharding
 
 from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token
-from bignlp_jax.parallel.mesh import build_mesh
-from bignlp_jax.parallel.rules import rules_table
+from bignlp_jax.train.loop import Trainer
+from bignlp_jax.train.state import abstract_state
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,10 @@ def _sliced_after(line: str, lines: list[str]) -> bool:
 
     The CPU compiler leaves the pair as it is; GPU and TPU compilers turn it into a
     reduce-scatter, which moves half the bytes, so the estimate counts it as one."""
-    name = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) =", line).group(1)
+    match = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) =", line)
+    if match is None:
+        return False
+    name = match.group(1)
     users = [u for u in lines if re.search(rf"[(, ]%{re.escape(name)}[,)]", u)]
     return bool(users) and all("dynamic-slice" in u.split("=", 1)[1].split("(")[0]
                                or "dynamic-slice" in u.split("=", 1)[0] for u in users)
@@ -203,9 +206,6 @@ def collective_bytes(hlo: str, host_size: int = 8) -> dict[str, float]:
 def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | None = None,
                  memory_gb: float | None = None) -> dict:
     """Compile the train step for `cfg` on `devices` from abstract inputs; memory and estimates."""
-    from bignlp_jax.train.loop import Trainer
-    from bignlp_jax.train.state import abstract_state
-
     spec = spec or DEVICES["h100"]
     memory_gb = memory_gb if memory_gb is not None else spec.memory_gb
     start = time.perf_counter()

@@ -19,7 +19,9 @@ import time
 
 from bignlp_jax.errors import UserError
 
-CHILD_ENV = "BIGNLP_PLAN_DEVICES"  # set in the re-executed child: its simulated device count
+# Function-level imports: jax may be imported only after the re-exec gives the process its devices.
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's simulated CPU devices
 REMATS = ("none", "dots", "full")
 
 
@@ -39,12 +41,17 @@ def _child_argv(args) -> list[str]:
 def _reexec(args) -> int:
     """Run this command again in a process that has `args.devices` simulated CPU devices."""
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={args.devices}"])
     env["JAX_PLATFORMS"] = "cpu"
-    env[CHILD_ENV] = str(args.devices)
     return subprocess.run(_child_argv(args), env=env).returncode
+
+
+def _has_devices(n: int) -> bool:
+    """Whether this process was started with n simulated CPU devices (JAX's own settings;
+    after a re-exec, or when the caller set them up already)."""
+    return (os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+            and f"{DEVICE_COUNT_FLAG}={n}" in os.environ.get("XLA_FLAGS", "").split())
 
 
 def analytic_bytes(cfg, shape: dict[str, int]) -> float:
@@ -153,7 +160,7 @@ def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: i
         results.append(plan)
         return plan
 
-    for estimate, shape, remat, static in candidates:
+    for _estimate, shape, remat, static in candidates:
         if compiles >= max_compiles or time.perf_counter() - start > budget_s:
             skipped.append({"mesh": shape, "remat": remat, "why": "not compiled (budget)"})
             continue
@@ -200,11 +207,12 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
     print(f"analytic params+optimizer   {analytic / gib:10.3f} GiB (compiled/analytic "
           f"{compiled_static / analytic:.3f})")
     comm = plan["collective_bytes_per_device"]
-    print(f"collectives / device / step {sum(v for k, v in comm.items() if k != 'cross_host') / gib:10.3f}"
+    within = sum(v for k, v in comm.items() if k != "cross_host")
+    print(f"collectives / device / step {within / gib:10.3f}"
           f" GiB ({comm['cross_host'] / gib:.3f} across hosts)")
-    print(f"estimated step              {plan['est_step_s']:10.3f} s (compute {plan['compute_s']:.3f}"
-          f" + comm {plan['comm_s']:.3f}), est. MFU {plan['est_mfu']:.1%}; compiled in "
-          f"{plan['compile_s']:.1f}s")
+    print(f"estimated step              {plan['est_step_s']:10.3f} s (compute "
+          f"{plan['compute_s']:.3f} + comm {plan['comm_s']:.3f}), est. MFU "
+          f"{plan['est_mfu']:.1%}; compiled in {plan['compile_s']:.1f}s")
     if not plan["fits"]:
         print("  fix: let `--search` find a mesh, remat and microbatches that fit; or plan for "
               "more devices (--devices), shard the state further (mesh.fsdp), recompute "
@@ -214,7 +222,7 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
 def cmd_plan(args) -> int:
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
-    if os.environ.get(CHILD_ENV) != str(args.devices):
+    if not _has_devices(args.devices):
         return _reexec(args)
 
     import jax

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from bignlp_jax.writable import require_writable
+# Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
 def cmd_pipeline(args) -> int:
@@ -34,7 +35,7 @@ def cmd_pipeline(args) -> int:
     require_writable(pipeline.out, "the pipeline's output_dir", "output_dir=DIR")
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
-        print("[pipeline] export: left out (bignlp_jax.export.hf is not available)")
+        print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")
     if args.stage is not None:
         if args.stage not in stages:
             raise UserError(f"pipeline {pipeline.path} has no stage {args.stage!r}; its stages: "

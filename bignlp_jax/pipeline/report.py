@@ -36,10 +36,10 @@ def loss_summary(points: list[tuple[int, float]]) -> str:
 
 
 def plot(p: Pipeline, path: Path) -> Path | None:
-    import matplotlib
+    import matplotlib  # the `plot` extra; the report is written without it
 
     matplotlib.use("Agg")  # no display; the PNG is the output
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     panels = [[s for s in ("pretrain",) if s in p.stages()],
               [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]
@@ -136,7 +136,7 @@ def build_report(p: Pipeline) -> str:
     for stage in stages:
         lines.append(f"- {stage}: {p.stage_dir(stage)}")
     if p.spec.export is not None and "export" not in stages:
-        lines.append("- export: left out (bignlp_jax.export.hf is not available in this install)")
+        lines.append("- export: left out (bignlp_jax.hf.weights is not available in this install)")
     return "\n".join(lines) + "\n"
 
 

@@ -125,7 +125,7 @@ class Pipeline:
     def enable_compilation_cache(self) -> None:
         """Point JAX's persistent compilation cache at `compilation_cache` (unless the user
         already set one, e.g. with JAX_COMPILATION_CACHE_DIR). Call before compiling."""
-        import jax
+        import jax  # a spec is read and checked without loading jax
 
         if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:
             return
@@ -188,8 +188,8 @@ class Pipeline:
 
 
 def export_available() -> bool:
-    """Whether the Hugging Face exporter (bignlp_jax.export.hf) is installed in this tree."""
+    """Whether the Hugging Face exporter (bignlp_jax.hf.weights) is installed in this tree."""
     try:
-        return importlib.util.find_spec("bignlp_jax.export.hf") is not None
+        return importlib.util.find_spec("bignlp_jax.hf.weights") is not None
     except ModuleNotFoundError:
         return False

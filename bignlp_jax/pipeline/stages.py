@@ -16,8 +16,15 @@ import json
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
+from bignlp_jax.checkpoint import is_complete, load_params
+from bignlp_jax.data import embedded
+from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
+from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 from bignlp_jax.errors import UserError
+from bignlp_jax.evaluate.run import evaluate_run
+from bignlp_jax.hf.weights import export_hf
 from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints, upstream
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
 from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported for report.py
@@ -30,20 +37,16 @@ from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported 
     set_aside,
     why_stale,
 )
+from bignlp_jax.train.loop import train
 
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 # -- completion -------------------------------------------------------------------------------
 def is_done(p: Pipeline, stage: str) -> bool:
-    from bignlp_jax.checkpoint import is_complete
-    from bignlp_jax.data.tokenizer import MODEL_FILE
-
     out = p.stage_dir(stage)
     if stage == "tokenizer":
         return (out / MODEL_FILE).is_file()
@@ -82,10 +85,6 @@ def _needs(p: Pipeline, stage: str, before: str) -> None:
 # -- the stages -------------------------------------------------------------------------------
 def run_tokenizer(p: Pipeline) -> str:
     """Train a SentencePiece tokenizer on the pretraining data, model.vocab_size pieces."""
-    from bignlp_jax.data import embedded
-    from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
-    from bignlp_jax.data.tokenizer import train_tokenizer
-
     cfg = p.run_config("pretrain")
     out = p.stage_dir("tokenizer")
     if jax.process_index() == 0:
@@ -103,8 +102,6 @@ def run_tokenizer(p: Pipeline) -> str:
 
 
 def run_train(p: Pipeline, stage: str) -> str:
-    from bignlp_jax.train.loop import train
-
     for before in ["tokenizer"] + (["pretrain"] if stage == "finetune" else []):
         _needs(p, stage, before)
     cfg = p.run_config(stage)
@@ -115,8 +112,6 @@ def run_train(p: Pipeline, stage: str) -> str:
 
 def run_evaluate(p: Pipeline) -> str:
     """Evaluate every trained stage; gather the results into OUT/evaluate/results.json."""
-    from bignlp_jax.evaluate.run import evaluate_run
-
     results = {}
     for stage in (s for s in p.stages() if s in TRAIN_STAGES):
         _needs(p, "evaluate", stage)
@@ -135,9 +130,6 @@ def run_evaluate(p: Pipeline) -> str:
 
 
 def run_export(p: Pipeline) -> str:
-    from bignlp_jax.checkpoint import load_params
-    from bignlp_jax.export.hf import export_hf
-
     source = p.final_run()
     _needs(p, "export", source)
     cfg = p.run_config(source)

@@ -50,9 +50,10 @@ RESUMABLE_KEYS = frozenset({
 # reshards), e.g. a job requeued onto fewer nodes.
 RESUMABLE_PREFIXES = ("mesh.",)
 # Keys a run fills in at start from the others (the token stores its data resolves to,
-# data/run_identity.py, which checks them itself): a config that leaves them unset asks for
-# "whatever the rest resolves to", which is no change.
-DERIVED_KEYS = ("data.stores",)
+# data/run_identity.py, which checks them itself; the absolute data dir): a config that leaves
+# them unset asks for "whatever the rest resolves to", and a run recorded before they were
+# filled in says nothing about them; neither is a change.
+DERIVED_KEYS = ("data.stores", "data.data_dir")
 
 
 def is_resumable(key: str) -> bool:
@@ -88,6 +89,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _ABSENT = "<absent>"
 
 
+def _is_set(flat: dict[str, Any], key: str) -> bool:
+    """Whether a flattened config gives `key` (or anything under it) a value."""
+    return any((k == key or k.startswith(key + ".")) and v is not None for k, v in flat.items())
+
+
+def _without(flat: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if k != key and not k.startswith(key + ".")}
+
+
 def compare(old_tree: dict[str, Any], new: Config, run_dir: Path) -> ConfigChanges:
     """The keys whose values differ between a recorded config tree and `new`."""
     try:  # fill in defaults the old file may predate, so only real differences show
@@ -96,9 +106,8 @@ def compare(old_tree: dict[str, Any], new: Config, run_dir: Path) -> ConfigChang
         pass  # a config.yaml from another version: compare what it says, key by key
     old, fresh = flatten(old_tree), flatten(new.model_dump(mode="json"))
     for key in DERIVED_KEYS:
-        if fresh.get(key, _ABSENT) in (None, _ABSENT):
-            old = {k: v for k, v in old.items() if k != key and not k.startswith(key + ".")}
-            fresh.pop(key, None)
+        if not (_is_set(old, key) and _is_set(fresh, key)):
+            old, fresh = _without(old, key), _without(fresh, key)
     changes = ConfigChanges(run_dir)
     for key in sorted(set(old) | set(fresh)):
         a, b = old.get(key, _ABSENT), fresh.get(key, _ABSENT)

@@ -11,15 +11,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from bignlp_jax.checkpoint.fs_probe import check_writable
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
-from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config
 from bignlp_jax.data import (
     global_batch,
@@ -29,14 +30,16 @@ from bignlp_jax.data import (
     record_run_data,
 )
 from bignlp_jax.data.run_identity import with_store_identities
+from bignlp_jax.data.tfds_source import with_resolved_data_dir
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
-from bignlp_jax.perf.peak import mfu_meter
 from bignlp_jax.train.identity import config_changes, record_config, refuse_unless_allowed
 from bignlp_jax.train.inputs import check_source_runs
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from bignlp_jax.train.peak import mfu_meter
+from bignlp_jax.train.start import StateLayout, drop_metrics_after, start_state
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
 from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
 
@@ -51,10 +54,10 @@ class Trainer:
 
     cfg: Config
     mesh: jax.sharding.Mesh
-    tx: object
+    tx: optax.GradientTransformation
     state_sh: TrainState
-    train_step: object
-    eval_step: object
+    train_step: Any  # jitted (state, batch) -> (state, metrics); .lower() compiles ahead
+    eval_step: Any  # jitted (params, batch) -> (loss sum, token count)
     batch_sh: jax.sharding.NamedSharding
     rows: tuple[int, int]
     # held-out streams and their start states: built at the first evaluation, reused after
@@ -87,6 +90,11 @@ class Trainer:
 
     def fresh_state(self) -> TrainState:
         return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh)
+
+    @property
+    def layout(self) -> StateLayout:
+        """What run start-up (train/start.py) needs to create or restore the state."""
+        return StateLayout(self.cfg.model, self.tx, self.state_sh, self.cfg.run.seed)
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(local, self.batch_sh, self.cfg.train.global_batch_size)
@@ -124,6 +132,7 @@ def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
     may change, unless `allow_config_change` (the change is then recorded in the run dir)."""
     # Signals are caught from the start: one arriving during the restore or the compile stops
     # the run after its first step, with a checkpoint. train.max_time counts from here too.
+    cfg = with_resolved_data_dir(cfg)  # what config.yaml records is what the run used
     with StopRequest(cfg.train.max_time) as stop:
         return _train(cfg, devices, stop, allow_config_change)
 
@@ -141,7 +150,7 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
     source = make_source(cfg, "train", trainer.rows)
-    start = start_state(trainer, source, run_dir)
+    start = start_state(cfg, trainer.layout, source, run_dir)
     state, first = start.state, start.step
     if jax.process_index() == 0:  # after the restore: a config its checkpoints refuse is not kept
         record_config(cfg, changes, first)

@@ -10,6 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 from tqdm import tqdm
@@ -22,7 +23,8 @@ class MetricsLogger:
                  enabled: bool | None = None, progress: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = self._bar = None
+        self._tb: Any = None
+        self._bar: Any = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import ModelConfig
@@ -21,7 +22,8 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far
     params: dict[str, Any]
     opt_state: Any
-    rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
+    # No RNG: nothing in the step is random (no dropout). A key would go here, with per-step
+    # keys fold_in(key, step), when something is.
 
 
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -32,35 +34,32 @@ def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
     abstract_opt = jax.eval_shape(tx.init, abstract_params(model_cfg))
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh,
                                    transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
+    # a TrainState-shaped tree of shardings (what jit's in/out_shardings take)
+    return TrainState(step=replicated, params=p_sh, opt_state=opt_sh)  # type: ignore[arg-type]
 
 
 def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                    shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target for checkpoints and AOT compiles."""
-    shapes = jax.eval_shape(lambda: _fresh_state(model_cfg, tx, jax.random.key(0), 0))
+    shapes = jax.eval_shape(lambda: _fresh_state(model_cfg, tx, jax.random.key(0)))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
 
 
-def _fresh_state(model_cfg, tx, key, seed) -> TrainState:
-    from flax import nnx
-
+def _fresh_state(model_cfg, tx, key) -> TrainState:
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
                shardings: TrainState) -> TrainState:
     """A new state from `seed`, compiled so every array is created already sharded.
 
-    The seed is split by purpose: fold_in(seed, 0) initialises parameters, fold_in(seed, 1) is the
-    training RNG; the data order uses the seed on the host side."""
+    The seed is split by purpose: fold_in(seed, 0) initialises parameters; the data order uses
+    the seed on the host side."""
     init_key = jax.random.fold_in(jax.random.key(seed), 0)
-    make = jax.jit(lambda k: _fresh_state(model_cfg, tx, k, seed), out_shardings=shardings)
+    make = jax.jit(lambda k: _fresh_state(model_cfg, tx, k), out_shardings=shardings)
     return make(init_key)
 
 

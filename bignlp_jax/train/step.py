@@ -7,6 +7,7 @@ step's loss does not depend on how the batch was split into microbatches or devi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -108,7 +109,8 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: Cal
             "learning_rate": schedule(state.step),
             "tokens": count,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = dataclasses.replace(state, step=state.step + 1, params=params,
+                                        opt_state=opt_state)
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -4,7 +4,10 @@ Order (STYLE.md): `checkpoint.resume_from` when given (once: a requeued job with
 command then continues from its own newer checkpoints), else the run's newest complete
 checkpoint, else parameters from `init_from`, else a fresh state. A checkpoint that exists but
 cannot be read stops the run with the step, the problem and the previous good step; the run never
-silently starts again from step 0.
+silently starts again from step 0. A start from another run's weights (`init_from`, or a
+`resume_from` outside this run) must also use that run's tokenizer.
+
+This is run start-up, so it lives in train/; checkpoint/ only stores and restores.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.manager import restore_data_state, restore_state
-from bignlp_jax.checkpoint.params import check_shapes, load_init_params, saved_tree
+from bignlp_jax.checkpoint.params import Params, check_shapes, load_params, saved_tree
 from bignlp_jax.checkpoint.paths import (
     STATE,
     checkpoints_dir,
@@ -28,11 +32,32 @@ from bignlp_jax.checkpoint.paths import (
     resolve_step_dir,
 )
 from bignlp_jax.checkpoint.read_errors import is_read_error
+from bignlp_jax.config import Config, ModelConfig
+from bignlp_jax.data import BatchSource
 from bignlp_jax.errors import UserError
-from bignlp_jax.train.state import TrainState, abstract_state, with_params
+from bignlp_jax.hf.weights import load_hf_params
+from bignlp_jax.train.state import TrainState, abstract_state, init_state, with_params
 
 RESUME_MARKER = "resume_from.json"  # in RUN_DIR: which resume_from value was already applied
 ABANDONED = "checkpoints_abandoned"  # in RUN_DIR: newer steps set aside by resume_from=<step>
+LEGACY_KEYS = ("rng",)  # saved by earlier versions, unused: restoring skips them
+HF_PREFIX = "hf:"  # init_from=hf:DIR reads a Hugging Face model directory
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """What start-up needs to create or restore a TrainState on a mesh."""
+
+    model: ModelConfig
+    tx: optax.GradientTransformation
+    shardings: TrainState  # one sharding per leaf (train.state.state_shardings)
+    seed: int
+
+    def fresh(self) -> TrainState:
+        return init_state(self.model, self.tx, self.seed, self.shardings)
+
+    def abstract(self) -> TrainState:
+        return abstract_state(self.model, self.tx, self.shardings)
 
 
 @dataclass
@@ -47,7 +72,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def pick_checkpoint(cfg, run_dir: Path) -> tuple[Path | None, bool]:
+def pick_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, bool]:
     """The step directory to resume from (None for a run without checkpoints), and whether it
     is a `checkpoint.resume_from` not applied yet (see `apply_resume_from`)."""
     ckpt_dir = checkpoints_dir(run_dir)
@@ -121,7 +146,8 @@ def _readable(step_dir: Path, target: TrainState, shared: bool = True) -> str | 
     their checksums; else the problem. `shared`: every process is here together and each
     verifies 1/N of the files (a collective); else this process verifies them all alone."""
     try:
-        check_shapes(saved_tree(step_dir / STATE), target, f"checkpoint {step_dir}")
+        saved = {k: v for k, v in saved_tree(step_dir / STATE).items() if k not in LEGACY_KEYS}
+        check_shapes(saved, target, f"checkpoint {step_dir}")
     except UserError as e:
         return str(e)
     if shared:
@@ -151,10 +177,11 @@ def _short(error: Exception) -> str:
     return f"{type(error).__name__}: {text.split('. See full TensorStore details')[0][:500]}"
 
 
-def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
-    """The full TrainState of a step, resharded onto the trainer's mesh, and the data position;
-    UserError naming the step, the problem and the previous good step if either is unusable."""
-    target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh)
+def restore_checkpoint(layout: StateLayout, step_dir: Path) -> tuple[TrainState, dict]:
+    """The full TrainState of a step, resharded onto the layout's shardings, and the data
+    position; UserError naming the step, the problem and the previous good step if either is
+    unusable."""
+    target = layout.abstract()
     problem, cause = _readable(step_dir, target), None
     if problem is None and not integrity.has_checksums(step_dir) and jax.process_index() == 0:
         print(f"checkpoint: step {step_dir.name} carries no checksums (written before they "
@@ -171,23 +198,65 @@ def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
                     f"  {problem}\n{_previous_good(step_dir, target)}") from cause
 
 
-def start_state(trainer, source, run_dir: str | Path) -> Start:
+def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
+                run_dir: str | Path) -> Start:
     """Restore or create the state to train from, and position `source` to match it."""
-    cfg = trainer.cfg
     run_dir = Path(run_dir)
     step_dir, pending = pick_checkpoint(cfg, run_dir)
     if step_dir is not None:
-        state, data_state = restore_checkpoint(trainer, step_dir)
+        if step_dir.parent.resolve() != checkpoints_dir(run_dir).resolve():
+            # another run's checkpoint (this run's own tokenizer is checked when recorded)
+            check_tokenizer(cfg, step_dir, f"checkpoint.resume_from={cfg.checkpoint.resume_from}")
+        state, data_state = restore_checkpoint(layout, step_dir)
         if pending:
             apply_resume_from(cfg, run_dir, step_dir)
         source.set_state(data_state)
         return Start(state, int(state.step), f"resumed from checkpoint {step_dir}")
-    state = trainer.fresh_state()
+    state = layout.fresh()
     if cfg.init_from:
-        params = load_init_params(cfg.init_from, cfg.model, trainer.state_sh.params)
-        state = with_params(state, params, trainer.tx, trainer.state_sh)
+        params = load_init_params(cfg, layout.shardings.params)
+        state = with_params(state, params, layout.tx, layout.shardings)
         return Start(state, 0, f"parameters from init_from={cfg.init_from}")
     return Start(state, 0, "new run")
+
+
+def load_init_params(cfg: Config, shardings: Params) -> Params:
+    """Parameters for `init_from`: a checkpoint path (its run's tokenizer must be this run's),
+    or `hf:DIR` (a Hugging Face model)."""
+    spec = cfg.init_from
+    if spec is None:
+        raise ValueError("load_init_params needs a config with init_from")
+    if spec.startswith(HF_PREFIX):
+        # it checks the architecture, names and shapes itself, and places each tensor as read
+        return load_hf_params(spec[len(HF_PREFIX):], cfg.model, shardings=shardings)
+    check_tokenizer(cfg, resolve_step_dir(spec), f"init_from={spec}")
+    return load_params(spec, cfg.model, shardings)
+
+
+def check_tokenizer(cfg: Config, step_dir: Path, what: str) -> None:
+    """Refuse to start from the weights of a run trained with another tokenizer: every token
+    id would mean something else, and with equal vocabulary sizes nothing else would notice."""
+    if cfg.data.source != "tfds":
+        return  # synthetic data has no tokenizer to compare
+    for run_dir in (step_dir.parent.parent, step_dir.parent, step_dir):
+        recorded = run_dir / "tokenizer" / "tokenizer.json"
+        if recorded.is_file():
+            break
+    else:
+        return  # a run without a recorded tokenizer (synthetic data): nothing to compare
+    from bignlp_jax.data.text_source import resolve_tokenizer  # grain, tfds: tfds runs only
+
+    tokenizer = resolve_tokenizer(cfg)
+    theirs = json.loads(recorded.read_text(encoding="utf-8"))
+    ours = tokenizer.describe()
+    if theirs.get("model_sha256") != ours["model_sha256"]:
+        raise UserError(
+            f"{what} was trained with another tokenizer ({recorded}: vocab "
+            f"{theirs.get('vocab_size')}, sha256 {str(theirs.get('model_sha256'))[:12]}) than "
+            f"this run's ({tokenizer.model_path}: vocab {ours['vocab_size']}, sha256 "
+            f"{ours['model_sha256'][:12]})\n"
+            f"  fix: set data.tokenizer={run_dir} to use that run's tokenizer"
+        )
 
 
 def drop_metrics_after(run_dir: str | Path, step: int) -> None:

@@ -9,11 +9,11 @@ matmul in the model's dtype, best of several runs, spread over the devices that 
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import jax
-import jax.numpy as jnp
+
+from bignlp_jax.model.flops import flops_per_token
 
 # Dense bf16 TFLOP/s per device (vendor datasheets; sparsity figures excluded). Matched as
 # lower-case substrings of `device.device_kind`, most specific first.
@@ -29,8 +29,6 @@ ACCELERATOR_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("h100", 989.0),  # SXM / NVL
     ("a100", 312.0),
 )
-
-PEAK_ENV = "BIGNLP_PEAK_TFLOPS"  # overrides the table / probe everywhere (train loop too)
 
 
 def table_peak(device_kind: str) -> float | None:
@@ -60,21 +58,21 @@ def cpu_matmul_probe(dtype: str = "float32", n: int = 1024, repeats: int = 32) -
     return 2 * n**3 / best / 1e12
 
 
-def peak_tflops(dtype: str = "float32", override: float | None = None) -> tuple[float, str]:
+def peak_tflops(dtype: str = "float32", override: float | None = None,
+                override_source: str = "--peak-tflops") -> tuple[float, str]:
     """(peak TFLOP/s per device, where the figure came from)."""
     if override is not None:
-        return float(override), "--peak-tflops"
-    if os.environ.get(PEAK_ENV):
-        return float(os.environ[PEAK_ENV]), f"${PEAK_ENV}"
+        return float(override), override_source
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         host = cpu_matmul_probe(dtype)
-        return host / jax.local_device_count(), f"cpu matmul probe (1024^3 {dtype}, host {host:.3f})"
+        where = f"cpu matmul probe (1024^3 {dtype}, host {host:.3f})"
+        return host / jax.local_device_count(), where
     tflops = table_peak(device.device_kind)
     if tflops is None:
         raise KeyError(
-            f"no peak figure for device kind {device.device_kind!r}; pass --peak-tflops "
-            f"(or set ${PEAK_ENV}) with its dense bf16 TFLOP/s"
+            f"no peak figure for device kind {device.device_kind!r}; set train.peak_tflops "
+            "(or pass --peak-tflops) to its dense bf16 TFLOP/s"
         )
     return tflops, f"table: {device.device_kind} dense bf16"
 
@@ -86,12 +84,10 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int, peak: f
 
 def mfu_meter(cfg, num_devices: int):
     """tokens/s -> MFU for `cfg` on `num_devices` devices (peak looked up or probed once);
-    None on an accelerator missing from the table (set $BIGNLP_PEAK_TFLOPS)."""
-    from bignlp_jax.model.flops import flops_per_token
-
+    None on an accelerator missing from the table (set train.peak_tflops)."""
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     try:
-        peak, _ = peak_tflops(cfg.model.dtype)
+        peak, _ = peak_tflops(cfg.model.dtype, cfg.train.peak_tflops)
     except KeyError:  # unknown accelerator: no MFU rather than a wrong one
         return lambda tokens_per_sec: None
     return lambda tokens_per_sec: mfu(fpt, tokens_per_sec, num_devices, peak)

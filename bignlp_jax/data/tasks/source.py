@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from bignlp_jax.config import Config
+from bignlp_jax.data.tasks.formats import TaskFormat, empty_row, make_row, stack_rows
+from bignlp_jax.data.tfds_source import open_split
 from bignlp_jax.errors import UserError
-from bignlp_jax.tasks.formats import TaskFormat, empty_row, make_row, stack_rows
 
 STATE_VERSION = 1
 
@@ -39,6 +39,7 @@ class TaskBatches:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - at most two epochs meet in one batch
     def _permutation(self, epoch: int) -> np.ndarray:
+        assert self.seed is not None  # held-out streams (seed None) are read in order
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
 
     def example_index(self, slot: int) -> int | None:
@@ -84,21 +85,22 @@ class TaskBatches:
 
 
 def task_format(cfg: Config, where: str = "task data") -> TaskFormat:
-    from bignlp_jax.data.text_source import resolve_tokenizer
+    from bignlp_jax.data.text_source import resolve_tokenizer  # grain: only when used
 
+    assert cfg.task is not None, "a task format needs a config with a task: section"
     return TaskFormat(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
 
 
 def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
     """Records of a stream role ('train', 'validation') or a named split; and a description."""
-    from bignlp_jax.data import text_source
-    from bignlp_jax.data.tfds_source import open_split
+    from bignlp_jax.data import text_source  # grain: only when used
 
     if cfg.data.source != "tfds":
         raise UserError(f"a task needs data.source=tfds (records of data.tfds_name), got "
                         f"data.source={cfg.data.source}")
     name, directory = text_source.dataset_name(cfg), text_source.data_dir(cfg)
     split_ = text_source.split_name(cfg, split)
+    assert cfg.task is not None, "task records need a config with a task: section"
     fmt_keys = TaskFormat(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
     records = open_split(name, directory, split_, required_keys=fmt_keys)
     return records, f"split {split_!r} of {name} in {directory}"
@@ -117,34 +119,7 @@ def make_task_source(cfg: Config, split: str, rows: tuple[int, int]) -> TaskBatc
     """`make_source` for configs with a `task:` section."""
     records, where = open_task_split(cfg, split)
     fmt = task_format(cfg, where)
-    if split == "train":
-        check_init_tokenizer(cfg, fmt.tokenizer)
     return TaskBatches(records, fmt, seq_len=cfg.data.seq_len,
                        global_batch=cfg.train.global_batch_size, rows=rows,
                        seed=cfg.run.seed if split == "train" else None, name=where)
 
-
-def check_init_tokenizer(cfg: Config, tokenizer) -> None:
-    """Refuse `init_from` a run trained with another tokenizer: every token id would mean
-    something else, and with equal vocabulary sizes nothing else would notice."""
-    if not cfg.init_from or cfg.init_from.startswith("hf:"):
-        return
-    from bignlp_jax.checkpoint import resolve_step_dir
-
-    step_dir = resolve_step_dir(cfg.init_from)
-    for run_dir in (step_dir.parent.parent, step_dir.parent, Path(cfg.init_from)):
-        recorded = run_dir / "tokenizer" / "tokenizer.json"
-        if recorded.is_file():
-            break
-    else:
-        return  # a run without a recorded tokenizer (synthetic data): nothing to compare
-    theirs = json.loads(recorded.read_text(encoding="utf-8"))
-    ours = tokenizer.describe()
-    if theirs.get("model_sha256") != ours["model_sha256"]:
-        raise UserError(
-            f"init_from={cfg.init_from} was trained with another tokenizer ({recorded}: vocab "
-            f"{theirs.get('vocab_size')}, sha256 {str(theirs.get('model_sha256'))[:12]}) than "
-            f"this run's ({tokenizer.model_path}: vocab {ours['vocab_size']}, sha256 "
-            f"{ours['model_sha256'][:12]})\n"
-            f"  fix: set data.tokenizer={run_dir} to use the pretrained run's tokenizer"
-        )

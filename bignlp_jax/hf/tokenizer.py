@@ -21,14 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bignlp_jax.data.tokenizer import load_tokenizer
+
 log = logging.getLogger(__name__)
 SPECIALS = ("bos", "eos", "unk", "pad")
 
 
 def resolve_tokenizer(tokenizer: Any):
     """A loaded tokenizer from a `Tokenizer`, a .model file, a tokenizer dir or a run dir."""
-    from bignlp_jax.data.tokenizer import load_tokenizer
-
     if hasattr(tokenizer, "model_path"):
         return tokenizer
     return load_tokenizer(tokenizer)
@@ -66,7 +66,7 @@ def write_hf_tokenizer(tokenizer: Any, out_dir: str | Path, model_max_length: in
 
 def _write_tokenizer_json(out: Path, bos: str | None, bos_id: int | None) -> None:
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # optional, and seconds to import
     except ImportError:
         log.info("transformers is not installed: wrote tokenizer.model only (transformers 5 "
                  "converts it on load)")
@@ -75,7 +75,7 @@ def _write_tokenizer_json(out: Path, bos: str | None, bos_id: int | None) -> Non
         converted = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
         backend = converted.backend_tokenizer
         if bos is not None:
-            from tokenizers import processors
+            from tokenizers import processors  # comes with transformers
 
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
@@ -88,6 +88,6 @@ def _write_tokenizer_json(out: Path, bos: str | None, bos_id: int | None) -> Non
 
 
 def transformers_version() -> str:
-    import transformers
+    import transformers  # optional, and seconds to import
 
     return transformers.__version__

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bignlp_jax.config import ModelConfig
-from bignlp_jax.export.arch import architecture_of
+from bignlp_jax.hf.arch import architecture_of
 
 LAYER = "{i}"  # placeholder for the layer index in Hugging Face names
 

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bignlp_jax.errors import UserError
+
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def _layer(x: jax.Array, i, dtype) -> jax.Array:
@@ -46,8 +48,6 @@ def check_on_writer(check) -> None:
 
     Without this, a refusal on process 0 (say, an --out directory it will not overwrite) would
     leave the other processes waiting in the next collective."""
-    from bignlp_jax.errors import UserError
-
     error = None
     if is_writer():
         try:

@@ -1,1 +1,0 @@
-"""Finetuning tasks: records -> prompt/target token rows (formats.py), batch sources (source.py)."""
