@@ -63,7 +63,7 @@ def test_sharded_losses_match_single_device(tmp_path, reference, mesh):
 
 
 def test_mesh_must_fit_devices():
-    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 2)
     with pytest.raises(UserError, match=r"= 6 devices, but 8 are available"):
         mesh_shape(MeshConfig(data=3, fsdp=2, tensor=1), 8)
     with pytest.raises(UserError, match="does not divide the 8 available"):

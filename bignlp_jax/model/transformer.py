@@ -70,13 +70,15 @@ class Transformer(nnx.Module):
                              (cfg.hidden, cfg.vocab_size), ("embed", "vocab")
                              ) if not cfg.tie_embeddings else None
 
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None,
+                 slot_index=None):
         """tokens [B,T] -> (logits [B,T,V] float32, new cache or None).
 
         positions: RoPE / learned positions (restart at 0 in each packed document);
         segment_ids: document ids, 0 for padding. Both default to one unpacked sequence.
         cache: dict(k, v [L,B,S,K,H], segment_ids [B,S]) for incremental decoding; the T new
-        tokens occupy slots cache_index .. cache_index+T-1."""
+        tokens occupy slots cache_index .. cache_index+T-1. slot_index [B,T]: each token's slot
+        when the row arrives permuted (context parallelism's zig-zag order); drives causality."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
@@ -85,7 +87,8 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         start = 0 if cache is None else cache_index
-        q_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        q_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T)) \
+            if slot_index is None else slot_index
 
         x = self.embed(tokens, dtype)
         if self.pos_embed is not None:
