@@ -70,6 +70,16 @@ def test_mesh_must_fit_devices():
         mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
 
 
+def test_dcn_splits_are_checked():
+    from bignlp_jax.parallel.mesh import build_mesh
+
+    with pytest.raises(UserError, match=r"mesh.dcn_fsdp=2 does not divide mesh.fsdp=1"):
+        mesh_shape(MeshConfig(data=8, dcn_fsdp=2), 8)
+    # one process is one granule: a DCN split of 2 cannot be laid out
+    with pytest.raises(UserError, match=r"= 2 must equal the number of processes \(1\)"):
+        build_mesh(MeshConfig(data=8, dcn_data=2))
+
+
 def test_indivisible_parameter_is_named(tmp_path):
     cfg = tiny_config(tmp_path, "mesh.data=1", "mesh.tensor=8", "model.vocab_size=100")
     with pytest.raises(UserError, match=r"parameter .* \('.*', size .*\) cannot be split"):

@@ -73,15 +73,15 @@ def build_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     dcn = dcn_shape(cfg)
     if math.prod(dcn) == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-    # A granule is a TPU slice when devices know theirs, else a process (one per node on GPU).
-    by_slice = hasattr(devices[0], "slice_index")
+    # A granule is a TPU slice; on GPU and CPU a process (one per node).
+    by_slice = devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
     granules = {d.slice_index if by_slice else d.process_index for d in devices}
     if len(granules) != math.prod(dcn):
-        what = "slices" if by_slice else "processes"
+        what, many = ("TPU slice", "TPU slices") if by_slice else ("process", "processes")
         raise UserError(
             f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)} must equal the number of "
-            f"{what} ({len(granules)}): each DCN group is one {what[:-2] if by_slice else 'process'}"
-            f"\n  fix: set mesh.dcn_data / mesh.dcn_fsdp so their product is {len(granules)}")
+            f"{many} ({len(granules)}): each DCN group is one {what}\n"
+            f"  fix: set mesh.dcn_data / mesh.dcn_fsdp so their product is {len(granules)}")
     ici = tuple(s // d for s, d in zip(shape, dcn))
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
     return Mesh(array, MESH_AXES, axis_types=axis_types)
@@ -90,3 +90,11 @@ def build_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split (the `batch` rule spans data and fsdp)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def mesh_text(shape: dict[str, int], cfg: MeshConfig) -> str:
+    """'data=4 (2 over DCN) x fsdp=8 x sequence=1 x tensor=8': sizes, and the DCN split of each
+    axis that crosses slices/nodes (the rest of every axis stays on the fast interconnect)."""
+    dcn = dcn_axes(cfg)
+    return " x ".join(f"{a}={shape[a]}" + (f" ({dcn[a]} over DCN)" if a in dcn else "")
+                      for a in MESH_AXES)

@@ -20,7 +20,7 @@ from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
 from bignlp_jax.errors import Preempted, UserError
-from bignlp_jax.parallel.mesh import build_mesh
+from bignlp_jax.parallel.mesh import build_mesh, mesh_text
 from bignlp_jax.parallel.rules import rules_table
 from bignlp_jax.perf.peak import mfu_meter
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
@@ -120,7 +120,8 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     drop_metrics_after(run_dir, first)
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
     logger = MetricsLogger(run_dir, cfg.train.steps, first)
-    logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps}")
+    logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps} on mesh "
+                   f"{mesh_text(dict(trainer.mesh.shape), cfg.mesh)}")
     every = cfg.checkpoint.every_steps
     last: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
