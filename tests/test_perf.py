@@ -215,3 +215,25 @@ def test_console_script_goes_through_the_reexec_entry():
 
     (script,) = entry_points(group="console_scripts", name="bignlp-jax")
     assert script.value == "bignlp_jax.cli:entry"
+
+
+def test_collective_bytes_by_mesh_axis():
+    """Groups named as an anonymous mesh with its own device order, as iota lists and as
+    permute pairs are each traced back to the axes of our mesh."""
+    shape = {"data": 2, "fsdp": 1, "sequence": 2, "tensor": 2}  # device id = 4d + 2s + t
+    lines = [
+        # device_ids [4,2]T(1,0): the 2x4 mesh holds rows (0,2,4,6) and (1,3,5,7), so a group
+        # along axis_3 is {0,2,4,6}: data and sequence vary
+        "%a = f32[8]{0} all-gather(%x), replica_groups=mesh['axis_2'=2,'axis_3'=4], "
+        "device_ids=([4,2]T(1,0)) {'axis_3'}, dimensions={0}",
+        "%b = f32[8]{0} all-gather(%x), replica_groups=[4,2]<=[8], dimensions={0}",  # {0,1}
+        "%c = f32[8]{0} collective-permute(%x), source_target_pairs={{0,2},{2,0},{1,3},{3,1}}",
+    ]
+    from bignlp_jax.perf.plan import group_axes
+
+    assert [group_axes(line, shape) for line in lines] == ["data+sequence", "tensor", "sequence"]
+    hlo = "HloModule m\n\nENTRY %main () -> f32[8] {\n" + "\n".join(
+        "  " + line for line in lines) + "\n}\n"
+    out = collective_bytes(hlo, 8, shape, dcn={"data": 2})
+    assert out["by_axis"] == {"data+sequence": 32 * 3 / 4, "tensor": 32 / 2, "sequence": 32 / 2}
+    assert out["cross_host"] == 32 * 3 / 4  # only the collective along data crosses DCN
