@@ -25,6 +25,8 @@ choice only skips blocks that are wholly masked; it never changes a value.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +83,13 @@ def context_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
     return run(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(7,))
 def _block(q, q_seg, q_idx, k, v, kv_seg, kv_idx, scale):
-    """Unnormalised attention of q [b,K,G,t,H] over k/v [b,K,s,H]: (sum p v, max, sum p)."""
+    """Unnormalised attention of q [b,K,G,t,H] over k/v [b,K,s,H]: (sum p v, max, sum p).
+
+    Rematerialised: the backward pass recomputes this block's [t, s] scores instead of keeping
+    every block's probabilities alive until then (flash-attention's trade: one more q k^T
+    matmul for memory that no longer grows with the whole row's length)."""
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(q_seg, kv_seg, q_idx, kv_idx)[:, None, None]  # [b,1,1,t,s]
     scores = jnp.where(mask, scores, NEG)

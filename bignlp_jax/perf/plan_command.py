@@ -233,6 +233,8 @@ def _axis_text(comm: dict) -> str:
 
 
 def _print_plan(cfg, plan: dict, analytic: float) -> None:
+    from bignlp_jax.perf.plan import COLLECTIVES
+
     gib = 2**30
     compiled_static = plan["param_bytes_per_device"] + plan["optimizer_bytes_per_device"]
     shape = {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()}}
@@ -246,7 +248,7 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
     print(f"analytic params+optimizer   {analytic / gib:10.3f} GiB (compiled/analytic "
           f"{compiled_static / analytic:.3f})")
     comm = plan["collective_bytes_per_device"]
-    print(f"collectives / device / step {sum(v for k, v in comm.items() if k != 'cross_host') / gib:10.3f}"
+    print(f"collectives / device / step {sum(comm[k] for k in COLLECTIVES) / gib:10.3f}"
           f" GiB ({comm['cross_host'] / gib:.3f} across hosts"
           + (f", over DCN: {', '.join(plan['dcn'])}" if plan["dcn"] else "") + ")")
     print(f"  by mesh axis              {_axis_text(comm)} (from the compiled program)")
