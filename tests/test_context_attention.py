@@ -69,7 +69,11 @@ def test_zigzag_order_balances_causal_work():
     assert len({int(np.sum(row + 1)) for row in order}) == 1
 
 
-def test_length_not_divisible_is_refused():
+def test_length_not_divisible_is_refused(tmp_path):
+    from helpers import tiny_config
+
+    with pytest.raises(UserError, match=r"data.seq_len=20 is not a multiple of 2 x mesh.sequence=8"):
+        tiny_config(tmp_path, "data.seq_len=20", "mesh.sequence=4")
     with pytest.raises(UserError, match=r"multiple of 2 x 4 = 8"):
         zigzag_order(20, 4)
     q, k, v, seg = packed_inputs(T=24, packed=False)

@@ -39,7 +39,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
     total = math.prod(sizes.values())
     if total != num_devices:
         raise UserError(
-            f"mesh does not fit the devices: "
+            "mesh does not fit the devices: "
             + " x ".join(f"mesh.{k}={v}" for k, v in sizes.items())
             + f" = {total} devices, but {num_devices} are "
             f"available\n  fix: make the product {num_devices}, or set one axis to -1 to fill"
