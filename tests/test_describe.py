@@ -68,3 +68,11 @@ def test_llama3_presets_have_the_published_parameter_counts(preset, published, c
     m = load_config(f"models/{preset}.yaml").model
     assert (m.kv_heads, m.vocab_size, m.rope_theta, m.norm_eps, m.tie_embeddings) == (
         8, 128256, 500000.0, 1e-5, False)
+
+
+def test_describe_names_the_axes_that_cross_dcn(capsys):
+    assert cli.main(["describe", "models/llama3_70b.yaml", "--devices", "256", "mesh.data=-1",
+                     "mesh.fsdp=16", "mesh.tensor=8", "mesh.dcn_data=2", "mesh.dcn_fsdp=4"]) == 0
+    out = capsys.readouterr().out
+    assert "data=2 (2 over DCN) x fsdp=16 (4 over DCN) x sequence=1 x tensor=8" in out
+    assert json.loads(out.strip().splitlines()[-1])["dcn"] == {"data": 2, "fsdp": 4}
