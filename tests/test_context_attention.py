@@ -152,3 +152,27 @@ def test_context_parallel_training_matches_one_device(tmp_path, one_device, mesh
         assert err <= RTOL, (jax.tree_util.keystr(path), err)
     np.testing.assert_allclose(losses, want_losses, rtol=RTOL)
     assert losses[-1] < losses[0]
+
+
+def test_forward_in_slot_order_under_context_parallelism(tmp_path):
+    """A caller that does not permute (scoring, evaluation) gets slot-order logits equal to
+    one device's."""
+    from helpers import tiny_config
+
+    from bignlp_jax.model import forward, init_params
+
+    cfg = tiny_config(tmp_path, "mesh.data=2", "mesh.sequence=4", *GQA, llama=True)
+    params = init_params(cfg.model, jax.random.key(0))
+    batch = packed_batch(0)
+    want = jax.jit(lambda p, b: forward(cfg.model, p, b["tokens"], b["positions"],
+                                        b["segment_ids"])[0])(params, batch)
+    mesh = build_mesh(cfg.mesh)
+
+    def sharded(p, b):
+        with activation_sharding(mesh, rules_table("default")):
+            return forward(cfg.model, p, b["tokens"], b["positions"], b["segment_ids"])[0]
+
+    got = jax.jit(sharded)(params, batch)
+    real = batch["segment_ids"] != 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=RTOL,
+                               atol=1e-5)

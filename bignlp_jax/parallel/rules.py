@@ -122,7 +122,7 @@ def split_axis(logical: str) -> tuple[str, int] | None:
     mesh_axes = rules.get(logical)
     if isinstance(mesh_axes, tuple):
         mesh_axes = mesh_axes[0] if len(mesh_axes) == 1 else None
-    if mesh_axes is None or mesh.shape[mesh_axes] == 1:
+    if mesh_axes is None or mesh.shape.get(mesh_axes, 1) == 1:
         return None
     return mesh_axes, mesh.shape[mesh_axes]
 
