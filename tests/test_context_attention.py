@@ -85,7 +85,7 @@ def test_length_not_divisible_is_refused(tmp_path):
         context_attention(q, k, v, seg, seg, index, index, 0.3)
 
 
-# --- whole train steps ------------------------------------------------------------------------
+# --- the model's loss and gradients ------------------------------------------------------------
 GQA = ("model.num_heads=8", "model.num_kv_heads=4", "data.seq_len=32")
 
 
@@ -106,24 +106,22 @@ def packed_batch(step: int, B=8, T=32, vocab=128):
             "segment_ids": seg, "loss_mask": (seg != 0).astype(np.float32)}
 
 
-def loss_grads_and_losses(cfg, devices, steps=3):
+def loss_and_grads(cfg, devices):
+    """Mean loss and its gradients for one packed batch, on `devices` laid out as `cfg.mesh`
+    says (one compile: the same loss_sums the train step differentiates)."""
+    from bignlp_jax.model import init_params
     from bignlp_jax.train.loop import Trainer
     from bignlp_jax.train.step import loss_sums
 
     trainer = Trainer.build(cfg, devices)
-    state = trainer.fresh_state()
+    params = init_params(cfg.model, jax.random.key(0), trainer.state_sh.params)
 
     def grads(params, batch):
         with activation_sharding(trainer.mesh, rules_table(cfg.mesh.rules)):
             (s, c), g = jax.value_and_grad(loss_sums, has_aux=True)(params, batch, cfg)
         return s / c, jax.tree.map(lambda x: x / c, g)
 
-    first = jax.device_get(jax.jit(grads)(state.params, trainer.device_batch(packed_batch(0))))
-    losses = []
-    for _ in range(steps):  # the same batch each step: the loss must fall
-        state, metrics = trainer.train_step(state, trainer.device_batch(packed_batch(0)))
-        losses.append(float(metrics["loss"]))
-    return first, losses
+    return jax.device_get(jax.jit(grads)(params, trainer.device_batch(packed_batch(0))))
 
 
 @pytest.fixture(scope="module")
@@ -131,18 +129,18 @@ def one_device(tmp_path_factory):
     from helpers import tiny_config
 
     cfg = tiny_config(tmp_path_factory.mktemp("one"), "mesh.data=1", *GQA, llama=True)
-    return loss_grads_and_losses(cfg, jax.devices()[:1])
+    return loss_and_grads(cfg, jax.devices()[:1])
 
 
 @pytest.mark.parametrize("mesh", [(2, 1, 4, 1), (1, 2, 2, 2)], ids=["d2s4", "f2s2t2"])
-def test_context_parallel_training_matches_one_device(tmp_path, one_device, mesh):
+def test_context_parallel_loss_and_gradients_match_one_device(tmp_path, one_device, mesh):
     from helpers import tiny_config
 
     d, f, s, t = mesh
     cfg = tiny_config(tmp_path, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.sequence={s}",
                       f"mesh.tensor={t}", *GQA, llama=True)
-    (loss, grads), losses = loss_grads_and_losses(cfg, jax.devices())
-    (want_loss, want_grads), want_losses = one_device
+    loss, grads = loss_and_grads(cfg, jax.devices())
+    want_loss, want_grads = one_device
     np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         w = want_grads
@@ -150,8 +148,6 @@ def test_context_parallel_training_matches_one_device(tmp_path, one_device, mesh
             w = w[p.key]
         err = np.linalg.norm(np.asarray(g) - w) / np.linalg.norm(w)
         assert err <= RTOL, (jax.tree_util.keystr(path), err)
-    np.testing.assert_allclose(losses, want_losses, rtol=RTOL)
-    assert losses[-1] < losses[0]
 
 
 def test_forward_in_slot_order_under_context_parallelism(tmp_path):
