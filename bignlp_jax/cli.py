@@ -79,7 +79,7 @@ def cmd_describe(args) -> int:
 
     from bignlp_jax.config import load_config
     from bignlp_jax.model.flops import describe
-    from bignlp_jax.parallel.mesh import MESH_AXES, mesh_shape
+    from bignlp_jax.parallel.mesh import MESH_AXES, dcn_axes, mesh_shape, mesh_text
 
     cfg = load_config(args.config, args.overrides)
     if args.devices is None:
@@ -93,7 +93,8 @@ def cmd_describe(args) -> int:
     print(f"parameters            {info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)")
     print(f"non-embedding params  {info['non_embedding_parameters']:,}")
     print(f"train FLOPs / token   {info['flops_per_token']:.4g} (seq_len {info['seq_len']})")
-    print(f"mesh                  {' x '.join(f'{k}={v}' for k, v in shape.items())}")
+    print(f"mesh                  {mesh_text(shape, cfg.mesh)}")
+    info["dcn"] = dcn_axes(cfg.mesh)  # axes that cross slices/nodes, and over how many
     print(f"params / device       {info['param_bytes_per_device'] / gib:.3f} GiB (float32)")
     print(f"AdamW state / device  {info['optimizer_bytes_per_device'] / gib:.3f} GiB")
     print(f"total / device        {info['param_plus_optimizer_gib_per_device']:.3f} GiB")

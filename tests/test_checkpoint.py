@@ -185,7 +185,8 @@ def test_init_from_hugging_face_dir(reference, tmp_path):
     assert_trees_equal(start.state.params, ref_params)
 
 
-@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"], "1 device"])
+@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"], "1 device",
+                                  ["mesh.data=2", "mesh.sequence=4"]])
 def test_restore_onto_other_mesh(reference, tmp_path, mesh):
     ref_dir, ref_losses, ref_params = reference
     devices = [jax.devices()[0]] if mesh == "1 device" else None

@@ -55,3 +55,24 @@ def test_describe_needs_no_devices_for_175b(capsys):
     out = capsys.readouterr().out
     assert "174,6" in out and "fsdp=64" in out
     assert Path(REPO / "configs/models/gpt3_175b.yaml").exists()
+
+
+@pytest.mark.parametrize("preset, published", [("llama3_8b", 8_030_261_248),
+                                               ("llama3_70b", 70_553_706_496)])
+def test_llama3_presets_have_the_published_parameter_counts(preset, published, capsys):
+    # Meta's model cards round these to 8.03B and 70.6B; the exact counts are the sums of the
+    # tensors in the released safetensors files.
+    assert cli.main(["describe", f"models/{preset}.yaml", "--devices", "8", "mesh.data=-1"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["parameters"] == published
+    m = load_config(f"models/{preset}.yaml").model
+    assert (m.kv_heads, m.vocab_size, m.rope_theta, m.norm_eps, m.tie_embeddings) == (
+        8, 128256, 500000.0, 1e-5, False)
+
+
+def test_describe_names_the_axes_that_cross_dcn(capsys):
+    assert cli.main(["describe", "models/llama3_70b.yaml", "--devices", "256", "mesh.data=-1",
+                     "mesh.fsdp=16", "mesh.tensor=8", "mesh.dcn_data=2", "mesh.dcn_fsdp=4"]) == 0
+    out = capsys.readouterr().out
+    assert "data=2 (2 over DCN) x fsdp=16 (4 over DCN) x sequence=1 x tensor=8" in out
+    assert json.loads(out.strip().splitlines()[-1])["dcn"] == {"data": 2, "fsdp": 4}

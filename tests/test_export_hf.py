@@ -198,3 +198,31 @@ def test_layout_round_trips_without_loss_for_odd_shapes():
                 assert hf.shape == piece.shapes(one.shape)[-1]
                 piece.into_ours(hf, back)
             assert np.array_equal(back, one), entry.path
+
+
+def test_import_llama3_family_model(tmp_path):
+    """A transformers LlamaForCausalLM with Llama 3's settings (8 kv heads shared by 4 query
+    heads each, RoPE theta 500000, eps 1e-5, the 128256-token vocabulary, untied) at a small
+    width imports into the llama3_8b preset with only the widths changed."""
+    from bignlp_jax.cli import main
+    from bignlp_jax.config import load_config
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=8, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        initializer_range=0.2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval().save_pretrained(tmp_path / "hf")
+    assert main(["import", "--format", "hf", "--from", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "run")]) == 0
+    preset = load_config("models/llama3_8b.yaml", [
+        "model.num_layers=2", "model.hidden=64", "model.head_dim=8", "model.mlp_dim=96",
+        "model.dtype=float32"]).model
+    params = load_hf_params(tmp_path / "hf", preset)  # refuses any mismatching field
+    tokens = tokens_for(preset)
+    assert_logits_close(our_logits(preset, params, tokens), hf_logits(model, tokens))

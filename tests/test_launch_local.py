@@ -54,6 +54,34 @@ def test_two_processes_match_one_process(tmp_path, cli_env):
                                [single[s] for s in sorted(single)], rtol=2e-5)
 
 
+@pytest.mark.slow
+def test_two_level_mesh_over_two_processes_matches_one_process(tmp_path, cli_env):
+    """mesh.dcn_data=2: each process is one DCN granule holding half of the data axis (the
+    tensor axis stays inside a process); trains like one process with the same 4 devices."""
+    from bignlp_jax.config import load_config
+
+    overrides = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "mesh.data=2",
+                 "mesh.tensor=2", "data.source=synthetic"]
+    proc = subprocess.run(
+        [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "2", "--",
+         "train", "tiny", f"run.dir={tmp_path / 'multi'}", *overrides, "mesh.dcn_data=2"],
+        env=cli_env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "mesh data=2 (2 over DCN) x fsdp=1 x sequence=1 x tensor=2" in proc.stdout
+
+    import jax
+
+    from bignlp_jax.train.loop import train
+
+    cfg = load_config("tiny", [f"run.dir={tmp_path / 'single'}", *overrides])
+    train(cfg, devices=jax.devices()[:4])
+    multi, single = read_losses(tmp_path / "multi"), read_losses(tmp_path / "single")
+    assert sorted(multi) == [1, 2, 3]
+    np.testing.assert_allclose([multi[s] for s in sorted(multi)],
+                               [single[s] for s in sorted(single)], rtol=2e-5)
+
+
 def test_one_failed_process_stops_the_job(tmp_path, cli_env):
     launcher = subprocess.Popen(
         [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "1", "--grace", "2",

@@ -218,3 +218,48 @@ def test_console_script_goes_through_the_reexec_entry():
 
     (script,) = entry_points(group="console_scripts", name="bignlp-jax")
     assert script.value == "bignlp_jax.cli:entry"
+
+
+def test_collective_bytes_by_mesh_axis():
+    """Groups named as an anonymous mesh with its own device order, as iota lists and as
+    permute pairs are each traced back to the axes of our mesh."""
+    shape = {"data": 2, "fsdp": 1, "sequence": 2, "tensor": 2}  # device id = 4d + 2s + t
+    lines = [
+        # device_ids [4,2]T(1,0): the 2x4 mesh holds rows (0,2,4,6) and (1,3,5,7), so a group
+        # along axis_3 is {0,2,4,6}: data and sequence vary
+        "%a = f32[8]{0} all-gather(%x), replica_groups=mesh['axis_2'=2,'axis_3'=4], "
+        "device_ids=([4,2]T(1,0)) {'axis_3'}, dimensions={0}",
+        "%b = f32[8]{0} all-gather(%x), replica_groups=[4,2]<=[8], dimensions={0}",  # {0,1}
+        "%c = f32[8]{0} collective-permute(%x), source_target_pairs={{0,2},{2,0},{1,3},{3,1}}",
+    ]
+    from bignlp_jax.perf.plan import group_axes
+
+    assert [group_axes(line, shape) for line in lines] == ["data+sequence", "tensor", "sequence"]
+    hlo = "HloModule m\n\nENTRY %main () -> f32[8] {\n" + "\n".join(
+        "  " + line for line in lines) + "\n}\n"
+    out = collective_bytes(hlo, 8, shape, dcn={"data": 2})
+    assert out["by_axis"] == {"data+sequence": 32 * 3 / 4, "tensor": 32 / 2, "sequence": 32 / 2}
+    assert out["cross_host"] == 32 * 3 / 4  # only the collective along data crosses DCN
+
+
+def test_search_space_has_sequence_and_dcn_splits(tmp_path):
+    from bignlp_jax.perf.plan import DEVICES
+    from bignlp_jax.perf.plan_command import analytic_step_s, dcn_candidates, mesh_candidates
+
+    cfg = tiny_config(tmp_path, "data.seq_len=64", "train.global_batch_size=64")
+    shapes = mesh_candidates(cfg, 64)
+    assert {s["sequence"] for s in shapes} == {1, 2, 4, 8}
+    assert all(64 % (2 * s["sequence"]) == 0 and np.prod(list(s.values())) == 64 for s in shapes)
+    # 64 devices = 8 hosts of 8: the hosts split between data and fsdp, seq x tensor in a host
+    shape = {"data": 4, "fsdp": 4, "sequence": 2, "tensor": 2}
+    assert dcn_candidates(shape, 64, 8) == [{"dcn_data": 4, "dcn_fsdp": 2},
+                                            {"dcn_data": 2, "dcn_fsdp": 4}]
+    assert dcn_candidates({**shape, "sequence": 8, "fsdp": 1}, 64, 8) == []
+    assert dcn_candidates(shape, 64, 4096) == [{"dcn_data": 1, "dcn_fsdp": 1}]  # one TPU slice
+    # fsdp traffic over DCN costs more than over NVLink
+    shape = {"data": 8, "fsdp": 2, "sequence": 2, "tensor": 2}
+    inside, across = dcn_candidates(shape, 64, 8)
+    assert (inside, across) == ({"dcn_data": 8, "dcn_fsdp": 1}, {"dcn_data": 4, "dcn_fsdp": 2})
+    h100 = DEVICES["h100"]
+    assert analytic_step_s(cfg, shape, "full", h100, across) > analytic_step_s(
+        cfg, shape, "full", h100, inside)

@@ -63,11 +63,21 @@ def test_sharded_losses_match_single_device(tmp_path, reference, mesh):
 
 
 def test_mesh_must_fit_devices():
-    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 2)
     with pytest.raises(UserError, match=r"= 6 devices, but 8 are available"):
         mesh_shape(MeshConfig(data=3, fsdp=2, tensor=1), 8)
     with pytest.raises(UserError, match="does not divide the 8 available"):
         mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+
+
+def test_dcn_splits_are_checked():
+    from bignlp_jax.parallel.mesh import build_mesh
+
+    with pytest.raises(UserError, match=r"mesh.dcn_fsdp=2 does not divide mesh.fsdp=1"):
+        mesh_shape(MeshConfig(data=8, dcn_fsdp=2), 8)
+    # one process is one granule: a DCN split of 2 cannot be laid out
+    with pytest.raises(UserError, match=r"= 2 must equal the number of processes \(1\)"):
+        build_mesh(MeshConfig(data=8, dcn_data=2))
 
 
 def test_indivisible_parameter_is_named(tmp_path):

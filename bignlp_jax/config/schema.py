@@ -80,6 +80,12 @@ class MeshConfig(Section):
     fsdp: int = Field(1, ge=-1)
     tensor: int = Field(1, ge=-1)
     rules: Literal["default", "replicated"] = "default"
+    # Context parallelism: each row's tokens split over this many devices (model/
+    # context_attention.py); data.seq_len must be a multiple of 2 * sequence.
+    sequence: int = Field(1, ge=1, description="context-parallel devices per row")
+    # Two-level mesh: how many slices/nodes (joined by DCN) the data and fsdp axes span.
+    dcn_data: int = Field(1, ge=1, description="slices/nodes the data axis spans")
+    dcn_fsdp: int = Field(1, ge=1, description="slices/nodes the fsdp axis spans")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> MeshConfig:
@@ -291,5 +297,12 @@ class Config(Section):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}"
+            )
+        if self.data.seq_len % (2 * self.mesh.sequence):
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is not a multiple of 2 x mesh.sequence="
+                f"{2 * self.mesh.sequence}: context parallelism cuts each row into 2 x sequence "
+                "equal chunks (two per device, for an equal share of the causal work); choose a "
+                "seq_len or mesh.sequence that divide"
             )
         return self

@@ -71,10 +71,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, shardings: Params | None = Non
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions=None, segment_ids=None, *,
-            cache=None, cache_index=None):
+            cache=None, cache_index=None, slot_index=None):
     """Run the model on `params` (pure function; call it inside jit)."""
     model = nnx.merge(graphdef(cfg), params)
-    return model(tokens, positions, segment_ids, cache=cache, cache_index=cache_index)
+    return model(tokens, positions, segment_ids, cache=cache, cache_index=cache_index,
+                 slot_index=slot_index)
 
 
 def count_params(params_or_shapes: Params) -> int:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bignlp_jax.model.attention import apply_rope, dot_product_attention
+from bignlp_jax.model.context_attention import context_attention, sequence_parallel
 from bignlp_jax.model.glue import split_qkv, swiglu
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
@@ -115,9 +116,11 @@ class Attention(nnx.Module):
             kv_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (B, k.shape[1]))
             new_cache = (k, v, kv_segment_ids)
         scale = 1.0 / math.sqrt(self.H)
-        o = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids,
-                                  kv_segment_ids, q_index, kv_index, scale, self.attention_impl,
-                                  self_attention=cache is None)
+        # mesh.sequence > 1 (context parallelism) splits each row over devices: its own kernel
+        attend = context_attention if cache is None and sequence_parallel() > 1 else (
+            dot_product_attention)
+        o = attend(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids, kv_segment_ids,
+                   q_index, kv_index, scale, self.attention_impl, self_attention=cache is None)
         o = o.reshape(B, T, self.K * self.G, self.H)  # [B,T,N,H], head n = k * G + g
         o = constrain(o, ("batch", "seq", "act_heads", None))
         y = project(o, self.out[...], contract=2, spec="btnh,nhd->btd")

@@ -11,10 +11,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.model.attention import rope_tables
+from bignlp_jax.model.context_attention import sequence_parallel, zigzag_order
 from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
@@ -70,13 +72,15 @@ class Transformer(nnx.Module):
                              (cfg.hidden, cfg.vocab_size), ("embed", "vocab")
                              ) if not cfg.tie_embeddings else None
 
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None,
+                 slot_index=None):
         """tokens [B,T] -> (logits [B,T,V] float32, new cache or None).
 
         positions: RoPE / learned positions (restart at 0 in each packed document);
         segment_ids: document ids, 0 for padding. Both default to one unpacked sequence.
         cache: dict(k, v [L,B,S,K,H], segment_ids [B,S]) for incremental decoding; the T new
-        tokens occupy slots cache_index .. cache_index+T-1."""
+        tokens occupy slots cache_index .. cache_index+T-1. slot_index [B,T]: each token's slot
+        when the row arrives permuted; under context parallelism it must be `zigzag_order`."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
@@ -85,7 +89,19 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         start = 0 if cache is None else cache_index
-        q_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        restore = None
+        n = sequence_parallel()
+        if n > 1 and cache is None and slot_index is None:
+            # Context parallelism needs the row in zig-zag order; a caller in slot order
+            # (scoring, evaluation) gets its logits back in slot order. The train step permutes
+            # its batch itself and passes slot_index, so its logits stay permuted (no gather).
+            order = zigzag_order(T, n)
+            tokens, positions, segment_ids = (a[:, order] for a in (tokens, positions,
+                                                                    segment_ids))
+            slot_index, restore = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (B, T)), (
+                np.argsort(order))
+        q_index = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T)) \
+            if slot_index is None else slot_index
 
         x = self.embed(tokens, dtype)
         if self.pos_embed is not None:
@@ -115,6 +131,8 @@ class Transformer(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = project(x, self.lm_head[...], float32_out=True, spec="btd,dv->btv")
+        if restore is not None:
+            logits = logits[:, restore]
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
         new_cache = None
         if cache is not None:

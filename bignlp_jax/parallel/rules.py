@@ -2,7 +2,7 @@
 
 Model code names the axes of every parameter and activation (`embed`, `mlp`, `heads`, ...); it
 never sees the mesh. A rules table per strategy maps those names onto the mesh axes
-`data`, `fsdp` and `tensor`. Parameters use the plain names; activations use `act_*` names so
+`data`, `fsdp`, `sequence` and `tensor`. Parameters use the plain names; activations use `act_*` names so
 that, e.g., FSDP can shard a weight's `embed` axis while activations keep `embed` whole.
 """
 
@@ -24,7 +24,8 @@ RULES: dict[str, dict[str, MeshAxes]] = {
     # split over every data-like axis. With fsdp=tensor=1 this is plain data parallelism.
     "default": {
         "batch": ("data", "fsdp"),
-        "seq": None,
+        # context parallelism: activations split along the sequence between layers
+        "seq": "sequence",
         "embed": "fsdp",
         "mlp": "tensor",
         "heads": "tensor",
@@ -40,7 +41,7 @@ RULES: dict[str, dict[str, MeshAxes]] = {
         "act_vocab": "tensor",
     },
     # Every parameter on every device; only the batch is split.
-    "replicated": {"batch": ("data", "fsdp")},
+    "replicated": {"batch": ("data", "fsdp"), "seq": "sequence"},
 }
 
 
@@ -109,3 +110,32 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def split_axis(logical: str) -> tuple[str, int] | None:
+    """(mesh axis, size) when the active rules split the logical axis over one mesh axis of
+    more than one device; None outside `activation_sharding` or when it is not split."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    mesh_axes = rules.get(logical)
+    if isinstance(mesh_axes, tuple):
+        mesh_axes = mesh_axes[0] if len(mesh_axes) == 1 else None
+    if mesh_axes is None or mesh.shape.get(mesh_axes, 1) == 1:
+        return None
+    return mesh_axes, mesh.shape[mesh_axes]
+
+
+def logical_shard_map(fn, in_axes: Sequence[Sequence[str | None]],
+                      out_axes: Sequence[str | None]):
+    """`jax.shard_map(fn)` over the active mesh, specs given as logical axis names: lets model
+    code write per-device code with explicit collectives (over `split_axis(...)[0]`) without
+    ever holding the mesh. Call it only inside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        raise RuntimeError("logical_shard_map needs an active activation_sharding context")
+    mesh, rules = active
+    return jax.shard_map(fn, mesh=mesh,
+                         in_specs=tuple(logical_to_spec(a, rules) for a in in_axes),
+                         out_specs=logical_to_spec(out_axes, rules))

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
 from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.state import abstract_state
+from bignlp_jax.parallel.mesh import dcn_axes
 
 
 @dataclass(frozen=True)
@@ -94,18 +96,8 @@ def _shape_bytes(text: str) -> int:
 
 def _group_size_and_spread(line: str, host_size: int) -> tuple[int, bool]:
     """Devices per replica group, and whether a group spans hosts of `host_size` devices."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-    if m:  # mesh['a'=2,'b'=4] {'b'}: groups run along the listed axes of a row-major mesh
-        axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
-        along = set(re.findall(r"'([^']+)'", m.group(2)))
-        strides, stride = {}, 1
-        for name, size in reversed(axes):
-            strides[name] = stride
-            stride *= size
-        ids = [0]
-        for name, size in axes:
-            if name in along:
-                ids = [i + k * strides[name] for i in ids for k in range(size)]
+    if "replica_groups=mesh[" in line:  # mesh['a'=2,'b'=4] {'b'}: groups along listed axes
+        ids = _first_group(line) or [0]
         return len(ids), len({i // host_size for i in ids}) > 1
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](T\([\d,]+\))?", line)
     if m:
@@ -122,6 +114,51 @@ def _group_size_and_spread(line: str, host_size: int) -> tuple[int, bool]:
     return 1, False
 
 
+def _first_group(line: str) -> list[int] | None:
+    """Logical device ids (positions in the mesh, row-major) of the first replica group, or
+    None if the line names none."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\]"
+                  r"(?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}", line)
+    if m:  # mesh['axis_0'=2,...], device_ids=([4,2]T(1,0)) {'axis_1'}: groups along the listed
+        axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        ids = np.arange(math.prod(size for _, size in axes))
+        if m.group(2):  # the mesh's devices in an iota order of their own
+            ids = ids.reshape([int(d) for d in m.group(2).split(",")])
+            if m.group(3):
+                ids = ids.transpose([int(p) for p in m.group(3).split(",")])
+        ids = ids.reshape([size for _, size in axes])
+        along = set(re.findall(r"'([^']+)'", m.group(4)))
+        return ids[tuple(slice(None) if n in along else 0 for n, _ in axes)].ravel().tolist()
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if m:
+        dims = [int(d) for d in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(p) for p in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2)))[0].tolist()
+    m = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
+    if m:
+        return [int(x) for x in m.group(1).split(",")]
+    return None
+
+
+def group_axes(line: str, mesh_shape: dict[str, int]) -> str:
+    """The mesh axes a collective's groups run along ('data', 'fsdp+tensor', ...): the axes
+    whose coordinate differs between members of a group ('?' when the groups are not named)."""
+    pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", line)
+    if pairs:  # collective-permute: the axes along which some source and target differ
+        groups = [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
+    else:
+        groups = [_first_group(line) or []]
+    varying: set[str] = set()
+    for ids in groups:
+        if not ids or math.prod(mesh_shape.values()) <= max(ids):
+            return "?"
+        coords = np.array(np.unravel_index(ids, tuple(mesh_shape.values())))  # [axes, members]
+        varying |= {a for a, row in zip(mesh_shape, coords) if len(set(row.tolist())) > 1}
+    return "+".join(a for a in mesh_shape if a in varying) or "?"
+
+
 def _sliced_after(line: str, lines: list[str]) -> bool:
     """Whether an all-reduce's result only feeds a dynamic-slice (each device keeps its shard).
 
@@ -136,13 +173,16 @@ def _sliced_after(line: str, lines: list[str]) -> bool:
                                or "dynamic-slice" in u.split("=", 1)[0] for u in users)
 
 
-def collective_bytes(hlo: str, host_size: int = 8) -> dict[str, float]:
+def collective_bytes(hlo: str, host_size: int = 8, mesh_shape: dict[str, int] | None = None,
+                     dcn: dict[str, int] | None = None) -> dict:
     """Per-device bytes moved by each kind of collective in a compiled HLO module.
 
     Instructions in a while loop's body count once per trip (XLA records `known_trip_count`).
     Bytes are the result size (all-gather, all-reduce x2 for its two phases) or operand size
     (reduce-scatter), the usual ring-algorithm volumes. `cross_host` collects the bytes of groups
-    spanning hosts."""
+    spanning hosts. With `mesh_shape` (axis -> size, mesh order), `by_axis` splits the bytes by
+    the mesh axes each collective runs along; with `dcn` (the axes that cross slices/nodes),
+    `cross_host` counts the collectives along those axes instead of guessing from host_size."""
     computations: dict[str, list[str]] = {}
     entry = current = None
     for line in hlo.splitlines():
@@ -175,6 +215,7 @@ def collective_bytes(hlo: str, host_size: int = 8) -> dict[str, float]:
 
     out = {k: 0.0 for k in COLLECTIVES}
     out["cross_host"] = 0.0
+    by_axis: dict[str, float] = {}
     for name, lines in computations.items():
         if name not in multiplicity:
             continue
@@ -198,8 +239,14 @@ def collective_bytes(hlo: str, host_size: int = 8) -> dict[str, float]:
                     nbytes *= 2
             moved = nbytes * (size - 1) / size * multiplicity[name]
             out[kind] += moved
+            axes = group_axes(line, mesh_shape) if mesh_shape else "?"
+            by_axis[axes] = by_axis.get(axes, 0.0) + moved
+            if dcn:
+                spread = any(a in dcn for a in axes.split("+"))
             if spread:
                 out["cross_host"] += moved
+    if mesh_shape:
+        out["by_axis"] = by_axis
     return out
 
 
@@ -209,7 +256,11 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     spec = spec or DEVICES["h100"]
     memory_gb = memory_gb if memory_gb is not None else spec.memory_gb
     start = time.perf_counter()
-    trainer = Trainer.build(cfg, devices)
+    # One process cannot lay out a multi-slice mesh; the compiled program does not depend on
+    # which physical device sits where, so compile on a one-level mesh of the same shape and
+    # count the bytes along the axes that would cross DCN.
+    trainer = Trainer.build(cfg.model_copy(update={"mesh": cfg.mesh.model_copy(
+        update={"dcn_data": 1, "dcn_fsdp": 1})}), devices)
     state = abstract_state(cfg.model, trainer.tx, trainer.state_sh)
     batch = abstract_batch(cfg, trainer.batch_sh)
     compiled = trainer.train_step.lower(state, batch).compile()
@@ -223,18 +274,20 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     # Outputs not aliased to donated inputs need their own buffers (metrics: a few bytes).
     extra_out = max(int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes), 0)
     total = arguments + temp + extra_out
-    comm = collective_bytes(compiled.as_text(), spec.host_size)
+    dcn = dcn_axes(cfg.mesh)
+    comm = collective_bytes(compiled.as_text(), spec.host_size, dict(trainer.mesh.shape), dcn)
 
     n = trainer.mesh.size
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     recompute = 4 / 3 if cfg.model.remat == "full" else 1.0
     compute_s = flops_per_token(cfg.model, cfg.data.seq_len) * tokens * recompute / n / (
         spec.peak_tflops * 1e12)
-    fast = sum(comm[k] for k in COLLECTIVES) - comm["cross_host"]
+    fast = sum(comm[k] for k in COLLECTIVES) - comm["cross_host"]  # by_axis: the same split
     comm_s = fast / (spec.link_gbps * 1e9) + comm["cross_host"] / (spec.cross_host_gbps * 1e9)
     gib = 2**30
     return {
         "mesh": dict(trainer.mesh.shape),
+        "dcn": dcn,
         "remat": cfg.model.remat,
         "microbatches": cfg.train.microbatches,
         "devices": n,

@@ -2,10 +2,14 @@
 
 Needs N devices to compile for, so the command re-executes itself with N simulated CPU devices
 (`--xla_force_host_platform_device_count=N`); nothing is allocated on them. `--search` tries mesh
-shapes (data x fsdp x tensor) and remat policies: candidates are filtered by divisibility and by
-the analytic parameter + optimizer bytes (`model/flops.py`, what `describe` prints), ordered by
-an analytic estimate, then compiled one by one within `--time-budget`; the ones that fit are
-ranked by the compiled estimate of step time (`plan.py`).
+shapes (data x fsdp x sequence x tensor), DCN splits and remat policies: candidates are filtered
+by divisibility and by the analytic parameter + optimizer bytes (`model/flops.py`, what
+`describe` prints), ordered by an analytic estimate, then compiled one by one within
+`--time-budget`; the ones that fit are ranked by the compiled estimate of step time (`plan.py`).
+
+DCN splits: with more devices than one host (or TPU slice) joins by the fast link, the hosts are
+the DCN granules; sequence x tensor must fit inside one host (they talk every layer), and the
+host count is split between the data and fsdp axes (`mesh.dcn_data` x `mesh.dcn_fsdp`).
 """
 
 from __future__ import annotations
@@ -63,25 +67,43 @@ def analytic_bytes(cfg, shape: dict[str, int]) -> float:
 
 
 def mesh_candidates(cfg, n: int) -> list[dict[str, int]]:
-    """Mesh shapes over n devices whose splits divide the model and the batch evenly."""
+    """Mesh shapes over n devices whose splits divide the model, the batch and the rows."""
     m = cfg.model
     out = []
     for tensor in (1, 2, 4, 8):
         if n % tensor or any(x % tensor for x in (m.num_heads, m.kv_heads, m.mlp_dim,
                                                   m.vocab_size)):
             continue
-        rest = n // tensor
-        fsdp = 1
-        while fsdp <= rest:
-            if rest % fsdp == 0 and m.hidden % fsdp == 0 and \
-                    cfg.train.global_batch_size % rest == 0:
-                out.append({"data": rest // fsdp, "fsdp": fsdp, "tensor": tensor})
-            fsdp *= 2
+        for sequence in (1, 2, 4, 8):
+            if (n // tensor) % sequence or cfg.data.seq_len % (2 * sequence):
+                continue
+            rest = n // (tensor * sequence)
+            fsdp = 1
+            while fsdp <= rest:
+                if rest % fsdp == 0 and m.hidden % fsdp == 0 and \
+                        cfg.train.global_batch_size % rest == 0:
+                    out.append({"data": rest // fsdp, "fsdp": fsdp, "sequence": sequence,
+                                "tensor": tensor})
+                fsdp *= 2
     return out
 
 
-def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec) -> float:
-    """A rough step time used only to order candidates before compiling them."""
+def dcn_candidates(shape: dict[str, int], n: int, host_size: int) -> list[dict[str, int]]:
+    """Ways to split the hosts (n / host_size of them) between data and fsdp; [] when
+    sequence x tensor does not fit in one host, [{1, 1}] when everything is one host."""
+    hosts = n // host_size if n > host_size and n % host_size == 0 else 1
+    if hosts == 1:
+        return [{"dcn_data": 1, "dcn_fsdp": 1}]
+    if shape["sequence"] * shape["tensor"] > host_size:
+        return []
+    return [{"dcn_data": hosts // f, "dcn_fsdp": f} for f in range(1, hosts + 1)
+            if hosts % f == 0 and shape["fsdp"] % f == 0 and shape["data"] % (hosts // f) == 0]
+
+
+def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
+                    dcn: dict[str, int] | None = None) -> float:
+    """A rough step time used only to order candidates before compiling them: compute at peak
+    plus each axis's traffic at its link's bandwidth (DCN for the axes split over hosts)."""
     from bignlp_jax.model.flops import flops_per_token
     from bignlp_jax.model.functional import abstract_params, count_params
 
@@ -92,15 +114,24 @@ def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec) -> float:
     compute = flops_per_token(m, cfg.data.seq_len) * tokens * recompute / n / (
         spec.peak_tflops * 1e12)
     params = count_params(abstract_params(m)) / shape["tensor"]
-    d, f, t = shape["data"], shape["fsdp"], shape["tensor"]
+    d, f, s, t = shape["data"], shape["fsdp"], shape.get("sequence", 1), shape["tensor"]
     act_bytes = 2 if m.dtype != "float32" else 4
     gathers = 3 if remat == "full" else 2  # forward, backward (and the recomputed forward)
-    comm = (gathers * params * act_bytes + params * 4) * (f - 1) / f  # fsdp: gather + scatter
-    comm += 2 * params / f * 4 * (d - 1) / d  # data: all-reduce of the gradient shard
+    comm = {"fsdp": (gathers * params * act_bytes + params * 4) * (f - 1) / f,  # gather+scatter
+            "data": 2 * params / f * 4 * (d - 1) / d}  # all-reduce of the gradient shard
     rows = cfg.train.global_batch_size / (d * f)
-    comm += 8 * m.num_layers * rows * cfg.data.seq_len * m.hidden * act_bytes * (t - 1) / t
-    slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
-    return compute + comm / (slow * 1e9)
+    tokens = rows * cfg.data.seq_len / s  # per device
+    comm["tensor"] = 8 * m.num_layers * tokens * m.hidden * act_bytes * (t - 1) / t
+    # context parallelism: K and V gathered per layer (forward, recompute) and dK/dV scattered
+    kv = 2 * m.kv_heads * m.dim_per_head / t
+    comm["sequence"] = gathers * m.num_layers * tokens * s * kv * act_bytes * (s - 1) / s
+    if dcn is None:  # no DCN split known: every axis at the slower link once past one host
+        slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
+        return compute + sum(comm.values()) / (slow * 1e9)
+    crossing = {"data": dcn["dcn_data"] > 1, "fsdp": dcn["dcn_fsdp"] > 1}
+    return compute + sum(
+        v / ((spec.cross_host_gbps if crossing.get(a) else spec.link_gbps) * 1e9)
+        for a, v in comm.items())
 
 
 def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
@@ -110,10 +141,12 @@ def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
     needs before compiling it."""
     m = cfg.model
     T, D, L, t = cfg.data.seq_len, m.hidden, m.num_layers, shape["tensor"]
+    # context parallelism splits every activation of a row (and its scores) sequence ways
+    T = T / shape.get("sequence", 1)
     scale = 2 if m.dtype == "float32" else 1
-    layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * T / t
+    layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * cfg.data.seq_len / t
     if m.attention == "cudnn":  # flash attention keeps no T x T scores
-        layer -= 5 * m.num_heads * T * T / t
+        layer -= 5 * m.num_heads * T * cfg.data.seq_len / t
     logits = 3 * T * m.vocab_size / t * 4
     if remat == "full":
         return (2 * T * D * L + layer) * scale + logits
@@ -143,7 +176,9 @@ def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: i
                 skipped.append({"mesh": shape, "remat": remat,
                                 "why": f"needs ~{need / gib:.0f} GiB analytically"})
                 continue
-            candidates.append((analytic_step_s(cfg, shape, remat, spec), shape, remat, static))
+            for dcn in dcn_candidates(shape, n, spec.host_size):
+                candidates.append((analytic_step_s(cfg, shape, remat, spec, dcn),
+                                   {**shape, **dcn}, remat, static))
     candidates.sort(key=lambda c: c[0])
 
     results, start, compiles = [], time.perf_counter(), 0
@@ -183,6 +218,7 @@ def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: i
 
 
 def _with(cfg, shape: dict[str, int], remat: str, microbatches: int):
+    """`cfg` with the mesh sizes (and DCN splits) of `shape`, remat and microbatches."""
     return cfg.model_copy(update={
         "mesh": cfg.mesh.model_copy(update=shape),
         "model": cfg.model.model_copy(update={"remat": remat}),
@@ -191,13 +227,25 @@ def _with(cfg, shape: dict[str, int], remat: str, microbatches: int):
 
 
 def _mesh_text(shape: dict[str, int]) -> str:
-    return "x".join(str(shape[k]) for k in ("data", "fsdp", "tensor"))
+    text = "x".join(str(shape.get(k, 1)) for k in ("data", "fsdp", "sequence", "tensor"))
+    dcn = [f"{k[4:]}/{shape[k]}" for k in ("dcn_data", "dcn_fsdp") if shape.get(k, 1) > 1]
+    return text + (f" dcn {','.join(dcn)}" if dcn else "")
+
+
+def _axis_text(comm: dict) -> str:
+    """'data 1.2 GiB, fsdp 30.1 GiB, ...': collective bytes per device by mesh axis."""
+    gib = 2**30
+    return ", ".join(f"{axes} {v / gib:.3g}" for axes, v in sorted(
+        comm.get("by_axis", {}).items(), key=lambda kv: -kv[1])) + " GiB"
 
 
 def _print_plan(cfg, plan: dict, analytic: float) -> None:
+    from bignlp_jax.perf.plan import COLLECTIVES
+
     gib = 2**30
     compiled_static = plan["param_bytes_per_device"] + plan["optimizer_bytes_per_device"]
-    print(f"mesh data x fsdp x tensor   {_mesh_text(plan['mesh'])} ({plan['devices']} devices),"
+    shape = {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()}}
+    print(f"mesh d x f x seq x t        {_mesh_text(shape)} ({plan['devices']} devices),"
           f" remat={plan['remat']}")
     print(f"parameters / device         {plan['param_bytes_per_device'] / gib:10.3f} GiB")
     print(f"optimizer state / device    {plan['optimizer_bytes_per_device'] / gib:10.3f} GiB")
@@ -207,9 +255,10 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
     print(f"analytic params+optimizer   {analytic / gib:10.3f} GiB (compiled/analytic "
           f"{compiled_static / analytic:.3f})")
     comm = plan["collective_bytes_per_device"]
-    within = sum(v for k, v in comm.items() if k != "cross_host")
-    print(f"collectives / device / step {within / gib:10.3f}"
-          f" GiB ({comm['cross_host'] / gib:.3f} across hosts)")
+    print(f"collectives / device / step {sum(comm[k] for k in COLLECTIVES) / gib:10.3f}"
+          f" GiB ({comm['cross_host'] / gib:.3f} across hosts"
+          + (f", over DCN: {', '.join(plan['dcn'])}" if plan["dcn"] else "") + ")")
+    print(f"  by mesh axis              {_axis_text(comm)} (from the compiled program)")
     print(f"estimated step              {plan['est_step_s']:10.3f} s (compute "
           f"{plan['compute_s']:.3f} + comm {plan['comm_s']:.3f}), est. MFU "
           f"{plan['est_mfu']:.1%}; compiled in {plan['compile_s']:.1f}s")
@@ -252,13 +301,15 @@ def cmd_plan(args) -> int:
     if not args.json:
         print(f"\n{len(fitting)} plan(s) fit in {memory_gb:g} GiB on {args.devices} x "
               f"{spec.name}, fastest first:")
-        print(f"{'mesh d x f x t':>16} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
-              f"{'est s/step':>10} {'est MFU':>8}")
+        print(f"{'mesh d x f x seq x t':>28} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
+              f"{'est s/step':>10} {'est MFU':>8}  collective GiB/device by mesh axis")
         for r in [*fitting, *too_big]:
+            shape = {**r["mesh"], **{f"dcn_{k}": v for k, v in r["dcn"].items()}}
             tail = (f" {r['est_step_s']:10.3f} {r['est_mfu']:8.1%}" if r["fits"]
-                    else "  does not fit")
-            print(f"{_mesh_text(r['mesh']):>16} {r['remat']:>5} {r['microbatches']:>5} "
-                  f"{r['total_gib_per_device']:8.1f}{tail}")
+                    else "  does not fit       ")
+            print(f"{_mesh_text(shape):>28} {r['remat']:>5} {r['microbatches']:>5} "
+                  f"{r['total_gib_per_device']:8.1f}{tail}  "
+                  f"{_axis_text(r['collective_bytes_per_device'])}")
         print(f"({len(skipped)} candidates not compiled: too large analytically or over budget)")
     print(json.dumps({"fitting": fitting, "not_fitting": too_big, "skipped": skipped}))
     return 0

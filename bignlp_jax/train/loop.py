@@ -32,7 +32,7 @@ from bignlp_jax.data import (
 from bignlp_jax.data.run_identity import with_store_identities
 from bignlp_jax.data.tfds_source import with_resolved_data_dir
 from bignlp_jax.errors import Preempted, UserError
-from bignlp_jax.parallel.mesh import build_mesh
+from bignlp_jax.parallel.mesh import build_mesh, mesh_text
 from bignlp_jax.parallel.rules import rules_table
 from bignlp_jax.train.identity import config_changes, record_config, refuse_unless_allowed
 from bignlp_jax.train.inputs import check_source_runs
@@ -163,7 +163,8 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
     drop_metrics_after(run_dir, first)
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
     logger = MetricsLogger(run_dir, cfg.train.steps, first)
-    logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps}")
+    logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps} on mesh "
+                   f"{mesh_text(dict(trainer.mesh.shape), cfg.mesh)}")
     every = cfg.checkpoint.every_steps
     last: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import Config
 from bignlp_jax.model import forward
+from bignlp_jax.model.context_attention import zigzag_order
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
 from bignlp_jax.train.state import TrainState
 
@@ -59,8 +60,16 @@ token_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 def loss_sums(params, batch, cfg: Config):
     """(sum of masked token losses, number of counted tokens)."""
+    slot_index = None
+    if cfg.mesh.sequence > 1:
+        # Context parallelism: rows permuted once into zig-zag order (equal causal work per
+        # device); the loss is a sum over tokens, so the order does not change it.
+        B, T = batch["tokens"].shape
+        order = zigzag_order(T, cfg.mesh.sequence)
+        batch = {k: constrain(v[:, order], ("batch", "seq")) for k, v in batch.items()}
+        slot_index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (B, T))
     logits, _ = forward(cfg.model, params, batch["tokens"], batch["positions"],
-                        batch["segment_ids"])
+                        batch["segment_ids"], slot_index=slot_index)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask), jnp.sum(mask)
 
