@@ -10,7 +10,6 @@ silently starts again from step 0.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint.manager import restore_data_state, restore_state
 from bignlp_jax.checkpoint.params import check_shapes, load_init_params, saved_tree
 from bignlp_jax.checkpoint.paths import (
@@ -58,7 +58,7 @@ def pick_checkpoint(cfg, run_dir: Path) -> Path | None:
         else:
             step_dir = resolve_step_dir(wanted)
         if jax.process_index() == 0:
-            if step_dir.parent.resolve() == ckpt_dir.resolve():
+            if storage.same(step_dir.parent, ckpt_dir):
                 _set_aside_newer(ckpt_dir, int(step_dir.name), run_dir / ABANDONED)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"resume_from": wanted, "step_dir": str(step_dir)}))
@@ -73,7 +73,7 @@ def _set_aside_newer(ckpt_dir: Path, step: int, abandoned: Path) -> None:
     so the run can save those step numbers again."""
     for newer in [s for s in complete_steps(ckpt_dir) if s > step]:
         abandoned.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(ckpt_dir / str(newer)), str(abandoned / str(newer)))
+        (ckpt_dir / str(newer)).rename(abandoned / str(newer))
         print(f"checkpoint: moved step {newer} aside to {abandoned / str(newer)} "
               f"(resuming from step {step})", flush=True)
 
@@ -151,7 +151,7 @@ def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
 def start_state(trainer, source, run_dir: str | Path) -> Start:
     """Restore or create the state to train from, and position `source` to match it."""
     cfg = trainer.cfg
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     step_dir = pick_checkpoint(cfg, run_dir)
     if step_dir is not None:
         state, data_state = restore_checkpoint(trainer, step_dir)
@@ -168,7 +168,7 @@ def start_state(trainer, source, run_dir: str | Path) -> Start:
 def drop_metrics_after(run_dir: str | Path, step: int) -> None:
     """Resuming at `step`: forget logged steps after it (a crashed run logged steps its
     checkpoints do not hold; they are trained again), so metrics.jsonl stays one trajectory."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.path(run_dir) / "metrics.jsonl"
     if jax.process_index() != 0 or not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

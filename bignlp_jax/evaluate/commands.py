@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from bignlp_jax import storage
 
 
 def resolve_run(target: str, overrides: list[str]):
     """(config, run dir) from a run directory (its config.yaml) or a config file (run.dir)."""
     from bignlp_jax.config import load_config
 
-    path = Path(target)
+    path = storage.path(target)
     if path.is_dir():
         if (path / "config.yaml").is_file():
             return load_config(path / "config.yaml", overrides), path
@@ -21,7 +22,7 @@ def resolve_run(target: str, overrides: list[str]):
         cfg = load_run_config(path)
         return validate(apply_overrides(cfg.model_dump(mode="json"), overrides)), path
     cfg = load_config(target, overrides)
-    return cfg, Path(cfg.run.dir)
+    return cfg, storage.path(cfg.run.dir)
 
 
 def cmd_eval(args) -> int:

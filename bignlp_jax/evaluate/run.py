@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 
+from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.evaluate import metrics
 from bignlp_jax.evaluate.scoring import (
@@ -101,7 +102,7 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
     from bignlp_jax.train.loop import Trainer
     from bignlp_jax.train.metrics import MetricsLogger
 
-    run_dir = Path(run_dir or cfg.run.dir)
+    run_dir = storage.path(run_dir or cfg.run.dir)
     step_dir = resolve_step_dir(run_dir, step)
     trainer = Trainer.build(cfg, devices)
     params = load_params(step_dir, cfg.model, trainer.state_sh.params)
@@ -121,6 +122,6 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
 
 
 def read_eval(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / EVAL_FILE
+    path = storage.path(run_dir) / EVAL_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 

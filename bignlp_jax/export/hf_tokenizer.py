@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from bignlp_jax import storage
 
 log = logging.getLogger(__name__)
 SPECIALS = ("bos", "eos", "unk", "pad")
@@ -45,7 +46,7 @@ def write_hf_tokenizer(tokenizer: Any, out_dir: str | Path, model_max_length: in
     tok = resolve_tokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok.model_path, out / "tokenizer.model")
+    storage.copy_file(tok.model_path, out / "tokenizer.model")
     ids = special_ids(tok)
     tokens = {f"{k}_token": tok.sp.id_to_piece(i) for k, i in ids.items() if i is not None}
     config = {

@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 from bignlp_jax.tasks.formats import TaskFormat, empty_row, make_row, stack_rows
@@ -132,7 +132,7 @@ def check_init_tokenizer(cfg: Config, tokenizer) -> None:
     from bignlp_jax.checkpoint import resolve_step_dir
 
     step_dir = resolve_step_dir(cfg.init_from)
-    for run_dir in (step_dir.parent.parent, step_dir.parent, Path(cfg.init_from)):
+    for run_dir in (step_dir.parent.parent, step_dir.parent, storage.path(cfg.init_from)):
         recorded = run_dir / "tokenizer" / "tokenizer.json"
         if recorded.is_file():
             break

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
+from bignlp_jax.checkpoint.paths import check_array_store
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config, save_config
@@ -102,7 +103,9 @@ def train(cfg: Config, devices=None) -> dict:
 
 
 def _train(cfg: Config, devices, stop: StopRequest) -> dict:
-    run_dir = Path(cfg.run.dir)
+    run_dir = storage.path(cfg.run.dir)
+    storage.check_access(cfg.run.dir, "run.dir")  # before anything is built
+    check_array_store(cfg.run.dir, "run.dir")
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
@@ -148,6 +151,7 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
                 # the source has just handed out batch `done`: its state is the next batch
                 checkpointer.save(done, state, source.get_state(),
                                   step_meta(cfg, trainer.mesh, done))
+                logger.flush()  # a bucket's metrics.jsonl is rewritten here, not every step
             if reason:
                 checkpointer.wait()
                 raise Preempted(

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 from tqdm import tqdm
+
+from bignlp_jax import storage
 
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "eval_loss")
 
@@ -21,14 +24,24 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
                  enabled: bool | None = None, progress: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = storage.path(run_dir) / "metrics.jsonl"
         self._tb = self._bar = None
+        # A bucket object cannot be appended to: lines wait in memory and `flush` (called at
+        # checkpoint time and at close) rewrites the object once with everything logged so far.
+        # TensorBoard events are written to a local folder and copied up at the same moments.
+        self._remote = storage.is_remote(run_dir)
+        self._pending: list[str] = []
+        self._tb_local = self._tb_remote = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        tb_dir = storage.path(run_dir) / "tensorboard"
+        if self._remote:
+            self._tb_local, self._tb_remote = Path(tempfile.mkdtemp(prefix="bignlp-tb-")), tb_dir
+            tb_dir = self._tb_local
+        self._tb = SummaryWriter(str(tb_dir))
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                              dynamic_ncols=True, mininterval=1.0)
@@ -39,8 +52,11 @@ class MetricsLogger:
             return
         record = {"step": int(step), "time": time.time()}
         record.update({k: _plain(v) for k, v in scalars.items()})
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._remote:
+            self._pending.append(json.dumps(record) + "\n")
+        else:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key not in ("step", "time") and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, int(step))
@@ -53,9 +69,25 @@ class MetricsLogger:
         if self.enabled:
             (tqdm.write if self._bar is not None else print)(text)
 
+    def flush(self) -> None:
+        """Make everything logged so far durable (a no-op for a local run dir, which appends
+        each line as it comes)."""
+        if not (self.enabled and self._remote):
+            return
+        self._tb.flush()
+        if self._pending:
+            old = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            self.path.write_text(old + "".join(self._pending), encoding="utf-8")
+            self._pending.clear()
+        for event_file in self._tb_local.iterdir():
+            storage.copy_file(event_file, self._tb_remote / event_file.name)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self.flush()
+            if self._tb_local is not None:
+                storage.rmtree(self._tb_local)
         if self._bar is not None:
             self._bar.close()
 
@@ -72,7 +104,7 @@ def _plain(value):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

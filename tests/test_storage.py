@@ -1,0 +1,137 @@
+"""Run directories on buckets (gs://, s3://) against emulators started by the tests.
+
+The GCS emulator gets the whole run: config, metrics, TensorBoard events, sharded Orbax
+checkpoints, SIGTERM and an exact resume. Storage errors (missing bucket, unreachable endpoint)
+must stop the CLI with one line and exit 2 before a model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+import storage_emulators
+from checkpoint_common import assert_trees_equal, config, host_params, losses
+from conftest import bignlp_cmd
+
+from bignlp_jax import storage
+from bignlp_jax.checkpoint import latest_step, load_run_config
+from bignlp_jax.errors import REQUEUE_EXIT_CODE
+from bignlp_jax.train.loop import train
+from bignlp_jax.train.metrics import MetricsLogger, read_metrics
+
+TRAIN = ["train", "tiny"]
+# the emulators, one per test session
+gcs_emulator, gcs_bucket = storage_emulators.gcs_emulator, storage_emulators.gcs_bucket
+s3_emulator, s3_bucket = storage_emulators.s3_emulator, storage_emulators.s3_bucket
+
+
+def _overrides(run_dir: str, *extra: str) -> list[str]:
+    from checkpoint_common import OVERRIDES
+
+    return [*OVERRIDES, f"run.dir={run_dir}", *extra]
+
+
+@pytest.mark.slow
+def test_gcs_run_sigterm_then_resume_is_bitwise(gcs_bucket, tmp_path, cli_env):
+    run = f"{gcs_bucket}/runs/a"
+    proc = subprocess.Popen(
+        bignlp_cmd(*TRAIN, *_overrides(run, "train.steps=100000", "checkpoint.every_steps=2")),
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while (latest_step(run) or 0) < 2:  # step 2 is durable in the bucket
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    stopped = latest_step(run)
+    assert f"stopped after step {stopped} of 100000" in out
+    assert f"{run}/checkpoints/{stopped}" in out
+    # metrics were flushed at the checkpoints and at exit: every step up to the stop
+    assert sorted(losses(run)) == list(range(1, stopped + 1))
+
+    final = stopped + 2
+    train(config(run, f"train.steps={final}"))  # resumes from the bucket, in this process
+    reference = tmp_path / "reference"
+    train(config(reference, f"train.steps={final}"))
+    assert losses(run) == losses(reference)
+    model = config(run).model
+    assert_trees_equal(host_params(run, model), host_params(reference, model))
+    assert load_run_config(run).train.steps == final
+    root = storage.path(run)
+    assert (root / "config.yaml").is_file()
+    assert next((root / "tensorboard").iterdir()).name.startswith("events.out")
+
+
+def test_metrics_on_a_bucket_are_buffered_until_flush(s3_bucket):
+    run = f"{s3_bucket}/metrics"
+    logger = MetricsLogger(run, total_steps=3, progress=False, enabled=True)
+    logger.log(1, {"loss": 2.0})
+    assert read_metrics(run) == []  # nothing written per step
+    logger.flush()
+    logger.log(2, {"loss": 1.5})
+    logger.close()
+    assert [r["loss"] for r in read_metrics(run)] == [2.0, 1.5]
+    names = [p.name for p in (storage.path(run) / "tensorboard").iterdir()]
+    assert names and names[0].startswith("events.out")
+
+
+def test_missing_bucket_is_one_line_before_the_model(gcs_emulator, cli_env):
+    result = subprocess.run(
+        bignlp_cmd(*TRAIN, *_overrides("gs://no-such-bucket-bignlp/run")),
+        check=False, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "run.dir=gs://no-such-bucket-bignlp/run" in result.stderr
+    assert "does not exist" in result.stderr and "fix:" in result.stderr
+
+
+@pytest.mark.slow
+def test_unreachable_endpoint_is_one_line(cli_env):
+    env = dict(cli_env, STORAGE_EMULATOR_HOST="http://127.0.0.1:9",
+               TENSORSTORE_GCS_HTTP_URL="http://127.0.0.1:9")
+    started = time.monotonic()
+    result = subprocess.run(bignlp_cmd(*TRAIN, *_overrides("gs://some-bucket/run")),
+                            check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "gs://some-bucket/run" in result.stderr
+    assert "STORAGE_EMULATOR_HOST" in result.stderr  # the fix names the endpoint setting
+    assert time.monotonic() - started < 60
+
+
+def test_local_paths_are_untouched(tmp_path):
+    assert type(storage.path(tmp_path)) is type(tmp_path)
+    assert storage.absolute("rel").is_absolute()
+    storage.check_access(tmp_path / "x", "run.dir")  # local paths are not probed
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
+    from bignlp_jax.checkpoint import load_params
+    from bignlp_jax.cli import main
+
+    run = f"{gcs_bucket}/run"
+    train(config(run, "train.steps=2"))  # train on the bucket; export reads it from there
+    hf = f"{gcs_bucket}/exports/hf"
+    assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == hf
+    assert (storage.path(hf) / "config.json").is_file()
+    assert any(p.name.endswith(".safetensors") for p in storage.path(hf).iterdir())
+    imported = tmp_path / "imported"
+    assert main(["import", "--from", hf, "--out", str(imported)]) == 0
+    model = config(run).model
+    assert_trees_equal(jax.tree.map(np.asarray, load_params(imported, model)),
+                       host_params(run, model))
+    # a second export to the same --out replaces the earlier one; a foreign prefix is refused
+    assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0
+    (storage.path(gcs_bucket) / "other" / "notes.txt").write_text("keep me")
+    assert main(["export", "--run", run, "--format", "hf",
+                 "--out", f"{gcs_bucket}/other"]) == 2
+    assert (storage.path(gcs_bucket) / "other" / "notes.txt").read_text() == "keep me"
