@@ -8,9 +8,12 @@ must stop the CLI with one line and exit 2 before a model is built.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -135,3 +138,63 @@ def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
     assert main(["export", "--run", run, "--format", "hf",
                  "--out", f"{gcs_bucket}/other"]) == 2
     assert (storage.path(gcs_bucket) / "other" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_save_to_gcs_and_one_restores(gcs_bucket, tmp_path):
+    from test_checkpoint_multiprocess import MESH, WORKER, free_port
+
+    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.data import make_source
+    from bignlp_jax.train.loop import Trainer
+
+    run, dump = f"{gcs_bucket}/two", tmp_path / "params.npz"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port, logs = str(free_port()), [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, str(WORKER), port, "2", str(i), run, str(dump), *MESH,
+         "train.steps=100000", "checkpoint.every_steps=2"],
+        env=env, stdout=logs[i].open("w"), stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while (latest_step(run) or 0) < 2:  # both processes' shards of step 2 are in the bucket
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            assert time.monotonic() < deadline, "the two-process run did not save step 2"
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)  # one process told: both stop after the same step
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [REQUEUE_EXIT_CODE] * 2, logs[0].read_text()[-3000:]
+    stopped = latest_step(run)
+    data_dir = storage.path(run) / "checkpoints" / str(stopped) / "data"
+    assert sorted(p.name for p in data_dir.iterdir() if p.name.endswith(".json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    two = np.load(dump)  # what the two processes restored together, gathered
+    assert int(two["step"]) == stopped
+
+    cfg = config(run, "train.steps=100000")  # one process, 8 devices, another mesh
+    trainer = Trainer.build(cfg)
+    source = make_source(cfg, "train", trainer.rows)
+    one = start_state(trainer, source, run)
+    assert one.step == stopped and source.get_state()["step"] == stopped
+    for path, x in jax.tree_util.tree_flatten_with_path(one.state.params)[0]:
+        assert np.array_equal(np.asarray(x), two[jax.tree_util.keystr(path)])
+
+
+def test_tokenizer_saved_to_and_loaded_from_a_bucket(s3_bucket, gcs_bucket, tmp_path):
+    from bignlp_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+    sources = sorted((Path(storage.__file__).parent / "config").glob("*.py"))
+    local = tmp_path / "tok"
+    train_tokenizer([p.read_text() for p in sources], local, vocab_size=400)
+    for bucket in (gcs_bucket, s3_bucket):
+        out = load_tokenizer(local).save(f"{bucket}/run/tokenizer")
+        remote = load_tokenizer(f"{bucket}/run")  # a run dir: finds run/tokenizer/
+        assert remote.describe() == load_tokenizer(local).describe()
+        assert (out / "tokenizer.json").is_file()
+        assert remote.encode("return x") == load_tokenizer(local).encode("return x")
