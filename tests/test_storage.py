@@ -198,3 +198,27 @@ def test_tokenizer_saved_to_and_loaded_from_a_bucket(s3_bucket, gcs_bucket, tmp_
         assert remote.describe() == load_tokenizer(local).describe()
         assert (out / "tokenizer.json").is_file()
         assert remote.encode("return x") == load_tokenizer(local).encode("return x")
+
+
+def test_data_prepare_into_a_bucket(gcs_bucket, tmp_path, capsys):
+    from bignlp_jax.cli import main
+    from bignlp_jax.data.tfds_source import open_split
+
+    paragraphs = [f"paragraph {i} " + "word " * (i % 5) for i in range(20)]
+    (tmp_path / "part.txt").write_text("\n\n".join(paragraphs) + "\n")
+    argv = ["data", "prepare", "--input", str(tmp_path / "part.txt"), "--name", "my_text",
+            "--data-dir", f"{gcs_bucket}/datasets", "--text-unit", "paragraph",
+            "--validation-fraction", "0.2"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["path"] == f"{gcs_bucket}/datasets/my_text/1.0.0"
+    assert main(argv) == 2  # exists: refused without --overwrite
+    assert main([*argv, "--overwrite"]) == 0
+    # what is in the bucket is a complete TFDS dataset: read it back from a local copy
+    local = storage.fetch_dir(f"{gcs_bucket}/datasets")
+    texts = sorted(open_split("my_text", local, split)[i]["text"].decode()
+                   for split in ("train", "validation")
+                   for i in range(len(open_split("my_text", local, split))))
+    assert texts == sorted(paragraphs)
+    assert {s: len(open_split("my_text", local, s)) for s in ("train", "validation")} == \
+        result["splits"]

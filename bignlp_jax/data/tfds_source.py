@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.errors import UserError
 
 DEFAULT_DATA_DIR = "~/.cache/bignlp_jax/datasets"
@@ -24,6 +25,8 @@ def default_data_dir() -> Path:
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    if data_dir is not None and storage.is_remote(data_dir):  # `data prepare` into a bucket
+        return storage.path(data_dir)
     return default_data_dir() if data_dir is None else Path(data_dir).expanduser()
 
 
