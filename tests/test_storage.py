@@ -72,7 +72,7 @@ def test_gcs_run_sigterm_then_resume_is_bitwise(gcs_bucket, tmp_path, cli_env):
     assert next((root / "tensorboard").iterdir()).name.startswith("events.out")
 
 
-def test_metrics_on_a_bucket_are_buffered_until_flush(s3_bucket):
+def test_metrics_on_a_bucket_are_buffered_until_flush(s3_bucket, monkeypatch):
     run = f"{s3_bucket}/metrics"
     logger = MetricsLogger(run, total_steps=3, progress=False, enabled=True)
     logger.log(1, {"loss": 2.0})
@@ -81,6 +81,12 @@ def test_metrics_on_a_bucket_are_buffered_until_flush(s3_bucket):
     logger.log(2, {"loss": 1.5})
     logger.close()
     assert [r["loss"] for r in read_metrics(run)] == [2.0, 1.5]
+    # a resumed run appends to what is there; a log step flushes once enough time has passed
+    monkeypatch.setattr("bignlp_jax.train.metrics.REMOTE_FLUSH_SECONDS", 0.0)
+    again = MetricsLogger(run, total_steps=3, start_step=2, progress=False, enabled=True)
+    again.log(3, {"loss": 1.25})
+    assert [r["loss"] for r in read_metrics(run)] == [2.0, 1.5, 1.25]
+    again.close()
     names = [p.name for p in (storage.path(run) / "tensorboard").iterdir()]
     assert names and names[0].startswith("events.out")
 

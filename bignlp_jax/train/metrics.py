@@ -18,6 +18,9 @@ from tqdm import tqdm
 from bignlp_jax import storage
 
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "eval_loss")
+# A bucket run dir is also flushed at a log step once this long has passed since the last flush,
+# so a run with rare checkpoints still shows its progress.
+REMOTE_FLUSH_SECONDS = 60.0
 
 
 class MetricsLogger:
@@ -31,6 +34,8 @@ class MetricsLogger:
         # TensorBoard events are written to a local folder and copied up at the same moments.
         self._remote = storage.is_remote(run_dir)
         self._pending: list[str] = []
+        self._written: str | None = None  # the object's content (read once, then kept)
+        self._flushed_at = time.monotonic()
         self._tb_local = self._tb_remote = None
         if not self.enabled:
             return
@@ -54,6 +59,8 @@ class MetricsLogger:
         record.update({k: _plain(v) for k, v in scalars.items()})
         if self._remote:
             self._pending.append(json.dumps(record) + "\n")
+            if time.monotonic() - self._flushed_at > REMOTE_FLUSH_SECONDS:
+                self.flush()
         else:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -76,9 +83,12 @@ class MetricsLogger:
             return
         self._tb.flush()
         if self._pending:
-            old = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-            self.path.write_text(old + "".join(self._pending), encoding="utf-8")
+            if self._written is None:  # a resumed run: what earlier runs logged
+                self._written = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            self._written += "".join(self._pending)
+            self.path.write_text(self._written, encoding="utf-8")
             self._pending.clear()
+        self._flushed_at = time.monotonic()
         for event_file in self._tb_local.iterdir():
             storage.copy_file(event_file, self._tb_remote / event_file.name)
 
