@@ -80,6 +80,18 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(fin, fout, 1 << 22)
 
 
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a file or directory tree within one store (a bucket has no real directories, so
+    epath's rename, which wants `dst`'s parent to exist, cannot be used there)."""
+    if not is_remote(src):
+        shutil.move(str(src), str(dst))
+        return
+    import fsspec.core
+
+    fs, source = fsspec.core.url_to_fs(str(path(src)))
+    fs.mv(source, fsspec.core.url_to_fs(str(dst))[1], recursive=True)
+
+
 def rmtree(p: str | os.PathLike) -> None:
     """Remove a directory tree (missing is fine)."""
     target = path(p)

@@ -239,3 +239,13 @@ def test_data_prepare_into_a_bucket(gcs_bucket, tmp_path, capsys):
     assert texts == sorted(paragraphs)
     assert {s: len(open_split("my_text", local, s)) for s in ("train", "validation")} == \
         result["splits"]
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_step_in_a_bucket(gcs_bucket):
+    run = f"{gcs_bucket}/older"
+    train(config(run, "train.steps=4", "checkpoint.every_steps=2"))
+    first = losses(run)
+    train(config(run, "train.steps=4", "checkpoint.every_steps=2", "checkpoint.resume_from=2"))
+    assert latest_step(f"{run}/checkpoints_abandoned") == 4  # the newer step was set aside
+    assert losses(run) == first  # steps 3-4 trained again, bitwise the same

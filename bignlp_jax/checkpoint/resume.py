@@ -73,7 +73,7 @@ def _set_aside_newer(ckpt_dir: Path, step: int, abandoned: Path) -> None:
     so the run can save those step numbers again."""
     for newer in [s for s in complete_steps(ckpt_dir) if s > step]:
         abandoned.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / str(newer)).rename(abandoned / str(newer))
+        storage.move(ckpt_dir / str(newer), abandoned / str(newer))
         print(f"checkpoint: moved step {newer} aside to {abandoned / str(newer)} "
               f"(resuming from step {step})", flush=True)
 
