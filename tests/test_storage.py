@@ -249,3 +249,10 @@ def test_resume_from_an_older_step_in_a_bucket(gcs_bucket):
     train(config(run, "train.steps=4", "checkpoint.every_steps=2", "checkpoint.resume_from=2"))
     assert latest_step(f"{run}/checkpoints_abandoned") == 4  # the newer step was set aside
     assert losses(run) == first  # steps 3-4 trained again, bitwise the same
+
+
+def test_pipeline_on_a_bucket_is_refused_in_one_line():
+    from bignlp_jax.pipeline.spec import Pipeline
+
+    with pytest.raises(UserError, match=r"output_dir=gs://b/p: a pipeline cannot write"):
+        Pipeline.load("pipelines/mini", ["output_dir=gs://b/p"])
