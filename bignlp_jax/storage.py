@@ -161,6 +161,8 @@ def _explain(p: str, error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     bucket, scheme = _bucket(p), str(p)[:5]
     lowered = text.lower()
+    if isinstance(error, FileNotFoundError) and str(error) == f"{p} does not exist":
+        return f"{p} does not exist\n  fix: check the path (a run directory written by train)"
     if isinstance(error, FileNotFoundError) or "nosuchbucket" in lowered or "not exist" in lowered:
         return (f"bucket {scheme}{bucket} does not exist ({text})\n"
                 f"  fix: create it, or correct the bucket name")
@@ -178,20 +180,25 @@ def _explain(p: str, error: BaseException) -> str:
             "AWS_ENDPOINT_URL) and that the bucket name is right")
 
 
-def _probe(p: str) -> None:
+def _probe(p: str, write: bool) -> None:
     # a write and a delete: reading alone would pass a read-only identity that cannot save
     target = path(p)
     bucket = path(str(p)[:5] + _bucket(p))
     if not bucket.exists():
         raise FileNotFoundError(f"bucket {_bucket(p)} not found")
+    if not write:
+        if not target.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        return
     # one marker per process: the processes of a multi-host run probe the same directory
     marker = target / f".bignlp_write_probe.{socket.gethostname()}.{os.getpid()}"
     marker.write_text("ok")
     marker.unlink()
 
 
-def check_access(p: str | os.PathLike, key: str) -> None:
-    """Fail fast, in one line, if bucket path `p` (config key `key`) cannot be written.
+def check_access(p: str | os.PathLike, key: str, write: bool = True) -> None:
+    """Fail fast, in one line, if bucket path `p` (config key `key`) cannot be written (or,
+    with write=False, read).
 
     Local paths are not probed (their errors are clear already)."""
     if not is_remote(p):
@@ -200,7 +207,7 @@ def check_access(p: str | os.PathLike, key: str) -> None:
     # a daemon thread: a probe stuck in gcsfs's retries must not hold the exit (an executor's
     # worker would be joined at interpreter exit)
     outcome: list[BaseException | None] = []
-    probe = threading.Thread(target=lambda: outcome.append(_try(_probe, str(p))), daemon=True)
+    probe = threading.Thread(target=lambda: outcome.append(_try(_probe, str(p), write)), daemon=True)
     probe.start()
     probe.join(PROBE_TIMEOUT_S)
     if not outcome:

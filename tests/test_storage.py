@@ -256,3 +256,10 @@ def test_pipeline_on_a_bucket_is_refused_in_one_line():
 
     with pytest.raises(UserError, match=r"output_dir=gs://b/p: a pipeline cannot write"):
         Pipeline.load("pipelines/mini", ["output_dir=gs://b/p"])
+
+
+def test_init_from_a_missing_bucket_path_is_one_line(gcs_bucket):
+    with pytest.raises(UserError, match=r"init_from=gs://.*/nowhere does not exist"):
+        train(config(f"{gcs_bucket}/run", f"init_from={gcs_bucket}/nowhere"))
+    with pytest.raises(UserError, match=r"init_from=gs://no-such-bucket-bignlp/x: bucket"):
+        train(config(f"{gcs_bucket}/run", "init_from=gs://no-such-bucket-bignlp/x"))

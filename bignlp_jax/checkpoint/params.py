@@ -110,5 +110,7 @@ def load_init_params(spec: str, model_cfg: ModelConfig, shardings: Params) -> Pa
         from bignlp_jax.export.hf import load_hf_params  # export stream; imported only when used
 
         # it checks the architecture, names and shapes itself, and places each tensor as read
-        return load_hf_params(spec[len(HF_PREFIX):], model_cfg, shardings=shardings)
+        # safetensors reads local files: an `hf:gs://...` model is copied to a temporary dir
+        hf_dir = storage.fetch_dir(spec[len(HF_PREFIX):])
+        return load_hf_params(hf_dir, model_cfg, shardings=shardings)
     return load_params(spec, model_cfg, shardings)

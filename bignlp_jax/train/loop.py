@@ -106,6 +106,8 @@ def _train(cfg: Config, devices, stop: StopRequest) -> dict:
     run_dir = storage.path(cfg.run.dir)
     storage.check_access(cfg.run.dir, "run.dir")  # before anything is built
     check_array_store(cfg.run.dir, "run.dir")
+    if cfg.init_from:
+        storage.check_access(cfg.init_from.removeprefix("hf:"), "init_from", write=False)
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
