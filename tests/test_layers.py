@@ -15,11 +15,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "bignlp_jax"
 
 # Lowest first; a package may import its own layer (if that makes no cycle) and any lower one.
-# errors.py is below everything (every layer raises UserError); hf/ (the Hugging Face format)
+# errors.py is below everything (every layer raises UserError), then the path layer every
+# layer reads and writes through (storage.py); hf/ (the Hugging Face format)
 # sits with data/ because `init_from=hf:DIR` is read at run start-up in train/; perf/ (bench,
 # plan) drives the train step, so it sits with the other commands above train/.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
+    ("storage", "writable"),  # the path layer (local, gs://, s3://) and the writability probe
     ("config",),
     ("parallel", "model", "data", "hf"),
     ("train", "checkpoint"),

@@ -25,6 +25,7 @@ from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import fs_probe, integrity
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir, complete_steps
 from bignlp_jax.config import CheckpointConfig
@@ -41,10 +42,10 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
 
     def save(self, directory, args: ProcessJsonSave) -> None:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        (Path(directory) / name).write_text(json.dumps(args.item), encoding="utf-8")
+        (storage.path(directory) / name).write_text(json.dumps(args.item), encoding="utf-8")
 
     def restore(self, directory, args: ProcessJsonRestore | None = None) -> dict:
-        directory = Path(directory)
+        directory = storage.path(directory)
         mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not mine.is_file():
             mine = directory / "process_0-of-{}.json".format(_saved_process_count(directory))
@@ -162,7 +163,7 @@ class RunCheckpointer:
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save
         fs_probe.quiet_storage_errors()
         self.manager = ocp.CheckpointManager(
-            self.directory.absolute(), options=options,
+            storage.absolute(self.directory), options=options,
             item_handlers={STATE: saving_state_handler(), DATA: ProcessJsonHandler(),
                            META: ocp.JsonCheckpointHandler()},
         )
@@ -258,7 +259,7 @@ def step_meta(cfg, mesh: jax.sharding.Mesh, step: int) -> dict:
 
 
 def read_meta(step_dir: Path) -> dict:
-    path = Path(step_dir) / META / "metadata"
+    path = storage.path(step_dir) / META / "metadata"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -271,9 +272,9 @@ def restore_state(step_dir: Path, target: Any) -> Any:
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     with ocp.Checkpointer(state_handler()) as checkpointer:
         # partial: keys the target leaves out (an older version's unused `rng`) are not read
-        return checkpointer.restore(Path(step_dir).absolute() / STATE, args=ocp.args.PyTreeRestore(
+        return checkpointer.restore(storage.absolute(step_dir) / STATE, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
 
 
 def restore_data_state(step_dir: Path) -> dict:
-    return ProcessJsonHandler().restore(Path(step_dir) / DATA)
+    return ProcessJsonHandler().restore(storage.path(step_dir) / DATA)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
 from bignlp_jax.checkpoint.read_errors import is_read_error
@@ -40,7 +41,7 @@ def _flat(tree, is_leaf=None) -> dict[str, Any]:
 def saved_tree(state_dir: Path) -> dict[str, Any]:
     """The metadata tree (shape/dtype per leaf) of a saved train state."""
     try:  # the handler alone: the step-level metadata lives one directory up
-        meta = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute())
+        meta = ocp.PyTreeCheckpointHandler().metadata(storage.absolute(state_dir))
     except Exception as e:
         if not is_read_error(e):  # anything but unreadable metadata is a bug: traceback
             raise
@@ -103,7 +104,7 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
     try:
         # Orbax refuses relative paths; run dirs are often given relative to the working dir
         restored = ocp.PyTreeCheckpointer().restore(
-            state_dir.absolute(), args=ocp.args.PyTreeRestore(
+            storage.absolute(state_dir), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
     except Exception as e:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.config import load_config
 from bignlp_jax.config.loader import validate
@@ -31,7 +32,7 @@ STATE, DATA, META = "state", "data", "meta"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+    return storage.path(run_dir) / CHECKPOINTS
 
 
 def complete_steps(ckpt_dir: str | Path) -> list[int]:
@@ -42,7 +43,7 @@ def complete_steps(ckpt_dir: str | Path) -> list[int]:
     list is missing; stat only, no reads) does not count when a newer intact step exists: that
     is exactly the state a cleanup leaves. The newest step always counts, so damage to it is
     reported when it is restored, never skipped silently."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = storage.path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     steps = sorted(ocp.step.checkpoint_steps(ckpt_dir))
@@ -53,7 +54,7 @@ def complete_steps(ckpt_dir: str | Path) -> list[int]:
 
 def latest_step(run_dir: str | Path) -> int | None:
     """The newest complete checkpoint step of a run (or of a checkpoints directory), or None."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     ckpt_dir = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
     steps = complete_steps(ckpt_dir)
     return steps[-1] if steps else None
@@ -74,7 +75,7 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
 
     `step` picks a step (default: the newest complete one). Raises UserError naming what was
     looked for and what exists."""
-    path = Path(path)
+    path = storage.path(path)
     if _is_step_dir(path):
         if step is not None and path.name.isdigit() and int(path.name) != step:
             raise UserError(f"{path} is the checkpoint of step {path.name}, not step {step}")
@@ -104,7 +105,7 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
 def load_run_config(run_dir: str | Path):
     """The resolved `Config` a run was trained with (RUN_DIR/config.yaml, else the newest
     checkpoint's copy). Accepts a run dir, its checkpoints dir or a step dir."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     candidates = [run_dir]
     if run_dir.name == CHECKPOINTS:
         candidates.append(run_dir.parent)
@@ -122,3 +123,18 @@ def load_run_config(run_dir: str | Path):
         ) from None
     meta = json.loads((step_dir / META / "metadata").read_text(encoding="utf-8"))
     return validate(meta["config"])
+
+
+def check_array_store(path: str | Path, key: str) -> None:
+    """Refuse, before a model is built, a checkpoint location Orbax cannot write arrays to.
+
+    orbax-checkpoint 0.12 builds TensorStore specs for local paths and gs:// only: an s3://
+    path reaches its OCDBT spec builder as `s3:/bucket/...` and fails mid-save ("Checkpoint
+    path should be absolute"), after the model is built and steps are trained."""
+    if str(path).startswith("s3://"):
+        raise UserError(
+            f"{key}={path}: checkpoints cannot be written to s3:// (orbax-checkpoint "
+            f"{ocp.__version__} writes arrays to local paths and gs:// only)\n"
+            "  fix: use a gs:// bucket or a file system path for checkpoints (e.g. an S3 bucket "
+            "mounted with mountpoint-s3)"
+        )

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from bignlp_jax import storage
 from bignlp_jax.config.schema import Config
 from bignlp_jax.errors import ConfigError
 
@@ -27,6 +28,8 @@ CONFIG_ROOT = Path(str(importlib.resources.files("bignlp_jax") / "configs"))
 
 def resolve_config_path(path: str | Path) -> Path:
     """Find a config by path, or by name under the packaged `configs/` folder."""
+    if storage.is_remote(path):  # a run's config.yaml in a bucket
+        return storage.path(path)
     candidates = [Path(path), CONFIG_ROOT / path, CONFIG_ROOT / f"{path}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
@@ -61,7 +64,7 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, merging its `defaults` files first (recursively)."""
-    path = path.resolve()
+    path = path if storage.is_remote(path) else path.resolve()
     if path in _seen:
         raise ConfigError(f"config defaults form a cycle: {' -> '.join(map(str, _seen + (path,)))}")
     data = _read_yaml(path)
@@ -150,6 +153,6 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
-    path = Path(path)
+    path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_yaml(cfg), encoding="utf-8")

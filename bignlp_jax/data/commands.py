@@ -7,7 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.data import store_commands
+from bignlp_jax.errors import UserError
+
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
@@ -63,12 +66,21 @@ def cmd_data_prepare(args) -> int:
     from bignlp_jax.data.tfds_source import resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir)
+    remote = storage.path(data_dir) / args.name
+    if storage.is_remote(data_dir) and remote.exists() and not args.overwrite:
+        raise UserError(f"dataset {args.name} already exists at {remote}\n"
+                        "  fix: pass --overwrite, or choose another --name")
+    # a bucket: ArrayRecord writes local files, so the dataset is built locally, then uploaded
+    staged = storage.staging_dir(data_dir)
     result = prepare_local(
-        args.input, args.name, data_dir, fmt=args.format, text_key=args.text_key,
+        args.input, args.name, staged, fmt=args.format, text_key=args.text_key,
         fields=_csv(args.fields), text_unit=args.text_unit,
         validation_fraction=args.validation_fraction,
         validation_inputs=args.validation_input or (), overwrite=args.overwrite,
     )
+    if storage.is_remote(data_dir):
+        storage.publish(staged / args.name, remote, marker=Path(result["path"]).name)
+        result["path"] = str(remote / Path(result["path"]).name)
     sizes = ", ".join(f"{k} {v}" for k, v in sorted(result["splits"].items()))
     print(f"dataset {args.name} ({sizes} documents) written to {result['path']}")
     print(f"  use it with data.source=tfds data.tfds_name={args.name} data.data_dir={data_dir} "

@@ -19,6 +19,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
@@ -204,12 +205,12 @@ def record_tokenizer(cfg: Config, run_dir: str | Path) -> Path | None:
     if cfg.data.source != "tfds":
         return None
     tokenizer = resolve_tokenizer(cfg)
-    out = Path(run_dir) / "tokenizer"
+    out = storage.path(run_dir) / "tokenizer"
     if (out / MODEL_FILE).is_file():
         recorded = load_tokenizer(out).describe()
         if recorded == tokenizer.describe():
             return out
-        if (Path(run_dir) / "checkpoints").is_dir():
+        if (storage.path(run_dir) / "checkpoints").is_dir():
             raise UserError(
                 f"run {run_dir} was trained with tokenizer {recorded['model_sha256'][:12]} "
                 f"(vocab {recorded['vocab_size']}) but the config now uses "

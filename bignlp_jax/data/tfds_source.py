@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 
@@ -30,7 +31,10 @@ def default_data_dir() -> Path:
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """The absolute directory `data.data_dir` names (null: `default_data_dir()`)."""
+    """The absolute directory `data.data_dir` names (null: `default_data_dir()`); a bucket
+    URL as it is (`data prepare` into a bucket)."""
+    if data_dir is not None and storage.is_remote(data_dir):
+        return storage.path(data_dir)
     return (default_data_dir() if data_dir is None else Path(data_dir).expanduser()).absolute()
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from bignlp_jax import storage
 from bignlp_jax.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
@@ -45,8 +46,9 @@ class Tokenizer:
     """A loaded SentencePiece model with our fixed special ids."""
 
     def __init__(self, model_path: str | Path):
-        self.model_path = Path(model_path)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self.model_path = storage.path(model_path)
+        # read through the path layer: the model may sit in a bucket (a run dir on gs://)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
         self.vocab_size = int(self.sp.get_piece_size())
         self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -86,10 +88,10 @@ class Tokenizer:
 
     def save(self, out_dir: str | Path) -> Path:
         """Copy the model into `out_dir` with its JSON; returns the directory."""
-        out = Path(out_dir)
+        out = storage.path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.model_path.resolve() != (out / MODEL_FILE).resolve():
-            shutil.copyfile(self.model_path, out / MODEL_FILE)
+        if not storage.same(self.model_path, out / MODEL_FILE):
+            storage.copy_file(self.model_path, out / MODEL_FILE)
         # Keep what the original JSON adds (e.g. `trained_on`); the model's own facts win.
         info, source_json = {}, self.model_path.parent / JSON_FILE
         if source_json.is_file():
@@ -104,7 +106,7 @@ class Tokenizer:
 
 def find_model_file(path: str | Path) -> Path:
     """The `.model` file for a path: the file itself, a tokenizer dir, or a run dir."""
-    p = Path(path).expanduser()
+    p = storage.path(os.path.expanduser(path))
     for candidate in (p, p / MODEL_FILE, p / "tokenizer" / MODEL_FILE):
         if candidate.is_file():
             return candidate

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bignlp_jax import storage
+
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
@@ -13,7 +15,7 @@ def resolve_run(target: str, overrides: list[str]):
     """(config, run dir) from a run directory (its config.yaml) or a config file (run.dir)."""
     from bignlp_jax.config import load_config
 
-    path = Path(target)
+    path = storage.path(target)
     if path.is_dir():
         if (path / "config.yaml").is_file():
             return load_config(path / "config.yaml", overrides), path
@@ -37,7 +39,7 @@ def resolve_run(target: str, overrides: list[str]):
                 "checkpoints/)" + (f", e.g. {', '.join(runs[:5])}" if runs else "")
                 + ", or a config file whose run.dir to evaluate") from None
     cfg = load_config(target, overrides)
-    return cfg, Path(cfg.run.dir)
+    return cfg, storage.path(cfg.run.dir)
 
 
 def cmd_eval(args) -> int:

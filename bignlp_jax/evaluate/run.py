@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import load_params, resolve_step_dir
 from bignlp_jax.config import Config
 from bignlp_jax.data.tasks.formats import TaskFormat
@@ -103,7 +104,7 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
 def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | None = None,
                  devices=None) -> dict:
     """Evaluate a checkpoint of `run_dir` (default: run.dir), write eval.json and metrics."""
-    run_dir = Path(run_dir or cfg.run.dir)
+    run_dir = storage.path(run_dir or cfg.run.dir)
     step_dir = resolve_step_dir(run_dir, step)
     trainer = Trainer.build(cfg, devices)
     params = load_params(step_dir, cfg.model, trainer.state_sh.params)
@@ -140,6 +141,6 @@ def _drop_eval_lines(run_dir: Path, step: int) -> None:
 
 
 def read_eval(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / EVAL_FILE
+    path = storage.path(run_dir) / EVAL_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 

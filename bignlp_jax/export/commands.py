@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.errors import UserError
 from bignlp_jax.writable import require_writable
 
@@ -65,11 +66,11 @@ def run_tokenizer(run: Path, cfg) -> Path | None:
         if (candidate / "tokenizer.model").is_file():
             return candidate
     if cfg.data.tokenizer:
-        if not Path(cfg.data.tokenizer).exists():
+        if not storage.path(cfg.data.tokenizer).exists():
             print(f"warning: the run's tokenizer {cfg.data.tokenizer} does not exist; exporting "
                   "without tokenizer files", file=sys.stderr)
             return None
-        return Path(cfg.data.tokenizer)
+        return storage.path(cfg.data.tokenizer)
     return None
 
 
@@ -80,10 +81,14 @@ def cmd_export(args) -> int:
     from bignlp_jax.hf.weights import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything
-    # the output is written beside --out and renamed into place: its parent must be writable
-    require_writable(Path(args.out).absolute().parent, f"--out {args.out}: its parent directory",
-                     "--out DIR")
-    run = Path(args.run)
+    if args.format != "hf" and storage.is_remote(args.out):
+        raise UserError(f"--out {args.out}: only --format hf can be written to a bucket yet\n"
+                        "  fix: write the params bundle to a file system path")
+    if not storage.is_remote(args.out):
+        # the output is written beside --out and renamed into place: its parent must be writable
+        require_writable(Path(args.out).absolute().parent,
+                         f"--out {args.out}: its parent directory", "--out DIR")
+    run = storage.path(args.run)
     cfg = load_run_config(run)
     if args.format == "hf":
         architecture_of(cfg.model)
@@ -92,7 +97,9 @@ def cmd_export(args) -> int:
     params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg))
     tokenizer = run_tokenizer(run, cfg)
     if args.format == "hf":
-        out = export_hf(params, cfg.model, args.out, args.dtype, tokenizer, args.max_shard_size)
+        out = export_hf(params, cfg.model, storage.staging_dir(args.out), args.dtype, tokenizer,
+                        args.max_shard_size)
+        out = storage.publish(out, args.out, "config.json")  # bucket --out: upload the files
     else:
         out = save_params_bundle(params, cfg, args.out, step=step, dtype=args.dtype,
                                  tokenizer=tokenizer)
@@ -130,7 +137,10 @@ def cmd_import(args) -> int:
     if jax.process_count() > 1:
         raise UserError("`bignlp-jax import` runs as one process; start it without "
                         "--num-processes / a multi-process launcher")
-    source = Path(args.source)
+    if storage.is_remote(args.out):
+        raise UserError(f"--out {args.out}: import writes a run directory on a file system path "
+                        "(a bucket is not supported yet)\n  fix: give a local --out")
+    source = storage.fetch_dir(args.source)  # safetensors needs local files: a bucket is copied
     model_cfg = hf_model_config(source)
     params = load_hf_params(source, model_cfg, shardings=default_shardings(model_cfg))
     seq_len = min(DataConfig().seq_len, model_cfg.max_seq_len)

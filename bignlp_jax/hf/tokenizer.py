@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from bignlp_jax import storage
 from bignlp_jax.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def write_hf_tokenizer(tokenizer: Any, out_dir: str | Path, model_max_length: in
     tok = resolve_tokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok.model_path, out / "tokenizer.model")
+    storage.copy_file(tok.model_path, out / "tokenizer.model")
     ids = special_ids(tok)
     tokens = {f"{k}_token": tok.sp.id_to_piece(i) for k, i in ids.items() if i is not None}
     config = {

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.config.loader import (
     CONFIG_ROOT,
@@ -83,7 +84,7 @@ class Pipeline:
 
     def __init__(self, spec: PipelineConfig, path: Path):
         self.spec, self.path = spec, path
-        self.out = Path(spec.output_dir)
+        self.out = storage.path(spec.output_dir)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> Pipeline:
@@ -130,7 +131,7 @@ class Pipeline:
         if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:
             return
         jax.config.update("jax_compilation_cache_dir",
-                          str((self.out / self.spec.compilation_cache).absolute()))
+                          str(storage.absolute(self.out / self.spec.compilation_cache)))
         # the default (1 s) skips small programs that still cost seconds on a busy CPU
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
@@ -171,6 +172,10 @@ class Pipeline:
     def check(self) -> None:
         """Catch wiring mistakes before hours of training: every stage config must load, and
         finetuning must use the pretrained model's shape and vocabulary."""
+        if storage.is_remote(self.spec.output_dir):  # not yet: stages write local-only files
+            raise UserError(f"output_dir={self.spec.output_dir}: a pipeline cannot write to a "
+                            "bucket yet (the tokenizer, report and plot stages write local "
+                            "files)\n  fix: use a file system path for output_dir")
         configs = {s: self.run_config(s) for s in self.stages() if s in TRAIN_STAGES}
         pre, fine = configs.get("pretrain"), configs.get("finetune")
         if pre is not None and fine is not None and pre.model != fine.model:

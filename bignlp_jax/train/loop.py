@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import optax
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint.fs_probe import check_writable
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
-from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
+from bignlp_jax.checkpoint.paths import check_array_store, checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.config import Config
 from bignlp_jax.data import (
@@ -138,14 +139,19 @@ def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
 
 
 def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -> dict:
-    run_dir = Path(cfg.run.dir)
+    run_dir = storage.path(cfg.run.dir)
+    storage.check_access(cfg.run.dir, "run.dir")  # before anything is built
+    check_array_store(cfg.run.dir, "run.dir")
+    if cfg.init_from:
+        storage.check_access(cfg.init_from.removeprefix("hf:"), "init_from", write=False)
     cfg = with_store_identities(cfg, run_dir)  # the stores read go into config.yaml
     changes = config_changes(cfg, cfg.run.dir)  # before building anything: refusing is instant
     refuse_unless_allowed(changes, allow_config_change)
     if not changes.has_checkpoints:  # a resumed run no longer reads init_from
         check_source_runs(cfg)
-    check_writable(run_dir, "run.dir")  # before minutes of compiling, not at the first save
-    check_writable(checkpoints_dir(run_dir), "checkpoint directory")
+    if not storage.is_remote(cfg.run.dir):  # (a bucket was probed by check_access above)
+        check_writable(run_dir, "run.dir")  # before minutes of compiling, not at the first save
+        check_writable(checkpoints_dir(run_dir), "checkpoint directory")
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
@@ -205,6 +211,7 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
                 # the source has just handed out batch `done`: its state is the next batch
                 checkpointer.save(done, state, source.get_state(),
                                   step_meta(cfg, trainer.mesh, done))
+                logger.flush()  # a bucket's metrics.jsonl is rewritten here, not every step
             if reason and done < cfg.train.steps:  # a finished run is done, not preempted
                 checkpointer.wait()
                 raise Preempted(

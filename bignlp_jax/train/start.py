@@ -13,7 +13,6 @@ This is run start-up, so it lives in train/; checkpoint/ only stores and restore
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.manager import restore_data_state, restore_state
 from bignlp_jax.checkpoint.params import Params, check_shapes, load_params, saved_tree
@@ -96,7 +96,7 @@ def apply_resume_from(cfg, run_dir: Path, step_dir: Path) -> None:
     marker = run_dir / RESUME_MARKER
     _barrier("bignlp_resume_restored")  # every process has read the step before anything moves
     if jax.process_index() == 0:
-        if step_dir.parent.resolve() == ckpt_dir.resolve():
+        if storage.same(step_dir.parent, ckpt_dir):
             _set_aside_newer(ckpt_dir, int(step_dir.name), run_dir / ABANDONED)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"resume_from": cfg.checkpoint.resume_from,
@@ -109,7 +109,7 @@ def _set_aside_newer(ckpt_dir: Path, step: int, abandoned: Path) -> None:
     so the run can save those step numbers again."""
     for newer in [s for s in complete_steps(ckpt_dir) if s > step]:
         abandoned.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(ckpt_dir / str(newer)), str(abandoned / str(newer)))
+        storage.move(ckpt_dir / str(newer), abandoned / str(newer))
         print(f"checkpoint: moved step {newer} aside to {abandoned / str(newer)} "
               f"(resuming from step {step})", flush=True)
 
@@ -201,10 +201,10 @@ def restore_checkpoint(layout: StateLayout, step_dir: Path) -> tuple[TrainState,
 def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
                 run_dir: str | Path) -> Start:
     """Restore or create the state to train from, and position `source` to match it."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     step_dir, pending = pick_checkpoint(cfg, run_dir)
     if step_dir is not None:
-        if step_dir.parent.resolve() != checkpoints_dir(run_dir).resolve():
+        if not storage.same(step_dir.parent, checkpoints_dir(run_dir)):
             # another run's checkpoint (this run's own tokenizer is checked when recorded)
             check_tokenizer(cfg, step_dir, f"checkpoint.resume_from={cfg.checkpoint.resume_from}")
         state, data_state = restore_checkpoint(layout, step_dir)
@@ -228,7 +228,9 @@ def load_init_params(cfg: Config, shardings: Params) -> Params:
         raise ValueError("load_init_params needs a config with init_from")
     if spec.startswith(HF_PREFIX):
         # it checks the architecture, names and shapes itself, and places each tensor as read
-        return load_hf_params(spec[len(HF_PREFIX):], cfg.model, shardings=shardings)
+        # safetensors reads local files: an `hf:gs://...` model is copied to a temporary dir
+        return load_hf_params(storage.fetch_dir(spec[len(HF_PREFIX):]), cfg.model,
+                              shardings=shardings)
     check_tokenizer(cfg, resolve_step_dir(spec), f"init_from={spec}")
     return load_params(spec, cfg.model, shardings)
 
@@ -262,7 +264,7 @@ def check_tokenizer(cfg: Config, step_dir: Path, what: str) -> None:
 def drop_metrics_after(run_dir: str | Path, step: int) -> None:
     """Resuming at `step`: forget logged steps after it (a crashed run logged steps its
     checkpoints do not hold; they are trained again), so metrics.jsonl stays one trajectory."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.path(run_dir) / "metrics.jsonl"
     if jax.process_index() != 0 or not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

