@@ -89,7 +89,8 @@ def test_sighup_reaches_the_workers_as_sigterm(tmp_path):
 PEER = """
 import sys, time
 from bignlp_jax.parallel.distributed import Layout, initialize
-initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train")
+initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train",
+           heartbeat_timeout=10)
 print("joined", flush=True)
 time.sleep(300)
 """
@@ -105,7 +106,7 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**cli_env, "BIGNLP_HEARTBEAT_TIMEOUT": "10", "JAX_PLATFORMS": "cpu"}
+    env = {**cli_env, "JAX_PLATFORMS": "cpu"}
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
     procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], env=env,
                               stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
