@@ -64,6 +64,12 @@ def absolute(p: str | os.PathLike) -> AnyPath:
     return path(p) if is_remote(p) else Path(p).absolute()
 
 
+def size(p: AnyPath) -> int:
+    """Bytes of a file, local or in a bucket (epath's stat says `length`, not `st_size`)."""
+    result = p.stat()
+    return result.st_size if isinstance(p, Path) else result.length
+
+
 def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name the same place (local paths resolved)."""
     if is_remote(a) or is_remote(b):

@@ -23,6 +23,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.errors import UserError
 
 # errors that mean "this storage cannot take the checkpoint" (not a bug of ours)
@@ -87,7 +88,10 @@ def _size(num_bytes: float) -> str:
 
 def check_space(directory: Path, step: int, needed: int) -> None:
     """Refuse to start saving `step` into `directory` when less than `needed` bytes (plus a
-    margin) are free; the earlier checkpoints stay as they are."""
+    margin) are free; the earlier checkpoints stay as they are. (A bucket has no free space
+    to read: its quota errors arrive as save failures.)"""
+    if storage.is_remote(directory):
+        return
     want = int(needed * SPACE_MARGIN)
     have = free_bytes(directory)
     if have < want:

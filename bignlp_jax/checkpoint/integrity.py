@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bignlp_jax import storage
+
 PRIMARY = "checksums.primary.json"
 PROCESS_PATTERN = "checksums.process_{}.json"
 PROCESS_DIR = "ocdbt.process_{}"
@@ -41,14 +43,14 @@ SKIPPED = {"commit_success.txt", "_CHECKPOINT_METADATA"}
 def crc32c_file(path: Path) -> int:
     """CRC-32C of a file, read in 8 MiB chunks (about 4 GB/s with the C extension)."""
     crc = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             crc = google_crc32c.extend(crc, chunk)
     return crc
 
 
 def _sums(root: Path, files: list[Path]) -> dict[str, list[int]]:
-    return {f.relative_to(root).as_posix(): [f.stat().st_size, crc32c_file(f)] for f in files}
+    return {f.relative_to(root).as_posix(): [storage.size(f), crc32c_file(f)] for f in files}
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -90,7 +92,7 @@ class ChecksumAfter:
     def result(self, timeout: float | None = None) -> None:
         for f in self.futures:
             f.result(timeout=timeout)
-        write_process_sums(Path(getattr(self.directory, "path", self.directory)),
+        write_process_sums(storage.path(str(getattr(self.directory, "path", self.directory))),
                            self.process_index)
 
 
@@ -122,7 +124,7 @@ def read_listing(state_dir: Path) -> Listing | None:
 def missing_file(step_dir: Path) -> str | None:
     """Cheap (stat only): None if every file the step's checksums list exists; else the first
     missing one. Steps without checksums pass. (A damaged file is `verify`'s business.)"""
-    state_dir = Path(step_dir) / "state"
+    state_dir = storage.path(step_dir) / "state"
     listing = read_listing(state_dir)
     if listing is None:
         return None
@@ -138,7 +140,7 @@ def check_file(state_dir: Path, name: str, size: int, crc: int) -> str | None:
     """None if the file matches its record; else what is wrong with it."""
     path = state_dir / name
     try:
-        have_size = path.stat().st_size
+        have_size = storage.size(path)
         if have_size != size:
             return f"state/{name} has {have_size} bytes; {size} were written"
         have = crc32c_file(path)
@@ -157,7 +159,7 @@ def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> tuple[int, str] |
 
     Returns (position in the sorted file list, problem) for the first bad file, or None.
     Position -1: the checksum lists themselves are broken."""
-    state_dir = Path(step_dir) / "state"
+    state_dir = storage.path(step_dir) / "state"
     listing = read_listing(state_dir)
     if listing is None:
         return None
@@ -173,7 +175,7 @@ def verify(step_dir: Path, share: tuple[int, int] = (0, 1)) -> tuple[int, str] |
 def problem_at(step_dir: Path, position: int) -> str:
     """The problem with file number `position` (as `verify` numbers them), recomputed here so
     every process can print the same message."""
-    state_dir = Path(step_dir) / "state"
+    state_dir = storage.path(step_dir) / "state"
     listing = read_listing(state_dir)
     if listing is None or listing.problem:
         return listing.problem if listing else "its checksum list disappeared"
@@ -182,7 +184,7 @@ def problem_at(step_dir: Path, position: int) -> str:
 
 
 def has_checksums(step_dir: Path) -> bool:
-    return read_listing(Path(step_dir) / "state") is not None
+    return read_listing(storage.path(step_dir) / "state") is not None
 
 
 def verify_step(step_dir: Path) -> str | None:
