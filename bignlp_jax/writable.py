@@ -25,9 +25,9 @@ def require_writable(path: str | Path, what: str, fix_key: str) -> None:
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        where = e.filename if e.filename and Path(e.filename) != path else path
+        where = f" at {e.filename}" if e.filename and Path(e.filename) != path else ""
         raise UserError(
-            f"{what} {path} is not writable: {reason} ({where})\n"
+            f"{what} {path} is not writable: {reason} (errno {e.errno}){where}\n"
             f"  fix: give a directory you can write to ({fix_key}), or fix its permissions"
             + (f" (user id {os.getuid()})" if hasattr(os, "getuid") else "")
         ) from e

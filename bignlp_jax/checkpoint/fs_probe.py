@@ -1,9 +1,9 @@
 """File-system faults around checkpoints: say which path and which OS error, in one line.
 
 Three moments:
-- before the model is built, `check_writable` writes and removes a small file in the run
-  directory and the checkpoints directory (a read-only mount or a missing permission shows at
-  once, not after minutes of compiling and training);
+- before the model is built, the run directory and the checkpoints directory are probed with a
+  small file (`bignlp_jax.writable.require_writable`: a read-only mount or a missing permission
+  shows at once, not after minutes of compiling and training);
 - before each save, `check_space` compares the free space with the size of the step (the
   previous step's size on disk, else the state's bytes), so a full disk stops the run with the
   bytes needed before Orbax writes half a step;
@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 from bignlp_jax import storage
@@ -42,24 +41,6 @@ SPACE_MARGIN = 1.10
 
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written (full disk, read-only, quota, permission)."""
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Create `path` if needed and write/remove a probe file in it; UserError naming the path
-    and the OS error if that fails."""
-    probe = Path(path) / f".bignlp-write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"probe")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"{what} {path} is not writable: {e.strerror or e} (errno {e.errno})\n"
-            f"  fix: choose a writable {what} (run.dir=...), or fix the mount/permissions"
-        ) from None
 
 
 def size_on_disk(directory: Path) -> int:

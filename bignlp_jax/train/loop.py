@@ -18,7 +18,6 @@ import numpy as np
 import optax
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint.fs_probe import check_writable
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.paths import check_array_store, checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
@@ -43,6 +42,7 @@ from bignlp_jax.train.peak import mfu_meter
 from bignlp_jax.train.start import StateLayout, drop_metrics_after, start_state
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
 from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
+from bignlp_jax.writable import require_writable
 
 
 class NonFiniteLoss(UserError):
@@ -150,8 +150,9 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
     if not changes.has_checkpoints:  # a resumed run no longer reads init_from
         check_source_runs(cfg)
     if not storage.is_remote(cfg.run.dir):  # (a bucket was probed by check_access above)
-        check_writable(run_dir, "run.dir")  # before minutes of compiling, not at the first save
-        check_writable(checkpoints_dir(run_dir), "checkpoint directory")
+        # before minutes of compiling, not at the first save
+        require_writable(run_dir, "run.dir", "run.dir=DIR")
+        require_writable(checkpoints_dir(run_dir), "the checkpoint directory", "run.dir=DIR")
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
