@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bignlp_jax.cli", "train (pretrain or finetune) a model from a config"),
     "describe": ("bignlp_jax.cli", "parameters, FLOPs/token and memory/device of a config"),
     "tokenizer": ("bignlp_jax.data.commands", "train SentencePiece tokenizers"),
-    "data": ("bignlp_jax.data.commands", "prepare TFDS datasets"),
+    "data": ("bignlp_jax.data.commands", "prepare TFDS datasets, tokenize them, time the loader"),
     "eval": ("bignlp_jax.evaluate.commands",
              "evaluate a run's checkpoint on held-out data -> eval.json"),
     "generate": ("bignlp_jax.infer.commands", "continue text prompts with a trained run"),

@@ -54,7 +54,7 @@ def path(p: str | os.PathLike) -> AnyPath:
 
     for protocol in ("gcs", "gs", "s3"):
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
-    from etils import epath
+    from etils import epath  # bucket paths only: etils/fsspec are slow to import
 
     return epath.Path(str(p))
 
@@ -92,7 +92,7 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if not is_remote(src):
         shutil.move(str(src), str(dst))
         return
-    import fsspec.core
+    import fsspec.core  # bucket paths only
 
     fs, source = fsspec.core.url_to_fs(str(path(src)))
     fs.mv(source, fsspec.core.url_to_fs(str(dst))[1], recursive=True)

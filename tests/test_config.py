@@ -72,7 +72,7 @@ def test_defaults_cycle_is_reported(tmp_path):
     [
         (["train", "tiny", "train.stesp=3"], "did you mean train.steps"),
         (["train", "tiny", "train.steps=abc"], "config key 'train.steps'"),
-        (["train", "tiny", "mesh.data=3", "mesh.fsdp=2"], "mesh.data=3 x mesh.fsdp=2 x mesh.tensor=1"
+        (["train", "tiny", "mesh.data=3", "mesh.fsdp=2"], "mesh.data=3 x mesh.fsdp=2 x mesh.sequence=1 x mesh.tensor=1"
                                                           " = 6 devices, but 8 are available"),
         (["train", "no_such_config.yaml"], "config file not found: no_such_config.yaml"),
     ],

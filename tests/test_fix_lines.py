@@ -18,11 +18,15 @@ def test_mesh_bigger_than_the_devices_mentions_simulated_cpu_devices():
 def test_plan_that_does_not_fit_suggests_search_devices_and_remat(capsys):
     from bignlp_jax.perf.plan_command import _print_plan
 
-    plan = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "devices": 1, "remat": "none",
+    from bignlp_jax.perf.plan import COLLECTIVES
+
+    plan = {"mesh": {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}, "dcn": {},
+            "devices": 1, "remat": "none",
             "param_bytes_per_device": 2**34, "optimizer_bytes_per_device": 2**35,
             "temp_bytes_per_device": 2**33, "total_gib_per_device": 56.0,
             "device_memory_gib": 16.0, "fits": False, "collective_bytes_per_device":
-            {"cross_host": 0}, "est_step_s": 1.0, "compute_s": 1.0, "comm_s": 0.0,
+            {**dict.fromkeys(COLLECTIVES, 0), "cross_host": 0, "by_axis": {}},
+            "est_step_s": 1.0, "compute_s": 1.0, "comm_s": 0.0,
             "est_mfu": 0.5, "compile_s": 1.0}
     _print_plan(None, plan, analytic=2**35)
     out = capsys.readouterr().out

@@ -29,7 +29,7 @@ def make_eval_sources(cfg: Config, rows: tuple[int, int]) -> dict[str, BatchSour
 
     Built once per run; every evaluation rewinds them (`set_state` of their initial state)."""
     if cfg.task is None and cfg.data.source == "tfds" and cfg.data.mixture:
-        from bignlp_jax.data.text_source import make_eval_sources as per_dataset
+        from bignlp_jax.data.text_source import make_eval_sources as per_dataset  # grain, tfds
 
         return dict(per_dataset(cfg, rows))
     return {"": make_source(cfg, "validation", rows)}

@@ -27,7 +27,7 @@ def with_store_identities(cfg: Config, run_dir: str | Path) -> Config:
     run with checkpoints) names other stores."""
     if cfg.data.source != "tfds" or cfg.task is not None:
         return cfg
-    from bignlp_jax.data.text_source import store_identities
+    from bignlp_jax.data.text_source import store_identities  # grain, tfds: tfds runs only
 
     found = store_identities(cfg)
     if cfg.data.stores is not None and cfg.data.stores != found:

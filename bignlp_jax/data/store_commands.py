@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+# Function-level imports: a command loads its package only when run (a fast `--help`).
+
 
 def cmd_data_tokenize(args) -> int:
     from bignlp_jax.data import embedded

@@ -56,6 +56,7 @@ def _with_specials(encoded: list[list[int]], bos: int, eos: int, dtype,
 def _encode_range(args: tuple) -> tuple[int, int]:
     """Worker: tokenize records [lo, hi) into `part` (tokens) and `part`.len (int64 lengths)."""
     name, data_dir, split, text_key, tokenizer_path, lo, hi, part, dtype = args
+    # a spawned worker process: imports what it needs itself (tfds is slow to import)
     from bignlp_jax.data.tfds_source import open_split, text_of
     from bignlp_jax.data.tokenizer import load_tokenizer
 

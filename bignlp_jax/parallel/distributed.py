@@ -245,7 +245,7 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
                shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
     """Join the job's processes; exits with a readable message if that takes too long."""
     import jax  # the layout is detected (and flags checked) before jax is loaded
-    from jax._src import distributed as jax_distributed
+    from jax._src import distributed as jax_distributed  # jax: after the layout is known
 
     # CPU processes exchange data through gloo (TCP); without it CPU collectives across
     # processes are not implemented. GPU/TPU backends ignore this setting.

@@ -88,7 +88,7 @@ def why_stale(p: Pipeline, stage: str, state: dict | None = None) -> str:
 
 
 def _config_changes(p: Pipeline, stage: str):
-    import yaml
+    import yaml  # only when a stage's config is compared
 
     old = yaml.safe_load((p.stage_dir(stage) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
     return compare(old, p.run_config(stage), p.stage_dir(stage))
