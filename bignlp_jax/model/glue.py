@@ -1,10 +1,11 @@
-"""The elementwise glue between the matmuls, with hand-written backward passes.
+"""The elementwise glue between the matmuls: split qkv, RoPE's rotation, SwiGLU.
 
-Autodiff turns a slice into a zero-padded full-size array and a concatenation into slices, so the
+Two kernels (`model.kernel_glue`, see kernels.py). `reference`: the plain formulas, gradients by
+autodiff. `fused`: the same formulas with hand-written backward passes. Autodiff turns a slice into a zero-padded full-size array and a concatenation into slices, so the
 gradient of "split qkv into q, k, v", of RoPE's half rotation and of SwiGLU's gate/up split is a
 chain of pads and adds that writes each full-size gradient several times. The backward passes
 here write it once, with one concatenate. Same numbers; tests/test_glue.py compares every
-function and its gradient with the plain formula.
+function and its gradient with the reference.
 """
 
 from __future__ import annotations
@@ -13,15 +14,40 @@ import jax
 import jax.numpy as jnp
 
 
-@jax.custom_vjp
-def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def split_qkv(qkv: jax.Array, kernel: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[B,T,K,G+2,H] -> q [B,T,K,G,H], k [B,T,K,H], v [B,T,K,H]."""
+    return _split_qkv_fused(qkv) if _fused(kernel) else _split(qkv)
+
+
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array, kernel: str) -> jax.Array:
+    """RoPE's rotation [x1 cos - x2 sin, x2 cos + x1 sin] of x's two halves, computed in float32;
+    cos/sin broadcast against the halves."""
+    return _rotate_half_fused(x, cos, sin) if _fused(kernel) else _rotate(x, cos, sin)
+
+
+def swiglu(h: jax.Array, kernel: str) -> jax.Array:
+    """h [..., 2, F] (gate, up) -> silu(gate) * up [..., F]."""
+    return _swiglu_fused(h) if _fused(kernel) else _swiglu(h)
+
+
+def _fused(kernel: str) -> bool:
+    if kernel not in ("reference", "fused"):
+        raise ValueError(f"unknown glue kernel {kernel!r}")
+    return kernel == "fused"
+
+
+def _split(qkv):
     G = qkv.shape[3] - 2
     return qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
 
 
+@jax.custom_vjp
+def _split_qkv_fused(qkv):
+    return _split(qkv)
+
+
 def _split_qkv_fwd(qkv):
-    return split_qkv(qkv), None
+    return _split(qkv), None
 
 
 def _split_qkv_bwd(_, grads):
@@ -29,7 +55,7 @@ def _split_qkv_bwd(_, grads):
     return (jnp.concatenate([dq, dk[:, :, :, None], dv[:, :, :, None]], axis=3),)
 
 
-split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
+_split_qkv_fused.defvjp(_split_qkv_fwd, _split_qkv_bwd)
 
 
 def _rotate(x, cos, sin):
@@ -40,9 +66,9 @@ def _rotate(x, cos, sin):
 
 
 @jax.custom_vjp
-def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE's rotation; cos/sin broadcast against x's halves. The backward pass is the inverse
-    rotation (sin -> -sin), one concatenate; cos/sin are position tables without gradient."""
+def _rotate_half_fused(x, cos, sin):
+    """The backward pass is the inverse rotation (sin -> -sin), one concatenate; cos/sin are
+    position tables without gradient."""
     return _rotate(x, cos, sin)
 
 
@@ -55,7 +81,7 @@ def _rotate_half_bwd(residuals, dy):
     return _rotate(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
-rotate_half.defvjp(_rotate_half_fwd, _rotate_half_bwd)
+_rotate_half_fused.defvjp(_rotate_half_fwd, _rotate_half_bwd)
 
 
 def _swiglu(h):
@@ -63,8 +89,8 @@ def _swiglu(h):
 
 
 @jax.custom_vjp
-def swiglu(h: jax.Array) -> jax.Array:
-    """h [..., 2, F] (gate, up) -> silu(gate) * up [..., F]; the gradient comes back stacked."""
+def _swiglu_fused(h):
+    """The gradient comes back stacked [..., 2, F] in one pass."""
     return _swiglu(h)
 
 
@@ -81,4 +107,4 @@ def _swiglu_bwd(h, dy):
     return (jnp.stack([d_gate, d_up], axis=-2).astype(h.dtype),)
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu_fused.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -15,7 +15,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import Config
-from bignlp_jax.model import forward
+from bignlp_jax.model import forward, model_kernels
+from bignlp_jax.model.loss import token_cross_entropy
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
 from bignlp_jax.train.state import TrainState
 
@@ -26,42 +27,14 @@ def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
 
 
-@jax.custom_vjp
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token -log p(target), [B, T], in float32.
-
-    Hand-written gradient: d/dlogits = softmax(logits) - onehot(target), produced in one fused
-    elementwise pass. Autodiff of the forward would instead scatter the target term into a
-    zeroed [B, T, V] buffer and add it to the softmax term: two extra full-size passes over the
-    largest activation of the model."""
-    return _cross_entropy_fwd(logits, targets)[0]
-
-
-def _cross_entropy_fwd(logits, targets):
-    upcast = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(upcast, axis=-1)
-    target_logit = jnp.take_along_axis(upcast, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, (logits, log_z, targets)  # keeps the logits in their own dtype
-
-
-def _cross_entropy_bwd(residuals, g):
-    logits, log_z, targets = residuals
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    onehot = (vocab == targets[..., None]).astype(jnp.float32)
-    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
-    dlogits = ((probs - onehot) * g[..., None]).astype(logits.dtype)
-    return dlogits, None  # integer targets have no gradient
-
-
-token_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
 def loss_sums(params, batch, cfg: Config):
     """(sum of masked token losses, number of counted tokens)."""
+    kernels = model_kernels(cfg.model)
     logits, _ = forward(cfg.model, params, batch["tokens"], batch["positions"],
-                        batch["segment_ids"])
+                        batch["segment_ids"], kernels=kernels)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask), jnp.sum(mask)
+    losses = token_cross_entropy(logits, batch["targets"], kernels.cross_entropy)
+    return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def _grads(params, batch, cfg: Config):
