@@ -1,5 +1,6 @@
-"""The einsum attention path against a plain reference: outputs and gradients, with causal block
-skipping (long rows), packed documents, padding and grouped-query heads; RoPE tables."""
+"""The attention kernels (reference and blocked) against a plain formula written here: outputs
+and gradients, with causal block skipping (long rows), packed documents, padding and
+grouped-query heads; RoPE tables."""
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,10 @@ def packed_rows(B: int, T: int, rng: np.random.Generator):
     return jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("T", [64, 256, 512])  # 256 and 512 take the blocked path
-def test_einsum_attention_matches_reference_with_gradients(T):
-    B, K, G, H = 2, 2, 2, 16
+@pytest.mark.parametrize("kernel,T", [("reference", 256), ("blocked", 64), ("blocked", 256),
+                                      ("blocked", 512)])  # 256 and 512 skip causal blocks
+def test_attention_kernels_match_reference_with_gradients(kernel, T):
+    B, K, G, H = 2, 2, 3, 16
     rng = np.random.default_rng(T)
     q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
                for s in [(B, T, K, G, H), (B, T, K, H), (B, T, K, H)])
@@ -45,7 +47,7 @@ def test_einsum_attention_matches_reference_with_gradients(T):
         return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) * cotangent)
 
     ours = lambda q, k, v: dot_product_attention(q, k, v, seg, seg, index, index, scale,
-                                                 self_attention=True)
+                                                 kernel, self_attention=True)
     ref = lambda q, k, v: reference_attention(q, k, v, seg, seg, index, index, scale)
     assert (causal_block_size(T) < T) == (T >= 256)
     np.testing.assert_allclose(np.where(real, ours(q, k, v), 0), np.where(real, ref(q, k, v), 0),
@@ -70,7 +72,7 @@ def test_rope_tables_match_the_formula():
     angles = np.asarray(positions)[..., None] * inv_freq
     np.testing.assert_allclose(cos, np.cos(angles), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sin, np.sin(angles), rtol=1e-6, atol=1e-6)
-    r = apply_rope(jnp.ones((1, 4, 8)), cos[:1], sin[:1])
+    r = apply_rope(jnp.ones((1, 4, 8)), cos[:1], sin[:1], "reference")
     np.testing.assert_allclose(r[0, 0], np.ones(8), rtol=1e-6)  # position 0: no rotation
     # the score between a rotated query and key depends only on their distance
     rng = np.random.default_rng(0)
@@ -79,7 +81,8 @@ def test_rope_tables_match_the_formula():
     def score(pq, pk):
         tq = rope_tables(jnp.asarray([[pq]]), 8, 500.0, 64)
         tk = rope_tables(jnp.asarray([[pk]]), 8, 500.0, 64)
-        return float(jnp.sum(apply_rope(q, *tq) * apply_rope(k, *tk)))
+        rq, rk = apply_rope(q, *tq, "reference"), apply_rope(k, *tk, "reference")
+        return float(jnp.sum(rq * rk))
 
     assert score(9, 4) == pytest.approx(score(30, 25), rel=1e-5)
     assert score(9, 4) != pytest.approx(score(9, 5), rel=1e-3)

@@ -1,5 +1,6 @@
-"""The glue functions with hand-written backward passes (bignlp_jax/model/glue.py) against the
-plain formulas: same values, and gradients equal to autodiff of the plain formulas."""
+"""Both glue kernels (bignlp_jax/model/glue.py: the reference and the fused one with
+hand-written backward passes) against the plain formulas written here: same values, and
+gradients equal to autodiff of the plain formulas."""
 
 import jax
 import jax.numpy as jnp
@@ -37,23 +38,30 @@ def assert_same_vjp(ours, plain, x, rng):
     np.testing.assert_allclose(pull(cot)[0], want_pull(cot)[0], rtol=1e-5, atol=1e-6)
 
 
+KERNELS = pytest.mark.parametrize("kernel", ["reference", "fused"])
+
+
+@KERNELS
 @pytest.mark.parametrize("G", [1, 3])
-def test_split_qkv(G):
+def test_split_qkv(G, kernel):
     rng = np.random.default_rng(G)
     qkv = jnp.asarray(rng.normal(size=(2, 5, 2, G + 2, 4)), jnp.float32)
-    assert_same_vjp(split_qkv, plain_split, qkv, rng)
+    assert_same_vjp(lambda x: split_qkv(x, kernel), plain_split, qkv, rng)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 3, 8), (2, 6, 2, 2, 8)])  # k [B,T,K,H], q [B,T,K,G,H]
-def test_rope_rotation(shape):
+@KERNELS
+@pytest.mark.parametrize("shape", [(2, 7, 3, 8), (2, 7, 2, 3, 8)])  # k [B,T,K,H], q [B,T,K,G,H]
+def test_rope_rotation(shape, kernel):
     rng = np.random.default_rng(len(shape))
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     positions = jnp.asarray(rng.integers(0, 32, size=shape[:2]), jnp.int32)
     cos, sin = rope_tables(positions, shape[-1], 10000.0, 32)
-    assert_same_vjp(lambda x: apply_rope(x, cos, sin), lambda x: plain_rope(x, cos, sin), x, rng)
+    assert_same_vjp(lambda x: apply_rope(x, cos, sin, kernel), lambda x: plain_rope(x, cos, sin),
+                    x, rng)
 
 
-def test_swiglu():
+@KERNELS
+def test_swiglu(kernel):
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.normal(size=(2, 5, 2, 7)) * 3, jnp.float32)  # includes large |gate|
-    assert_same_vjp(swiglu, plain_swiglu, h, rng)
+    assert_same_vjp(lambda h: swiglu(h, kernel), plain_swiglu, h, rng)
