@@ -212,6 +212,38 @@ def test_entry_point_reexecutes_with_the_tunable(tmp_path):
     assert out.split()[0] == "glibc.malloc.hugetlb=0"
 
 
+def test_huge_pages_only_where_jax_will_run_on_cpu(tmp_path, monkeypatch):
+    from bignlp_jax.perf.hugepages import accelerator_plugins, cpu_backend_expected
+
+    assert cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+    assert not cpu_backend_expected({"JAX_PLATFORMS": "cuda"})
+    assert not cpu_backend_expected({"JAX_PLATFORMS": "tpu,cpu"})  # JAX takes the first
+    assert cpu_backend_expected({}) == (accelerator_plugins() == [])
+    # a CUDA PJRT plugin (a `jax_plugins` submodule) or libtpu installed: an accelerator host
+    (tmp_path / "jax_plugins" / "xla_cuda13").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
+    (tmp_path / "libtpu").mkdir()
+    (tmp_path / "libtpu" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert accelerator_plugins() == ["libtpu", "jax_plugins.xla_cuda13"]
+    assert not cpu_backend_expected({})
+    assert cpu_backend_expected({"JAX_PLATFORMS": "cpu"})  # the user's explicit choice wins
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc tunables only")
+def test_entry_leaves_accelerator_hosts_alone_without_importing_jax():
+    code = ("import os, sys; from bignlp_jax.perf.hugepages import reexec_with_huge_pages as r; "
+            "r(); print(os.environ.get('GLIBC_TUNABLES'), 'jax' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for platforms, tunables in (("cpu", "glibc.malloc.hugetlb=1"), ("cuda", "None"),
+                                ("tpu", "None")):
+        env["JAX_PLATFORMS"] = platforms
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=60).stdout
+        assert out.split() == [tunables, "False"], platforms
+
+
 def test_console_script_goes_through_the_reexec_entry():
     from importlib.metadata import entry_points
 
