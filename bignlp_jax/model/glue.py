@@ -1,8 +1,8 @@
 """The elementwise glue between the matmuls: split qkv, RoPE's rotation, SwiGLU.
 
 Two kernels (`model.kernel_glue`, see kernels.py). `reference`: the plain formulas, gradients by
-autodiff. `fused`: the same formulas with hand-written backward passes. Autodiff turns a slice into a zero-padded full-size array and a concatenation into slices, so the
-gradient of "split qkv into q, k, v", of RoPE's half rotation and of SwiGLU's gate/up split is a
+autodiff. `fused`: the same formulas with hand-written backward passes. Autodiff turns a slice
+into a zero-padded full-size array and a concatenation into slices, so the gradient of "split qkv into q, k, v", of RoPE's half rotation and of SwiGLU's gate/up split is a
 chain of pads and adds that writes each full-size gradient several times. The backward passes
 here write it once, with one concatenate. Same numbers; tests/test_glue.py compares every
 function and its gradient with the reference.

@@ -1,9 +1,10 @@
 """Transformer layers in Flax NNX: embedding, norm, attention, MLP.
 
 Each parameter is created with the logical names of its axes (`out_sharding` metadata); the rules
-table in `parallel/rules.py` maps them to the mesh. Layers that run a kernel with optimised variants
-take the resolved `Kernels` (model/kernels.py) as an explicit argument. Shapes use B batch, T query length, S key length,
-D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocabulary.
+table in `parallel/rules.py` maps them to the mesh. Layers whose ops have optimised kernels take
+the resolved `Kernels` (model/kernels.py) as an explicit argument. Shapes use B batch, T query
+length, S key length, D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim,
+V vocabulary.
 """
 
 from __future__ import annotations
