@@ -117,3 +117,17 @@ def test_whole_model_loss_and_grads_match_on_every_kernel_path(tmp_path):
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6,
                                                              err_msg=str(kernels)),
                      got_grads, want_grads)
+
+
+def test_layers_never_ask_for_the_backend():
+    """Kernel choice is `select_kernels`'s job, once per model build; a backend check inside a
+    layer would be a kernel selection in disguise (the one platform lookup is model_kernels)."""
+    from pathlib import Path
+
+    import bignlp_jax.model
+
+    model_dir = Path(bignlp_jax.model.__file__).parent
+    for path in model_dir.glob("*.py"):
+        text = path.read_text()
+        assert "default_backend" not in text, path.name
+        assert (".platform" in text) == (path.name == "functional.py"), path.name
