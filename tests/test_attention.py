@@ -72,7 +72,7 @@ def test_rope_tables_match_the_formula():
     angles = np.asarray(positions)[..., None] * inv_freq
     np.testing.assert_allclose(cos, np.cos(angles), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sin, np.sin(angles), rtol=1e-6, atol=1e-6)
-    r = apply_rope(jnp.ones((1, 4, 8)), cos[:1], sin[:1], "reference")
+    r = apply_rope(jnp.ones((1, 4, 8)), cos[:1], sin[:1])
     np.testing.assert_allclose(r[0, 0], np.ones(8), rtol=1e-6)  # position 0: no rotation
     # the score between a rotated query and key depends only on their distance
     rng = np.random.default_rng(0)
@@ -81,7 +81,7 @@ def test_rope_tables_match_the_formula():
     def score(pq, pk):
         tq = rope_tables(jnp.asarray([[pq]]), 8, 500.0, 64)
         tk = rope_tables(jnp.asarray([[pk]]), 8, 500.0, 64)
-        rq, rk = apply_rope(q, *tq, "reference"), apply_rope(k, *tk, "reference")
+        rq, rk = apply_rope(q, *tq), apply_rope(k, *tk)
         return float(jnp.sum(rq * rk))
 
     assert score(9, 4) == pytest.approx(score(30, 25), rel=1e-5)

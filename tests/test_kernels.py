@@ -1,7 +1,7 @@
 """Kernel selection, and every optimised kernel against its reference (values and gradients);
 the whole model's loss and gradients on the reference kernels, on CPU's `auto` choice and on the
-GPU/TPU choice, so the code accelerators run is exercised by CPU CI. The attention, glue and
-cross-entropy kernels are compared op by op in test_attention.py, test_glue.py, test_perf.py."""
+GPU/TPU choice, so the code accelerators run is exercised by CPU CI. The attention kernels are
+compared op by op in test_attention.py."""
 
 import dataclasses
 
@@ -39,8 +39,8 @@ def test_conflicting_attention_keys_are_a_config_error(tmp_path):
         tiny_config(tmp_path, "model.attention=cudnn", "model.kernel_attention=blocked")
     with pytest.raises(ConfigError, match="kernel_projection"):
         tiny_config(tmp_path, "model.kernel_projection=fast")
-    with pytest.raises(ValueError, match="unknown glue kernel 'x'"):
-        Kernels(glue="x")
+    with pytest.raises(ValueError, match="unknown attention kernel 'x'"):
+        Kernels(attention="x")
 
 
 @pytest.mark.parametrize("x_shape,w_shape,spec,contract", [
@@ -102,7 +102,7 @@ def test_whole_model_loss_and_grads_match_on_every_kernel_path(tmp_path):
     def loss(params, kernels):
         logits, _ = forward(cfg, params, batch["tokens"], batch["positions"],
                             batch["segment_ids"], kernels=kernels)
-        nll = token_cross_entropy(logits, batch["targets"], kernels.cross_entropy)
+        nll = token_cross_entropy(logits, batch["targets"])
         return jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
     all_optimised = Kernels(**{op: next(n for n in reversed(names) if n != "cudnn")

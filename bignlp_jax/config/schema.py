@@ -49,8 +49,6 @@ class ModelConfig(Section):
     kernels: Literal["auto", "reference"] = "auto"
     kernel_projection: Literal["auto", "reference", "cpu_transposed"] = "auto"
     kernel_attention: Literal["auto", "reference", "blocked", "cudnn"] = "auto"
-    kernel_glue: Literal["auto", "reference", "fused"] = "auto"
-    kernel_cross_entropy: Literal["auto", "reference", "fused"] = "auto"
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:

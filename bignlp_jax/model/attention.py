@@ -37,15 +37,15 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_len: int
     return jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, kernel: str) -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate the two halves of the last axis (the Hugging Face Llama convention).
 
-    x: [B, T, ..., H]; cos, sin: [B, T, H/2] from `rope_tables`; kernel: the glue kernel."""
+    x: [B, T, ..., H]; cos, sin: [B, T, H/2] from `rope_tables`."""
     half = x.shape[-1] // 2
     extra = (1,) * (x.ndim - 3)  # the head axes between T and H
     cos = cos.reshape(*cos.shape[:2], *extra, half)
     sin = sin.reshape(*sin.shape[:2], *extra, half)
-    return rotate_half(x, cos, sin, kernel)
+    return rotate_half(x, cos, sin)
 
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index) -> jax.Array:

@@ -8,12 +8,11 @@ tests always run. An optimised kernel sits beside it under its own name and is u
 | --- | --- | --- |
 | projection | reference (einsum), cpu_transposed (`matmul.py`) | cpu_transposed on CPU |
 | attention | reference (einsum), blocked (`attention.py`), cudnn | see `AUTO` |
-| glue (qkv split, RoPE, SwiGLU) | reference (slices), fused (`glue.py`) | see `AUTO` |
-| cross_entropy | reference (log_softmax), fused (`loss.py`) | see `AUTO` |
 
 `model.attention=cudnn` (the older key) selects the cudnn attention kernel. A kernel is kept only
 while `benchmarks/kernel_ablation.py` shows it pays (>= 3%) on a backend where `auto` uses it;
-the measurements are in benchmarks/RESULTS.md. Layers receive the resolved `Kernels` as an
+the measurements are in benchmarks/RESULTS.md. Removed that way (2026-12-01): the hand-written
+backward passes of the qkv split, RoPE and SwiGLU, and of the cross-entropy. Layers receive the resolved `Kernels` as an
 explicit argument and never look at the backend themselves.
 """
 
@@ -26,16 +25,13 @@ from bignlp_jax.config import ModelConfig
 OPS: dict[str, tuple[str, ...]] = {
     "projection": ("reference", "cpu_transposed"),
     "attention": ("reference", "blocked", "cudnn"),
-    "glue": ("reference", "fused"),
-    "cross_entropy": ("reference", "fused"),
 }
 
 # What `model.kernels=auto` runs on each backend (anything not listed: reference). Only kernels
 # measured to pay on that backend are listed; GPU and TPU run the reference ops (XLA fuses the
 # elementwise work itself there) unless a config names a kernel, e.g. model.attention=cudnn.
 AUTO: dict[str, dict[str, str]] = {
-    "cpu": {"projection": "cpu_transposed", "attention": "blocked", "glue": "fused",
-            "cross_entropy": "fused"},
+    "cpu": {"projection": "cpu_transposed", "attention": "blocked"},
 }
 
 
@@ -45,8 +41,6 @@ class Kernels:
 
     projection: str = "reference"
     attention: str = "reference"
-    glue: str = "reference"
-    cross_entropy: str = "reference"
 
     def __post_init__(self):
         for op, choices in OPS.items():

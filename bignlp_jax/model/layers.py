@@ -106,9 +106,9 @@ class Attention(nnx.Module):
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(x.dtype)
         qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
-        q, k, v = split_qkv(qkv, kernels.glue)
+        q, k, v = split_qkv(qkv)
         if self.rope:
-            q, k = apply_rope(q, *rope, kernels.glue), apply_rope(k, *rope, kernels.glue)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv_segment_ids, kv_index = segment_ids, q_index
         new_cache = None
         if cache is not None:
@@ -150,7 +150,7 @@ class MLP(nnx.Module):
             h = project(x, wi, "btd,dcf->btcf", kernel)  # c = 0 gate, 1 up
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
-            h = swiglu(h, self.kernels.glue)
+            h = swiglu(h)
         else:
             h = project(x, wi, "btd,df->btf", kernel)
             if self.bi is not None:
