@@ -1,5 +1,6 @@
-"""The einsum attention path against a plain reference: outputs and gradients, with causal block
-skipping (long rows), packed documents, padding and grouped-query heads; RoPE tables."""
+"""The attention kernels (reference and blocked) against a plain formula written here: outputs
+and gradients, with causal block skipping (long rows), packed documents, padding and
+grouped-query heads; RoPE tables."""
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,10 @@ def packed_rows(B: int, T: int, rng: np.random.Generator):
     return jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("T", [64, 256, 512])  # 256 and 512 take the blocked path
-def test_einsum_attention_matches_reference_with_gradients(T):
-    B, K, G, H = 2, 2, 2, 16
+@pytest.mark.parametrize("kernel,T", [("reference", 256), ("blocked", 64), ("blocked", 256),
+                                      ("blocked", 512)])  # 256 and 512 skip causal blocks
+def test_attention_kernels_match_reference_with_gradients(kernel, T):
+    B, K, G, H = 2, 2, 3, 16
     rng = np.random.default_rng(T)
     q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
                for s in [(B, T, K, G, H), (B, T, K, H), (B, T, K, H)])
@@ -45,7 +47,8 @@ def test_einsum_attention_matches_reference_with_gradients(T):
         return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) * cotangent)
 
     def ours(q, k, v):
-        return dot_product_attention(q, k, v, seg, seg, index, index, scale, self_attention=True)
+        return dot_product_attention(q, k, v, seg, seg, index, index, scale, kernel,
+                                     self_attention=True)
 
     def ref(q, k, v):
         return reference_attention(q, k, v, seg, seg, index, index, scale)
@@ -81,7 +84,8 @@ def test_rope_tables_match_the_formula():
     def score(pq, pk):
         tq = rope_tables(jnp.asarray([[pq]]), 8, 500.0, 64)
         tk = rope_tables(jnp.asarray([[pk]]), 8, 500.0, 64)
-        return float(jnp.sum(apply_rope(q, *tq) * apply_rope(k, *tk)))
+        rq, rk = apply_rope(q, *tq), apply_rope(k, *tk)
+        return float(jnp.sum(rq * rk))
 
     assert score(9, 4) == pytest.approx(score(30, 25), rel=1e-5)
     assert score(9, 4) != pytest.approx(score(9, 5), rel=1e-3)

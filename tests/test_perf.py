@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -143,28 +142,6 @@ def test_search_ranks_fitting_meshes(tmp_path):
         assert plan["devices"] == 8 and plan["fits"]
 
 
-def test_cross_entropy_gradient_matches_autodiff():
-    from bignlp_jax.train.step import token_cross_entropy
-
-    def reference(logits, targets):
-        logits = logits.astype(jnp.float32)
-        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - target
-
-    logits = 4 * jax.random.normal(jax.random.key(0), (3, 5, 37))
-    targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 37)
-    weights = jax.random.uniform(jax.random.key(2), (3, 5))
-    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
-        x = logits.astype(dtype)
-        np.testing.assert_allclose(token_cross_entropy(x, targets), reference(x, targets),
-                                   rtol=tol, atol=tol)
-        grad = jax.grad(lambda z, f: jnp.sum(f(z, targets) * weights), argnums=0)
-        ours, ref = grad(x, token_cross_entropy), grad(x, reference)
-        assert ours.dtype == dtype
-        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
-                                   rtol=tol, atol=tol)
-
-
 def test_unrolled_layers_match_scanned(tmp_path):
     from bignlp_jax.data import SyntheticSource
     from bignlp_jax.model import init_params
@@ -211,6 +188,38 @@ def test_entry_point_reexecutes_with_the_tunable(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=60).stdout
     assert out.split()[0] == "glibc.malloc.hugetlb=0"
+
+
+def test_huge_pages_only_where_jax_will_run_on_cpu(tmp_path, monkeypatch):
+    from bignlp_jax.perf.hugepages import accelerator_plugins, cpu_backend_expected
+
+    assert cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+    assert not cpu_backend_expected({"JAX_PLATFORMS": "cuda"})
+    assert not cpu_backend_expected({"JAX_PLATFORMS": "tpu,cpu"})  # JAX takes the first
+    assert cpu_backend_expected({}) == (accelerator_plugins() == [])
+    # a CUDA PJRT plugin (a `jax_plugins` submodule) or libtpu installed: an accelerator host
+    (tmp_path / "jax_plugins" / "xla_cuda13").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
+    (tmp_path / "libtpu").mkdir()
+    (tmp_path / "libtpu" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert accelerator_plugins() == ["libtpu", "jax_plugins.xla_cuda13"]
+    assert not cpu_backend_expected({})
+    assert cpu_backend_expected({"JAX_PLATFORMS": "cpu"})  # the user's explicit choice wins
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc tunables only")
+def test_entry_leaves_accelerator_hosts_alone_without_importing_jax():
+    code = ("import os, sys; from bignlp_jax.perf.hugepages import reexec_with_huge_pages as r; "
+            "r(); print(os.environ.get('GLIBC_TUNABLES'), 'jax' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    for platforms, tunables in (("cpu", "glibc.malloc.hugetlb=1"), ("cuda", "None"),
+                                ("tpu", "None")):
+        env["JAX_PLATFORMS"] = platforms
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=60).stdout
+        assert out.split() == [tunables, "False"], platforms
 
 
 def test_console_script_goes_through_the_reexec_entry():

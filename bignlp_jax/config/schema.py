@@ -45,6 +45,12 @@ class ModelConfig(Section):
     # into straight-line code: no per-layer weight slicing or stacked residual buffers, which is
     # faster on CPU and for shallow models, at the price of compile time growing with depth.
     scan_unroll: int = Field(1, ge=0, description="layers per scan iteration; 0 = all")
+    # Kernel selection (bignlp_jax/model/kernels.py), resolved once when the model is built:
+    # `auto` runs the optimised kernels measured to pay on the backend, `reference` plain
+    # jnp/einsum ops with autodiff gradients everywhere; kernel_<op> overrides one op.
+    kernels: Literal["auto", "reference"] = "auto"
+    kernel_projection: Literal["auto", "reference", "cpu_transposed"] = "auto"
+    kernel_attention: Literal["auto", "reference", "blocked", "cudnn"] = "auto"
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -62,6 +68,11 @@ class ModelConfig(Section):
             )
         if self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.dim_per_head}")
+        if self.attention == "cudnn" and self.kernel_attention not in ("auto", "cudnn"):
+            raise ValueError(
+                f"model.attention=cudnn conflicts with model.kernel_attention="
+                f"{self.kernel_attention}; set only one of them"
+            )
         return self
 
     @property

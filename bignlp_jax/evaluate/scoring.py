@@ -20,7 +20,7 @@ from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_
 from bignlp_jax.infer.generate import generate
 from bignlp_jax.model import forward
 from bignlp_jax.parallel.rules import activation_sharding, rules_table
-from bignlp_jax.train.step import token_cross_entropy
+from bignlp_jax.model.loss import token_cross_entropy
 
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # local rows -> [global rows] scores
 

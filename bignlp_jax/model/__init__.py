@@ -5,12 +5,15 @@ from bignlp_jax.model.functional import (
     count_params,
     forward,
     init_params,
+    model_kernels,
     param_axes,
     param_shardings,
 )
+from bignlp_jax.model.kernels import REFERENCE, Kernels, select_kernels
 from bignlp_jax.model.transformer import Transformer, init_cache
 
 __all__ = [
-    "Transformer", "abstract_params", "count_params", "forward", "init_cache", "init_params",
-    "param_axes", "param_shardings",
+    "REFERENCE", "Kernels", "Transformer", "abstract_params", "count_params", "forward",
+    "init_cache", "init_params", "model_kernels", "param_axes", "param_shardings",
+    "select_kernels",
 ]

@@ -1,10 +1,12 @@
 """The one attention function every layer calls, and rotary position embeddings.
 
 `dot_product_attention` masks causally *within* a packed document: a query sees a key only if the
-key's slot index is not later than its own and both carry the same non-zero segment id. The `xla`
-implementation is plain einsums (used on CPU and as the reference); `cudnn` hands the same inputs to
-cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU, 16-bit dtypes only;
-decoding steps against a KV cache use the einsums).
+key's slot index is not later than its own and both carry the same non-zero segment id. Kernels
+(`model.kernel_attention`, see kernels.py): `reference` is plain einsums and a softmax, gradients
+by autodiff; `blocked` skips the key blocks above the causal diagonal and has a hand-written
+backward pass; `cudnn` hands the same inputs to cuDNN's fused flash attention through
+`jax.nn.dot_product_attention` (GPU, 16-bit dtypes only; decoding steps against a KV cache use
+the reference).
 """
 
 from __future__ import annotations
@@ -55,24 +57,40 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index) -> jax.Arra
 
 
 def dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
-                          scale: float, impl: str = "xla", *, self_attention: bool = False
+                          scale: float, impl: str = "reference", *, self_attention: bool = False
                           ) -> jax.Array:
     """q [B,T,K,G,H], k/v [B,S,K,H], segment ids and slot indices [B,T] / [B,S] -> [B,T,K,G,H].
 
-    self_attention: the keys are the queries' own slots (no cache: S == T, kv_index == q_index),
-    so causality is known in advance and the einsum path skips blocks above the diagonal."""
+    impl: the attention kernel (reference, blocked or cudnn). self_attention: the keys are the
+    queries' own slots (no cache: S == T, kv_index == q_index), so causality is known in
+    advance and the blocked kernel skips blocks above the diagonal."""
+    if impl not in ("reference", "blocked", "cudnn"):
+        raise ValueError(f"unknown attention kernel {impl!r}")
     if impl == "cudnn" and q.shape[1] == k.shape[1]:
         return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, scale)
-    if impl not in ("xla", "cudnn"):  # cudnn decoding against a cache (T != S) uses einsums
-        raise ValueError(f"unknown attention implementation {impl!r}")
-    T = q.shape[1]
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)[:, None, None]
+    if impl != "blocked":  # cudnn decoding against a cache (T != S) uses the reference too
+        return reference_attention(q, k, v, mask, scale)
+    T = q.shape[1]
     # Head-major layouts once per layer ([B,K,G,T,H], [B,K,S,H]), so the batched matmuls below
     # read contiguous [T,H] / [S,H] blocks and no per-block transposes are needed.
     q, k, v = jnp.moveaxis(q, 1, 3), jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
     block = causal_block_size(T) if self_attention else T
     out = _softmax_attention(q, k, v, mask, scale, block)
     return jnp.moveaxis(out, 3, 1)  # [B,T,K,G,H]
+
+
+def reference_attention(q, k, v, mask, scale: float) -> jax.Array:
+    """softmax(q k^T * scale, masked) v, written the obvious way; autodiff gives the gradients.
+
+    q [B,T,K,G,H], k/v [B,S,K,H], mask [B,1,1,T,S] -> [B,T,K,G,H]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    # A large finite negative rather than -inf: fully masked rows (padding) stay finite.
+    scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
 
 
 def causal_block_size(T: int, target: int = 128, max_blocks: int = 8) -> int:

@@ -2,7 +2,8 @@
 
 Training, checkpointing and export all work on that dict; `forward` merges it back into the module
 graph inside jit. Parameters are born sharded: `init_params` is jitted with output shardings
-derived from each parameter's logical axes.
+derived from each parameter's logical axes. The kernels each op runs are resolved once per
+config here (`model_kernels`) and handed to the layers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bignlp_jax.config import ModelConfig
+from bignlp_jax.model.kernels import REFERENCE, Kernels, select_kernels
 from bignlp_jax.model.transformer import Transformer
 from bignlp_jax.parallel.rules import MeshAxes, sharding_for
 
@@ -22,13 +24,21 @@ Params = dict[str, Any]
 
 
 @functools.lru_cache(maxsize=16)
-def _template(cfg: ModelConfig):
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+def model_kernels(cfg: ModelConfig) -> Kernels:
+    """The kernels this process runs for `cfg`: `model.kernels` resolved for the platform of
+    the default devices. The one place the model looks at the backend, once per config."""
+    return select_kernels(cfg, jax.devices()[0].platform)
+
+
+@functools.lru_cache(maxsize=16)
+def _template(cfg: ModelConfig, kernels: Kernels = REFERENCE):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), kernels=kernels))
     return nnx.split(abstract)
 
 
-def graphdef(cfg: ModelConfig):
-    return _template(cfg)[0]
+def graphdef(cfg: ModelConfig, kernels: Kernels | None = None):
+    """The module graph (no parameters) running `kernels` (default: `model_kernels(cfg)`)."""
+    return _template(cfg, kernels or model_kernels(cfg))[0]
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -71,9 +81,10 @@ def init_params(cfg: ModelConfig, key: jax.Array, shardings: Params | None = Non
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions=None, segment_ids=None, *,
-            cache=None, cache_index=None, slot_index=None):
-    """Run the model on `params` (pure function; call it inside jit)."""
-    model = nnx.merge(graphdef(cfg), params)
+            cache=None, cache_index=None, slot_index=None, kernels: Kernels | None = None):
+    """Run the model on `params` (pure function; call it inside jit). kernels: default
+    `model_kernels(cfg)`; tests pass others (the reference, another backend's choice)."""
+    model = nnx.merge(graphdef(cfg, kernels), params)
     return model(tokens, positions, segment_ids, cache=cache, cache_index=cache_index,
                  slot_index=slot_index)
 

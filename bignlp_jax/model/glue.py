@@ -1,10 +1,8 @@
-"""The elementwise glue between the matmuls, with hand-written backward passes.
+"""The elementwise glue between the matmuls: split qkv, RoPE's rotation, SwiGLU.
 
-Autodiff turns a slice into a zero-padded full-size array and a concatenation into slices, so the
-gradient of "split qkv into q, k, v", of RoPE's half rotation and of SwiGLU's gate/up split is a
-chain of pads and adds that writes each full-size gradient several times. The backward passes
-here write it once, with one concatenate. Same numbers; tests/test_glue.py compares every
-function and its gradient with the plain formula.
+Plain formulas, gradients by autodiff. Hand-written backward passes for all three (one
+concatenate instead of autodiff's zero-padded full-size arrays) were removed on 2026-12-01: the
+kernel ablation in benchmarks/RESULTS.md measured no gain above 3% from them.
 """
 
 from __future__ import annotations
@@ -13,72 +11,20 @@ import jax
 import jax.numpy as jnp
 
 
-@jax.custom_vjp
 def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[B,T,K,G+2,H] -> q [B,T,K,G,H], k [B,T,K,H], v [B,T,K,H]."""
     G = qkv.shape[3] - 2
     return qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
 
 
-def _split_qkv_fwd(qkv):
-    return split_qkv(qkv), None
-
-
-def _split_qkv_bwd(_, grads):
-    dq, dk, dv = grads
-    return (jnp.concatenate([dq, dk[:, :, :, None], dv[:, :, :, None]], axis=3),)
-
-
-split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
-
-
-def _rotate(x, cos, sin):
-    """[x1 cos - x2 sin, x2 cos + x1 sin] over the two halves of the last axis, in float32."""
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE's rotation [x1 cos - x2 sin, x2 cos + x1 sin] of x's two halves, computed in float32;
+    cos/sin broadcast against the halves."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-@jax.custom_vjp
-def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE's rotation; cos/sin broadcast against x's halves. The backward pass is the inverse
-    rotation (sin -> -sin), one concatenate; cos/sin are position tables without gradient."""
-    return _rotate(x, cos, sin)
-
-
-def _rotate_half_fwd(x, cos, sin):
-    return _rotate(x, cos, sin), (cos, sin)
-
-
-def _rotate_half_bwd(residuals, dy):
-    cos, sin = residuals
-    return _rotate(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
-
-
-rotate_half.defvjp(_rotate_half_fwd, _rotate_half_bwd)
-
-
-def _swiglu(h):
-    return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-
-
-@jax.custom_vjp
 def swiglu(h: jax.Array) -> jax.Array:
-    """h [..., 2, F] (gate, up) -> silu(gate) * up [..., F]; the gradient comes back stacked."""
-    return _swiglu(h)
-
-
-def _swiglu_fwd(h):
-    return _swiglu(h), h
-
-
-def _swiglu_bwd(h, dy):
-    gate, up = h[..., 0, :].astype(jnp.float32), h[..., 1, :].astype(jnp.float32)
-    dy = dy.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate)
-    d_gate = dy * up * sig * (1.0 + gate * (1.0 - sig))
-    d_up = dy * gate * sig
-    return (jnp.stack([d_gate, d_up], axis=-2).astype(h.dtype),)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    """h [..., 2, F] (gate, up) -> silu(gate) * up [..., F]."""
+    return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]

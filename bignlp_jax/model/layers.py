@@ -1,8 +1,10 @@
 """Transformer layers in Flax NNX: embedding, norm, attention, MLP.
 
 Each parameter is created with the logical names of its axes (`out_sharding` metadata); the rules
-table in `parallel/rules.py` maps them to the mesh. Shapes use B batch, T query length, S key
-length, D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim, V vocabulary.
+table in `parallel/rules.py` maps them to the mesh. Layers whose ops have optimised kernels take
+the resolved `Kernels` (model/kernels.py) as an explicit argument. Shapes use B batch, T query
+length, S key length, D hidden, K kv heads, G query heads per kv head, H head dim, F mlp dim,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flax import nnx
 from bignlp_jax.model.attention import apply_rope, dot_product_attention
 from bignlp_jax.model.context_attention import context_attention, sequence_parallel
 from bignlp_jax.model.glue import split_qkv, swiglu
+from bignlp_jax.model.kernels import Kernels
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
 
@@ -40,8 +43,10 @@ def ones(key, shape, dtype):
 class Embed(nnx.Module):
     """Token embedding; `attend` reuses it as a tied output head."""
 
-    def __init__(self, vocab_size: int, hidden: int, *, init_std: float, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, hidden: int, *, init_std: float, kernels: Kernels,
+                 rngs: nnx.Rngs):
         init = nnx.initializers.normal(init_std)
+        self.kernels = kernels
         self.embedding = param(rngs, init, (vocab_size, hidden), ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
@@ -49,7 +54,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         w = self.embedding[...].astype(x.dtype).T  # [D, V]
-        return project(x, w, float32_out=True, spec="btd,dv->btv")
+        return project(x, w, "btd,dv->btv", self.kernels.projection, float32_out=True)
 
 
 class Norm(nnx.Module):
@@ -81,9 +86,9 @@ class Attention(nnx.Module):
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  use_bias: bool, rope: bool, init_std: float,
-                 out_std: float, attention_impl: str, rngs: nnx.Rngs):
+                 out_std: float, kernels: Kernels, rngs: nnx.Rngs):
         self.K, self.G, self.H = num_kv_heads, num_heads // num_kv_heads, head_dim
-        self.rope, self.attention_impl = rope, attention_impl
+        self.rope, self.kernels = rope, kernels
         qkv_shape = (hidden, self.K, self.G + 2, head_dim)
         self.qkv = param(rngs, nnx.initializers.normal(init_std), qkv_shape,
                          ("embed", "kv_heads", None, "head_dim"))
@@ -98,7 +103,8 @@ class Attention(nnx.Module):
         (k, v [B,S,K,H], segment ids [B,S]) writes this step's keys/values at `cache_index` and
         attends over the whole cache."""
         B, T, _ = x.shape
-        qkv = project(x, self.qkv[...], spec="btd,dkgh->btkgh")
+        kernels = self.kernels
+        qkv = project(x, self.qkv[...], "btd,dkgh->btkgh", kernels.projection)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(x.dtype)
         qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
@@ -120,10 +126,10 @@ class Attention(nnx.Module):
         attend = context_attention if cache is None and sequence_parallel() > 1 else (
             dot_product_attention)
         o = attend(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids, kv_segment_ids,
-                   q_index, kv_index, scale, self.attention_impl, self_attention=cache is None)
+                   q_index, kv_index, scale, kernels.attention, self_attention=cache is None)
         o = o.reshape(B, T, self.K * self.G, self.H)  # [B,T,N,H], head n = k * G + g
         o = constrain(o, ("batch", "seq", "act_heads", None))
-        y = project(o, self.out[...], contract=2, spec="btnh,nhd->btd")
+        y = project(o, self.out[...], "btnh,nhd->btd", kernels.projection, contract=2)
         if self.out_bias is not None:
             y = y + self.out_bias[...].astype(x.dtype)
         return y, new_cache
@@ -133,8 +139,8 @@ class MLP(nnx.Module):
     """SwiGLU (gate and up fused into one [D, 2, F] weight) or GELU MLP."""
 
     def __init__(self, hidden: int, mlp_dim: int, *, kind: str, use_bias: bool,
-                 init_std: float, out_std: float, rngs: nnx.Rngs):
-        self.kind = kind
+                 init_std: float, out_std: float, kernels: Kernels, rngs: nnx.Rngs):
+        self.kind, self.kernels = kind, kernels
         in_shape, in_axes = (((hidden, 2, mlp_dim), ("embed", None, "mlp")) if kind == "swiglu"
                              else ((hidden, mlp_dim), ("embed", "mlp")))
         self.wi = param(rngs, nnx.initializers.normal(init_std), in_shape, in_axes)
@@ -144,18 +150,19 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         wi = self.wi[...].astype(x.dtype)
+        kernel = self.kernels.projection
         if self.kind == "swiglu":
-            h = project(x, wi, spec="btd,dcf->btcf")  # c = 0 gate, 1 up
+            h = project(x, wi, "btd,dcf->btcf", kernel)  # c = 0 gate, 1 up
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
             h = swiglu(h)
         else:
-            h = project(x, wi, spec="btd,df->btf")
+            h = project(x, wi, "btd,df->btf", kernel)
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
             h = jax.nn.gelu(h, approximate=True)  # GPT-2/3 use the tanh approximation
         h = constrain(h, ("batch", "seq", "act_mlp"))
-        y = project(h, self.wo[...], spec="btf,fd->btd")
+        y = project(h, self.wo[...], "btf,fd->btd", kernel)
         if self.bo is not None:
             y = y + self.bo[...].astype(x.dtype)
         return y

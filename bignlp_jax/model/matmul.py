@@ -1,12 +1,13 @@
 """The projection every layer uses: activations [B, T, *in] times a weight [*in, *out].
 
-On GPU and TPU this is a plain `einsum`: their matmul libraries read either operand transposed
-for free, so autodiff's weight gradient x^T @ dy costs nothing extra.
+Two kernels (`model.kernel_projection`, see kernels.py). `reference`: a plain `einsum`. GPU and
+TPU matmul libraries read either operand transposed for free, so autodiff's weight gradient
+x^T @ dy costs nothing extra there.
 
-On CPU, XLA hands matmuls to XNNPACK/YNNPACK kernels that want both operands row-major. For the
-weight gradient dW = x^T @ dy, XLA's layout assignment then materialises a transposed copy of
-one operand, and it picks the output gradient dy: for the LM head that is a full copy of the
-[tokens, vocab] logits gradient, for the MLP a [tokens, 2F] one. `project` with the CPU rule
+`cpu_transposed`: on CPU, XLA hands matmuls to XNNPACK/YNNPACK kernels that want both operands
+row-major. For the weight gradient dW = x^T @ dy, XLA's layout assignment then materialises a
+transposed copy of one operand, and it picks the output gradient dy: for the LM head that is a
+full copy of the [tokens, vocab] logits gradient, for the MLP a [tokens, 2F] one. This kernel
 instead transposes the smaller of x and dy itself (x^T kept from the forward pass, or dy^T in
 the backward pass) behind an optimisation barrier, so the backward pass runs row-major matmuls
 and copies nothing large.
@@ -20,10 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-
-def _use_transposed_rule() -> bool:
-    return jax.default_backend() == "cpu"
 
 
 def _transpose(a: jax.Array) -> jax.Array:
@@ -64,15 +61,18 @@ def _matmul_bwd(out_dtype, transpose_x, residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def project(x: jax.Array, w: jax.Array, contract: int = 1, *, float32_out: bool = False,
-            spec: str | None = None) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, spec: str, kernel: str, contract: int = 1, *,
+            float32_out: bool = False) -> jax.Array:
     """x [B, T, *in] @ w [*in, *out] -> [B, T, *out]; `in` is x's last `contract` axes.
 
-    `spec` is the equivalent einsum, used as-is off CPU (it states the shapes for readers)."""
+    `spec` is the equivalent einsum: the reference kernel runs it as-is (it also states the
+    shapes for readers); `kernel` is "reference" or "cpu_transposed"."""
     w = w.astype(x.dtype)
-    if not _use_transposed_rule():
+    if kernel == "reference":
         kwargs = {"preferred_element_type": jnp.float32} if float32_out else {}
         return jnp.einsum(spec, x, w, **kwargs)
+    if kernel != "cpu_transposed":
+        raise ValueError(f"unknown projection kernel {kernel!r}")
     lead, inner = x.shape[:-contract], x.shape[-contract:]
     out = w.shape[contract:]
     x2 = x.reshape(math.prod(lead), math.prod(inner))  # [B*T, in]

@@ -3,6 +3,7 @@
 The blocks' parameters are stacked on a leading `layers` axis and run with `jax.lax.scan`, so
 compile time does not grow with depth; `model.remat` wraps the scanned body in `jax.checkpoint`,
 and `model.scan_unroll=0` unrolls the scan into straight-line code (faster for shallow models).
+Which kernel runs each op is fixed when the model is built (`kernels`, see kernels.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import nnx
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.model.attention import rope_tables
 from bignlp_jax.model.context_attention import sequence_parallel, zigzag_order
+from bignlp_jax.model.kernels import REFERENCE, Kernels
 from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
@@ -31,7 +33,7 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs):
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias)
         # GPT-2 / Megatron scale the residual-output projections by 1/sqrt(2 * layers).
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -39,11 +41,11 @@ class Block(nnx.Module):
         self.attn = Attention(
             cfg.hidden, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, use_bias=cfg.use_bias,
             rope=cfg.position == "rope", init_std=cfg.init_std,
-            out_std=out_std, attention_impl=cfg.attention, rngs=rngs,
+            out_std=out_std, kernels=kernels, rngs=rngs,
         )
         self.mlp_norm = Norm(cfg.hidden, **norm)
         self.mlp = MLP(cfg.hidden, cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias,
-                       init_std=cfg.init_std, out_std=out_std, rngs=rngs)
+                       init_std=cfg.init_std, out_std=out_std, kernels=kernels, rngs=rngs)
 
     def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None):
         h, new_cache = self.attn(self.attn_norm(x), rope, segment_ids, q_index, cache,
@@ -54,9 +56,12 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels = REFERENCE):
+        """kernels: resolved for the backend by `functional.model_kernels` (the parameters do
+        not depend on them)."""
+        self.cfg, self.kernels = cfg, kernels
+        self.embed = Embed(cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, kernels=kernels,
+                           rngs=rngs)
         self.pos_embed = param(rngs, nnx.initializers.normal(cfg.init_std),
                                (cfg.max_seq_len, cfg.hidden), (None, "embed")
                                ) if cfg.position == "learned" else None
@@ -64,7 +69,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+            return Block(cfg, kernels, rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = Norm(cfg.hidden, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias)
@@ -130,7 +135,8 @@ class Transformer(nnx.Module):
         if self.lm_head is None:
             logits = self.embed.attend(x)
         else:
-            logits = project(x, self.lm_head[...], float32_out=True, spec="btd,dv->btv")
+            logits = project(x, self.lm_head[...], "btd,dv->btv", self.kernels.projection,
+                             float32_out=True)
         if restore is not None:
             logits = logits[:, restore]
         logits = constrain(logits, ("batch", "seq", "act_vocab"))

@@ -16,8 +16,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import Config
-from bignlp_jax.model import forward
+from bignlp_jax.model import forward, model_kernels
 from bignlp_jax.model.context_attention import zigzag_order
+from bignlp_jax.model.loss import token_cross_entropy
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
 from bignlp_jax.train.state import TrainState
 
@@ -26,36 +27,6 @@ BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
-
-
-@jax.custom_vjp
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token -log p(target), [B, T], in float32.
-
-    Hand-written gradient: d/dlogits = softmax(logits) - onehot(target), produced in one fused
-    elementwise pass. Autodiff of the forward would instead scatter the target term into a
-    zeroed [B, T, V] buffer and add it to the softmax term: two extra full-size passes over the
-    largest activation of the model."""
-    return _cross_entropy_fwd(logits, targets)[0]
-
-
-def _cross_entropy_fwd(logits, targets):
-    upcast = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(upcast, axis=-1)
-    target_logit = jnp.take_along_axis(upcast, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, (logits, log_z, targets)  # keeps the logits in their own dtype
-
-
-def _cross_entropy_bwd(residuals, g):
-    logits, log_z, targets = residuals
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    onehot = (vocab == targets[..., None]).astype(jnp.float32)
-    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
-    dlogits = ((probs - onehot) * g[..., None]).astype(logits.dtype)
-    return dlogits, None  # integer targets have no gradient
-
-
-token_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def loss_sums(params, batch, cfg: Config):
@@ -69,9 +40,11 @@ def loss_sums(params, batch, cfg: Config):
         batch = {k: constrain(v[:, order], ("batch", "seq")) for k, v in batch.items()}
         slot_index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (B, T))
     logits, _ = forward(cfg.model, params, batch["tokens"], batch["positions"],
-                        batch["segment_ids"], slot_index=slot_index)
+                        batch["segment_ids"], slot_index=slot_index,
+                        kernels=model_kernels(cfg.model))
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask), jnp.sum(mask)
+    losses = token_cross_entropy(logits, batch["targets"])
+    return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def _grads(params, batch, cfg: Config):
