@@ -45,6 +45,8 @@ RESUMABLE_KEYS = frozenset({
     # how the same maths is laid out and scheduled: the loss is a token sum over the same
     # global batch whatever the split, so only float rounding can differ
     "train.microbatches", "model.remat", "model.scan_unroll", "model.attention",
+    # which implementation of the same op runs (model/kernels.py): tested equal to the reference
+    "model.kernels", "model.kernel_projection", "model.kernel_attention",
 })
 # Any mesh key: a run may resume on a different number or layout of devices (the restore
 # reshards), e.g. a job requeued onto fewer nodes.
