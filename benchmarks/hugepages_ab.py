@@ -49,7 +49,7 @@ def main() -> int:
                       f"{r['page_faults_per_step']:,.0f} faults/step", file=sys.stderr, flush=True)
         ratios = [on["tokens_per_sec"] / off["tokens_per_sec"] for off, on in zip(*runs.values())]
 
-        def med(h, key):
+        def med(h, key, runs=runs):
             return statistics.median(r[key] for r in runs[h])
 
         print(f"| {runs[0][0]['config']} | {med(0, 'tokens_per_sec'):,.0f} | "

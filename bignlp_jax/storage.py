@@ -213,7 +213,8 @@ def check_access(p: str | os.PathLike, key: str, write: bool = True) -> None:
     # a daemon thread: a probe stuck in gcsfs's retries must not hold the exit (an executor's
     # worker would be joined at interpreter exit)
     outcome: list[BaseException | None] = []
-    probe = threading.Thread(target=lambda: outcome.append(_try(_probe, str(p), write)), daemon=True)
+    probe = threading.Thread(target=lambda: outcome.append(_try(_probe, str(p), write)),
+                             daemon=True)
     probe.start()
     probe.join(PROBE_TIMEOUT_S)
     if not outcome:

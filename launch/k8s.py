@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dotted overrides passed to bignlp-jax, e.g. train.steps=100")
         p.add_argument("--image", required=True, help="container image with bignlp-jax")
         p.add_argument("--name", help="JobSet name (default: from the file name)")
-        p.add_argument("--nodes", type=int, default=1, help="pods (processes) per stage/slice (default 1)")
+        p.add_argument("--nodes", type=int, default=1,
+                       help="pods (processes) per stage/slice (default 1)")
         p.add_argument("--gpus-per-node", type=int, default=0,
                        help="GPUs per pod (default 0: none, or a TPU slice)")
         p.add_argument("--tpu-accelerator", help="GKE TPU type, e.g. tpu-v5p-slice")

@@ -114,8 +114,8 @@ def test_whole_model_loss_and_grads_match_on_every_kernel_path(tmp_path):
     for kernels in paths:
         got_loss, got_grads = value_and_grad(params, kernels)
         np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=str(kernels))
-        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6,
-                                                             err_msg=str(kernels)),
+        jax.tree.map(lambda g, w, k=kernels: np.testing.assert_allclose(g, w, rtol=1e-4,
+                                                                        atol=2e-6, err_msg=str(k)),
                      got_grads, want_grads)
 
 

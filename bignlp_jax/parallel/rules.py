@@ -2,8 +2,9 @@
 
 Model code names the axes of every parameter and activation (`embed`, `mlp`, `heads`, ...); it
 never sees the mesh. A rules table per strategy maps those names onto the mesh axes
-`data`, `fsdp`, `sequence` and `tensor`. Parameters use the plain names; activations use `act_*` names so
-that, e.g., FSDP can shard a weight's `embed` axis while activations keep `embed` whole.
+`data`, `fsdp`, `sequence` and `tensor`. Parameters use the plain names; activations use
+`act_*` names so that, e.g., FSDP can shard a weight's `embed` axis while activations keep
+`embed` whole.
 """
 
 from __future__ import annotations
