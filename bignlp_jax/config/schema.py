@@ -251,6 +251,46 @@ class TaskConfig(Section):
         return list(self.label_words or self.labels or [])
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (LoRA) on the projections named in `targets`; rank 0 = off.
+
+    Each targeted weight W gets W + (alpha / rank) * B @ A with A [in, rank] random and
+    B [rank, out] zero (so step 0 is the base model); only A and B train and only they carry
+    optimizer state. `dropout` drops the adapter's input during training."""
+
+    rank: int = Field(0, description="0: no adapters (full finetuning)")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q", "v"],
+                               description="of q, k, v, o, gate, up, down")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank} is negative; use a rank >= 1, or 0 for off")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora.targets has unknown {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(LORA_TARGETS)}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets must be non-empty without repeats, got {self.targets}")
+        # values that differ from the defaults (a saved config.yaml spells every key out)
+        extra = [k for k in ("alpha", "dropout", "targets")
+                 if getattr(self, k) != LoraConfig.model_fields[k].get_default(
+                     call_default_factory=True)]
+        if self.rank == 0 and extra:
+            raise ValueError(f"lora.rank=0 (off) but {', '.join('lora.' + k for k in extra)} "
+                             "is set; set lora.rank >= 1 to train adapters, or drop those keys")
+        return self
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -261,6 +301,7 @@ class Config(Section):
     run: RunConfig = RunConfig()
     init_from: str | None = Field(None, description="checkpoint to load parameters from")
     task: TaskConfig | None = Field(None, description="finetuning task; null: language modelling")
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _check_cross(self) -> Config:
@@ -269,4 +310,10 @@ class Config(Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}"
             )
+        if self.lora.rank and not self.init_from:
+            raise ValueError(
+                "lora.rank > 0 needs init_from (the base model the adapters finetune); LoRA "
+                "on a pretraining config would train adapters on random weights")
+        if self.lora.rank and self.model.mlp != "swiglu" and "gate" in self.lora.targets:
+            raise ValueError("lora.targets has 'gate' but model.mlp=gelu has no gate projection")
         return self
