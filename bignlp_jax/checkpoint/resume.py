@@ -27,6 +27,8 @@ from bignlp_jax.checkpoint.paths import (
     resolve_step_dir,
 )
 from bignlp_jax.errors import UserError
+from bignlp_jax.model.lora import KEY as LORA_KEY
+from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.train.state import TrainState, abstract_state, with_params
 
 RESUME_MARKER = "resume_from.json"  # in RUN_DIR: which resume_from value was already applied
@@ -136,7 +138,8 @@ def _short(error: Exception) -> str:
 def restore_checkpoint(trainer, step_dir: Path) -> tuple[TrainState, dict]:
     """The full TrainState of a step, resharded onto the trainer's mesh, and the data position;
     UserError naming the step, the problem and the previous good step if either is unusable."""
-    target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh)
+    target = abstract_state(trainer.cfg.model, trainer.tx, trainer.state_sh,
+                            LoraSpec.from_config(trainer.cfg.lora))
     problem = _readable(step_dir, target)
     if problem is None:
         check_fits(target, f"restoring checkpoint {step_dir}")
@@ -159,7 +162,8 @@ def start_state(trainer, source, run_dir: str | Path) -> Start:
         return Start(state, int(state.step), f"resumed from checkpoint {step_dir}")
     state = trainer.fresh_state()
     if cfg.init_from:
-        params = load_init_params(cfg.init_from, cfg.model, trainer.state_sh.params)
+        base_sh = {k: v for k, v in trainer.state_sh.params.items() if k != LORA_KEY}
+        params = load_init_params(cfg.init_from, cfg.model, base_sh)
         state = with_params(state, params, trainer.tx, trainer.state_sh)
         return Start(state, 0, f"parameters from init_from={cfg.init_from}")
     return Start(state, 0, "new run")

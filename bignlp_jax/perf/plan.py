@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 
 from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token
+from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
 
@@ -210,7 +211,8 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     memory_gb = memory_gb if memory_gb is not None else spec.memory_gb
     start = time.perf_counter()
     trainer = Trainer.build(cfg, devices)
-    state = abstract_state(cfg.model, trainer.tx, trainer.state_sh)
+    state = abstract_state(cfg.model, trainer.tx, trainer.state_sh,
+                           LoraSpec.from_config(cfg.lora))
     batch = abstract_batch(cfg, trainer.batch_sh)
     compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

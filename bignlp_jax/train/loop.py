@@ -20,6 +20,7 @@ from bignlp_jax.checkpoint.resume import drop_metrics_after, start_state
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.data import global_batch, make_source, process_rows, record_run_data
 from bignlp_jax.errors import Preempted, UserError
+from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.parallel.mesh import build_mesh
 from bignlp_jax.parallel.rules import rules_table
 from bignlp_jax.perf.peak import mfu_meter
@@ -61,7 +62,7 @@ class Trainer:
             )
         tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-        state_sh = state_shardings(cfg.model, tx, mesh, rules)
+        state_sh = state_shardings(cfg.model, tx, mesh, rules, LoraSpec.from_config(cfg.lora))
         batch_sh = batch_sharding(mesh, rules)
         rows = process_rows(batch_sh, cfg.train.global_batch_size, cfg.data.seq_len)
         return cfg_cls(
@@ -72,7 +73,8 @@ class Trainer:
         )
 
     def fresh_state(self) -> TrainState:
-        return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh)
+        return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh,
+                          LoraSpec.from_config(self.cfg.lora))
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(local, self.batch_sh, self.cfg.train.global_batch_size)

@@ -1,4 +1,7 @@
-"""The train state (everything needed to continue a run exactly) and its shardings."""
+"""The train state (everything needed to continue a run exactly) and its shardings.
+
+With LoRA (model/lora.py) the params dict also holds the adapters under `lora`: the base
+parameters are frozen, so only the adapters (`trainable`) get gradients and optimizer state."""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.model import abstract_params, param_shardings
+from bignlp_jax.model.lora import KEY as LORA_KEY
+from bignlp_jax.model.lora import LoraSpec, adapter_axes, adapter_shapes, init_adapters
 from bignlp_jax.model.transformer import Transformer
-from bignlp_jax.parallel.rules import MeshAxes
+from bignlp_jax.parallel.rules import MeshAxes, sharding_for
 
 
 @flax.struct.dataclass
@@ -24,50 +29,76 @@ class TrainState:
     rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
 
 
+def trainable(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that train: the adapters with LoRA, else all of them."""
+    return params[LORA_KEY] if LORA_KEY in params else params
+
+
+def with_trainable(params: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`params` with its trainable part replaced by `new` (the frozen part passed through)."""
+    return {**params, LORA_KEY: new} if LORA_KEY in params else new
+
+
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: dict[str, MeshAxes]) -> TrainState:
-    """Shardings for every leaf: optimizer moments follow their parameter, scalars replicate."""
+                    rules: dict[str, MeshAxes], lora: LoraSpec | None = None) -> TrainState:
+    """Shardings for every leaf: optimizer moments follow their parameter, scalars replicate.
+    With `lora`, adapters shard by their logical axes like the layers they adapt."""
     replicated = NamedSharding(mesh, PartitionSpec())
     p_sh = param_shardings(model_cfg, mesh, rules)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params(model_cfg))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh,
+    shapes = abstract_params(model_cfg)
+    if lora is not None:
+        axes, a_shapes = adapter_axes(model_cfg, lora), adapter_shapes(model_cfg, lora)
+        p_sh[LORA_KEY] = jax.tree.map(
+            lambda ax, s: sharding_for(mesh, ax, rules, s.shape, name="a LoRA adapter"),
+            axes, a_shapes, is_leaf=lambda x: isinstance(x, tuple))
+        shapes = {**shapes, LORA_KEY: a_shapes}
+    abstract_opt = jax.eval_shape(tx.init, trainable(shapes))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable(p_sh),
                                    transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
 
 
 def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                   shardings: TrainState) -> TrainState:
+                   shardings: TrainState, lora: LoraSpec | None = None) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target for checkpoints and AOT compiles."""
-    shapes = jax.eval_shape(lambda: _fresh_state(model_cfg, tx, jax.random.key(0), 0))
+    shapes = jax.eval_shape(lambda: _fresh_state(model_cfg, tx, jax.random.key(0), 0, lora))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
 
 
-def _fresh_state(model_cfg, tx, key, seed) -> TrainState:
+def _fresh_state(model_cfg, tx, key, seed, lora=None) -> TrainState:
     from flax import nnx
 
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if lora is not None:  # adapters from their own key: the base init is the same as without
+        params[LORA_KEY] = init_adapters(model_cfg, lora, jax.random.fold_in(key, 1))
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(trainable(params)), rng=rng)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-               shardings: TrainState) -> TrainState:
+               shardings: TrainState, lora: LoraSpec | None = None) -> TrainState:
     """A new state from `seed`, compiled so every array is created already sharded.
 
-    The seed is split by purpose: fold_in(seed, 0) initialises parameters, fold_in(seed, 1) is the
-    training RNG; the data order uses the seed on the host side."""
+    The seed is split by purpose: fold_in(seed, 0) initialises parameters (fold_in of that by 1
+    the LoRA adapters), fold_in(seed, 1) is the training RNG; the data order uses the seed on
+    the host side."""
     init_key = jax.random.fold_in(jax.random.key(seed), 0)
-    make = jax.jit(lambda k: _fresh_state(model_cfg, tx, k, seed), out_shardings=shardings)
+    make = jax.jit(lambda k: _fresh_state(model_cfg, tx, k, seed, lora), out_shardings=shardings)
     return make(init_key)
 
 
 def with_params(state: TrainState, params: dict[str, Any], tx: optax.GradientTransformation,
                 shardings: TrainState) -> TrainState:
-    """A step-0 state around given parameters (fresh optimizer state): for `init_from`."""
-    make = jax.jit(lambda s, p: s.replace(params=p, opt_state=tx.init(p),
-                                          step=jnp.zeros((), jnp.int32)),
-                   out_shardings=shardings, donate_argnums=0)
-    return make(state, params)
+    """A step-0 state around given parameters (fresh optimizer state): for `init_from`. With
+    LoRA, `params` are the base parameters and the state's fresh adapters are kept."""
+
+    def make(s, p):
+        if LORA_KEY in s.params:
+            p = {**p, LORA_KEY: s.params[LORA_KEY]}
+        return s.replace(params=p, opt_state=tx.init(trainable(p)),
+                         step=jnp.zeros((), jnp.int32))
+
+    return jax.jit(make, out_shardings=shardings, donate_argnums=0)(state, params)
