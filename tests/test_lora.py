@@ -121,3 +121,59 @@ def test_lora_trains_adapters_only(tmp_path, pretrained):
     assert all(jax.tree.leaves(same))  # the base is bitwise unchanged
     assert all(float(np.abs(p["b"]).max()) > 0 for p in params["lora"].values())  # B trained
     assert np.isfinite(float(metrics["loss"]))
+
+
+# -- export: merged Hugging Face weights and a peft adapter, checked with peft itself ----------
+def test_peft_adapter_golden(tmp_path):
+    """Our peft export loaded by `peft.PeftModel.from_pretrained` on our HF export of the base
+    gives our LoRA logits (the golden tolerance of test_export_hf) and the same greedy tokens;
+    the merged HF export equals the base + scale * A @ B (same logits)."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from bignlp_jax.config import LoraConfig
+    from bignlp_jax.export.hf import export_hf
+    from bignlp_jax.export.peft import export_peft
+    from bignlp_jax.infer.generate import generate
+    from tests.test_export_hf import (
+        VARIANTS,
+        assert_logits_close,
+        hf_logits,
+        load_hf,
+        random_params,
+        tokens_for,
+    )
+
+    cfg = VARIANTS["llama_gqa"]
+    lora_cfg = LoraConfig(rank=3, alpha=6.0, targets=list(ALL))
+    spec = LoraSpec.from_config(lora_cfg)
+    base = random_params(cfg)
+    rng = np.random.default_rng(1)
+    adapters = {t: {k: (0.3 * rng.standard_normal(v.shape)).astype(np.float32)
+                    for k, v in p.items()}
+                for t, p in init_adapters(cfg, spec, jax.random.key(0)).items()}
+    export_hf(base, cfg, tmp_path / "base")
+    export_peft(adapters, cfg, lora_cfg, tmp_path / "adapter")
+    model = PeftModel.from_pretrained(load_hf(tmp_path / "base"), str(tmp_path / "adapter"))
+    model.eval()
+    tokens = tokens_for(cfg)
+    ours = np.asarray(jax.jit(lambda p, t: forward(cfg, p, t, lora=spec)[0])(
+        {**base, "lora": adapters}, tokens))
+    theirs = hf_logits(model, tokens)
+    assert_logits_close(ours, theirs)
+    assert float(np.abs(theirs - hf_logits(load_hf(tmp_path / "base"), tokens)).max()) > 0.1
+
+    merged = jax.device_get(jax.jit(merge, static_argnums=(0, 1))(
+        cfg, spec, {**base, "lora": adapters}))
+    export_hf(merged, cfg, tmp_path / "merged")
+    assert_logits_close(hf_logits(load_hf(tmp_path / "merged"), tokens), theirs)
+
+    prompts = [[5, 17, 250, 9, 33], [42, 7]]
+    our_new = generate(cfg, merged, prompts, max_new_tokens=12)
+    torch = pytest.importorskip("torch")
+    for prompt, new in zip(prompts, our_new):
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        assert out[0, len(prompt):].tolist() == new

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from bignlp_jax.config import Config
+from bignlp_jax.config import Config, LoraConfig
 from bignlp_jax.evaluate import metrics
 from bignlp_jax.evaluate.scoring import (
     generate_targets,
@@ -103,8 +103,9 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
 
     run_dir = Path(run_dir or cfg.run.dir)
     step_dir = resolve_step_dir(run_dir, step)
-    trainer = Trainer.build(cfg, devices)
-    params = load_params(step_dir, cfg.model, trainer.state_sh.params)
+    # a LoRA run is evaluated as its merged model: adapters folded into the base weights
+    trainer = Trainer.build(cfg.model_copy(update={"lora": LoraConfig()}), devices)
+    params = load_params(step_dir, cfg.model, trainer.state_sh.params, lora=cfg.lora)
     started = time.perf_counter()
     results = {"run_dir": str(run_dir), "step": int(step_dir.name) if step_dir.name.isdigit()
                else None, "task": cfg.task.type if cfg.task else "language_modelling"}

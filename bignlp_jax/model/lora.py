@@ -155,7 +155,7 @@ def merge(cfg: ModelConfig, spec: LoraSpec, params: dict[str, Any]) -> dict[str,
         w = jnp.einsum("lir,lro->lio", flat_a, flat_b) * spec.scale
         return w.reshape(*a.shape[:n_in + 1], *b.shape[2:])
 
-    qkv = attn["qkv"]
+    qkv = jnp.asarray(attn["qkv"])
     for t, col in (("q", slice(0, G)), ("k", G), ("v", G + 1)):
         if t in adapters:
             d = product(t)  # [L, D, K, G, H] or [L, D, K, H]
@@ -163,7 +163,7 @@ def merge(cfg: ModelConfig, spec: LoraSpec, params: dict[str, Any]) -> dict[str,
     attn["qkv"] = qkv
     if "o" in adapters:
         attn["out"] = attn["out"] + product("o").astype(attn["out"].dtype)
-    wi = mlp["wi"]
+    wi = jnp.asarray(mlp["wi"])
     if cfg.mlp == "swiglu":
         for t, col in (("gate", 0), ("up", 1)):
             if t in adapters:
