@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +179,47 @@ def test_peft_adapter_golden(tmp_path):
                              max_new_tokens=12, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
         assert out[0, len(prompt):].tolist() == new
+
+
+@pytest.mark.slow
+def test_lora_resume_is_exact_and_exports(tmp_path, pretrained):
+    """A LoRA run stopped at step 2 and resumed matches an uninterrupted one bitwise (dropout
+    on); the run exports merged weights and a peft adapter, and refuses an unmerged export."""
+    import argparse
+
+    from bignlp_jax.checkpoint import load_params
+    from bignlp_jax.export.commands import cmd_export
+    from bignlp_jax.train.loop import train
+    from bignlp_jax.train.metrics import read_metrics
+
+    pre, base = pretrained
+    straight = _lora_cfg(tmp_path / "a", pre, "train.steps=4")
+    train(straight)
+    train(_lora_cfg(tmp_path / "b", pre, "train.steps=2"))
+    resumed = _lora_cfg(tmp_path / "b", pre, "train.steps=4")
+    train(resumed)
+    losses = [{r["step"]: r["loss"] for r in read_metrics(c.run.dir)} for c in (straight, resumed)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4]
+    a, b = (load_params(c.run.dir, c.model, lora=c.lora, merged=False) for c in (straight, resumed))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+    frozen = {k: v for k, v in jax.device_get(a).items() if k != "lora"}
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, frozen, base)))
+
+    def export(fmt, out, merge=False):
+        return cmd_export(argparse.Namespace(run=str(straight.run.dir), step=None, format=fmt,
+                                             out=str(tmp_path / out), dtype="float32",
+                                             max_shard_size="5GB", merge=merge))
+
+    with pytest.raises(UserError, match="is a LoRA run"):
+        export("hf", "unmerged")
+    export("hf", "merged", merge=True)
+    export("peft", "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    from bignlp_jax.export.hf import load_hf_params
+
+    merged = load_hf_params(tmp_path / "merged", straight.model)
+    want = jax.device_get(merge(straight.model, LoraSpec.from_config(straight.lora), a))
+    assert all(jax.tree.leaves(jax.tree.map(
+        lambda x, y: np.allclose(x, y, rtol=1e-6, atol=1e-7), jax.device_get(merged), want)))

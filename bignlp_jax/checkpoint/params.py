@@ -98,9 +98,11 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
     shardings = shardings if shardings is not None else default_shardings(model_cfg)
     if spec is not None:
         expected = {**expected, LORA_KEY: adapter_shapes(model_cfg, spec)}
-        if LORA_KEY not in shardings:  # adapters are small: whole on the first local device
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = {**shardings, LORA_KEY: jax.tree.map(lambda _: device,
+        if LORA_KEY not in shardings:  # adapters are small: replicated beside the base
+            where = jax.tree.leaves(shardings)[0]
+            if isinstance(where, jax.sharding.NamedSharding):
+                where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+            shardings = {**shardings, LORA_KEY: jax.tree.map(lambda _: where,
                                                             expected[LORA_KEY])}
     check_shapes(saved["params"], expected, f"checkpoint {step_dir}")
     target = {"params": jax.tree.map(
