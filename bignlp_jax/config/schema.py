@@ -202,9 +202,11 @@ class TaskConfig(Section):
     `template` builds the prompt from record fields (Python format syntax, e.g. "{text}").
     classification: the target is the label word of `record[label_key]`; evaluation scores each
     label word's log-likelihood and picks the best. text_to_text: the target is
-    `record[target_key]`; evaluation generates greedily and reports exact match and BLEU."""
+    `record[target_key]`; evaluation generates greedily and reports exact match and BLEU.
+    chat: `record[messages_key]` is a conversation (template in tasks/chat.py), the loss on the
+    assistant turns; evaluation reports their loss and perplexity."""
 
-    type: Literal["classification", "text_to_text"] = "classification"
+    type: Literal["classification", "text_to_text", "chat"] = "classification"
     template: str = "{text}"
     label_key: str = "label"
     labels: list[str] | None = Field(
@@ -214,6 +216,10 @@ class TaskConfig(Section):
     target_key: str = "target"
     max_target_tokens: int = Field(64, ge=1, description="text_to_text: generation budget")
     eval_examples: int | None = Field(None, ge=1, description="cap on examples eval scores")
+    # chat (tasks/chat.py): records hold [{role, content}, ...]; the loss counts answers only
+    messages_key: str = "messages"
+    chat_overflow: Literal["truncate", "refuse"] = Field(
+        "truncate", description="chat: a conversation over data.seq_len: cut its end, or stop")
 
     @field_validator("labels", "label_words", mode="before")
     @classmethod

@@ -89,7 +89,7 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
                "perplexity": metrics.perplexity(nll, count), "target_tokens": count}
     if cfg.task.type == "classification":
         results.update(classification_results(cfg, trainer, params, fmt, records, score))
-    else:
+    elif cfg.task.type == "text_to_text":  # chat: the loss on the answers (above)
         results.update(text_results(cfg, params, fmt, records))
     return results
 
