@@ -55,8 +55,11 @@ def test_overflow_truncates_or_refuses():
     assert [t for t, w in zip(row["targets"], row["loss_mask"]) if w] == [HELLO, 2]
     with pytest.raises(UserError, match="task.chat_overflow=truncate"):
         fmt(seq_len=11, chat_overflow="refuse").row(CONVERSATION, 3)
+    # the first user turn loses its end so the first answer fits: <s> System: be brief <sep> hello </s>
+    row = fmt(seq_len=6).row(CONVERSATION, 0)
+    assert row["tokens"].tolist() == [1, S, BE, BRIEF, 3, HELLO] and row["loss_mask"].sum() == 2
     with pytest.raises(UserError, match="no assistant token fits"):
-        fmt(seq_len=6).row(CONVERSATION, 0)
+        fmt(seq_len=2).row(CONVERSATION, 0)
 
 
 @pytest.mark.parametrize("messages", [
@@ -69,3 +72,41 @@ def test_overflow_truncates_or_refuses():
 def test_malformed_conversations_are_refused(messages):
     with pytest.raises(UserError, match="record 5 of .*not a conversation"):
         fmt().row({"messages": messages}, 5)
+
+
+@pytest.mark.slow
+def test_embedded_chat_task_finetunes_with_lora_and_evaluates(tmp_path, embedded_data_dir):
+    """configs/finetune_stdlib_chat.yaml on the embedded conversations: rows count only the
+    answers, LoRA trains from a checkpoint, and eval reports the answers' loss."""
+    import numpy as np
+
+    from bignlp_jax.config import load_config
+    from bignlp_jax.data.embedded import CHAT_SYSTEM
+    from bignlp_jax.evaluate.run import evaluate_run
+    from bignlp_jax.tasks.source import make_task_source, open_task_split
+    from bignlp_jax.train.loop import Trainer, train
+
+    small = ["model.vocab_size=1024", "model.num_layers=1", "model.hidden=32",
+             "model.num_heads=2", "model.mlp_dim=64", "data.seq_len=96", "model.max_seq_len=96",
+             "train.global_batch_size=8", "train.log_every=1", f"data.data_dir={embedded_data_dir}"]
+    pre = load_config(None, [f"run.dir={tmp_path / 'pre'}", *small[:-1], "data.source=synthetic"])
+    trainer = Trainer.build(pre)
+    from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
+
+    ckpt = RunCheckpointer(pre.run.dir, pre.checkpoint)
+    ckpt.save(1, trainer.fresh_state(), {}, step_meta(pre, trainer.mesh, 1))
+    ckpt.close()
+
+    cfg = load_config("finetune_stdlib_chat", [
+        f"run.dir={tmp_path / 'chat'}", *small, f"init_from={pre.run.dir}", "data.tokenizer=null",
+        "train.steps=2", "task.eval_examples=8", "checkpoint.every_steps=0"])
+    records, _ = open_task_split(cfg, "validation")
+    assert CHAT_SYSTEM in records[0]["messages"].decode() if isinstance(
+        records[0]["messages"], bytes) else CHAT_SYSTEM in records[0]["messages"]
+    batch = next(make_task_source(cfg, "train", (0, 8)))
+    counted = batch["loss_mask"].sum(axis=1)
+    assert (counted > 0).all() and (counted < (batch["segment_ids"] > 0).sum(axis=1)).all()
+    train(cfg)
+    results = evaluate_run(cfg)
+    assert results["task"] == "chat" and np.isfinite(results["loss"])
+    assert results["target_tokens"] > 8  # two answers per conversation, 8 conversations

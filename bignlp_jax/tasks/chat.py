@@ -11,9 +11,10 @@ answer):
 
 Each quoted part is tokenized on its own. The loss counts the tokens of every assistant answer
 and its </s> (the model learns to answer and to stop), nothing of the system or user text.
-A conversation longer than `data.seq_len` + 1 tokens is cut at its end with
-`task.chat_overflow=truncate` (later turns are lost; a conversation left without any answer
-token is refused), or refused with `task.chat_overflow=refuse`.
+A conversation longer than `data.seq_len` + 1 tokens is refused with
+`task.chat_overflow=refuse`; with `truncate` the first user turn loses its end if the first
+answer would not fit after it, and whatever still does not fit is cut from the end (later turns
+are lost; a conversation left without any answer token is refused).
 """
 
 from __future__ import annotations
@@ -74,18 +75,27 @@ class ChatFormat(TaskFormat):
         return out
 
     def row(self, record: Mapping, index: int | None = None) -> dict[str, np.ndarray]:
+        pieces = self.pieces(record, index)
+        limit = self.seq_len + 1  # seq_len inputs, each with its next token as target
+        total = sum(len(ids) for ids, _ in pieces)
+        if total > limit and self.task.chat_overflow == "refuse":
+            raise UserError(
+                f"record {index} of {self.where} is a conversation of {total} tokens, "
+                f"more than data.seq_len={self.seq_len} + 1\n  fix: raise data.seq_len, "
+                "shorten or split the conversation, or set task.chat_overflow=truncate")
+        # truncate: the first user turn loses its end if the first answer would not fit
+        # (as prompts do in formats.py); later turns past the limit are dropped
+        first = sum(len(ids) for ids, _ in pieces[:3])
+        if first > limit:
+            user = pieces[1][0]
+            keep = len(user) - len(self.sep) - (first - limit)
+            if keep >= 1:
+                pieces[1] = ([*user[:keep], *self.sep], False)
         seq, counted = [], []
-        for ids, answer in self.pieces(record, index):
+        for ids, answer in pieces:
             seq += ids
             counted += [answer] * len(ids)
-        limit = self.seq_len + 1  # seq_len inputs, each with its next token as target
-        if len(seq) > limit:
-            if self.task.chat_overflow == "refuse":
-                raise UserError(
-                    f"record {index} of {self.where} is a conversation of {len(seq)} tokens, "
-                    f"more than data.seq_len={self.seq_len} + 1\n  fix: raise data.seq_len, "
-                    "shorten or split the conversation, or set task.chat_overflow=truncate")
-            seq, counted = seq[:limit], counted[:limit]
+        seq, counted = seq[:limit], counted[:limit]
         if not any(counted[1:]):
             raise UserError(
                 f"record {index} of {self.where}: no assistant token fits in data.seq_len="
