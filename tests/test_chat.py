@@ -15,7 +15,7 @@ class WordTokenizer:
     """Hand-made: 0 pad, 1 <s>, 2 </s>, 3 <sep>, then one id per known word."""
 
     pad_id, bos_id, eos_id, sep_id = 0, 1, 2, 3
-    WORDS = ["System:", "User:", "be", "brief", "hi", "hello", "bye", "ok", "\n"]
+    WORDS = ("System:", "User:", "be", "brief", "hi", "hello", "bye", "ok", "\n")
 
     def encode(self, text):
         return [4 + self.WORDS.index(w) for w in text.replace("\n", " \n ").split(" ") if w]

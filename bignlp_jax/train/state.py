@@ -31,7 +31,7 @@ class TrainState:
 
 def trainable(params: dict[str, Any]) -> dict[str, Any]:
     """The parameters that train: the adapters with LoRA, else all of them."""
-    return params[LORA_KEY] if LORA_KEY in params else params
+    return params.get(LORA_KEY, params)
 
 
 def with_trainable(params: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
