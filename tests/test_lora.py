@@ -219,6 +219,12 @@ def test_lora_resume_is_exact_and_exports(tmp_path, pretrained):
         "target_modules"] == ["down_proj", "q_proj", "v_proj"]
     from bignlp_jax.export.hf import load_hf_params
 
+    from bignlp_jax.infer.generate import generate
+
+    # generate on the run reads the merged weights (what `bignlp-jax generate --run` does)
+    folded = load_params(straight.run.dir, straight.model, lora=straight.lora)
+    assert "lora" not in folded
+    assert len(generate(straight.model, folded, [[1, 5, 9]], max_new_tokens=3)[0]) == 3
     merged = load_hf_params(tmp_path / "merged", straight.model)
     want = jax.device_get(merge(straight.model, LoraSpec.from_config(straight.lora), a))
     assert all(jax.tree.leaves(jax.tree.map(
