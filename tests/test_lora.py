@@ -229,3 +229,16 @@ def test_lora_resume_is_exact_and_exports(tmp_path, pretrained):
     want = jax.device_get(merge(straight.model, LoraSpec.from_config(straight.lora), a))
     assert all(jax.tree.leaves(jax.tree.map(
         lambda x, y: np.allclose(x, y, rtol=1e-6, atol=1e-7), jax.device_get(merged), want)))
+
+
+def test_pipeline_finetune_stage_with_lora(tmp_path):
+    """`lora:` in a pipeline's finetune stage reaches its run config; the from-scratch baseline
+    stays full finetuning (adapters need pretrained weights)."""
+    from bignlp_jax.pipeline.spec import Pipeline
+
+    p = Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", "finetune.lora.rank=4",
+                                         "finetune.lora.targets=[q,v,o]"])
+    ft, scratch = p.run_config("finetune"), p.run_config("finetune_scratch")
+    assert ft.lora.rank == 4 and ft.lora.targets == ["q", "v", "o"]
+    assert ft.init_from == str(tmp_path / "pretrain")
+    assert scratch.lora.rank == 0 and scratch.init_from is None
