@@ -218,7 +218,6 @@ def test_lora_resume_is_exact_and_exports(tmp_path, pretrained):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
         "target_modules"] == ["down_proj", "q_proj", "v_proj"]
     from bignlp_jax.export.hf import load_hf_params
-
     from bignlp_jax.infer.generate import generate
 
     # generate on the run reads the merged weights (what `bignlp-jax generate --run` does)
@@ -242,3 +241,26 @@ def test_pipeline_finetune_stage_with_lora(tmp_path):
     assert ft.lora.rank == 4 and ft.lora.targets == ["q", "v", "o"]
     assert ft.init_from == str(tmp_path / "pretrain")
     assert scratch.lora.rank == 0 and scratch.init_from is None
+
+
+def test_adapters_shard_like_their_layers(tmp_path):
+    """On a fsdp x tensor mesh each adapter axis is split exactly as the same axis of the
+    weight it adapts; the rank axis is never split."""
+    from bignlp_jax.parallel.mesh import build_mesh
+    from bignlp_jax.parallel.rules import rules_table
+    from bignlp_jax.train.optimizer import make_optimizer
+    from bignlp_jax.train.state import state_shardings
+
+    cfg = tiny_config(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", llama=True)
+    spec = LoraSpec(rank=4, scale=1.0, dropout=0.0, targets=ALL)
+    sh = state_shardings(cfg.model, make_optimizer(cfg.optimizer, 3), build_mesh(cfg.mesh),
+                         rules_table(cfg.mesh.rules), spec).params
+    p = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(s.spec) + (None,) * 5
+         for path, s in jax.tree_util.tree_flatten_with_path(sh)[0]}  # padded: spec may be short
+    qkv, out, wi, wo = (p[f"blocks/{n}"] for n in ("attn/qkv", "attn/out", "mlp/wi", "mlp/wo"))
+    assert p["lora/q/a"][:3] == (qkv[0], qkv[1], None)  # layers, embed, rank
+    assert p["lora/q/b"][:5] == (qkv[0], None, qkv[2], None, qkv[4])  # kv_heads, head_dim
+    assert p["lora/o/a"][:4] == (out[0], out[1], out[2], None)
+    assert p["lora/gate/b"][:3] == (wi[0], None, wi[3])  # mlp
+    assert p["lora/down/a"][:3] == (wo[0], wo[1], None) and p["lora/down/b"][2] == wo[2]
+    assert any(x is not None for x in p["lora/q/b"])  # the mesh really splits something
