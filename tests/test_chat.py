@@ -110,3 +110,25 @@ def test_embedded_chat_task_finetunes_with_lora_and_evaluates(tmp_path, embedded
     results = evaluate_run(cfg)
     assert results["task"] == "chat" and np.isfinite(results["loss"])
     assert results["target_tokens"] > 8  # two answers per conversation, 8 conversations
+
+
+def test_data_prepare_jsonl_keeps_messages(tmp_path):
+    """`data prepare --format jsonl --text-key messages` stores the conversation (as JSON text)
+    and the chat format reads it back into the same row."""
+    from bignlp_jax.data.local_files import prepare_local
+    from bignlp_jax.data.tfds_source import open_split
+
+    full = CONVERSATION["messages"]
+    lines = [json.dumps({"messages": m, "id": i}) for i, m in enumerate([full, full[1:], full[3:]])]
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare_local([str(tmp_path / "chats.jsonl")], "chats", tmp_path / "data", fmt="jsonl",
+                  text_key="messages")
+    rows = []
+    for split in ("train", "validation"):
+        try:
+            records = open_split("chats", tmp_path / "data", split, required_keys=("messages",))
+        except UserError:  # an empty split
+            continue
+        rows += [fmt().row(records[i], i) for i in range(len(records))]
+    want = fmt().row(CONVERSATION, 0)
+    assert len(rows) == 3 and any(all((r[k] == want[k]).all() for k in want) for r in rows)
