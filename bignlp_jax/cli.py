@@ -92,6 +92,8 @@ def cmd_describe(args) -> int:
     print(f"model                 {info['model']}")
     print(f"parameters            {info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)")
     print(f"non-embedding params  {info['non_embedding_parameters']:,}")
+    if "lora_parameters" in info:
+        print(f"LoRA adapter params   {info['lora_parameters']:,} (trained; the base is frozen)")
     print(f"train FLOPs / token   {info['flops_per_token']:.4g} (seq_len {info['seq_len']})")
     print(f"mesh                  {mesh_text(shape, cfg.mesh)}")
     info["dcn"] = dcn_axes(cfg.mesh)  # axes that cross slices/nodes, and over how many

@@ -162,7 +162,7 @@ def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
 def test_two_processes_save_to_gcs_and_one_restores(gcs_bucket, tmp_path):
     from test_checkpoint_multiprocess import MESH, WORKER, free_port
 
-    from bignlp_jax.checkpoint.resume import start_state
+    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
 
@@ -197,7 +197,7 @@ def test_two_processes_save_to_gcs_and_one_restores(gcs_bucket, tmp_path):
     cfg = config(run, "train.steps=100000")  # one process, 8 devices, another mesh
     trainer = Trainer.build(cfg)
     source = make_source(cfg, "train", trainer.rows)
-    one = start_state(trainer, source, run)
+    one = start_state(cfg, trainer.layout, source, run)
     assert one.step == stopped and source.get_state()["step"] == stopped
     for path, x in jax.tree_util.tree_flatten_with_path(one.state.params)[0]:
         assert np.array_equal(np.asarray(x), two[jax.tree_util.keystr(path)])

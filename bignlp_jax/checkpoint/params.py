@@ -17,9 +17,11 @@ from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.paths import STATE, resolve_step_dir
 from bignlp_jax.checkpoint.read_errors import is_read_error
-from bignlp_jax.config import ModelConfig
+from bignlp_jax.config import LoraConfig, ModelConfig
 from bignlp_jax.errors import UserError
 from bignlp_jax.model import abstract_params
+from bignlp_jax.model.lora import KEY as LORA_KEY
+from bignlp_jax.model.lora import LoraSpec, adapter_shapes, merge
 
 Params = dict[str, Any]
 
@@ -81,24 +83,37 @@ def default_shardings(model_cfg: ModelConfig) -> Params:
 
 
 def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | None = None,
-                step: int | None = None) -> Params:
+                step: int | None = None, lora: LoraConfig | None = None,
+                merged: bool = True) -> Params:
     """Read only the parameters of a checkpoint (run dir, checkpoints dir or step dir).
 
     `shardings` (a tree like the params) places each array; default: one local device. The
-    saved layout does not matter: Orbax reads each target shard from whatever was written."""
+    saved layout does not matter: Orbax reads each target shard from whatever was written.
+    lora: the run's `lora` section; a LoRA run's adapters are folded into the base weights
+    (`merged`, what generation, evaluation and the Hugging Face export read), or returned
+    beside them under params["lora"] (merged=False)."""
     step_dir = resolve_step_dir(path, step)
     state_dir = step_dir / STATE
     saved = saved_tree(state_dir)
     if "params" not in saved:
         raise UserError(f"{state_dir} holds no `params` (keys: {', '.join(saved)})")
     expected = abstract_params(model_cfg)
+    spec = LoraSpec.from_config(lora) if lora is not None else None
+    shardings = shardings if shardings is not None else default_shardings(model_cfg)
+    if spec is not None:
+        expected = {**expected, LORA_KEY: adapter_shapes(model_cfg, spec)}
+        if LORA_KEY not in shardings:  # adapters are small: replicated beside the base
+            where = jax.tree.leaves(shardings)[0]
+            if isinstance(where, jax.sharding.NamedSharding):
+                where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+            shardings = {**shardings, LORA_KEY: jax.tree.map(lambda _: where,
+                                                            expected[LORA_KEY])}
     check_shapes(saved["params"], expected, f"checkpoint {step_dir}")
     # every file, on every process: callers may read params on one process of a job, so no
     # collective here (resuming a run shares the reading out instead)
     if damaged := integrity.verify(step_dir):
         raise UserError(f"checkpoint {step_dir} is damaged: {damaged[1]}\n"
                         "  fix: use an earlier step of that run, or repair/remove this one")
-    shardings = shardings if shardings is not None else default_shardings(model_cfg)
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
     try:
@@ -111,5 +126,7 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
         if not is_read_error(e):
             raise
         raise UserError(f"cannot read the parameters of checkpoint {step_dir}: {e}") from e
+    if spec is not None and merged:
+        return jax.jit(merge, static_argnums=(0, 1))(model_cfg, spec, restored["params"])
     return restored["params"]
 

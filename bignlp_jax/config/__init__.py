@@ -5,6 +5,7 @@ from bignlp_jax.config.schema import (
     CheckpointConfig,
     Config,
     DataConfig,
+    LoraConfig,
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
@@ -13,6 +14,6 @@ from bignlp_jax.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
+    "CheckpointConfig", "Config", "DataConfig", "LoraConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
     "RunConfig", "TrainConfig", "config_to_yaml", "load_config", "save_config",
 ]

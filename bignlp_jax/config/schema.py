@@ -242,9 +242,11 @@ class TaskConfig(Section):
     `template` builds the prompt from record fields (Python format syntax, e.g. "{text}").
     classification: the target is the label word of `record[label_key]`; evaluation scores each
     label word's log-likelihood and picks the best. text_to_text: the target is
-    `record[target_key]`; evaluation generates greedily and reports exact match and BLEU."""
+    `record[target_key]`; evaluation generates greedily and reports exact match and BLEU.
+    chat: `record[messages_key]` is a conversation (template in tasks/chat.py), the loss on the
+    assistant turns; evaluation reports their loss and perplexity."""
 
-    type: Literal["classification", "text_to_text"] = "classification"
+    type: Literal["classification", "text_to_text", "chat"] = "classification"
     template: str = "{text}"
     label_key: str = "label"
     labels: list[str] | None = Field(
@@ -254,6 +256,10 @@ class TaskConfig(Section):
     target_key: str = "target"
     max_target_tokens: int = Field(64, ge=1, description="text_to_text: generation budget")
     eval_examples: int | None = Field(None, ge=1, description="cap on examples eval scores")
+    # chat (tasks/chat.py): records hold [{role, content}, ...]; the loss counts answers only
+    messages_key: str = "messages"
+    chat_overflow: Literal["truncate", "refuse"] = Field(
+        "truncate", description="chat: a conversation over data.seq_len: cut its end, or stop")
 
     @field_validator("labels", "label_words", mode="before")
     @classmethod
@@ -291,6 +297,46 @@ class TaskConfig(Section):
         return list(self.label_words or self.labels or [])
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (LoRA) on the projections named in `targets`; rank 0 = off.
+
+    Each targeted weight W gets W + (alpha / rank) * B @ A with A [in, rank] random and
+    B [rank, out] zero (so step 0 is the base model); only A and B train and only they carry
+    optimizer state. `dropout` drops the adapter's input during training."""
+
+    rank: int = Field(0, description="0: no adapters (full finetuning)")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q", "v"],
+                               description="of q, k, v, o, gate, up, down")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank} is negative; use a rank >= 1, or 0 for off")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora.targets has unknown {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(LORA_TARGETS)}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets must be non-empty without repeats, got {self.targets}")
+        # values that differ from the defaults (a saved config.yaml spells every key out)
+        extra = [k for k in ("alpha", "dropout", "targets")
+                 if getattr(self, k) != LoraConfig.model_fields[k].get_default(
+                     call_default_factory=True)]
+        if self.rank == 0 and extra:
+            raise ValueError(f"lora.rank=0 (off) but {', '.join('lora.' + k for k in extra)} "
+                             "is set; set lora.rank >= 1 to train adapters, or drop those keys")
+        return self
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -301,6 +347,7 @@ class Config(Section):
     run: RunConfig = RunConfig()
     init_from: str | None = Field(None, description="checkpoint to load parameters from")
     task: TaskConfig | None = Field(None, description="finetuning task; null: language modelling")
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _check_cross(self) -> Config:
@@ -316,4 +363,10 @@ class Config(Section):
                 "equal chunks (two per device, for an equal share of the causal work); choose a "
                 "seq_len or mesh.sequence that divide"
             )
+        if self.lora.rank and not self.init_from:
+            raise ValueError(
+                "lora.rank > 0 needs init_from (the base model the adapters finetune); LoRA "
+                "on a pretraining config would train adapters on random weights")
+        if self.lora.rank and self.model.mlp != "swiglu" and "gate" in self.lora.targets:
+            raise ValueError("lora.targets has 'gate' but model.mlp=gelu has no gate projection")
         return self

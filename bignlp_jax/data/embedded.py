@@ -7,6 +7,11 @@
     summary is a `stdlib_modules` validation text are left out, so finetuning is evaluated on
     text the pretrained model never read.
 
+`stdlib_chat` (chat finetuning; features `messages` (JSON text), `label`)
+    Each `stdlib_modules` example as a conversation (same splits): a system message, "Which
+    package documents this?\n{text}" -> the package, "Which object's docstring is it?" -> the
+    docstring's qualified name.
+
 `stdlib_modules` (finetuning classification; features `text`, `label`, `source`)
     text = the summary (leading paragraphs, <= 400 characters) of a docstring from one of eight
     packages, label = that package's name, one of:
@@ -37,8 +42,9 @@ from bignlp_jax.data.tfds_builder import write_dataset
 from bignlp_jax.data.tfds_source import open_split, text_of
 from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 
-DOCS, MODULES = "stdlib_docs", "stdlib_modules"
-EMBEDDED = (DOCS, MODULES)
+DOCS, MODULES, CHAT = "stdlib_docs", "stdlib_modules", "stdlib_chat"
+EMBEDDED = (DOCS, MODULES, CHAT)
+CHAT_SYSTEM = "You name the Python standard-library package that documents a text."
 VERSION = "1.0.0"
 LABELS = stdlib_corpus.LABEL_PACKAGES
 
@@ -67,6 +73,23 @@ def module_examples() -> dict[str, list[dict[str, str]]]:
         for i, example in enumerate(sorted(unique, key=lambda e: _sha1(e["text"]))):
             splits["validation" if i % 5 == 0 else "train"].append(example)
     return splits
+
+
+def chat_examples(modules: dict[str, list[dict[str, str]]]) -> dict[str, list[dict[str, str]]]:
+    """The `stdlib_chat` task: `stdlib_modules` as two-turn conversations, {split: [{messages
+    (JSON text), label}]}: which package documents this text, then which object."""
+
+    def conversation(e: dict[str, str]) -> str:
+        return json.dumps([
+            {"role": "system", "content": CHAT_SYSTEM},
+            {"role": "user", "content": f"Which package documents this?\n{e['text']}"},
+            {"role": "assistant", "content": e["label"]},
+            {"role": "user", "content": "Which object's docstring is it?"},
+            {"role": "assistant", "content": e["source"]},
+        ])
+
+    return {split: [{"messages": conversation(e), "label": e["label"]} for e in records]
+            for split, records in modules.items()}
 
 
 def docs_examples(exclude: set[str]) -> dict[str, list[dict[str, str]]]:
@@ -148,6 +171,10 @@ def ensure_embedded(data_dir: str | Path) -> None:
             write_dataset(DOCS, data_dir, _generators(docs),
                           fields=("text", "source"), version=VERSION, overwrite=True,
                           description=f"pydoc topics and stdlib docstrings ({python})")
+        if not is_built(CHAT, data_dir):
+            write_dataset(CHAT, data_dir, _generators(chat_examples(modules)),
+                          fields=("messages", "label"), version=VERSION, overwrite=True,
+                          description=f"stdlib_modules as conversations ({python})")
 
 
 def embedded_tokenizer(data_dir: str | Path, vocab_size: int, model_type: str = "bpe") -> Path:

@@ -67,8 +67,10 @@ def _field(record: dict, key: str, where: str) -> str:
         raise UserError(f"{where} has no field {key!r} (fields: {', '.join(sorted(record))})\n"
                         "  fix: pass --text-key (and --fields) naming fields that exist")
     value = record[key]
-    if value is None or isinstance(value, (dict, list)):
-        raise UserError(f"{where}: field {key!r} is {type(value).__name__}, expected a string")
+    if value is None:
+        raise UserError(f"{where}: field {key!r} is null, expected a string")
+    if isinstance(value, (dict, list)):  # e.g. chat `messages`: kept as JSON text
+        return json.dumps(value, ensure_ascii=False)
     return value if isinstance(value, str) else str(value)
 
 

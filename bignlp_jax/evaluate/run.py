@@ -19,7 +19,7 @@ import jax
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import load_params, resolve_step_dir
-from bignlp_jax.config import Config
+from bignlp_jax.config import Config, LoraConfig
 from bignlp_jax.data.tasks.formats import TaskFormat
 from bignlp_jax.data.tasks.source import open_task_split, task_format
 from bignlp_jax.evaluate import metrics
@@ -96,7 +96,7 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
                "perplexity": metrics.perplexity(nll, count), "target_tokens": count}
     if cfg.task.type == "classification":
         results.update(classification_results(cfg, trainer, params, fmt, records, score))
-    else:
+    elif cfg.task.type == "text_to_text":  # chat: the loss on the answers (above)
         results.update(text_results(cfg, params, fmt, records))
     return results
 
@@ -106,8 +106,9 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
     """Evaluate a checkpoint of `run_dir` (default: run.dir), write eval.json and metrics."""
     run_dir = storage.path(run_dir or cfg.run.dir)
     step_dir = resolve_step_dir(run_dir, step)
-    trainer = Trainer.build(cfg, devices)
-    params = load_params(step_dir, cfg.model, trainer.state_sh.params)
+    # a LoRA run is evaluated as its merged model: adapters folded into the base weights
+    trainer = Trainer.build(cfg.model_copy(update={"lora": LoraConfig()}), devices)
+    params = load_params(step_dir, cfg.model, trainer.state_sh.params, lora=cfg.lora)
     started = time.perf_counter()
     results: dict[str, Any] = {
         "run_dir": str(run_dir), "step": int(step_dir.name) if step_dir.name.isdigit() else None,

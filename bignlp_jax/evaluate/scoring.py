@@ -84,9 +84,8 @@ def target_nll(score: ScoreFn, fmt: TaskFormat, records: Sequence, batch_rows: i
     """(summed negative log-likelihood of every gold target token, number of those tokens)."""
     rows, count = [], 0
     for i, record in enumerate(records):
-        prompt, target = fmt.example(record, i)
-        rows.append(make_row(prompt, target, fmt.seq_len))
-        count += len(target)
+        rows.append(fmt.row(record, i))
+        count += int(rows[-1]["loss_mask"].sum())
     return float(-score_rows(score, rows, batch_rows, local).sum()), count
 
 

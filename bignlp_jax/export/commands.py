@@ -1,6 +1,7 @@
 """`bignlp-jax export` and `bignlp-jax import`: thin wrappers around hf/weights.py and bundle.py.
 
-    bignlp-jax export --run RUN_DIR [--step S] --format hf|params --out DIR [--dtype D]
+    bignlp-jax export --run RUN_DIR [--step S] --format hf|params|peft --out DIR [--dtype D]
+                      [--merge]  (a LoRA run: hf/params need --merge; peft writes the adapters)
     bignlp-jax import --format hf --from HF_DIR --out RUN_DIR
 """
 
@@ -23,9 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "params-only bundle")
     p.add_argument("--run", required=True, help="run directory (or its checkpoints / a step dir)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--format", choices=("hf", "params"), default="hf",
+    p.add_argument("--format", choices=("hf", "params", "peft"), default="hf",
                    help="hf: safetensors + config.json + tokenizer for transformers; params: "
-                        "params-only Orbax bundle for init_from / generate (default: hf)")
+                        "params-only Orbax bundle for init_from / generate; peft: a LoRA "
+                        "run's adapters for peft.PeftModel.from_pretrained on the base model (default: hf)")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA run: fold the adapters into the weights (W + alpha/rank * BA)")
     p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--max-shard-size", default="5GB",
@@ -94,13 +98,30 @@ def cmd_export(args) -> int:
         architecture_of(cfg.model)
     step_dir = resolve_step_dir(run, args.step)
     step = int(step_dir.name) if step_dir.name.isdigit() else 0
-    params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg))
+    lora = cfg.lora.rank > 0
+    if args.format == "peft" and not lora:
+        raise UserError(f"{run} is not a LoRA run (lora.rank=0): --format peft writes adapters\n"
+                        "  fix: use --format hf for its full weights")
+    if lora and args.format != "peft" and not args.merge:
+        raise UserError(f"{run} is a LoRA run: its weights are the base plus adapters\n"
+                        f"  fix: add --merge for merged --format {args.format} weights, or use "
+                        "--format peft for the adapters alone")
+    params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg), lora=cfg.lora,
+                         merged=args.format != "peft")
     tokenizer = run_tokenizer(run, cfg)
-    if args.format == "hf":
+    if args.format == "peft":
+        from bignlp_jax.export.peft import export_peft
+
+        out = export_peft(params["lora"], cfg.model, cfg.lora, args.out, args.dtype)
+    elif args.format == "hf":
         out = export_hf(params, cfg.model, storage.staging_dir(args.out), args.dtype, tokenizer,
                         args.max_shard_size)
         out = storage.publish(out, args.out, "config.json")  # bucket --out: upload the files
-    else:
+    else:  # merged weights: the bundle is a plain model (no init_from, no adapters)
+        from bignlp_jax.config import LoraConfig
+
+        if lora:
+            cfg = cfg.model_copy(update={"lora": LoraConfig(), "init_from": None})
         out = save_params_bundle(params, cfg, args.out, step=step, dtype=args.dtype,
                                  tokenizer=tokenizer)
     import jax

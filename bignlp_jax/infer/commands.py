@@ -30,7 +30,7 @@ def cmd_generate(args) -> int:
     # a task model was trained on <s> prompt <sep>: ask it the same way
     sep = [tokenizer.sep_id] if cfg.task is not None and tokenizer.sep_id is not None else []
     prompts = [[tokenizer.bos_id, *tokenizer.encode(t), *sep] for t in args.prompt]
-    params = load_params(args.run, cfg.model, step=args.step)
+    params = load_params(args.run, cfg.model, step=args.step, lora=cfg.lora)
     outputs = generate(cfg.model, params, prompts, args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,

@@ -20,6 +20,7 @@ import jax
 
 from bignlp_jax.config import Config, ModelConfig
 from bignlp_jax.model.functional import abstract_params, count_params, param_axes
+from bignlp_jax.model.lora import LoraSpec, adapter_axes, adapter_shapes
 from bignlp_jax.parallel.rules import logical_to_spec, rules_table
 
 # AdamW keeps two float32 moments per parameter.
@@ -57,8 +58,13 @@ def shard_factor(shape, axes, rules, mesh_shape: dict[str, int]) -> int:
 
 def param_bytes_per_device(cfg: ModelConfig, rules_name: str, mesh_shape: dict[str, int],
                            bytes_per_param: int = 4) -> float:
+    return _bytes_per_device(abstract_params(cfg), param_axes(cfg), rules_name, mesh_shape,
+                             bytes_per_param)
+
+
+def _bytes_per_device(shapes, axes, rules_name: str, mesh_shape: dict[str, int],
+                      bytes_per_param: int = 4) -> float:
     rules = rules_table(rules_name)
-    shapes, axes = abstract_params(cfg), param_axes(cfg)
     leaves = jax.tree.leaves(shapes)
     axis_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     return sum(
@@ -73,7 +79,16 @@ def describe(cfg: Config, mesh_shape: dict[str, int]) -> dict:
     total = count_params(abstract_params(m))
     params_bytes = param_bytes_per_device(m, cfg.mesh.rules, mesh_shape)
     optimizer_bytes = params_bytes * ADAM_STATE_BYTES_PER_PARAM / 4
-    return {
+    lora = {}
+    spec = LoraSpec.from_config(cfg.lora)
+    if spec is not None:  # frozen base + adapters; AdamW moments for the adapters only
+        shapes = adapter_shapes(m, spec)
+        adapter_bytes = _bytes_per_device(shapes, adapter_axes(m, spec), cfg.mesh.rules,
+                                          mesh_shape)
+        params_bytes += adapter_bytes
+        optimizer_bytes = adapter_bytes * ADAM_STATE_BYTES_PER_PARAM / 4
+        lora = {"lora_parameters": count_params(shapes)}
+    return {**lora,
         "model": m.name,
         "parameters": total,
         "non_embedding_parameters": non_embedding_params(m),

@@ -20,6 +20,7 @@ from bignlp_jax.model.attention import apply_rope, dot_product_attention
 from bignlp_jax.model.context_attention import context_attention, sequence_parallel
 from bignlp_jax.model.glue import split_qkv, swiglu
 from bignlp_jax.model.kernels import Kernels
+from bignlp_jax.model.lora import LayerLora
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
 
@@ -98,10 +99,11 @@ class Attention(nnx.Module):
                               ) if use_bias else None
         self.out_bias = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
 
-    def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None):
+    def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None,
+                 lora: LayerLora | None = None):
         """x [B,T,D] -> [B,T,D]; rope: (cos, sin) from `rope_tables`, or None. With `cache`
         (k, v [B,S,K,H], segment ids [B,S]) writes this step's keys/values at `cache_index` and
-        attends over the whole cache."""
+        attends over the whole cache. lora: this layer's adapters (model/lora.py), if any."""
         B, T, _ = x.shape
         kernels = self.kernels
         qkv = project(x, self.qkv[...], "btd,dkgh->btkgh", kernels.projection)
@@ -109,6 +111,9 @@ class Attention(nnx.Module):
             qkv = qkv + self.qkv_bias[...].astype(x.dtype)
         qkv = constrain(qkv, ("batch", "seq", "act_kv_heads", None, None))
         q, k, v = split_qkv(qkv)
+        if lora is not None:  # each of q, k, v has its own adapter on the shared input
+            q, k, v = (t + lora.delta(n, x, kernels.projection) if lora.has(n) else t
+                       for n, t in zip("qkv", (q, k, v)))
         if self.rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv_segment_ids, kv_index = segment_ids, q_index
@@ -130,6 +135,8 @@ class Attention(nnx.Module):
         o = o.reshape(B, T, self.K * self.G, self.H)  # [B,T,N,H], head n = k * G + g
         o = constrain(o, ("batch", "seq", "act_heads", None))
         y = project(o, self.out[...], "btnh,nhd->btd", kernels.projection, contract=2)
+        if lora is not None and lora.has("o"):
+            y = y + lora.delta("o", o, kernels.projection)
         if self.out_bias is not None:
             y = y + self.out_bias[...].astype(x.dtype)
         return y, new_cache
@@ -148,21 +155,29 @@ class MLP(nnx.Module):
         self.bi = param(None, zeros, in_shape[1:], in_axes[1:]) if use_bias else None
         self.bo = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: LayerLora | None = None) -> jax.Array:
+        """lora: this layer's adapters (model/lora.py), if any."""
         wi = self.wi[...].astype(x.dtype)
         kernel = self.kernels.projection
         if self.kind == "swiglu":
             h = project(x, wi, "btd,dcf->btcf", kernel)  # c = 0 gate, 1 up
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
+            if lora is not None and (lora.has("gate") or lora.has("up")):
+                h = h + jnp.stack([lora.delta(n, x, kernel) if lora.has(n)
+                                   else jnp.zeros_like(h[:, :, 0]) for n in ("gate", "up")], 2)
             h = swiglu(h)
         else:
             h = project(x, wi, "btd,df->btf", kernel)
             if self.bi is not None:
                 h = h + self.bi[...].astype(x.dtype)
+            if lora is not None and lora.has("up"):
+                h = h + lora.delta("up", x, kernel)
             h = jax.nn.gelu(h, approximate=True)  # GPT-2/3 use the tanh approximation
         h = constrain(h, ("batch", "seq", "act_mlp"))
         y = project(h, self.wo[...], "btf,fd->btd", kernel)
+        if lora is not None and lora.has("down"):
+            y = y + lora.delta("down", h, kernel)
         if self.bo is not None:
             y = y + self.bo[...].astype(x.dtype)
         return y

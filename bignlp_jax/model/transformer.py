@@ -20,6 +20,7 @@ from bignlp_jax.model.attention import rope_tables
 from bignlp_jax.model.context_attention import sequence_parallel, zigzag_order
 from bignlp_jax.model.kernels import REFERENCE, Kernels
 from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
+from bignlp_jax.model.lora import LayerLora, LoraSpec
 from bignlp_jax.model.matmul import project
 from bignlp_jax.parallel.rules import constrain
 
@@ -47,11 +48,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg.hidden, cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias,
                        init_std=cfg.init_std, out_std=out_std, kernels=kernels, rngs=rngs)
 
-    def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None):
+    def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None, lora=None):
         h, new_cache = self.attn(self.attn_norm(x), rope, segment_ids, q_index, cache,
-                                 cache_index)
+                                 cache_index, lora)
         x = constrain(x + h, ("batch", "seq", "act_embed"))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x), lora), ("batch", "seq", "act_embed"))
         return x, new_cache
 
 
@@ -78,14 +79,15 @@ class Transformer(nnx.Module):
                              ) if not cfg.tie_embeddings else None
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None,
-                 slot_index=None):
+                 slot_index=None, lora: tuple[LoraSpec, dict, jax.Array | None] | None = None):
         """tokens [B,T] -> (logits [B,T,V] float32, new cache or None).
 
         positions: RoPE / learned positions (restart at 0 in each packed document);
         segment_ids: document ids, 0 for padding. Both default to one unpacked sequence.
         cache: dict(k, v [L,B,S,K,H], segment_ids [B,S]) for incremental decoding; the T new
         tokens occupy slots cache_index .. cache_index+T-1. slot_index [B,T]: each token's slot
-        when the row arrives permuted; under context parallelism it must be `zigzag_order`."""
+        when the row arrives permuted; under context parallelism it must be `zigzag_order`.
+        lora: (spec, adapters stacked over layers, dropout key or None), see model/lora.py."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
@@ -117,19 +119,28 @@ class Transformer(nnx.Module):
 
         graphdef, stacked = nnx.split(self.blocks)
 
+        lora_xs = None
+        if lora is not None:  # adapters (and a dropout key per layer) scan with the blocks
+            spec, adapters, key = lora
+            lora_xs = (adapters, None if key is None else jax.random.split(key, cfg.num_layers))
+
         def layer(x, xs):
-            block_state, layer_cache = xs
+            block_state, layer_cache, layer_lora = xs
             block = nnx.merge(graphdef, block_state)
             layer_cache = None if layer_cache is None else (
                 layer_cache[0], layer_cache[1], cache["segment_ids"])
-            x, new_cache = block(x, rope, segment_ids, q_index, layer_cache, cache_index)
+            if layer_lora is not None:
+                layer_lora = LayerLora(spec, *layer_lora)
+            x, new_cache = block(x, rope, segment_ids, q_index, layer_cache, cache_index,
+                                 layer_lora)
             return x, (None if new_cache is None else (new_cache[0], new_cache[1], new_cache[2]))
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         kv = None if cache is None else (cache["k"], cache["v"])
         unroll = cfg.scan_unroll or cfg.num_layers  # 0: the whole stack, straight-line code
-        x, new_kv = jax.lax.scan(layer, x, (stacked, kv), unroll=min(unroll, cfg.num_layers))
+        x, new_kv = jax.lax.scan(layer, x, (stacked, kv, lora_xs),
+                                 unroll=min(unroll, cfg.num_layers))
 
         x = self.final_norm(x)
         if self.lm_head is None:

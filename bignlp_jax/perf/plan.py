@@ -29,9 +29,10 @@ from jax.sharding import NamedSharding
 
 from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token
+from bignlp_jax.model.lora import LoraSpec
+from bignlp_jax.parallel.mesh import dcn_axes
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.state import abstract_state
-from bignlp_jax.parallel.mesh import dcn_axes
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     # count the bytes along the axes that would cross DCN.
     trainer = Trainer.build(cfg.model_copy(update={"mesh": cfg.mesh.model_copy(
         update={"dcn_data": 1, "dcn_fsdp": 1})}), devices)
-    state = abstract_state(cfg.model, trainer.tx, trainer.state_sh)
+    state = abstract_state(cfg.model, trainer.tx, trainer.state_sh,
+                           LoraSpec.from_config(cfg.lora))
     batch = abstract_batch(cfg, trainer.batch_sh)
     compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

@@ -164,6 +164,7 @@ class Pipeline:
             forced["init_from"] = str(self.stage_dir("pretrain"))
         if stage == "finetune_scratch":
             forced["init_from"] = None  # the baseline: the same finetuning from random init
+            tree.pop("lora", None)  # (fully: adapters on random weights would learn nothing)
         try:
             return validate(deep_merge(tree, forced))
         except ConfigError as e:

@@ -133,7 +133,7 @@ def run_export(p: Pipeline) -> str:
     source = p.final_run()
     _needs(p, "export", source)
     cfg = p.run_config(source)
-    params = load_params(p.stage_dir(source), cfg.model)
+    params = load_params(p.stage_dir(source), cfg.model, lora=cfg.lora)
     run_tok = p.stage_dir(source) / "tokenizer"
     tokenizer = run_tok if run_tok.is_dir() else None
     out = export_hf(params, cfg.model, p.stage_dir("export"), p.spec.export.dtype, tokenizer)

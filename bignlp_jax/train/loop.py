@@ -32,6 +32,7 @@ from bignlp_jax.data import (
 from bignlp_jax.data.run_identity import with_store_identities
 from bignlp_jax.data.tfds_source import with_resolved_data_dir
 from bignlp_jax.errors import Preempted, UserError
+from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.parallel.mesh import build_mesh, mesh_text
 from bignlp_jax.parallel.rules import rules_table
 from bignlp_jax.train.identity import config_changes, record_config, refuse_unless_allowed
@@ -79,7 +80,7 @@ class Trainer:
             )
         tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-        state_sh = state_shardings(cfg.model, tx, mesh, rules)
+        state_sh = state_shardings(cfg.model, tx, mesh, rules, LoraSpec.from_config(cfg.lora))
         batch_sh = batch_sharding(mesh, rules)
         rows = process_rows(batch_sh, cfg.train.global_batch_size, cfg.data.seq_len)
         return cfg_cls(
@@ -90,12 +91,14 @@ class Trainer:
         )
 
     def fresh_state(self) -> TrainState:
-        return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh)
+        return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh,
+                          LoraSpec.from_config(self.cfg.lora))
 
     @property
     def layout(self) -> StateLayout:
         """What run start-up (train/start.py) needs to create or restore the state."""
-        return StateLayout(self.cfg.model, self.tx, self.state_sh, self.cfg.run.seed)
+        return StateLayout(self.cfg.model, self.tx, self.state_sh, self.cfg.run.seed,
+                           LoraSpec.from_config(self.cfg.lora))
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(local, self.batch_sh, self.cfg.train.global_batch_size)

@@ -36,6 +36,8 @@ from bignlp_jax.config import Config, ModelConfig
 from bignlp_jax.data import BatchSource
 from bignlp_jax.errors import UserError
 from bignlp_jax.hf.weights import load_hf_params
+from bignlp_jax.model.lora import KEY as LORA_KEY
+from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.train.state import TrainState, abstract_state, init_state, with_params
 
 RESUME_MARKER = "resume_from.json"  # in RUN_DIR: which resume_from value was already applied
@@ -52,12 +54,13 @@ class StateLayout:
     tx: optax.GradientTransformation
     shardings: TrainState  # one sharding per leaf (train.state.state_shardings)
     seed: int
+    lora: LoraSpec | None = None  # adapters beside the base params (model/lora.py)
 
     def fresh(self) -> TrainState:
-        return init_state(self.model, self.tx, self.seed, self.shardings)
+        return init_state(self.model, self.tx, self.seed, self.shardings, self.lora)
 
     def abstract(self) -> TrainState:
-        return abstract_state(self.model, self.tx, self.shardings)
+        return abstract_state(self.model, self.tx, self.shardings, self.lora)
 
 
 @dataclass
@@ -214,7 +217,9 @@ def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
         return Start(state, int(state.step), f"resumed from checkpoint {step_dir}")
     state = layout.fresh()
     if cfg.init_from:
-        params = load_init_params(cfg, layout.shardings.params)
+        # the base model only: a LoRA run's adapters start fresh (B = 0: the base's outputs)
+        base = {k: v for k, v in layout.shardings.params.items() if k != LORA_KEY}
+        params = load_init_params(cfg, base)
         state = with_params(state, params, layout.tx, layout.shardings)
         return Start(state, 0, f"parameters from init_from={cfg.init_from}")
     return Start(state, 0, "new run")

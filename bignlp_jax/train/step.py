@@ -18,9 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bignlp_jax.config import Config
 from bignlp_jax.model import forward, model_kernels
 from bignlp_jax.model.context_attention import zigzag_order
+from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.model.loss import token_cross_entropy
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
-from bignlp_jax.train.state import TrainState
+from bignlp_jax.train.state import TrainState, trainable, with_trainable
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -29,8 +30,9 @@ def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
 
 
-def loss_sums(params, batch, cfg: Config):
-    """(sum of masked token losses, number of counted tokens)."""
+def loss_sums(params, batch, cfg: Config, key: jax.Array | None = None):
+    """(sum of masked token losses, number of counted tokens). key: randomness of training
+    (LoRA dropout); None for evaluation."""
     slot_index = None
     if cfg.mesh.sequence > 1:
         # Context parallelism: rows permuted once into zig-zag order (equal causal work per
@@ -41,18 +43,25 @@ def loss_sums(params, batch, cfg: Config):
         slot_index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (B, T))
     logits, _ = forward(cfg.model, params, batch["tokens"], batch["positions"],
                         batch["segment_ids"], slot_index=slot_index,
-                        kernels=model_kernels(cfg.model))
+                        kernels=model_kernels(cfg.model),
+                        lora=LoraSpec.from_config(cfg.lora), lora_key=key)
     mask = batch["loss_mask"].astype(jnp.float32)
     losses = token_cross_entropy(logits, batch["targets"])
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def _grads(params, batch, cfg: Config):
-    """Summed loss, token count and summed gradients, accumulated over `train.microbatches`."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+def _grads(params, batch, cfg: Config, key: jax.Array):
+    """Summed loss, token count and summed gradients of the trainable parameters (all, or the
+    LoRA adapters: the frozen base gets no gradient), accumulated over `train.microbatches`."""
+
+    def loss_of_trainable(train, batch, key):
+        return loss_sums(with_trainable(params, train), batch, cfg, key)
+
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+    train = trainable(params)
     M = cfg.train.microbatches
     if M == 1:
-        (loss, count), grads = grad_fn(params, batch, cfg)
+        (loss, count), grads = grad_fn(train, batch, key)
         return loss, count, grads
 
     # Microbatch m takes rows m, m+M, m+2M, ... so every device holds a share of each one.
@@ -63,14 +72,15 @@ def _grads(params, batch, cfg: Config):
 
     micro = jax.tree.map(split, batch)
 
-    def body(carry, mb):
+    def body(carry, xs):
         loss, count, grads = carry
+        mb, m = xs
         mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
-        (l, c), g = grad_fn(params, mb, cfg)
+        (l, c), g = grad_fn(train, mb, jax.random.fold_in(key, m))
         return (loss + l, count + c, jax.tree.map(jnp.add, grads, g)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+    zeros = jax.tree.map(jnp.zeros_like, train)
+    (loss, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, jnp.arange(M)))
     return loss, count, grads
 
 
@@ -79,12 +89,15 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation, schedule: Cal
     """Compile-ready train step: (state, batch) -> (state, metrics); the state is donated."""
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        # this step's key, a function of (seed, step) alone (train/state.py): dropout, if any
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.run.seed), 1), state.step)
         with activation_sharding(mesh, rules):
-            loss_sum, count, grad_sums = _grads(state.params, batch, cfg)
+            loss_sum, count, grad_sums = _grads(state.params, batch, cfg, key)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        train = trainable(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, train)
+        params = with_trainable(state.params, optax.apply_updates(train, updates))
         metrics = {
             "loss": loss_sum / denom,
             "grad_norm": optax.tree.norm(grads),

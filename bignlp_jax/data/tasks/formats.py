@@ -108,6 +108,10 @@ class TaskFormat:
         target = self.target_ids(record, index)
         return self.prompt_ids(record, len(target) - 1), target
 
+    def row(self, record: Mapping, index: int | None = None) -> dict[str, np.ndarray]:
+        """The record's training row (tasks/chat.py builds its rows another way)."""
+        return make_row(*self.example(record, index), self.seq_len)
+
 
 def make_row(prompt: Sequence[int], target: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
     """One padded row (the batch format of train/step.py) with weight 1 on target tokens only."""

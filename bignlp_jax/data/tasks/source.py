@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from bignlp_jax.config import Config
-from bignlp_jax.data.tasks.formats import TaskFormat, empty_row, make_row, stack_rows
+from bignlp_jax.data.tasks.formats import TaskFormat, empty_row, stack_rows
 from bignlp_jax.data.tfds_source import open_split
 from bignlp_jax.errors import UserError
+from bignlp_jax.data.tasks.chat import ChatFormat
 
 STATE_VERSION = 1
 
@@ -60,8 +61,7 @@ class TaskBatches:
             if index is None:
                 out.append(empty_row(self.seq_len))
             else:
-                prompt, target = self.fmt.example(self.records[index], index)
-                out.append(make_row(prompt, target, self.seq_len))
+                out.append(self.fmt.row(self.records[index], index))
         self.step += 1
         return stack_rows(out)
 
@@ -88,7 +88,8 @@ def task_format(cfg: Config, where: str = "task data") -> TaskFormat:
     from bignlp_jax.data.text_source import resolve_tokenizer  # grain: only when used
 
     assert cfg.task is not None, "a task format needs a config with a task: section"
-    return TaskFormat(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
+    kind = ChatFormat if cfg.task.type == "chat" else TaskFormat
+    return kind(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
 
 
 def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
@@ -101,7 +102,8 @@ def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
     name, directory = text_source.dataset_name(cfg), text_source.data_dir(cfg)
     split_ = text_source.split_name(cfg, split)
     assert cfg.task is not None, "task records need a config with a task: section"
-    fmt_keys = TaskFormat(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
+    kind = ChatFormat if cfg.task.type == "chat" else TaskFormat
+    fmt_keys = kind(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
     records = open_split(name, directory, split_, required_keys=fmt_keys)
     return records, f"split {split_!r} of {name} in {directory}"
 
