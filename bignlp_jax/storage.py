@@ -19,15 +19,18 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from bignlp_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from etils import epath
 
 REMOTE_SCHEMES = {"gs://": "gcsfs", "s3://": "s3fs"}
 CLOUD_EXTRA = "pip install 'bignlp-jax[cloud]'"
 PROBE_TIMEOUT_S = 10.0  # gcsfs retries a refused connection for ~30 s; say so sooner
 
-AnyPath = Union[Path, "epath.Path"]  # noqa: F821 - etils is imported only for bucket paths
+AnyPath = Union[Path, "epath.Path"]  # etils is imported at run time only for bucket paths
 
 
 def is_remote(p: str | os.PathLike) -> bool:
@@ -66,8 +69,9 @@ def absolute(p: str | os.PathLike) -> AnyPath:
 
 def size(p: AnyPath) -> int:
     """Bytes of a file, local or in a bucket (epath's stat says `length`, not `st_size`)."""
-    result = p.stat()
-    return result.st_size if isinstance(p, Path) else result.length
+    if isinstance(p, Path):
+        return p.stat().st_size
+    return p.stat().length
 
 
 def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -101,11 +105,10 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def rmtree(p: str | os.PathLike) -> None:
     """Remove a directory tree (missing is fine)."""
     target = path(p)
-    if is_remote(p):
-        if target.exists():
-            target.rmtree()
-    else:
+    if isinstance(target, Path):  # local (`path` gives an epath.Path exactly for a bucket)
         shutil.rmtree(target, ignore_errors=True)
+    elif target.exists():
+        target.rmtree()
 
 
 def staging_dir(dest: str | os.PathLike) -> Path:
@@ -121,9 +124,9 @@ def publish(staged: Path, dest: str | os.PathLike, marker: str) -> AnyPath:
     """Upload the tree written to `staged` (from `staging_dir`) to bucket path `dest`, replacing
     an earlier one (only if it holds `marker`: a mistyped --out never deletes other objects).
     A no-op for a local `dest`, and on processes that staged nothing."""
-    if not is_remote(dest) or not staged.exists():
-        return path(dest)
     remote = path(dest)
+    if isinstance(remote, Path) or not staged.exists():  # local `dest`, or nothing staged
+        return remote
     if remote.exists() and any(remote.iterdir()):
         if not (remote / marker).exists():
             raise UserError(f"{dest} exists and is not an earlier export (no {marker}); "

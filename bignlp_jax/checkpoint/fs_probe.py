@@ -89,13 +89,14 @@ def storage_errno(error: BaseException) -> int | None:
     """The OS error behind a failed save, from an OSError or a TensorStore message (following
     __cause__/__context__), if it is one of STORAGE_ERRORS."""
     seen = 0
-    while error is not None and seen < 10:
-        code = error.errno if isinstance(error, OSError) else None
-        if code is None and (m := _TS_ERRNO.search(str(error))):
+    current: BaseException | None = error
+    while current is not None and seen < 10:
+        code = current.errno if isinstance(current, OSError) else None
+        if code is None and (m := _TS_ERRNO.search(str(current))):
             code = int(m.group(1))
         if code in STORAGE_ERRORS:
             return code
-        error, seen = error.__cause__ or error.__context__, seen + 1
+        current, seen = current.__cause__ or current.__context__, seen + 1
     return None
 
 
@@ -136,6 +137,20 @@ class QuietStorageErrors(logging.Filter):
 _FILTER = QuietStorageErrors()
 
 
+class _QuietExcepthook:
+    """`sys.excepthook` that drops "Event loop is closed" errors and passes the rest on to the
+    hook it replaced (a class, not a closure, so it can carry the marker attribute)."""
+
+    _bignlp_quiet = True  # marks an installed hook: `quiet_storage_errors` is idempotent
+
+    def __init__(self, previous_hook):
+        self.previous_hook = previous_hook
+
+    def __call__(self, kind, value, tb):
+        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+            self.previous_hook(kind, value, tb)
+
+
 def quiet_storage_errors() -> None:
     """Install the filter on absl's logger (Orbax logs through absl), and drop the "Event loop
     is closed" tracebacks TensorStore prints when a failed save's pending writes complete on
@@ -147,14 +162,7 @@ def quiet_storage_errors() -> None:
             logger.addFilter(_FILTER)
     if getattr(sys.excepthook, "_bignlp_quiet", False):
         return
-    previous_hook = sys.excepthook
-
-    def excepthook(kind, value, tb):
-        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
-            previous_hook(kind, value, tb)
-
-    excepthook._bignlp_quiet = True
-    sys.excepthook = excepthook
+    sys.excepthook = _QuietExcepthook(sys.excepthook)
 
 
 def silence_leftovers() -> None:

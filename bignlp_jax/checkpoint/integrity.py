@@ -177,8 +177,10 @@ def problem_at(step_dir: Path, position: int) -> str:
     every process can print the same message."""
     state_dir = storage.path(step_dir) / "state"
     listing = read_listing(state_dir)
-    if listing is None or listing.problem:
-        return listing.problem if listing else "its checksum list disappeared"
+    if listing is None:
+        return "its checksum list disappeared"
+    if listing.problem:
+        return listing.problem
     name, (size, crc) = sorted(listing.files.items())[position]
     return check_file(state_dir, name, size, crc) or f"state/{name} fails its checksum"
 

@@ -20,9 +20,10 @@ def is_read_error(error: BaseException) -> bool:
     Orbax re-raises TensorStore's read errors as a bare `Exception` with the original chained,
     so the chain is what tells a damaged file from a bug."""
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, CHECKPOINT_READ_ERRORS):
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CHECKPOINT_READ_ERRORS):
             return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return False

@@ -121,8 +121,8 @@ class SampleIndex:
         seg = (np.arange(len(j)) - piece_start[piece_row] + 1)[flat_piece]
         tokens = np.asarray(self.store.tokens)
         n = len(rows)
-        result = {k: np.zeros((n, T), np.int32)
-                  for k in ("tokens", "targets", "positions", "segment_ids")}
+        result: dict[str, np.ndarray] = {k: np.zeros((n, T), np.int32)
+                                         for k in ("tokens", "targets", "positions", "segment_ids")}
         mask = np.zeros((n, T), np.float32)
         if (real == T).all():  # the common case: no padded row in this batch
             result["tokens"][:] = tokens[idx].reshape(n, T)

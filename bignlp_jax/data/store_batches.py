@@ -11,6 +11,7 @@ works for any process count, because batch k is computed, not replayed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -61,7 +62,7 @@ class StoreBatches:
         self.workers, self.threads = workers, threads
         self._map = _Batch([indexes[n] for n in self.names], self.plan, rows)
         self.step = 0
-        self._iter = None
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
 
     def identity(self) -> dict[str, Any]:
         """What the batch order depends on besides the step (not seq_len, batch, processes)."""

@@ -63,7 +63,7 @@ def _encode_range(args: tuple) -> tuple[int, int]:
     source = open_split(name, data_dir, split)
     tok = load_tokenizer(tokenizer_path)
     bos, eos = tok.bos_id, tok.eos_id
-    lengths = []
+    lengths: list[int] = []
     with open(part, "wb") as out:
         for a in range(lo, hi, _CHUNK):
             texts = [text_of(source[i], text_key) for i in range(a, min(hi, a + _CHUNK))]

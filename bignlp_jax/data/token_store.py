@@ -100,7 +100,7 @@ class TokenStore:
         return {"path": str(self.path)}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        type(self).__init__(self, state["path"])
 
     @property
     def num_documents(self) -> int:

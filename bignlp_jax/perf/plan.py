@@ -21,6 +21,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -214,7 +215,7 @@ def collective_bytes(hlo: str, host_size: int = 8, mesh_shape: dict[str, int] | 
         raise ValueError("no ENTRY computation in the HLO text")
     visit(entry, 1.0)
 
-    out = {k: 0.0 for k in COLLECTIVES}
+    out: dict[str, Any] = {k: 0.0 for k in COLLECTIVES}  # and by_axis: a dict of its own
     out["cross_host"] = 0.0
     by_axis: dict[str, float] = {}
     for name, lines in computations.items():

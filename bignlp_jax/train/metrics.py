@@ -38,7 +38,9 @@ class MetricsLogger:
         self._pending: list[str] = []
         self._written: str | None = None  # the object's content (read once, then kept)
         self._flushed_at = time.monotonic()
-        self._tb_local = self._tb_remote = None
+        # a bucket run's local TensorBoard folder and where `flush` copies it
+        self._tb_local: Path | None = None
+        self._tb_remote: storage.AnyPath | None = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,8 @@ class MetricsLogger:
             self.path.write_text(self._written, encoding="utf-8")
             self._pending.clear()
         self._flushed_at = time.monotonic()
+        # both set for every enabled bucket run (__init__)
+        assert self._tb_local is not None and self._tb_remote is not None
         for event_file in self._tb_local.iterdir():
             storage.copy_file(event_file, self._tb_remote / event_file.name)
 
