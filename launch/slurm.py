@@ -29,8 +29,16 @@ if __package__ in (None, ""):  # run as a script: make `launch` importable from 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import (  # noqa: E402
-    LaunchError, Stage, bignlp_jax_command, is_pipeline, load_run_config, main_wrapper,
-    pipeline_output, plan_stages, require_modules, resolve_target,
+    LaunchError,
+    Stage,
+    bignlp_jax_command,
+    is_pipeline,
+    load_run_config,
+    main_wrapper,
+    pipeline_output,
+    plan_stages,
+    require_modules,
+    resolve_target,
 )
 
 REQUEUE_EXIT_CODE = 75  # bignlp_jax.errors.REQUEUE_EXIT_CODE: "checkpoint saved, run me again"

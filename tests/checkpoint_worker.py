@@ -31,10 +31,10 @@ def main(port: str, num_processes: str, process_id: str, run_dir: str, dump: str
     from checkpoint_common import config
     from jax.experimental import multihost_utils
 
-    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.errors import Preempted
     from bignlp_jax.train.loop import Trainer, train
+    from bignlp_jax.train.start import start_state
 
     cfg = config(run_dir, *overrides)
     try:

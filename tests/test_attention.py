@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bignlp_jax.model.attention import (apply_rope, attention_mask, causal_block_size,
-                                        dot_product_attention, rope_tables)
+from bignlp_jax.model.attention import (
+    apply_rope,
+    attention_mask,
+    causal_block_size,
+    dot_product_attention,
+    rope_tables,
+)
 
 
 def reference_attention(q, k, v, q_seg, kv_seg, q_index, kv_index, scale):

@@ -120,9 +120,9 @@ def test_wrong_model_shape_names_parameter_and_shapes(reference, tmp_path):
 
 
 def test_init_from_loads_params_only(reference, tmp_path):
-    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
 
     ref_dir, _, ref_params = reference
     cfg = config(tmp_path / "finetune", f"init_from={ref_dir}", "train.steps=12")
@@ -169,10 +169,10 @@ def test_init_from_a_relative_path(reference, tmp_path, monkeypatch):
 
 
 def test_init_from_hugging_face_dir(reference, tmp_path):
-    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.hf.weights import export_hf
     from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
 
     ref_dir, _, ref_params = reference
     model_cfg = config(ref_dir).model
@@ -240,8 +240,8 @@ def test_keep_policy_keeps_latest_and_every_n(tmp_path):
 
 
 def test_restore_that_does_not_fit_says_why(tmp_path):
-    from bignlp_jax.train.start import check_fits
     from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import check_fits
     from bignlp_jax.train.state import abstract_state
 
     trainer = Trainer.build(config(tmp_path, "mesh.data=1", "mesh.fsdp=8"))

@@ -27,10 +27,10 @@ from checkpoint_common import (
 )
 
 from bignlp_jax.checkpoint import integrity, latest_step, load_params
-from bignlp_jax.train.start import start_state
 from bignlp_jax.data import make_source
 from bignlp_jax.errors import REQUEUE_EXIT_CODE
 from bignlp_jax.train.loop import Trainer
+from bignlp_jax.train.start import start_state
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes

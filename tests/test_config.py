@@ -3,12 +3,12 @@
 import subprocess
 
 import pytest
+from conftest import REPO, bignlp_cmd
 
 from bignlp_jax import cli
 from bignlp_jax.config import load_config, save_config
 from bignlp_jax.config.loader import load_yaml_tree
 from bignlp_jax.errors import ConfigError
-from conftest import REPO, bignlp_cmd
 
 
 def test_yaml_defaults_and_overrides(tmp_path):

@@ -98,9 +98,9 @@ def test_mixture_resumes_exactly_on_another_process_count(stores, restore_hosts)
 
 
 def mixture_config(tmp_path, data_dir, *extra):
-    from bignlp_jax.config import load_config
-
     from helpers import TINY_MODEL
+
+    from bignlp_jax.config import load_config
 
     return load_config("tiny", [
         f"run.dir={tmp_path / 'run'}", f"data.data_dir={data_dir}", *TINY_MODEL,

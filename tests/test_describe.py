@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from bignlp_jax import cli
 from bignlp_jax.config import load_config
 from bignlp_jax.model.flops import flops_per_token
-from conftest import REPO
 
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "models").glob("*.yaml"))
 

@@ -6,11 +6,15 @@ import socket
 import subprocess
 
 import pytest
+from conftest import bignlp_cmd
 
 from bignlp_jax.parallel.distributed import (
-    CoordinatorError, add_arguments, detect, first_slurm_host, tasks_on_node,
+    CoordinatorError,
+    add_arguments,
+    detect,
+    first_slurm_host,
+    tasks_on_node,
 )
-from conftest import bignlp_cmd
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -16,7 +16,6 @@ from test_export_hf import (  # noqa: E402
     GPT,
     LLAMA,
     VARIANTS,
-
     assert_logits_close,
     hf_logits,
     load_hf,

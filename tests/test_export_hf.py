@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from bignlp_jax.config import MeshConfig, ModelConfig  # noqa: E402
-from bignlp_jax.hf.weights import export_hf, hf_model_config, load_hf_params  # noqa: E402
 from bignlp_jax.hf.layout import hf_layout  # noqa: E402
+from bignlp_jax.hf.weights import export_hf, hf_model_config, load_hf_params  # noqa: E402
 from bignlp_jax.model import abstract_params, forward, param_shardings  # noqa: E402
 from bignlp_jax.parallel.mesh import build_mesh  # noqa: E402
 from bignlp_jax.parallel.rules import rules_table  # noqa: E402

@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 from test_export_hf import VARIANTS, random_params
 
 from bignlp_jax.config import Config, DataConfig, MeshConfig, RunConfig
 from bignlp_jax.export.bundle import save_params_bundle
-from conftest import REPO
 
 pytestmark = pytest.mark.multiprocess
 

@@ -8,11 +8,11 @@ import pytest
 
 from bignlp_jax.config import ModelConfig, load_config
 from bignlp_jax.config.schema import TaskConfig
+from bignlp_jax.data.tasks.formats import TaskFormat, make_row, stack_rows
+from bignlp_jax.data.tasks.source import TaskBatches
 from bignlp_jax.errors import UserError
 from bignlp_jax.evaluate.scoring import label_log_likelihoods, sequence_log_likelihood
 from bignlp_jax.model import abstract_params, init_params
-from bignlp_jax.data.tasks.formats import TaskFormat, make_row, stack_rows
-from bignlp_jax.data.tasks.source import TaskBatches
 
 SMALL = ["model.vocab_size=512", "model.num_layers=1", "model.hidden=32", "model.num_heads=2",
          "model.mlp_dim=64", "model.max_seq_len=64", "data.seq_len=64",
@@ -177,9 +177,9 @@ def pretrained(tmp_path_factory):
 
 
 def test_finetune_starts_from_pretrained_params(tmp_path, pretrained):
-    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
 
     run_dir, params = pretrained
     cfg = finetune_config(tmp_path, f"init_from={run_dir}")

@@ -16,9 +16,8 @@ def test_mesh_bigger_than_the_devices_mentions_simulated_cpu_devices():
 
 
 def test_plan_that_does_not_fit_suggests_search_devices_and_remat(capsys):
-    from bignlp_jax.perf.plan_command import _print_plan
-
     from bignlp_jax.perf.plan import COLLECTIVES
+    from bignlp_jax.perf.plan_command import _print_plan
 
     plan = {"mesh": {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}, "dcn": {},
             "devices": 1, "remat": "none",

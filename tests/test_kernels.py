@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from bignlp_jax.model import REFERENCE, Kernels, forward, init_params, select_kernels
 from bignlp_jax.model.kernels import AUTO, OPS
 from bignlp_jax.model.loss import token_cross_entropy
 from bignlp_jax.model.matmul import project
-from helpers import tiny_config
 
 
 def test_auto_resolves_by_platform_and_overrides_win(tmp_path):

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from bignlp_jax.model import forward, init_cache, init_params
 from bignlp_jax.train.loop import train
-from helpers import tiny_config
 
 FAMILIES = [False, True]  # gpt-style, llama-style (GQA, RoPE, SwiGLU, untied)
 
@@ -59,8 +59,8 @@ def test_kv_cache_matches_full_forward(tmp_path, llama):
 
 
 def test_remat_policies_do_not_change_gradients(tmp_path):
-    from bignlp_jax.train.step import loss_sums
     from bignlp_jax.data import SyntheticSource
+    from bignlp_jax.train.step import loss_sums
 
     batch = next(SyntheticSource(seed=0, vocab_size=128, seq_len=16, global_batch=4, rows=(0, 4)))
     grads = {}

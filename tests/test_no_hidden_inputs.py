@@ -53,9 +53,10 @@ def test_data_dir_is_resolved_to_an_absolute_directory(tmp_path, monkeypatch):
 
 def test_peak_tflops_is_a_config_key(tmp_path):
     """The MFU the train loop logs uses train.peak_tflops when given (no probe, no table)."""
+    from helpers import tiny_config
+
     from bignlp_jax.model.flops import flops_per_token
     from bignlp_jax.train.peak import mfu_meter, peak_tflops
-    from helpers import tiny_config
 
     cfg = tiny_config(tmp_path, "train.peak_tflops=2.5")
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)

@@ -8,11 +8,11 @@ import sys
 import tomllib
 
 import pytest
+from conftest import REPO
 
 from bignlp_jax.config import load_config
 from bignlp_jax.config.loader import CONFIG_ROOT
 from bignlp_jax.errors import UserError
-from conftest import REPO
 
 
 def test_presets_are_package_data():

@@ -10,12 +10,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from bignlp_jax.model import count_params, abstract_params
-from bignlp_jax.model.flops import flops_per_token, param_bytes_per_device
-from bignlp_jax.perf.plan import collective_bytes
 from conftest import REPO, bignlp_cmd
 from helpers import tiny_config
+
+from bignlp_jax.model import abstract_params, count_params
+from bignlp_jax.model.flops import flops_per_token, param_bytes_per_device
+from bignlp_jax.perf.plan import collective_bytes
 
 BENCH_FIELDS = ("tokens_per_sec", "step_time_s", "step_time_spread", "compile_s",
                 "flops_per_token", "tflops_per_device", "mfu", "peak_memory_bytes_per_device",

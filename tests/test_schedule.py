@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from bignlp_jax.config import OptimizerConfig
 from bignlp_jax.model import abstract_params
 from bignlp_jax.train.optimizer import decay_mask, learning_rate_schedule
-from helpers import tiny_config
 
 
 def lr_at(cfg, steps, total=100):

@@ -3,13 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from bignlp_jax.parallel.mesh import mesh_shape
-from bignlp_jax.train.loop import Trainer
 from bignlp_jax.config import MeshConfig
 from bignlp_jax.errors import UserError
-from helpers import tiny_config
+from bignlp_jax.parallel.mesh import mesh_shape
+from bignlp_jax.train.loop import Trainer
 
 # GQA with 4 kv heads (2 query heads each) so tensor=4 splits kv heads evenly.
 GQA = ("model.num_heads=8", "model.num_kv_heads=4")

@@ -162,9 +162,9 @@ def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
 def test_two_processes_save_to_gcs_and_one_restores(gcs_bucket, tmp_path):
     from test_checkpoint_multiprocess import MESH, WORKER, free_port
 
-    from bignlp_jax.train.start import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
 
     run, dump = f"{gcs_bucket}/two", tmp_path / "params.npz"
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",

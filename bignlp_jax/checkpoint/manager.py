@@ -48,7 +48,7 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         directory = storage.path(directory)
         mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not mine.is_file():
-            mine = directory / "process_0-of-{}.json".format(_saved_process_count(directory))
+            mine = directory / f"process_0-of-{_saved_process_count(directory)}.json"
         return json.loads(mine.read_text(encoding="utf-8"))
 
     def metadata(self, directory) -> None:

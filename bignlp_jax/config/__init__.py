@@ -14,6 +14,6 @@ from bignlp_jax.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "LoraConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
-    "RunConfig", "TrainConfig", "config_to_yaml", "load_config", "save_config",
+    "CheckpointConfig", "Config", "DataConfig", "LoraConfig", "MeshConfig", "ModelConfig",
+    "OptimizerConfig", "RunConfig", "TrainConfig", "config_to_yaml", "load_config", "save_config",
 ]

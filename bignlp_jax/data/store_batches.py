@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from bignlp_jax.data.mixture import MixturePlan
 from bignlp_jax.data.sample_index import SampleIndex

@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_row, stack_rows
 from bignlp_jax.infer.generate import generate
 from bignlp_jax.model import forward
-from bignlp_jax.parallel.rules import activation_sharding, rules_table
 from bignlp_jax.model.loss import token_cross_entropy
+from bignlp_jax.parallel.rules import activation_sharding, rules_table
 
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # local rows -> [global rows] scores
 

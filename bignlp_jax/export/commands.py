@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("hf", "params", "peft"), default="hf",
                    help="hf: safetensors + config.json + tokenizer for transformers; params: "
                         "params-only Orbax bundle for init_from / generate; peft: a LoRA "
-                        "run's adapters for peft.PeftModel.from_pretrained on the base model (default: hf)")
+                        "run's adapters for peft.PeftModel.from_pretrained on the base model "
+                        "(default: hf)")
     p.add_argument("--merge", action="store_true",
                    help="a LoRA run: fold the adapters into the weights (W + alpha/rank * BA)")
     p.add_argument("--out", required=True, help="output directory (created; must be writable)")
@@ -80,8 +81,8 @@ def run_tokenizer(run: Path, cfg) -> Path | None:
 
 def cmd_export(args) -> int:
     from bignlp_jax.checkpoint import load_params, load_run_config, resolve_step_dir
-    from bignlp_jax.hf.arch import architecture_of
     from bignlp_jax.export.bundle import save_params_bundle
+    from bignlp_jax.hf.arch import architecture_of
     from bignlp_jax.hf.weights import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything

@@ -32,9 +32,9 @@ from bignlp_jax.hf.arch import (
     to_hf_config,
 )
 from bignlp_jax.hf.gather import check_on_writer, is_writer, to_host
-from bignlp_jax.hf.tokenizer import resolve_tokenizer, write_hf_tokenizer
 from bignlp_jax.hf.layout import Entry, hf_layout, layer_shape, tensor_order
 from bignlp_jax.hf.st_files import DTYPES, SafetensorsDir, ShardedWriter, Spec, parse_size
+from bignlp_jax.hf.tokenizer import resolve_tokenizer, write_hf_tokenizer
 from bignlp_jax.model import abstract_params
 
 __all__ = ["EXPORT_DTYPES", "export_hf", "hf_model_config", "load_hf_params"]

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from bignlp_jax.writable import require_writable
+
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
 

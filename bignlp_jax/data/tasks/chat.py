@@ -24,8 +24,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bignlp_jax.errors import UserError
 from bignlp_jax.data.tasks.formats import TaskFormat
+from bignlp_jax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 

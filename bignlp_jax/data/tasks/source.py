@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from bignlp_jax.config import Config
+from bignlp_jax.data.tasks.chat import ChatFormat
 from bignlp_jax.data.tasks.formats import TaskFormat, empty_row, stack_rows
 from bignlp_jax.data.tfds_source import open_split
 from bignlp_jax.errors import UserError
-from bignlp_jax.data.tasks.chat import ChatFormat
 
 STATE_VERSION = 1
 
