@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("bignlp_jax.infer.commands", "continue text prompts with a trained run"),
     "pipeline": ("bignlp_jax.pipeline.commands",
                  "tokenizer -> pretrain -> finetune -> evaluate -> export"),
-    "bench": ("bignlp_jax.perf.bench", "time the train step: tokens/s, MFU, memory"),
+    "bench": ("bignlp_jax.perf.bench_command", "time the train step: tokens/s, MFU, memory"),
     "plan": ("bignlp_jax.perf.plan_command",
              "compile the train step ahead of time for N devices: memory, mesh search"),
     "export": ("bignlp_jax.export.commands",

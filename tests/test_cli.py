@@ -57,8 +57,9 @@ print("jax imported:", "jax" in sys.modules, file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["generate", "--help"],
-                                  ["train"], ["generate", "--run", "x"], ["pipeline"]])
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--run", "x"], ["train"],
+                                  ["pipeline"]]
+                         + [[name, "--help"] for name in sorted(cli.COMMANDS)])
 def test_help_and_argument_errors_do_not_import_jax(argv):
     proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
                           timeout=60)

@@ -136,6 +136,9 @@ def unexplained_function_imports(package: Path = PACKAGE) -> list[str]:
             continue
         tree = ast.parse(text)
         top = {id(node) for node in tree.body}
+        # `if TYPE_CHECKING:` imports never run: annotations only
+        top |= {id(node) for block in tree.body if isinstance(block, ast.If)
+                and ast.unparse(block.test).endswith("TYPE_CHECKING") for node in block.body}
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
                 continue

@@ -8,11 +8,13 @@ and any number of processes.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding
+
+if TYPE_CHECKING:  # jax itself is imported where it is used: `data --help` must not load it
+    import jax
+    from jax.sharding import NamedSharding
 
 
 class BatchSource(Protocol):
@@ -34,6 +36,8 @@ def process_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> tu
     start, stop = starts[0][0], starts[-1][1]
     covered = sum(b - a for a, b in starts)
     if covered != stop - start:
+        import jax  # only on this error path
+
         raise RuntimeError(
             f"process {jax.process_index()} holds non-contiguous batch rows {starts}; "
             "build the mesh with jax.make_mesh so each host owns a contiguous block"
@@ -44,6 +48,8 @@ def process_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> tu
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
                  global_batch_size: int) -> dict[str, jax.Array]:
     """Assemble the global [B, T] arrays from every process's rows."""
+    import jax  # jax: loaded by the training run, not at import (`data --help` stays fast)
+
     return {
         k: jax.make_array_from_process_local_data(
             sharding, np.asarray(v), (global_batch_size, *np.shape(v)[1:])

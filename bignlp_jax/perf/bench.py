@@ -12,14 +12,13 @@ no rematerialisation counted), so MFU does not reward recomputation.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
 
 import jax
 
-from bignlp_jax.config import Config, load_config
+from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 from bignlp_jax.model.flops import flops_per_token
 from bignlp_jax.train.peak import mfu, peak_tflops
@@ -139,33 +138,3 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3,
     result = timer.report(peak_override)
     result["warmup"] = warmup
     return result
-
-
-def cmd_bench(args) -> int:
-    overrides = list(args.overrides)
-    if args.data == "synthetic":
-        overrides.append("data.source=synthetic")
-    cfg = load_config(args.config, overrides)
-    result = run_bench(cfg, args.steps, args.warmup, args.peak_tflops)
-    print(f"{result['config']}: {result['tokens_per_sec']:,.0f} tokens/s, step "
-          f"{result['step_time_s'] * 1e3:.1f} ms (min {result['step_time_spread'][0] * 1e3:.1f}, "
-          f"max {result['step_time_spread'][1] * 1e3:.1f}), {result['tflops_per_device']:.3f} "
-          f"TFLOP/s/device, MFU {result['mfu']:.1%} of {result['peak_tflops_per_device']:.3f} "
-          f"({result['peak_source']})")
-    print(json.dumps(result))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time the train step: tokens/s, MFU, memory")
-    p.add_argument("config", help="YAML config (path, or name under configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.remat=full")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed steps after compiling (default 3)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU (default: train.peak_tflops, else "
-                        "the table, or a CPU probe)")
-    p.add_argument("--data", choices=("synthetic", "real"), default="synthetic",
-                   help="synthetic batches (default) or the config's own data source")
-    p.set_defaults(func=cmd_bench)

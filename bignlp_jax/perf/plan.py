@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -32,33 +31,13 @@ from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.parallel.mesh import dcn_axes
+from bignlp_jax.perf.devices import DEVICES, DeviceSpec
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.state import abstract_state
 
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """What the estimate needs to know about one accelerator (datasheet figures, per device)."""
-
-    name: str
-    peak_tflops: float  # dense bf16
-    memory_gb: float  # GiB usable for one program
-    link_gbps: float  # GB/s for collectives among devices of one host / ICI slice
-    cross_host_gbps: float  # GB/s per device once a collective group spans hosts
-    host_size: int  # devices per host joined by the fast link
+__all__ = ["DEVICES", "DeviceSpec", "compile_plan"]  # the device table lives in devices.py
 
 
-DEVICES: dict[str, DeviceSpec] = {
-    # GPUs: NVLink inside an 8-GPU host, ~400 Gb/s InfiniBand per GPU between hosts.
-    "h100": DeviceSpec("h100", 989.0, 80.0, 450.0, 50.0, 8),
-    "h200": DeviceSpec("h200", 989.0, 141.0, 450.0, 50.0, 8),
-    "a100": DeviceSpec("a100", 312.0, 80.0, 300.0, 25.0, 8),
-    # TPUs: a whole slice shares the inter-chip interconnect.
-    "tpu-v4": DeviceSpec("tpu-v4", 275.0, 32.0, 270.0, 270.0, 4096),
-    "tpu-v5e": DeviceSpec("tpu-v5e", 197.0, 16.0, 200.0, 200.0, 256),
-    "tpu-v5p": DeviceSpec("tpu-v5p", 459.0, 95.0, 600.0, 600.0, 8960),
-    "tpu-v6e": DeviceSpec("tpu-v6e", 918.0, 32.0, 400.0, 400.0, 256),
-}
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
