@@ -7,8 +7,8 @@ import json
 import pytest
 
 from bignlp_jax.config.schema import TaskConfig
+from bignlp_jax.data.tasks.chat import ChatFormat
 from bignlp_jax.errors import UserError
-from bignlp_jax.tasks.chat import ChatFormat
 
 
 class WordTokenizer:
@@ -82,8 +82,8 @@ def test_embedded_chat_task_finetunes_with_lora_and_evaluates(tmp_path, embedded
 
     from bignlp_jax.config import load_config
     from bignlp_jax.data.embedded import CHAT_SYSTEM
+    from bignlp_jax.data.tasks.source import make_task_source, open_task_split
     from bignlp_jax.evaluate.run import evaluate_run
-    from bignlp_jax.tasks.source import make_task_source, open_task_split
     from bignlp_jax.train.loop import Trainer, train
 
     small = ["model.vocab_size=1024", "model.num_layers=1", "model.hidden=32",

@@ -99,15 +99,15 @@ def pretrained(tmp_path_factory):
 
 
 def test_lora_trains_adapters_only(tmp_path, pretrained):
-    from bignlp_jax.checkpoint.resume import start_state
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
+    from bignlp_jax.train.start import start_state
 
     pre, base = pretrained
     cfg = _lora_cfg(tmp_path, pre)
     trainer = Trainer.build(cfg)
     source = make_source(cfg, "train", trainer.rows)
-    state = start_state(trainer, source, cfg.run.dir).state
+    state = start_state(cfg, trainer.layout, source, cfg.run.dir).state
     adapters = state.params["lora"]
     # optimizer state only for the adapters: AdamW's two moments per adapter leaf (6), and
     # the scalar step counts; none of the base model's 14 matrices and vectors
@@ -134,8 +134,8 @@ def test_peft_adapter_golden(tmp_path):
     from peft import PeftModel
 
     from bignlp_jax.config import LoraConfig
-    from bignlp_jax.export.hf import export_hf
     from bignlp_jax.export.peft import export_peft
+    from bignlp_jax.hf.weights import export_hf
     from bignlp_jax.infer.generate import generate
     from tests.test_export_hf import (
         VARIANTS,
@@ -217,7 +217,7 @@ def test_lora_resume_is_exact_and_exports(tmp_path, pretrained):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
         "target_modules"] == ["down_proj", "q_proj", "v_proj"]
-    from bignlp_jax.export.hf import load_hf_params
+    from bignlp_jax.hf.weights import load_hf_params
     from bignlp_jax.infer.generate import generate
 
     # generate on the run reads the merged weights (what `bignlp-jax generate --run` does)

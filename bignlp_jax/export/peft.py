@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from bignlp_jax.config import LoraConfig, ModelConfig
 from bignlp_jax.errors import UserError
-from bignlp_jax.export.hf import check_out_dir, export_dtype, finish_out_dir, prepare_out_dir
+from bignlp_jax.hf.weights import check_out_dir, export_dtype, finish_out_dir, prepare_out_dir
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
