@@ -74,6 +74,18 @@ def size(p: AnyPath) -> int:
     return p.stat().length
 
 
+def files_under(p: AnyPath) -> list[AnyPath]:
+    """Every file below a directory, sorted (a bucket refuses a recursive `**` glob: walk it)."""
+    if isinstance(p, Path):
+        return sorted(f for f in p.rglob("*") if f.is_file())
+    import fsspec.core  # bucket paths only
+
+    # (epath's walk drops the scheme from the directories it yields; fsspec's find does not
+    # pretend: its names are bucket/key, and the scheme goes back in front)
+    fs, base = fsspec.core.url_to_fs(str(p))
+    return [path(str(p)[:5] + name) for name in sorted(fs.find(base))]
+
+
 def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name the same place (local paths resolved)."""
     if is_remote(a) or is_remote(b):

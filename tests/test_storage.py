@@ -131,8 +131,9 @@ def test_local_paths_are_untouched(tmp_path):
 @pytest.mark.slow
 def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
     from bignlp_jax.checkpoint import load_params
-    from bignlp_jax.checkpoint.params import default_shardings, load_init_params
+    from bignlp_jax.checkpoint.params import default_shardings
     from bignlp_jax.cli import main
+    from bignlp_jax.train.start import load_init_params
 
     run = f"{gcs_bucket}/run"
     train(config(run, "train.steps=2"))  # train on the bucket; export reads it from there
@@ -147,7 +148,8 @@ def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
     assert_trees_equal(jax.tree.map(np.asarray, load_params(imported, model)),
                        host_params(run, model))
     # init_from a run directory in a bucket
-    from_bucket = load_init_params(run, model, default_shardings(model))
+    from_bucket = load_init_params(config(tmp_path / "fresh", f"init_from={run}"),
+                                   default_shardings(model))
     assert_trees_equal(jax.tree.map(np.asarray, from_bucket), host_params(run, model))
     # a second export to the same --out replaces the earlier one; a foreign prefix is refused
     assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0

@@ -64,18 +64,18 @@ def _write_json(path: Path, record: dict) -> None:
 def write_process_sums(state_dir: Path, process_index: int) -> None:
     """Checksum the files this process wrote (its own OCDBT directory), if it has one."""
     own = state_dir / PROCESS_DIR.format(process_index)
-    files = sorted(p for p in own.rglob("*") if p.is_file()) if own.is_dir() else []
+    files = storage.files_under(own) if own.is_dir() else []
     _write_json(state_dir / PROCESS_PATTERN.format(process_index),
                 {"algorithm": ALGORITHM, "files": _sums(state_dir, files)})
 
 
 def write_primary_sums(state_dir: Path, process_count: int) -> None:
     """Checksum every file of `state/` outside the per-process directories (primary only)."""
-    files = sorted(
-        p for p in state_dir.rglob("*")
-        if p.is_file() and p.name not in SKIPPED and not p.name.startswith("checksums.")
+    files = [
+        p for p in storage.files_under(state_dir)
+        if p.name not in SKIPPED and not p.name.startswith("checksums.")
         and not p.relative_to(state_dir).parts[0].startswith("ocdbt.process_")
-    )
+    ]
     _write_json(state_dir / PRIMARY, {"algorithm": ALGORITHM, "process_count": process_count,
                                       "files": _sums(state_dir, files)})
 

@@ -97,7 +97,7 @@ class ChecksummedPyTreeHandler(ocp.PyTreeCheckpointHandler):
 
     def finalize(self, directory) -> None:
         super().finalize(directory)
-        integrity.write_primary_sums(Path(directory), jax.process_count())
+        integrity.write_primary_sums(storage.path(str(directory)), jax.process_count())
 
 
 # Orbax maps each argument class to one handler: saves through the checksumming handler use

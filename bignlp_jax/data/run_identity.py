@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 
@@ -36,8 +37,8 @@ def with_store_identities(cfg: Config, run_dir: str | Path) -> Config:
             f"reads {_show(found)}\n  fix: point data.data_dir / data.tokenizer at the data "
             "the run was trained on, or set data.stores=null to accept the new data in a new "
             "run.dir")
-    saved = _saved_stores(Path(run_dir))
-    if saved is not None and saved != found and (Path(run_dir) / "checkpoints").is_dir():
+    saved = _saved_stores(storage.path(run_dir))
+    if saved is not None and saved != found and (storage.path(run_dir) / "checkpoints").is_dir():
         raise UserError(
             f"run {run_dir} was trained on token stores {_show(saved)} (its config.yaml), but "
             f"this config reads {_show(found)}: other data (another tokenizer or dataset)\n"
@@ -46,7 +47,7 @@ def with_store_identities(cfg: Config, run_dir: str | Path) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def _saved_stores(run_dir: Path) -> dict[str, str] | None:
+def _saved_stores(run_dir: storage.AnyPath) -> dict[str, str] | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None

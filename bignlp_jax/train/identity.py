@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.errors import ConfigError
@@ -67,7 +68,7 @@ def is_resumable(key: str) -> bool:
 class ConfigChanges:
     """Differences between the run's recorded config and the new one: key -> (old, new)."""
 
-    run_dir: Path
+    run_dir: storage.AnyPath
     resumable: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     other: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     has_checkpoints: bool = False
@@ -120,12 +121,9 @@ def compare(old_tree: dict[str, Any], new: Config, run_dir: Path) -> ConfigChang
 
 def config_changes(cfg: Config, run_dir: str | Path) -> ConfigChanges:
     """Compare `cfg` with RUN_DIR/config.yaml (no changes when the run is new)."""
-    remote = "://" in str(run_dir)  # checked before Path() folds gs:// into gs:/
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)  # a bucket too (storage.py)
     path = run_dir / CONFIG_FILE
-    # (a gs:// run.dir is not a local path: compared only once config.yaml is read through
-    # the same storage layer as the checkpoints; until then such runs are not checked)
-    if remote or not path.is_file():
+    if not path.is_file():
         return ConfigChanges(run_dir)
     try:
         old_tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -164,15 +162,19 @@ def record_config(cfg: Config, changes: ConfigChanges, step: int) -> None:
         entry = {"time": time.time(), "step": step,
                  "changes": {k: {"old": a, "new": b}
                              for k, (a, b) in {**changes.resumable, **changes.other}.items()}}
-        history = changes.run_dir / HISTORY_FILE
-        with history.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        history, line = changes.run_dir / HISTORY_FILE, json.dumps(entry) + "\n"
+        if storage.is_remote(history):  # a bucket object cannot be appended to: rewrite it
+            before = history.read_text(encoding="utf-8") if history.exists() else ""
+            history.write_text(before + line, encoding="utf-8")
+        else:
+            with history.open("a", encoding="utf-8") as f:
+                f.write(line)
     save_config(cfg, changes.run_dir / CONFIG_FILE)
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
     """The entries of RUN_DIR/config_history.jsonl, oldest first ([] if none)."""
-    path = Path(run_dir) / HISTORY_FILE
+    path = storage.path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
