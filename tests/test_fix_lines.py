@@ -60,7 +60,8 @@ def test_finetune_without_its_pretraining_run_says_to_run_the_pretraining(tmp_pa
 
 
 def test_object_storage_paths_are_left_to_the_storage_layer(tmp_path, monkeypatch):
-    from bignlp_jax.train.identity import config_changes
+    """The local checks skip bucket paths (no network here; the run identity of a bucket run is
+    read through the storage layer, tested against the GCS emulator in test_storage.py)."""
     from bignlp_jax.train.inputs import check_source_runs
     from bignlp_jax.writable import require_writable
 
@@ -68,5 +69,4 @@ def test_object_storage_paths_are_left_to_the_storage_layer(tmp_path, monkeypatc
     require_writable("gs://bucket/runs/a", "run.dir", "run.dir=DIR")
     cfg = load_config("tiny", ["run.dir=gs://bucket/runs/a", "init_from=gs://bucket/runs/p"])
     check_source_runs(cfg)
-    assert not config_changes(cfg, cfg.run.dir)
     assert list(tmp_path.iterdir()) == []  # no local gs:/bucket/... directories made
