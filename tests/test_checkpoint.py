@@ -185,6 +185,7 @@ def test_init_from_hugging_face_dir(reference, tmp_path):
     assert_trees_equal(start.state.params, ref_params)
 
 
+@pytest.mark.slow  # trains and restores on three more meshes (~15 s): whole-run tier
 @pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"], "1 device",
                                   ["mesh.data=2", "mesh.sequence=4"]])
 def test_restore_onto_other_mesh(reference, tmp_path, mesh):

@@ -86,6 +86,8 @@ def test_indivisible_parameter_is_named(tmp_path):
         Trainer.build(cfg, jax.devices())
 
 
+# compiles the blocked kernel on a 2 x 4 mesh (~7 s); test_attention.py covers it on one device
+@pytest.mark.slow
 def test_blocked_causal_attention_sharded_matches_single_device(tmp_path):
     """Rows of 256 take the causal block-skipping path; heads split over tensor=4."""
     long_rows = ("data.seq_len=256", "model.max_seq_len=256", *GQA)
