@@ -74,6 +74,15 @@ def size(p: AnyPath) -> int:
     return p.stat().length
 
 
+def install_dir(tmp: Path, final: Path) -> None:
+    """Put a finished temporary directory (made next to `final`) in place with one rename,
+    replacing an earlier version: readers see the old directory or the new one, never half."""
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 def files_under(p: AnyPath) -> list[AnyPath]:
     """Every file below a directory, sorted (a bucket refuses a recursive `**` glob: walk it)."""
     if isinstance(p, Path):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bignlp_jax import storage
 from bignlp_jax.data.token_store import (
     FORMAT,
     MANIFEST,
@@ -125,10 +126,7 @@ def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_
             "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "workers": workers,
             "build_seconds": round(seconds, 3)})
         assert sum(r[1] for r in results) == manifest["tokens"]
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        storage.install_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

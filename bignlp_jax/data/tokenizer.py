@@ -191,10 +191,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
         (tmp / MODEL_FILE).write_bytes(model.getvalue())
         tok = Tokenizer(tmp / MODEL_FILE)
         tok.save(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        storage.install_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
