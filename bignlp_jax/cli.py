@@ -16,7 +16,6 @@ import traceback
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
 from bignlp_jax.perf.hugepages import reexec_with_huge_pages
-from bignlp_jax.writable import require_writable
 
 BUG_REPORT = ("this is a bug in bignlp-jax, not in your input: please report it with the "
               "command you ran and the traceback above")
@@ -69,7 +68,6 @@ def cmd_train(args) -> int:
     from bignlp_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    require_writable(cfg.run.dir, "run.dir", "run.dir=DIR")  # before building the model
     train(cfg, allow_config_change=args.allow_config_change)
     return 0
 
