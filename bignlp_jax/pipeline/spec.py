@@ -191,6 +191,12 @@ class Pipeline:
         if self.spec.tokenizer is not None and pre is not None and pre.data.source != "tfds":
             raise UserError(f"pipeline {self.path}: the tokenizer stage trains on the pretraining "
                             f"data, but pretrain has data.source={pre.data.source}")
+        if self.spec.tokenizer is not None and pre is not None and not pre.data.tfds_name:
+            has, fix = (("reads a data.mixture", "set tokenizer: null (each stage then uses its "
+                         "own data.tokenizer)") if pre.data.mixture else
+                        ("has no data.tfds_name", "set pretrain.data.tfds_name"))
+            raise UserError(f"pipeline {self.path}: the tokenizer stage trains on pretrain's "
+                            f"data.tfds_name, but pretrain {has}\n  fix: {fix}")
 
 
 def export_available() -> bool:
