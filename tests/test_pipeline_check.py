@@ -19,3 +19,13 @@ from bignlp_jax.pipeline.spec import Pipeline
 def test_tokenizer_stage_needs_one_pretraining_dataset(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", *overrides])
+
+
+def test_export_stage_needs_a_training_stage(tmp_path):
+    no_training = ["pretrain=null", "finetune=null", "finetune_scratch=false", "tokenizer=null"]
+    with pytest.raises(UserError, match=r"export stage exports the trained model, but the "
+                                        r"pipeline has no pretrain or finetune stage"):
+        Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", *no_training])
+    # without the export stage the same pipeline is valid (and has nothing to run)
+    assert Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", *no_training,
+                                            "export=null"]).stages() == []

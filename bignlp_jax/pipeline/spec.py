@@ -197,6 +197,10 @@ class Pipeline:
                         ("has no data.tfds_name", "set pretrain.data.tfds_name"))
             raise UserError(f"pipeline {self.path}: the tokenizer stage trains on pretrain's "
                             f"data.tfds_name, but pretrain {has}\n  fix: {fix}")
+        if self.spec.export is not None and self.final_run() is None:
+            raise UserError(f"pipeline {self.path}: the export stage exports the trained model, "
+                            "but the pipeline has no pretrain or finetune stage\n  fix: add "
+                            "one, or set export: null")
 
 
 def export_available() -> bool:
