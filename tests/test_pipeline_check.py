@@ -1,12 +1,16 @@
 """Pipeline wiring that cannot work is refused when the file is loaded (one line, exit 2), not
-met mid-run as a traceback. No training."""
+met mid-run as a traceback; and the report covers every kind of finetuning stage. No training."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.pipeline.fingerprint import fingerprint
 from bignlp_jax.pipeline.spec import Pipeline
+from bignlp_jax.pipeline.state import RESULTS_FILE, record
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -29,3 +33,21 @@ def test_export_stage_needs_a_training_stage(tmp_path):
     # without the export stage the same pipeline is valid (and has nothing to run)
     assert Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", *no_training,
                                             "export=null"]).stages() == []
+
+
+def test_report_of_a_language_modelling_finetune(tmp_path):
+    from bignlp_jax.pipeline.report import build_report
+
+    p = Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", "finetune.task=null"])
+    results = {s: {"task": "language_modelling", "loss": 1.25 + i, "perplexity": 3.49 + i,
+                   "batches": 1, "step": 3}
+               for i, s in enumerate(("pretrain", "finetune", "finetune_scratch"))}
+    (tmp_path / "evaluate").mkdir(parents=True)
+    (tmp_path / "evaluate" / RESULTS_FILE).write_text(json.dumps(results))
+    for stage in p.stages():
+        record(p, stage, "done", 1.0, "", fingerprint(p, stage), {})
+    report = build_report(p)
+    assert "(language_modelling), 3 steps; evaluated on 1 held-out batches." in report
+    assert "| model | validation loss | perplexity |" in report
+    assert "| finetuned from pretrained | 2.250 | **4.49** |" in report
+    assert "| finetuned from random init | 3.250 | **5.49** |" in report
