@@ -41,8 +41,8 @@ def plot(p: Pipeline, path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display; the PNG is the output
     import matplotlib.pyplot as plt  # after use("Agg")
 
-    panels = [[s for s in ("pretrain",) if s in p.stages()],
-              [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]
+    panels: list[list[str]] = [[s for s in ("pretrain",) if s in p.stages()],
+                              [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]
     panels = [panel for panel in panels if panel]
     if not panels:
         return None

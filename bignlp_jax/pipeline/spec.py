@@ -20,6 +20,7 @@ keys, nested), then what the pipeline sets itself so stages feed each other: `ru
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +88,7 @@ class Pipeline:
         self.out = storage.path(spec.output_dir)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> Pipeline:
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
         file = resolve_config_path(path)
         tree = apply_overrides(load_yaml_tree(file), list(overrides))
         try:
@@ -128,7 +129,8 @@ class Pipeline:
         already set one, e.g. with JAX_COMPILATION_CACHE_DIR). Call before compiling."""
         import jax  # a spec is read and checked without loading jax
 
-        if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:
+        # jax sets its flags as attributes at run time, which its type information cannot show
+        if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
             return
         jax.config.update("jax_compilation_cache_dir",
                           str(storage.absolute(self.out / self.spec.compilation_cache)))
