@@ -133,6 +133,18 @@ def load_run_config(target: str, overrides: list[str]):
         raise LaunchError(str(e)) from None
 
 
+def parse_pairs(items: list[str], flag: str, sep: str = "=") -> dict[str, str]:
+    """Repeated `KEY=VALUE` options (`KEY<sep>VALUE`) as a dict; LaunchError naming `flag` for
+    an item without the separator or without a key."""
+    out = {}
+    for item in items:
+        key, found, value = item.partition(sep)
+        if not found or not key:
+            raise LaunchError(f"{flag} {item!r} is not KEY{sep}VALUE")
+        out[key] = value
+    return out
+
+
 def require_modules(*modules: str, why: str) -> None:
     """LaunchError (one line, exit 2) when this Python lacks `modules`: launchers are run with
     the project's virtual environment, whose interpreter the jobs they write also use."""

@@ -50,6 +50,7 @@ from launch.common import (  # noqa: E402
     is_pipeline,
     load_run_config,
     main_wrapper,
+    parse_pairs,
     plan_stages,
     require_modules,
     resolve_target,
@@ -279,16 +280,6 @@ def storage_warnings(output_dir: str | None, opts: K8sOptions) -> list[str]:
     return []
 
 
-def _pairs(items: list[str], flag: str, sep: str = "=") -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, found, value = item.partition(sep)
-        if not found or not key:
-            raise LaunchError(f"{flag} {item!r} is not KEY{sep}VALUE")
-        out[key] = value
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k8s.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology,
             tpu_chips_per_node=args.tpu_chips_per_node, slices=args.slices,
             namespace=args.namespace, service_account=args.service_account,
-            node_selector=_pairs(args.node_selector, "--node-selector"),
-            env=_pairs(args.env, "--env"), pvcs=_pairs(args.pvc, "--pvc", ":"),
+            node_selector=parse_pairs(args.node_selector, "--node-selector"),
+            env=parse_pairs(args.env, "--env"), pvcs=parse_pairs(args.pvc, "--pvc", ":"),
             cpu=args.cpu, memory=args.memory, port=args.port, max_restarts=args.max_restarts,
             init_timeout=args.init_timeout, executable=args.executable, workdir=args.workdir,
         )

@@ -35,6 +35,7 @@ from launch.common import (  # noqa: E402
     is_pipeline,
     load_run_config,
     main_wrapper,
+    parse_pairs,
     pipeline_output,
     plan_stages,
     require_modules,
@@ -224,16 +225,6 @@ def _sbatch(argv: list[str]) -> str:
     return proc.stdout.strip().split(";")[0]  # --parsable prints "jobid[;cluster]"
 
 
-def parse_env(items: list[str]) -> dict[str, str]:
-    env = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LaunchError(f"--env {item!r} is not KEY=VALUE")
-        env[key] = value
-    return env
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slurm.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
             partition=args.partition, time=args.time, account=args.account, qos=args.qos,
             job_name=args.job_name, container_image=args.container_image,
-            container_mounts=args.container_mounts, env=parse_env(args.env),
+            container_mounts=args.container_mounts, env=parse_pairs(args.env, "--env"),
             sbatch_args=args.sbatch, signal_before=args.signal_before, requeue=args.requeue,
             max_restarts=args.max_restarts, task_exit_wait=args.task_exit_wait,
             executable=args.executable,

@@ -245,3 +245,21 @@ def test_launcher_run_by_a_python_without_jax_says_to_use_the_venv(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no jax" in err
     assert ".venv/bin/python" in err and "source .venv/bin/activate" in err
+
+
+@pytest.mark.parametrize("launcher, argv, message", [
+    ("slurm", ["submit", "--dry-run", "tiny", "--env", "NOEQUALS"],
+     "--env 'NOEQUALS' is not KEY=VALUE"),
+    ("slurm", ["submit", "--dry-run", "tiny", "--env", "=x"], "--env '=x' is not KEY=VALUE"),
+    ("k8s", ["render", "--image", "img", "tiny", "--pvc", "runs"],
+     "--pvc 'runs' is not KEY:VALUE"),
+    ("k8s", ["render", "--image", "img", "tiny", "--node-selector", "=b"],
+     "--node-selector '=b' is not KEY=VALUE"),
+])
+def test_key_value_options_are_checked_alike(capsys, launcher, argv, message):
+    import importlib
+
+    module = importlib.import_module(f"launch.{launcher}")
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(message)

@@ -8,7 +8,7 @@ and any number of processes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -30,7 +30,9 @@ class BatchSource(Protocol):
 
 def process_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> tuple[int, int]:
     """[start, stop) of the global batch rows this process's devices hold (must be contiguous)."""
-    index_map = sharding.addressable_devices_indices_map((global_batch, seq_len))
+    # jax annotates the values `Index | None`, but they come from devices_indices_map: never None
+    index_map = cast("dict[Any, tuple[slice, ...]]",
+                     sharding.addressable_devices_indices_map((global_batch, seq_len)))
     starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch)
                      for idx in index_map.values()})
     start, stop = starts[0][0], starts[-1][1]

@@ -43,7 +43,10 @@ def _builder_class(name: str, version: str, fields: tuple[str, ...], description
                    splits: Mapping[str, SplitGenerator]):
     import tensorflow_datasets as tfds  # seconds to import: only when a dataset is written
 
-    class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    # tfds ships no type information, so its base class is Any and mypy checks the keyword
+    # against object.__init_subclass__; tfds' registry does take it
+    class RecordsBuilder(tfds.core.GeneratorBasedBuilder,  # type: ignore[call-arg]
+                         skip_registration=True):
         VERSION = tfds.core.Version(version)
         RELEASE_NOTES = {version: description}
         # TFDS looks for a checksums file next to the builder's code; finding the code of a
@@ -102,9 +105,8 @@ def write_dataset(name: str, data_dir: str | Path, splits: Mapping[str, SplitGen
         raise UserError(f"dataset {name}: {e}\n  fix: give that split some non-empty "
                         "documents") from None
     except Exception as e:  # TFDS wraps generator errors; show the user-facing cause
-        cause = e
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            nxt = cause.__cause__ or cause.__context__
+        cause: BaseException = e
+        while (nxt := cause.__cause__ or cause.__context__) is not None:
             if isinstance(nxt, UserError):
                 raise nxt from None
             cause = nxt

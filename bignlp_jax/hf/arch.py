@@ -20,7 +20,7 @@ LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 ARCHITECTURES = {"llama": LLAMA, "gpt": GPT2}
 MODEL_TYPES = {LLAMA: "llama", GPT2: "gpt2"}
 # What each architecture hard-wires, as (field, required value, why).
-REQUIRED = {
+REQUIRED: dict[str, list[tuple[str, object, str]]] = {
     LLAMA: [("position", "rope", "Llama uses rotary positions"),
             ("norm", "rmsnorm", "Llama uses RMSNorm"),
             ("mlp", "swiglu", "Llama uses a SwiGLU MLP")],
@@ -99,7 +99,8 @@ def read_hf_config(hf_dir: str | Path) -> dict:
 
 def hf_architecture(hf: dict, where: str) -> str:
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {v: k for k, v in MODEL_TYPES.items()}.get(hf.get("model_type"))
+    by_type = {v: k for k, v in MODEL_TYPES.items()}
+    arch = archs[0] if archs else by_type.get(hf.get("model_type", ""))
     if arch not in MODEL_TYPES or hf.get("model_type", MODEL_TYPES[arch]) != MODEL_TYPES[arch]:
         raise UserError(
             f"{where}: unsupported architecture {arch or '(none)'} (model_type "

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from jax.numpy import bfloat16  # ml_dtypes' bfloat16, which numpy arrays can hold
@@ -79,7 +80,8 @@ class ShardedWriter:
             size += spec.nbytes
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._queue = [(f, s) for f, specs in enumerate(self.files) for s in specs]
-        self._pos, self._written, self._file, self._file_index = 0, 0, None, -1
+        self._pos, self._written, self._file_index = 0, 0, -1
+        self._file: BinaryIO | None = None
 
     def file_name(self, index: int) -> str:
         n = len(self.files)
@@ -89,7 +91,8 @@ class ShardedWriter:
     def _open(self, index: int) -> None:
         if self._file is not None:
             self._file.close()
-        header, offset = {}, 0
+        header: dict[str, object] = {}
+        offset = 0
         for spec in self.files[index]:
             header[spec.name] = {"dtype": TAGS[spec.dtype], "shape": list(spec.shape),
                                  "data_offsets": [offset, offset + spec.nbytes]}
@@ -113,6 +116,7 @@ class ShardedWriter:
         self._written += len(data)
         if self._written > spec.nbytes:
             raise ValueError(f"{name}: more bytes than its shape {spec.shape} holds")
+        assert self._file is not None  # opened above for this tensor's file
         self._file.write(data)
         if self._written == spec.nbytes:
             self._pos, self._written = self._pos + 1, 0
@@ -149,7 +153,7 @@ class SafetensorsDir:
                 "are read; convert a pytorch_model.bin with transformers' save_pretrained first)"
             )
         self._stack = ExitStack()
-        self._where: dict[str, object] = {}
+        self._where: dict[str, safe_open] = {}
         for name in files:
             path = self.directory / name
             if not path.is_file():

@@ -146,10 +146,9 @@ def export_hf(params: Params, model_cfg: ModelConfig, out_dir: str | Path,
                             f"is {model_cfg.vocab_size}: it is not this model's tokenizer")
 
     check_on_writer(check)
-    writer = tmp = None
+    writer = None
     if is_writer():
-        tmp = prepare_out_dir(out_dir)
-        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        writer = ShardedWriter(prepare_out_dir(out_dir), specs, max_shard_bytes)
     for entry, layer in tensor_order(entries, model_cfg.num_layers):
         x = to_host(get_path(params, entry.path), np_dtype, layer)  # a collective: all processes
         for piece, name in zip(entry.pieces, entry.hf_names(layer)):
@@ -158,7 +157,8 @@ def export_hf(params: Params, model_cfg: ModelConfig, out_dir: str | Path,
         del x  # keep one tensor on the host at a time
     if writer is not None:
         writer.close()
-        ids = {"bos": None, "eos": None, "pad": None}
+        tmp = writer.out_dir  # the temporary dir from prepare_out_dir
+        ids: dict[str, int | None] = {"bos": None, "eos": None, "pad": None}
         if tok is not None:
             ids = write_hf_tokenizer(tok, tmp, model_cfg.max_seq_len)
         hf_config = to_hf_config(model_cfg, dtype, ids)
@@ -223,12 +223,13 @@ def load_hf_params(hf_dir: str | Path, model_cfg: ModelConfig,
         for entry in entries:
             shape = get_path(shapes, entry.path).shape
             ours = np.empty(shape, np.float32)
+            value: np.ndarray | jax.Array = ours
             for layer in range(shape[0]) if entry.stacked else [None]:
                 view = ours[layer] if entry.stacked else ours
                 for piece, name in zip(entry.pieces, entry.hf_names(layer)):
                     piece.into_ours(files.get(names[name]).astype(np.float32), view)
             if shardings is not None:
                 sharding = get_path(shardings, entry.path)
-                ours = jax.make_array_from_callback(shape, sharding, lambda idx, a=ours: a[idx])
-            set_path(params, entry.path, ours)
+                value = jax.make_array_from_callback(shape, sharding, ours.__getitem__)
+            set_path(params, entry.path, value)
     return params

@@ -73,7 +73,10 @@ def context_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
     `impl` is accepted for the same signature: the per-block maths is always einsums."""
     if not self_attention:
         raise ValueError("context-parallel attention is for self-attention (no KV cache)")
-    axis, n = split_axis("seq")
+    split = split_axis("seq")
+    if split is None:  # callers check sequence_parallel() > 1 first
+        raise ValueError("context-parallel attention needs the sequence axis split over devices")
+    axis, n = split
     check_length(q.shape[1], n)
 
     def local(q, k, v, q_seg, kv_seg, q_idx, kv_idx):

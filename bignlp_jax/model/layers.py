@@ -27,18 +27,23 @@ from bignlp_jax.parallel.rules import constrain
 Initializer = nnx.initializers.Initializer
 
 
-def param(rngs: nnx.Rngs | None, init: Initializer, shape, axes: Sequence[str | None]) -> nnx.Param:
-    """A float32 parameter tagged with the logical names of its axes."""
-    key = rngs.params() if rngs is not None else None
-    return nnx.Param(init(key, shape, jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
+def param(rngs: nnx.Rngs, init: Initializer, shape, axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter drawn by `init`, tagged with the logical names of its axes."""
+    return _tagged(init(rngs.params(), shape, jnp.float32), axes)
 
 
-def zeros(key, shape, dtype):  # initializers take a key; zeros and ones do not need one
-    return jnp.zeros(shape, dtype)
+def zeros(shape, axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter of zeros (biases), tagged like `param`; it needs no random key."""
+    return _tagged(jnp.zeros(shape, jnp.float32), axes)
 
 
-def ones(key, shape, dtype):
-    return jnp.ones(shape, dtype)
+def ones(shape, axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter of ones (norm scales), tagged like `param`."""
+    return _tagged(jnp.ones(shape, jnp.float32), axes)
+
+
+def _tagged(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Embed(nnx.Module):
@@ -63,9 +68,9 @@ class Norm(nnx.Module):
 
     def __init__(self, dim: int, *, kind: str, eps: float, use_bias: bool):
         self.kind, self.eps = kind, eps
-        self.scale = param(None, ones, (dim,), ("norm",))
+        self.scale = ones((dim,), ("norm",))
         with_bias = use_bias and kind == "layernorm"
-        self.bias = param(None, zeros, (dim,), ("norm",)) if with_bias else None
+        self.bias = zeros((dim,), ("norm",)) if with_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
@@ -95,9 +100,8 @@ class Attention(nnx.Module):
                          ("embed", "kv_heads", None, "head_dim"))
         self.out = param(rngs, nnx.initializers.normal(out_std), (num_heads, head_dim, hidden),
                          ("heads", "head_dim", "embed"))
-        self.qkv_bias = param(None, zeros, qkv_shape[1:], ("kv_heads", None, "head_dim")
-                              ) if use_bias else None
-        self.out_bias = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
+        self.qkv_bias = zeros(qkv_shape[1:], ("kv_heads", None, "head_dim")) if use_bias else None
+        self.out_bias = zeros((hidden,), ("norm",)) if use_bias else None
 
     def __call__(self, x, rope, segment_ids, q_index, cache=None, cache_index=None,
                  lora: LayerLora | None = None):
@@ -152,8 +156,8 @@ class MLP(nnx.Module):
                              else ((hidden, mlp_dim), ("embed", "mlp")))
         self.wi = param(rngs, nnx.initializers.normal(init_std), in_shape, in_axes)
         self.wo = param(rngs, nnx.initializers.normal(out_std), (mlp_dim, hidden), ("mlp", "embed"))
-        self.bi = param(None, zeros, in_shape[1:], in_axes[1:]) if use_bias else None
-        self.bo = param(None, zeros, (hidden,), ("norm",)) if use_bias else None
+        self.bi = zeros(in_shape[1:], in_axes[1:]) if use_bias else None
+        self.bo = zeros((hidden,), ("norm",)) if use_bias else None
 
     def __call__(self, x: jax.Array, lora: LayerLora | None = None) -> jax.Array:
         """lora: this layer's adapters (model/lora.py), if any."""

@@ -8,6 +8,7 @@ Which kernel runs each op is fixed when the model is built (`kernels`, see kerne
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -35,16 +36,17 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs):
-        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias)
+        norm = functools.partial(Norm, cfg.hidden, kind=cfg.norm, eps=cfg.norm_eps,
+                                 use_bias=cfg.use_bias)
         # GPT-2 / Megatron scale the residual-output projections by 1/sqrt(2 * layers).
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.attn_norm = Norm(cfg.hidden, **norm)
+        self.attn_norm = norm()
         self.attn = Attention(
             cfg.hidden, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, use_bias=cfg.use_bias,
             rope=cfg.position == "rope", init_std=cfg.init_std,
             out_std=out_std, kernels=kernels, rngs=rngs,
         )
-        self.mlp_norm = Norm(cfg.hidden, **norm)
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg.hidden, cfg.mlp_dim, kind=cfg.mlp, use_bias=cfg.use_bias,
                        init_std=cfg.init_std, out_std=out_std, kernels=kernels, rngs=rngs)
 

@@ -64,7 +64,7 @@ class StepTimer:
         self.compiled = self.trainer.train_step.lower(self.state, batch).compile()
         self.compile_s = time.perf_counter() - start
         self.memory = compiled_memory(self.compiled)
-        self.metrics = None
+        self.metrics: dict[str, jax.Array] | None = None  # of the last step run
         self.times: list[float] = []
         self.waits: list[float] = []
         self.faults: list[int] = []  # minor page faults of this process per step (see hugepages)
@@ -90,6 +90,7 @@ class StepTimer:
         """The figures `bench` prints, from the recorded steps."""
         cfg, times = self.cfg, self.times
         step_time = statistics.median(times)
+        assert self.metrics is not None  # set by every step run; median() above needs one
         tokens_per_sec = cfg.train.global_batch_size * cfg.data.seq_len / step_time
         n_devices = self.trainer.mesh.size
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)

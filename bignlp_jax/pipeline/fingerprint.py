@@ -32,8 +32,8 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
 def upstream(p: Pipeline, stage: str) -> list[str]:
     """The stages of this pipeline whose outputs `stage` reads."""
     names = list(UPSTREAM[stage])
-    if stage == "export" and p.final_run() is not None:
-        names.append(p.final_run())
+    if stage == "export" and (final := p.final_run()) is not None:
+        names.append(final)
     present = p.stages()
     return [s for s in names if s in present]
 
@@ -43,6 +43,7 @@ def own_settings(p: Pipeline, stage: str) -> dict[str, Any]:
     if stage in TRAIN_STAGES:
         return p.run_config(stage).model_dump(mode="json")
     if stage == "tokenizer":
+        assert p.spec.tokenizer is not None  # a tokenizer stage exists only with its section
         data = p.run_config("pretrain").data
         return {"tokenizer": p.spec.tokenizer.model_dump(mode="json"),
                 "vocab_size": p.run_config("pretrain").model.vocab_size,
@@ -51,6 +52,7 @@ def own_settings(p: Pipeline, stage: str) -> dict[str, Any]:
     if stage == "evaluate":
         return {}  # what it evaluates is in its inputs; task settings are in their configs
     if stage == "export":
+        assert p.spec.export is not None  # an export stage exists only with its section
         return p.spec.export.model_dump(mode="json")
     raise ValueError(f"unknown pipeline stage {stage!r}")
 

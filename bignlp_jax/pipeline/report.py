@@ -41,8 +41,8 @@ def plot(p: Pipeline, path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display; the PNG is the output
     import matplotlib.pyplot as plt  # after use("Agg")
 
-    panels = [[s for s in ("pretrain",) if s in p.stages()],
-              [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]
+    panels: list[list[str]] = [[s for s in ("pretrain",) if s in p.stages()],
+                              [s for s in ("finetune", "finetune_scratch") if s in p.stages()]]
     panels = [panel for panel in panels if panel]
     if not panels:
         return None
@@ -105,10 +105,19 @@ def build_report(p: Pipeline) -> str:
     if tuned:
         cfg = p.run_config("finetune")
         first = next(iter(tuned.values()))
+        # task: null finetunes as a language model (on one dataset or a mixture)
+        task = cfg.task.type if cfg.task is not None else "language_modelling"
+        data = cfg.data.tfds_name or ", ".join(cfg.data.mixture or {})
+        held_out = (f"{first['examples']} held-out examples" if "examples" in first
+                    else f"{first.get('batches')} held-out batches")
         lines += ["## Task finetuning", "",
-                  (f"Task: {cfg.data.tfds_name} ({cfg.task.type}), {cfg.train.steps} steps; "
-                   f"evaluated on {first.get('examples')} held-out examples."), ""]
-        if cfg.task.type == "classification":
+                  (f"Task: {data} ({task}), {cfg.train.steps} steps; "
+                   f"evaluated on {held_out}."), ""]
+        if task == "language_modelling":
+            lines += ["| model | validation loss | perplexity |", "|---|---|---|"]
+            for stage, r in tuned.items():
+                lines.append(f"| {LABELS[stage]} | {r['loss']:.3f} | **{r['perplexity']:.2f}** |")
+        elif task == "classification":
             lines += ["| model | accuracy | macro-F1 | target perplexity |", "|---|---|---|---|"]
             for stage, r in tuned.items():
                 lines.append(f"| {LABELS[stage]} | **{_pct(r['accuracy'])}** | "

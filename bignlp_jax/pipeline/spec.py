@@ -20,6 +20,7 @@ keys, nested), then what the pipeline sets itself so stages feed each other: `ru
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +88,7 @@ class Pipeline:
         self.out = storage.path(spec.output_dir)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> Pipeline:
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
         file = resolve_config_path(path)
         tree = apply_overrides(load_yaml_tree(file), list(overrides))
         try:
@@ -128,7 +129,8 @@ class Pipeline:
         already set one, e.g. with JAX_COMPILATION_CACHE_DIR). Call before compiling."""
         import jax  # a spec is read and checked without loading jax
 
-        if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:
+        # jax sets its flags as attributes at run time, which its type information cannot show
+        if self.spec.compilation_cache is None or jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
             return
         jax.config.update("jax_compilation_cache_dir",
                           str(storage.absolute(self.out / self.spec.compilation_cache)))
@@ -191,6 +193,16 @@ class Pipeline:
         if self.spec.tokenizer is not None and pre is not None and pre.data.source != "tfds":
             raise UserError(f"pipeline {self.path}: the tokenizer stage trains on the pretraining "
                             f"data, but pretrain has data.source={pre.data.source}")
+        if self.spec.tokenizer is not None and pre is not None and not pre.data.tfds_name:
+            has, fix = (("reads a data.mixture", "set tokenizer: null (each stage then uses its "
+                         "own data.tokenizer)") if pre.data.mixture else
+                        ("has no data.tfds_name", "set pretrain.data.tfds_name"))
+            raise UserError(f"pipeline {self.path}: the tokenizer stage trains on pretrain's "
+                            f"data.tfds_name, but pretrain {has}\n  fix: {fix}")
+        if self.spec.export is not None and self.final_run() is None:
+            raise UserError(f"pipeline {self.path}: the export stage exports the trained model, "
+                            "but the pipeline has no pretrain or finetune stage\n  fix: add "
+                            "one, or set export: null")
 
 
 def export_available() -> bool:

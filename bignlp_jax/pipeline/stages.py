@@ -86,6 +86,7 @@ def _needs(p: Pipeline, stage: str, before: str) -> None:
 def run_tokenizer(p: Pipeline) -> str:
     """Train a SentencePiece tokenizer on the pretraining data, model.vocab_size pieces."""
     cfg = p.run_config("pretrain")
+    assert p.spec.tokenizer is not None and cfg.data.tfds_name  # Pipeline.check() saw to both
     out = p.stage_dir("tokenizer")
     if jax.process_index() == 0:
         data_dir = resolve_data_dir(cfg.data.data_dir)
@@ -131,6 +132,7 @@ def run_evaluate(p: Pipeline) -> str:
 
 def run_export(p: Pipeline) -> str:
     source = p.final_run()
+    assert source is not None and p.spec.export is not None  # check() and stages() see to it
     _needs(p, "export", source)
     cfg = p.run_config(source)
     params = load_params(p.stage_dir(source), cfg.model, lora=cfg.lora)
