@@ -130,6 +130,14 @@ def test_stop_saves_to_the_local_tier_then_the_durable_one(tmp_path, cache_env, 
     train(cfg)
     assert f"resumed from local checkpoint {root / '1'}" in capsys.readouterr().out
     assert latest_step(run) == 2
+    # requeued onto another mesh with the durable steps gone: the local step (its process
+    # reads back only its own shards) is refused by name, never restored onto the wrong layout
+    shutil.rmtree(run / "checkpoints")
+    train(config(run, "train.steps=1", "mesh.data=4", "mesh.fsdp=2",
+                 f"checkpoint.local_dir={local}"))
+    out = capsys.readouterr().out
+    assert "local step(s) 1 were saved on another mesh or process layout" in out
+    assert "deleted its local step(s) 1" in out and latest_step(run) == 1
 
 
 # --- two processes: kill after a local-only step ---------------------------------------------

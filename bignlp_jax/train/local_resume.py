@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import local_tier
+from bignlp_jax.checkpoint import complete_steps, local_tier
 from bignlp_jax.config import Config
 
 
@@ -42,6 +42,11 @@ def local_step_dir(cfg: Config, run_dir: Path, target, durable: Path | None,
     per_process = local_tier.gather_steps(mine)
     common = local_tier.agreed(per_process)
     durable_step = int(durable.name) if durable is not None else None
+    other_layout = [s for s in complete_steps(root) if existing and s not in mine
+                    and (durable_step is None or s > durable_step)]
+    if other_layout:  # a requeue onto another mesh or process layout: each process read its own
+        _say(f"local step(s) {', '.join(map(str, other_layout))} were saved on another mesh or "
+             "process layout; a local step restores only on its own, so they are not used")
     durable_text = (f"durable step {durable_step} ({durable})" if durable is not None
                     else "no checkpoint (a new start)")
     chosen = None
