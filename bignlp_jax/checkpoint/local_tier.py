@@ -85,7 +85,8 @@ def _registry():
 
 class LocalStateHandler(ChecksummedPyTreeHandler):
     """The checksummed PyTree handler for one process's own directory. Uncompressed: RAM or a
-    local SSD has room, and zstd is most of the CPU time of a save and a restore."""
+    local SSD has room, and zstd costs CPU time on every save and restore (the durable tier
+    keeps it: it saves bytes on a bucket)."""
 
     def __init__(self):
         super().__init__(use_compression=False, multiprocessing_options=_options(),
