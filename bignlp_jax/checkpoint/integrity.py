@@ -69,15 +69,21 @@ def write_process_sums(state_dir: Path, process_index: int) -> None:
                 {"algorithm": ALGORITHM, "files": _sums(state_dir, files)})
 
 
-def write_primary_sums(state_dir: Path, process_count: int) -> None:
-    """Checksum every file of `state/` outside the per-process directories (primary only)."""
+def write_primary_sums(state_dir: Path, process_count: int,
+                       processes: list[int] | None = None) -> None:
+    """Checksum every file of `state/` outside the per-process directories (primary only).
+    `processes`: whose per-process sums the step holds (default all; a local-tier step holds
+    only its own process's, see local_tier.py)."""
     files = [
         p for p in storage.files_under(state_dir)
         if p.name not in SKIPPED and not p.name.startswith("checksums.")
         and not p.relative_to(state_dir).parts[0].startswith("ocdbt.process_")
     ]
-    _write_json(state_dir / PRIMARY, {"algorithm": ALGORITHM, "process_count": process_count,
-                                      "files": _sums(state_dir, files)})
+    record = {"algorithm": ALGORITHM, "process_count": process_count,
+              "files": _sums(state_dir, files)}
+    if processes is not None:
+        record["processes"] = processes
+    _write_json(state_dir / PRIMARY, record)
 
 
 class ChecksumAfter:
@@ -113,7 +119,7 @@ def read_listing(state_dir: Path) -> Listing | None:
     try:
         head = json.loads(primary.read_text(encoding="utf-8"))
         files = dict(head["files"])
-        for i in range(int(head["process_count"])):
+        for i in head.get("processes", range(int(head["process_count"]))):
             path = state_dir / PROCESS_PATTERN.format(i)
             files.update(json.loads(path.read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -266,11 +266,13 @@ def read_meta(step_dir: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def restore_state(step_dir: Path, target: Any) -> Any:
+def restore_state(step_dir: Path, target: Any,
+                  handler: ocp.PyTreeCheckpointHandler | None = None) -> Any:
     """The saved TrainState, laid out as `target` says (ShapeDtypeStructs with the shardings of
-    the current mesh: any mesh or device count works, Orbax reads the needed slices)."""
+    the current mesh: any mesh or device count works, Orbax reads the needed slices).
+    `handler`: another reading handler (the local tier's, local_tier.py)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with ocp.Checkpointer(state_handler()) as checkpointer:
+    with ocp.Checkpointer(handler or state_handler()) as checkpointer:
         # partial: keys the target leaves out (an older version's unused `rng`) are not read
         return checkpointer.restore(storage.absolute(step_dir) / STATE, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))

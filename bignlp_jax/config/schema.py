@@ -220,12 +220,33 @@ class CheckpointConfig(Section):
     resume_from: str | None = Field(
         None, description="a step of this run, or a run/checkpoint/step directory; used once")
     async_save: bool = True
+    # the local fast tier (checkpoint/local_tier.py): node-local disk or /dev/shm, one directory
+    # per process, saved often and cheaply; the run dir's checkpoints stay the durable tier
+    local_dir: str | None = Field(
+        None, description="node-local directory for the fast tier (per host); None: no tier")
+    local_every_steps: int = Field(
+        0, ge=0, description="save to local_dir every N steps (0: only when stopping)")
+    local_keep: int = Field(2, ge=1, description="newest local steps kept")
 
     @field_validator("resume_from", mode="before")
     @classmethod
     def _step_as_text(cls, value):
         # `checkpoint.resume_from=8` arrives as the YAML integer 8
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _check_local_tier(self) -> CheckpointConfig:
+        if self.local_dir is not None and "://" in self.local_dir:
+            raise ValueError(
+                f"checkpoint.local_dir={self.local_dir} is not a local path: the local tier "
+                "is node-local disk or RAM on each host (e.g. /dev/shm/ckpt or /local_ssd/ckpt); "
+                "the bucket is the durable tier (run.dir)")
+        if self.local_every_steps and self.local_dir is None:
+            raise ValueError(
+                f"checkpoint.local_every_steps={self.local_every_steps} needs "
+                "checkpoint.local_dir (where each host keeps its local steps); set it, e.g. "
+                "checkpoint.local_dir=/dev/shm/bignlp_ckpt, or set local_every_steps=0")
+        return self
 
 
 class RunConfig(Section):

@@ -40,6 +40,9 @@ RESUMABLE_KEYS = frozenset({
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_every",
     "checkpoint.async_save",
     "checkpoint.resume_from",  # which of this run's checkpoints to continue from
+    # the local tier is a cache of the same trajectory: moving it (a requeue onto other nodes)
+    # or changing its cadence only changes where a resume may start, never what it restores
+    "checkpoint.local_dir", "checkpoint.local_every_steps", "checkpoint.local_keep",
     "data.worker_threads", "data.workers",  # input-pipeline threads/processes: same batches
     "run.dir",  # the same directory, possibly spelled differently (./runs/x, absolute)
     "run.name",  # a label

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from bignlp_jax import storage
+from bignlp_jax.checkpoint import local_tier
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.paths import check_array_store, checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
@@ -156,6 +157,9 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
         # before minutes of compiling, not at the first save
         require_writable(run_dir, "run.dir", "run.dir=DIR")
         require_writable(checkpoints_dir(run_dir), "the checkpoint directory", "run.dir=DIR")
+    if cfg.checkpoint.local_dir is not None:  # each host probes its own local directory
+        require_writable(local_tier.tier_root(cfg.checkpoint.local_dir, run_dir),
+                         "checkpoint.local_dir", "checkpoint.local_dir=DIR")
     if jax.process_index() == 0:
         record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
     trainer = Trainer.build(cfg, devices)
@@ -172,10 +176,11 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
             if done_records else {}
     drop_metrics_after(run_dir, first)
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
+    local = _local_checkpointer(cfg, run_dir, state, first)
     logger = MetricsLogger(run_dir, cfg.train.steps, first)
     logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps} on mesh "
                    f"{mesh_text(dict(trainer.mesh.shape), cfg.mesh)}")
-    every = cfg.checkpoint.every_steps
+    every, local_every = cfg.checkpoint.every_steps, cfg.checkpoint.local_every_steps
     last: dict = {}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     mfu_of = mfu_meter(cfg, trainer.mesh.size)  # the figure `bignlp-jax bench` reports
@@ -210,27 +215,43 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
                 logger.log(done, record)
                 window_start, window_steps = time.perf_counter(), 0
             reason = stop.should_stop(done)
-            if reason or done == cfg.train.steps or (every and done % every == 0):
+            durable_now = reason or done == cfg.train.steps or (every and done % every == 0)
+            # the local tier: its cadence, and first of all when stopping (the final step has
+            # its durable save and nothing to resume after it)
+            local_now = local is not None and done < cfg.train.steps and bool(
+                reason or (local_every and done % local_every == 0))
+            if durable_now or local_now:
                 _check_finite(metrics, done, start)  # never overwrite good checkpoints with NaNs
-                # the source has just handed out batch `done`: its state is the next batch
+            # the source has just handed out batch `done`: its state is the next batch
+            if local is not None and local_now:
+                local.save(done, state, source.get_state(), step_meta(cfg, trainer.mesh, done))
+                if reason:  # safe on every host in seconds, before the slower durable save
+                    local.wait()
+            if durable_now:
                 checkpointer.save(done, state, source.get_state(),
                                   step_meta(cfg, trainer.mesh, done))
                 logger.flush()  # a bucket's metrics.jsonl is rewritten here, not every step
             if reason and done < cfg.train.steps:  # a finished run is done, not preempted
+                # as long as the job's time allows: a kill now leaves the local step
                 checkpointer.wait()
+                also = (f" (and in the local tier, {local.directory / str(done)})"
+                        if local is not None else "")
                 raise Preempted(
                     f"stopped after step {done} of {cfg.train.steps} ({reason}); checkpoint "
-                    f"saved in {checkpointer.directory / str(done)}; run the same command "
-                    "again to continue"
+                    f"saved in {checkpointer.directory / str(done)}{also}; run the same "
+                    "command again to continue"
                 )
     except BaseException:
         # the error in flight is the one to report: closing can fail for the same cause (a
         # full disk also refuses the last metrics) and must not replace it
-        for close in (checkpointer.close, logger.close):
+        closers = [checkpointer.close, logger.close] + ([local.close] if local else [])
+        for close in closers:
             with contextlib.suppress(Exception):
                 close()
         raise
     checkpointer.close()  # blocks until every started save is durable
+    if local is not None:
+        local.close()
     logger.close()
     if jax.process_index() == 0:
         loss = last.get("loss")
@@ -240,6 +261,21 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
               f"(compile {compile_seconds or 0.0:.1f} s); checkpoint "
               f"{checkpointer.directory / str(cfg.train.steps)}", flush=True)
     return last
+
+
+def _local_checkpointer(cfg: Config, run_dir: Path, state: TrainState,
+                        first: int) -> local_tier.LocalCheckpointer | None:
+    """The run's local tier, if configured, with its steps newer than `first` deleted: held by
+    some processes only, or from a trajectory this start does not continue."""
+    if cfg.checkpoint.local_dir is None:
+        return None
+    root = local_tier.tier_root(cfg.checkpoint.local_dir, run_dir)
+    gone = local_tier.discard_after(root, first)
+    if gone:
+        print(f"checkpoint: process {jax.process_index()} deleted its local step(s) "
+              f"{', '.join(map(str, gone))} (newer than the start, step {first})", flush=True)
+    return local_tier.LocalCheckpointer(run_dir, cfg.checkpoint,
+                                        local_tier.layout_fingerprint(state))
 
 
 # a NaN this soon after a restore points at the checkpoint as much as at the learning rate

@@ -22,7 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import integrity
+from bignlp_jax.checkpoint import integrity, local_tier
 from bignlp_jax.checkpoint.manager import restore_data_state, restore_state
 from bignlp_jax.checkpoint.params import Params, check_shapes, load_params, saved_tree
 from bignlp_jax.checkpoint.paths import (
@@ -38,6 +38,7 @@ from bignlp_jax.errors import UserError
 from bignlp_jax.hf.weights import load_hf_params
 from bignlp_jax.model.lora import KEY as LORA_KEY
 from bignlp_jax.model.lora import LoraSpec
+from bignlp_jax.train.local_resume import local_step_dir
 from bignlp_jax.train.state import TrainState, abstract_state, init_state, with_params
 
 RESUME_MARKER = "resume_from.json"  # in RUN_DIR: which resume_from value was already applied
@@ -201,11 +202,32 @@ def restore_checkpoint(layout: StateLayout, step_dir: Path) -> tuple[TrainState,
                     f"  {problem}\n{_previous_good(step_dir, target)}") from cause
 
 
+def restore_local(layout: StateLayout, step_dir: Path) -> tuple[TrainState, dict]:
+    """A local-tier step (verified on every process by local_step_dir): each process reads the
+    shards it wrote from its own directory."""
+    target = layout.abstract()
+    check_fits(target, f"restoring local checkpoint {step_dir}")
+    try:
+        return (restore_state(step_dir, target, local_tier.reading_handler()),
+                restore_data_state(step_dir))
+    except Exception as e:
+        if not is_read_error(e):
+            raise
+        raise UserError(f"cannot resume from local checkpoint step {step_dir.name} "
+                        f"({step_dir}):\n  {_short(e)}\n  fix: delete {step_dir} (the run then "
+                        "resumes from its durable checkpoint)") from e
+
+
 def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
                 run_dir: str | Path) -> Start:
     """Restore or create the state to train from, and position `source` to match it."""
     run_dir = storage.path(run_dir)
     step_dir, pending = pick_checkpoint(cfg, run_dir)
+    local = local_step_dir(cfg, run_dir, layout.abstract(), step_dir, pending)
+    if local is not None:  # newer than (or as new as) the durable step, on every process
+        state, data_state = restore_local(layout, local)
+        source.set_state(data_state)
+        return Start(state, int(state.step), f"resumed from local checkpoint {local}")
     if step_dir is not None:
         if not storage.same(step_dir.parent, checkpoints_dir(run_dir)):
             # another run's checkpoint (this run's own tokenizer is checked when recorded)
