@@ -124,17 +124,3 @@ def load_run_config(run_dir: str | Path):
     meta = json.loads((step_dir / META / "metadata").read_text(encoding="utf-8"))
     return validate(meta["config"])
 
-
-def check_array_store(path: str | Path, key: str) -> None:
-    """Refuse, before a model is built, a checkpoint location Orbax cannot write arrays to.
-
-    orbax-checkpoint 0.12 builds TensorStore specs for local paths and gs:// only: an s3://
-    path reaches its OCDBT spec builder as `s3:/bucket/...` and fails mid-save ("Checkpoint
-    path should be absolute"), after the model is built and steps are trained."""
-    if str(path).startswith("s3://"):
-        raise UserError(
-            f"{key}={path}: checkpoints cannot be written to s3:// (orbax-checkpoint "
-            f"{ocp.__version__} writes arrays to local paths and gs:// only)\n"
-            "  fix: use a gs:// bucket or a file system path for checkpoints (e.g. an S3 bucket "
-            "mounted with mountpoint-s3)"
-        )
