@@ -120,7 +120,15 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     import fsspec.core  # bucket paths only
 
     fs, source = fsspec.core.url_to_fs(str(path(src)))
-    fs.mv(source, fsspec.core.url_to_fs(str(dst))[1], recursive=True)
+    target = fsspec.core.url_to_fs(str(dst))[1]
+    if not fs.isdir(source):
+        fs.mv(source, target)
+        return
+    # object by object: s3fs's recursive mv also copies the directory's own name, which is no
+    # object on S3 (NoSuchKey)
+    for name in fs.find(source):
+        fs.copy(name, target + name[len(source):])
+    fs.rm(source, recursive=True)
 
 
 def rmtree(p: str | os.PathLike) -> None:
