@@ -230,15 +230,20 @@ def _explain(p: str, error: BaseException, write: bool = True) -> str:
             "AWS_ENDPOINT_URL) and that the bucket name is right")
 
 
-def _probe(p: str, write: bool) -> None:
+def _probe(p: str, write: bool, stage: list[str]) -> None:
     import fsspec.core  # bucket paths only
 
     if p.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
-        # gcsfs, finding no Application Default Credentials, tries the metadata server for
-        # ~15 s and then carries on anonymously; ask google-auth (its own first step) directly
+        # gcsfs, finding no Application Default Credentials, asks the metadata server for
+        # ~15 s and then carries on anonymously; ask google-auth (its own first step) directly.
+        # Off GCE that is a file lookup and a metadata-server ping: ~0.1 s where the address is
+        # unreachable, ~3 s where the connection is refused, up to ~12 s where packets are
+        # dropped (3 tries of 3 s): check_access's time limit bounds it
         import google.auth
 
+        stage[0] = "credentials"
         google.auth.default()
+        stage[0] = "storage"
     fs, key = fsspec.core.url_to_fs(str(path(p)))
     # a listing, not exists(): exists() turns every failure (no or refused credentials, no
     # permission) into False, which would read as "no such bucket"
@@ -272,10 +277,16 @@ def check_access(p: str | os.PathLike, key: str, write: bool = True) -> None:
     # a daemon thread: a probe stuck in gcsfs's retries must not hold the exit (an executor's
     # worker would be joined at interpreter exit)
     outcome: list[BaseException | None] = []
-    probe = threading.Thread(target=lambda: outcome.append(_try(_probe, str(p), write)),
-                             daemon=True)
+    stage = ["storage"]  # what the probe is waiting for, should it time out
+    probe = threading.Thread(
+        target=lambda: outcome.append(_try(_probe, str(p), write, stage)), daemon=True)
     probe.start()
     probe.join(PROBE_TIMEOUT_S)
+    if not outcome and stage[0] == "credentials":
+        raise UserError(
+            f"{key}={p}: no credentials found in {PROBE_TIMEOUT_S:g} s (no Application Default "
+            "Credentials on disk, and no answer from a GCE metadata server)\n"
+            f"  fix: {_CREDENTIALS_FIX['gs://']}")
     if not outcome:
         raise UserError(
             f"{key}={p}: no answer from the storage service in {PROBE_TIMEOUT_S:g} s\n"

@@ -101,14 +101,16 @@ def s3_emulator():
 
 
 # moto's server checks signatures and IAM policies once this many requests have been served
-# unchecked: exactly the set-up calls of `s3_auth_server` (a bucket, a user, its policy, its key)
-AUTH_SETUP_REQUESTS = 4
+# unchecked: exactly the set-up calls of `s3_auth_emulator` (a bucket, an object, a user, its
+# policy, its key)
+AUTH_SETUP_REQUESTS = 5
 
 
 @pytest.fixture(scope="session")
 def s3_auth_emulator():
     """A second moto S3 server that enforces IAM (INITIAL_NO_AUTH_ACTION_COUNT), with bucket
-    `bignlp-auth` and the keys of a user who may do anything in S3 except s3:PutObject.
+    `bignlp-auth` (holding `existing/notes.txt`) and the keys of a user who may do anything in
+    S3 except s3:PutObject.
     Yields {"endpoint", "bucket", "key_id", "secret"}; sets no environment (tests choose)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -152,6 +154,7 @@ def _auth_setup(url: str) -> dict[str, str]:
                  aws_secret_access_key="test")
     s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
     s3.create_bucket(Bucket="bignlp-auth")
+    s3.put_object(Bucket="bignlp-auth", Key="existing/notes.txt", Body=b"readable")
     iam.create_user(UserName="no-put")
     iam.put_user_policy(UserName="no-put", PolicyName="no-put", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [

@@ -276,3 +276,86 @@ def test_init_from_a_missing_bucket_path_is_one_line(gcs_bucket):
         train(config(f"{gcs_bucket}/run", f"init_from={gcs_bucket}/nowhere"))
     with pytest.raises(UserError, match=r"init_from=gs://no-such-bucket-bignlp/x: bucket"):
         train(config(f"{gcs_bucket}/run", "init_from=gs://no-such-bucket-bignlp/x"))
+
+
+@pytest.fixture
+def fresh_s3_clients():
+    """Bucket clients keep the credentials they were made with (fsspec and epath cache them):
+    forget them before and after a test that changes the credentials."""
+    import fsspec
+    from etils.epath import backend
+
+    def forget() -> None:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+        backend.fsspec_backend._get_filesystem.cache_clear()
+
+    forget()
+    yield forget  # (call it again after changing the credentials)
+    forget()
+
+
+def test_denied_write_and_missing_credentials_are_one_line(s3_auth_emulator, fresh_s3_clients,
+                                                           monkeypatch, tmp_path):
+    auth = s3_auth_emulator
+    run = f"{auth['bucket']}/run"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", auth["endpoint"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", auth["key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", auth["secret"])
+    # the user may list and read but not s3:PutObject: reading is fine, writing is refused
+    storage.check_access(f"{auth['bucket']}/existing", "init_from", write=False)
+    with pytest.raises(UserError) as denied:
+        storage.check_access(run, "run.dir")
+    assert str(denied.value).startswith(
+        f"run.dir={run}: no permission to write to {run} (PermissionError: Access Denied)\n"
+        "  fix: grant this identity access")
+    assert "s3:PutObject" in str(denied.value)
+    # no credentials anywhere in the chain (none in the environment, no profile files, no
+    # instance role: IMDS is switched off so a CI machine's own role cannot answer)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fresh_s3_clients()  # the cached clients hold the user's keys
+    with pytest.raises(UserError) as missing:
+        storage.check_access(run, "run.dir")
+    assert str(missing.value) == (
+        f"run.dir={run}: no credentials for {run} (NoCredentialsError: Unable to locate "
+        "credentials)\n  fix: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an "
+        "instance or pod role")
+
+
+@pytest.mark.slow
+def test_refused_credentials_stop_train_before_the_model(s3_auth_emulator, cli_env):
+    auth = s3_auth_emulator
+    run = f"{auth['bucket']}/run"
+    env = dict(cli_env, AWS_ENDPOINT_URL=auth["endpoint"], AWS_ACCESS_KEY_ID=auth["key_id"],
+               AWS_SECRET_ACCESS_KEY="not-the-secret")
+    result = subprocess.run(bignlp_cmd(*TRAIN, *_overrides(run)), check=False, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "training steps" not in result.stdout
+    assert f"run.dir={run}: the credentials for {run} were refused (PermissionError: The " \
+           "request signature we calculated does not match" in result.stderr
+    assert "fix: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in result.stderr
+
+
+@pytest.mark.slow
+def test_gcs_without_credentials_fails_fast(cli_env, tmp_path):
+    # no emulator, no Application Default Credentials, and a GCE metadata server address where
+    # nothing listens (what a machine off GCE sees; a CI runner on GCE must not answer here)
+    env = {k: v for k, v in cli_env.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                        "GOOGLE_APPLICATION_CREDENTIALS")}
+    env.update(CLOUDSDK_CONFIG=str(tmp_path), GCE_METADATA_HOST="127.0.0.1:9",
+               GCE_METADATA_IP="127.0.0.1:9")
+    started = time.monotonic()
+    result = subprocess.run(bignlp_cmd(*TRAIN, *_overrides("gs://some-bucket-bignlp/run")),
+                            check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "training steps" not in result.stdout
+    assert "run.dir=gs://some-bucket-bignlp/run: no credentials for gs://some-bucket-bignlp/run " \
+           "(DefaultCredentialsError" in result.stderr
+    assert "fix: `gcloud auth application-default login`" in result.stderr
+    assert time.monotonic() - started < 60  # (CLI start-up included; the probe is bounded)
