@@ -43,8 +43,18 @@ def _wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float = 30
     raise RuntimeError(f"{name} did not answer at {url} within {timeout:g} s")
 
 
+# servers already started in this session, by name: the fixtures below are imported into
+# several test modules, and pytest makes one session fixture per module; a second server would
+# move the environment while clients cached by fsspec still talk to the first
+_running: dict[str, dict[str, str]] = {}
+
+
 def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
-    """Start a server process and set `env` in os.environ; yields `env`, then stops it."""
+    """Start a server process and set `env` in os.environ; yields `env`, then stops it. A
+    server of that name already running for another module is shared instead."""
+    if name in _running:
+        yield _running[name]
+        return
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_ready(proc, url, name)
@@ -52,9 +62,11 @@ def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
         pytest.skip(f"cannot start the {name} emulator: {e}")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _running[name] = env
     try:
         yield env
     finally:
+        del _running[name]
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -359,3 +359,17 @@ def test_gcs_without_credentials_fails_fast(cli_env, tmp_path):
            "(DefaultCredentialsError" in result.stderr
     assert "fix: `gcloud auth application-default login`" in result.stderr
     assert time.monotonic() - started < 60  # (CLI start-up included; the probe is bounded)
+
+
+def test_a_credential_lookup_that_hangs_is_named(monkeypatch):
+    # google-auth pinging a GCE metadata server whose packets are dropped takes ~12 s; the
+    # probe's limit stops it, and the message says what it was waiting for
+    import google.auth
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setattr(storage, "PROBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: time.sleep(3))
+    with pytest.raises(UserError, match=r"^run.dir=gs://b/run: no credentials found in 0.3 s "
+                                        r"\(no Application Default Credentials on disk.*\n"
+                                        r"  fix: `gcloud auth application-default login`"):
+        storage.check_access("gs://b/run", "run.dir")

@@ -8,10 +8,12 @@ Layout of a run directory:
     RUN_DIR/checkpoints/<step>/data      data iterator state, one JSON file per process
     RUN_DIR/checkpoints/<step>/meta      config, tokenizer reference, mesh and process count
 
-Orbax writes each step into a temporary directory and renames it when every process has
-finished, so a step directory with a plain integer name is complete; anything else (a
-`<step>.orbax-checkpoint-tmp-*` directory left by a crash) is ignored here and removed by the
-manager on the next start.
+On a file system Orbax writes each step into a temporary directory and renames it when every
+process has finished, so a step directory with a plain integer name is complete; anything else
+(a `<step>.orbax-checkpoint-tmp-*` directory left by a crash) is ignored here and removed by the
+manager on the next start. A bucket has no rename: on gs:// (and s3://, see orbax_compat.py)
+the step is written in place and is complete once Orbax's `commit_success.txt` is in it, which
+Orbax's step listing (used below) checks.
 """
 
 from __future__ import annotations
