@@ -104,6 +104,11 @@ def gcs_server():
 @pytest.fixture(scope="session")
 def s3_emulator():
     """moto's S3 server in memory; yields the env that points s3fs/botocore at it."""
+    yield from s3_server()
+
+
+def s3_server():
+    """The S3 emulator as a generator (also used by benchmarks/storage_save.py)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
