@@ -2,8 +2,8 @@
 
 One short run is trained into the GCS emulator for the whole module and copied to local disk
 (that training to a bucket gives the same run as training locally is test_storage.py's);
-`eval`, `generate`, `export --format params` (to gs:// and s3://) and `import --out gs://...`
-on the bucket run are then checked against the local copy.
+`eval`, `generate`, `export --format params` (to gs:// and s3://, from one process and from
+two) and `import --out gs://...` on the bucket run are then checked against the local copy.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def runs(gcs_emulator, tmp_path_factory) -> tuple[Path, str]:
     sources = sorted((Path(storage.__file__).parent / "config").glob("*.py"))
     train_tokenizer([p.read_text() for p in sources], tokenizer, vocab_size=VOCAB)
     remote = f"{storage_emulators.new_bucket('gs')}/run"
+    # parameters split over every device (fsdp): a two-process export then holds shards of
+    # each one on both processes
     train(config(remote, "train.steps=2", f"model.vocab_size={VOCAB}",
-                 f"data.tokenizer={tokenizer}"))
+                 f"data.tokenizer={tokenizer}", "mesh.data=1", "mesh.fsdp=-1"))
     return storage.fetch_dir(remote), remote
 
 
@@ -47,7 +49,7 @@ def _last_json(capsys):
 
 
 def _model(run):
-    return config(run, f"model.vocab_size={VOCAB}").model
+    return config(run, f"model.vocab_size={VOCAB}").model  # (the mesh does not matter here)
 
 
 def test_eval_and_generate_on_a_bucket_run_match_the_local_run(runs, capsys):
@@ -103,3 +105,27 @@ def test_import_into_a_bucket(runs, tmp_path, capsys):
     assert _last_json(capsys)["out"] == out
     assert_trees_equal(host_params(out, _model(local)), host_params(local, _model(local)))
     assert (storage.path(out) / "config.yaml").is_file()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_export_params_into_a_bucket(runs, cli_env):
+    # the TPU-pod case: no shared file system, every process writes its shards to the bucket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    local, remote = runs
+    out = f"{remote.rsplit('/', 1)[0]}/exports/two"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
+         "--devices-per-process", "2", "--", "export", "--run", remote, "--format", "params",
+         "--out", out], env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("[p0] {")]
+    info = json.loads(summary[-1][len("[p0] "):])
+    assert (info["processes"], info["devices"]) == (2, 4)  # sharded across both processes
+    written = {str(f).split("/state/")[1].split("/")[0] for f in storage.files_under(out)
+               if "/state/ocdbt.process_" in str(f)}
+    assert written == {"ocdbt.process_0", "ocdbt.process_1"}  # each wrote its own shards
+    assert_trees_equal(host_params(out, _model(remote)), host_params(local, _model(local)))
