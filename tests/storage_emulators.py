@@ -43,8 +43,18 @@ def _wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float = 30
     raise RuntimeError(f"{name} did not answer at {url} within {timeout:g} s")
 
 
+# servers already started in this session, by name: the fixtures below are imported into
+# several test modules, and pytest makes one session fixture per module; a second server would
+# move the environment while clients cached by fsspec still talk to the first
+_running: dict[str, dict[str, str]] = {}
+
+
 def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
-    """Start a server process and set `env` in os.environ; yields `env`, then stops it."""
+    """Start a server process and set `env` in os.environ; yields `env`, then stops it. A
+    server of that name already running for another module is shared instead."""
+    if name in _running:
+        yield _running[name]
+        return
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_ready(proc, url, name)
@@ -52,9 +62,11 @@ def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
         pytest.skip(f"cannot start the {name} emulator: {e}")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _running[name] = env
     try:
         yield env
     finally:
+        del _running[name]
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -92,12 +104,82 @@ def gcs_server():
 @pytest.fixture(scope="session")
 def s3_emulator():
     """moto's S3 server in memory; yields the env that points s3fs/botocore at it."""
+    yield from s3_server()
+
+
+def s3_server():
+    """The S3 emulator as a generator (also used by benchmarks/storage_save.py)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}
     yield from _serve(argv, url, "S3 (moto server)", env)
+
+
+# moto's server checks signatures and IAM policies once this many requests have been served
+# unchecked: exactly the set-up calls of `s3_auth_emulator` (a bucket, an object, a user, its
+# policy, its key)
+AUTH_SETUP_REQUESTS = 5
+
+
+@pytest.fixture(scope="session")
+def s3_auth_emulator():
+    """A second moto S3 server that enforces IAM (INITIAL_NO_AUTH_ACTION_COUNT), with bucket
+    `bignlp-auth` (holding `existing/notes.txt`) and the keys of a user who may do anything in
+    S3 except s3:PutObject.
+    Yields {"endpoint", "bucket", "key_id", "secret"}; sets no environment (tests choose)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(AUTH_SETUP_REQUESTS))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_listening(proc, port, "S3 with IAM (moto server)")
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"cannot start the S3 emulator with IAM: {e}")
+    try:
+        yield _auth_setup(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, name: str, timeout: float = 30.0) -> None:
+    # a TCP connect, not an HTTP request: every request before the set-up would use up one of
+    # the AUTH_SETUP_REQUESTS unchecked ones
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout:g} s")
+
+
+def _auth_setup(url: str) -> dict[str, str]:
+    import json
+
+    import boto3
+
+    admin = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test")
+    s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+    s3.create_bucket(Bucket="bignlp-auth")
+    s3.put_object(Bucket="bignlp-auth", Key="existing/notes.txt", Body=b"readable")
+    iam.create_user(UserName="no-put")
+    iam.put_user_policy(UserName="no-put", PolicyName="no-put", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="no-put")["AccessKey"]
+    return {"endpoint": url, "bucket": "s3://bignlp-auth", "key_id": key["AccessKeyId"],
+            "secret": key["SecretAccessKey"]}
 
 
 def new_bucket(scheme: str) -> str:

@@ -1,7 +1,8 @@
 """Run directories on buckets (gs://, s3://) against emulators started by the tests.
 
-The GCS emulator gets the whole run: config, metrics, TensorBoard events, sharded Orbax
-checkpoints, SIGTERM and an exact resume. Storage errors (missing bucket, unreachable endpoint)
+Both emulators get the whole run: config, metrics, TensorBoard events, sharded Orbax
+checkpoints (s3:// through checkpoint/orbax_compat.py), SIGTERM and an exact resume. Storage
+errors (missing bucket, unreachable endpoint, missing or refused credentials, a denied write)
 must stop the CLI with one line and exit 2 before a model is built.
 """
 
@@ -23,7 +24,7 @@ from checkpoint_common import assert_trees_equal, config, host_params, losses
 from conftest import bignlp_cmd
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import latest_step, load_run_config
+from bignlp_jax.checkpoint import latest_step, load_params, load_run_config
 from bignlp_jax.errors import REQUEUE_EXIT_CODE, UserError
 from bignlp_jax.train.loop import train
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
@@ -32,6 +33,13 @@ TRAIN = ["train", "tiny"]
 # the emulators, one per test session
 gcs_emulator, gcs_bucket = storage_emulators.gcs_emulator, storage_emulators.gcs_bucket
 s3_emulator, s3_bucket = storage_emulators.s3_emulator, storage_emulators.s3_bucket
+s3_auth_emulator = storage_emulators.s3_auth_emulator
+BUCKETS = pytest.mark.parametrize("scheme", ["gs", "s3"])
+
+
+def _bucket(request, scheme: str) -> str:
+    """A fresh bucket on the emulator of `scheme` (its session fixture sets the environment)."""
+    return request.getfixturevalue({"gs": "gcs_bucket", "s3": "s3_bucket"}[scheme])
 
 
 def _overrides(run_dir: str, *extra: str) -> list[str]:
@@ -41,11 +49,13 @@ def _overrides(run_dir: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_gcs_run_sigterm_then_resume_is_bitwise(gcs_bucket, tmp_path, cli_env):
-    run = f"{gcs_bucket}/runs/a"
+@BUCKETS
+def test_bucket_run_sigterm_then_resume_is_bitwise(scheme, request, tmp_path):
+    run = f"{_bucket(request, scheme)}/runs/a"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # with the emulator's endpoint variables
     proc = subprocess.Popen(
         bignlp_cmd(*TRAIN, *_overrides(run, "train.steps=100000", "checkpoint.every_steps=2")),
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while (latest_step(run) or 0) < 2:  # step 2 is durable in the bucket
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
@@ -101,13 +111,6 @@ def test_missing_bucket_is_one_line_before_the_model(gcs_emulator, cli_env):
     assert "does not exist" in result.stderr and "fix:" in result.stderr
 
 
-def test_s3_run_dir_is_refused_before_the_model(s3_bucket, capsys):
-    # orbax-checkpoint 0.12 cannot write arrays to s3:// (see README, Object storage)
-    with pytest.raises(UserError, match=r"run.dir=s3://.*checkpoints cannot be written"):
-        train(config(f"{s3_bucket}/run"))
-    assert "training steps" not in capsys.readouterr().out
-
-
 @pytest.mark.slow
 def test_unreachable_endpoint_is_one_line(cli_env):
     env = dict(cli_env, STORAGE_EMULATOR_HOST="http://127.0.0.1:9",
@@ -130,7 +133,6 @@ def test_local_paths_are_untouched(tmp_path):
 
 @pytest.mark.slow
 def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
-    from bignlp_jax.checkpoint import load_params
     from bignlp_jax.checkpoint.params import default_shardings
     from bignlp_jax.cli import main
     from bignlp_jax.train.start import load_init_params
@@ -161,14 +163,15 @@ def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_save_to_gcs_and_one_restores(gcs_bucket, tmp_path):
+@BUCKETS
+def test_two_processes_save_to_a_bucket_and_one_restores(scheme, request, tmp_path):
     from test_checkpoint_multiprocess import MESH, WORKER, free_port
 
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer
     from bignlp_jax.train.start import start_state
 
-    run, dump = f"{gcs_bucket}/two", tmp_path / "params.npz"
+    run, dump = f"{_bucket(request, scheme)}/two", tmp_path / "params.npz"
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     port, logs = str(free_port()), [tmp_path / f"worker{i}.log" for i in range(2)]
@@ -244,13 +247,22 @@ def test_data_prepare_into_a_bucket(gcs_bucket, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_from_an_older_step_in_a_bucket(gcs_bucket):
-    run = f"{gcs_bucket}/older"
+@BUCKETS
+def test_resume_from_an_older_step_in_a_bucket(scheme, request):
+    run = f"{_bucket(request, scheme)}/older"
     train(config(run, "train.steps=4", "checkpoint.every_steps=2"))
     first = losses(run)
     train(config(run, "train.steps=4", "checkpoint.every_steps=2", "checkpoint.resume_from=2"))
     assert latest_step(f"{run}/checkpoints_abandoned") == 4  # the newer step was set aside
     assert losses(run) == first  # steps 3-4 trained again, bitwise the same
+    # the checksums written with each step are checked on a bucket too: a changed object is
+    # named when the params are read
+    step_dir = storage.path(run) / "checkpoints" / "4"
+    shard = max((f for f in storage.files_under(step_dir / "state") if "ocdbt.process" in str(f)),
+                key=storage.size)  # array data (a B-tree node would fail Orbax's own read)
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    with pytest.raises(UserError, match=r"checkpoints/4 is damaged: .*"):
+        load_params(run, config(run).model)
 
 
 def test_pipeline_on_a_bucket_is_refused_in_one_line():
@@ -265,3 +277,100 @@ def test_init_from_a_missing_bucket_path_is_one_line(gcs_bucket):
         train(config(f"{gcs_bucket}/run", f"init_from={gcs_bucket}/nowhere"))
     with pytest.raises(UserError, match=r"init_from=gs://no-such-bucket-bignlp/x: bucket"):
         train(config(f"{gcs_bucket}/run", "init_from=gs://no-such-bucket-bignlp/x"))
+
+
+@pytest.fixture
+def fresh_s3_clients():
+    """Bucket clients keep the credentials they were made with (fsspec and epath cache them):
+    forget them before and after a test that changes the credentials."""
+    import fsspec
+    from etils.epath import backend
+
+    def forget() -> None:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+        backend.fsspec_backend._get_filesystem.cache_clear()
+
+    forget()
+    yield forget  # (call it again after changing the credentials)
+    forget()
+
+
+def test_denied_write_and_missing_credentials_are_one_line(s3_auth_emulator, fresh_s3_clients,
+                                                           monkeypatch, tmp_path):
+    auth = s3_auth_emulator
+    run = f"{auth['bucket']}/run"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", auth["endpoint"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", auth["key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", auth["secret"])
+    # the user may list and read but not s3:PutObject: reading is fine, writing is refused
+    storage.check_access(f"{auth['bucket']}/existing", "init_from", write=False)
+    with pytest.raises(UserError) as denied:
+        storage.check_access(run, "run.dir")
+    assert str(denied.value).startswith(
+        f"run.dir={run}: no permission to write to {run} (PermissionError: Access Denied)\n"
+        "  fix: grant this identity access")
+    assert "s3:PutObject" in str(denied.value)
+    # no credentials anywhere in the chain (none in the environment, no profile files, no
+    # instance role: IMDS is switched off so a CI machine's own role cannot answer)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fresh_s3_clients()  # the cached clients hold the user's keys
+    with pytest.raises(UserError) as missing:
+        storage.check_access(run, "run.dir")
+    assert str(missing.value) == (
+        f"run.dir={run}: no credentials for {run} (NoCredentialsError: Unable to locate "
+        "credentials)\n  fix: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an "
+        "instance or pod role")
+
+
+@pytest.mark.slow
+def test_refused_credentials_stop_train_before_the_model(s3_auth_emulator, cli_env):
+    auth = s3_auth_emulator
+    run = f"{auth['bucket']}/run"
+    env = dict(cli_env, AWS_ENDPOINT_URL=auth["endpoint"], AWS_ACCESS_KEY_ID=auth["key_id"],
+               AWS_SECRET_ACCESS_KEY="not-the-secret")
+    result = subprocess.run(bignlp_cmd(*TRAIN, *_overrides(run)), check=False, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "training steps" not in result.stdout
+    assert f"run.dir={run}: the credentials for {run} were refused (PermissionError: The " \
+           "request signature we calculated does not match" in result.stderr
+    assert "fix: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in result.stderr
+
+
+@pytest.mark.slow
+def test_gcs_without_credentials_fails_fast(cli_env, tmp_path):
+    # no emulator, no Application Default Credentials, and a GCE metadata server address where
+    # nothing listens (what a machine off GCE sees; a CI runner on GCE must not answer here)
+    env = {k: v for k, v in cli_env.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                        "GOOGLE_APPLICATION_CREDENTIALS")}
+    env.update(CLOUDSDK_CONFIG=str(tmp_path), GCE_METADATA_HOST="127.0.0.1:9",
+               GCE_METADATA_IP="127.0.0.1:9")
+    started = time.monotonic()
+    result = subprocess.run(bignlp_cmd(*TRAIN, *_overrides("gs://some-bucket-bignlp/run")),
+                            check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "training steps" not in result.stdout
+    assert "run.dir=gs://some-bucket-bignlp/run: no credentials for gs://some-bucket-bignlp/run " \
+           "(DefaultCredentialsError" in result.stderr
+    assert "fix: `gcloud auth application-default login`" in result.stderr
+    assert time.monotonic() - started < 60  # (CLI start-up included; the probe is bounded)
+
+
+def test_a_credential_lookup_that_hangs_is_named(monkeypatch):
+    # google-auth pinging a GCE metadata server whose packets are dropped takes ~12 s; the
+    # probe's limit stops it, and the message says what it was waiting for
+    import google.auth
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setattr(storage, "PROBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: time.sleep(3))
+    with pytest.raises(UserError, match=r"^run.dir=gs://b/run: no credentials found in 0.3 s "
+                                        r"\(no Application Default Credentials on disk.*\n"
+                                        r"  fix: `gcloud auth application-default login`"):
+        storage.check_access("gs://b/run", "run.dir")

@@ -4,6 +4,7 @@ Public API (used by training, finetuning, export, evaluation and generation):
 `load_params`, `load_run_config`, `latest_step`, `is_complete`, `RunCheckpointer`.
 """
 
+from bignlp_jax.checkpoint import orbax_compat
 from bignlp_jax.checkpoint.params import load_params
 from bignlp_jax.checkpoint.paths import (
     checkpoints_dir,
@@ -23,3 +24,6 @@ __all__ = [
     "load_run_config",
     "resolve_step_dir",
 ]
+
+# once, before any save or restore: Orbax reads and writes s3:// arrays with it (see the module)
+orbax_compat.apply()

@@ -8,10 +8,12 @@ Layout of a run directory:
     RUN_DIR/checkpoints/<step>/data      data iterator state, one JSON file per process
     RUN_DIR/checkpoints/<step>/meta      config, tokenizer reference, mesh and process count
 
-Orbax writes each step into a temporary directory and renames it when every process has
-finished, so a step directory with a plain integer name is complete; anything else (a
-`<step>.orbax-checkpoint-tmp-*` directory left by a crash) is ignored here and removed by the
-manager on the next start.
+On a file system Orbax writes each step into a temporary directory and renames it when every
+process has finished, so a step directory with a plain integer name is complete; anything else
+(a `<step>.orbax-checkpoint-tmp-*` directory left by a crash) is ignored here and removed by the
+manager on the next start. A bucket has no rename: on gs:// (and s3://, see orbax_compat.py)
+the step is written in place and is complete once Orbax's `commit_success.txt` is in it, which
+Orbax's step listing (used below) checks.
 """
 
 from __future__ import annotations
@@ -124,17 +126,3 @@ def load_run_config(run_dir: str | Path):
     meta = json.loads((step_dir / META / "metadata").read_text(encoding="utf-8"))
     return validate(meta["config"])
 
-
-def check_array_store(path: str | Path, key: str) -> None:
-    """Refuse, before a model is built, a checkpoint location Orbax cannot write arrays to.
-
-    orbax-checkpoint 0.12 builds TensorStore specs for local paths and gs:// only: an s3://
-    path reaches its OCDBT spec builder as `s3:/bucket/...` and fails mid-save ("Checkpoint
-    path should be absolute"), after the model is built and steps are trained."""
-    if str(path).startswith("s3://"):
-        raise UserError(
-            f"{key}={path}: checkpoints cannot be written to s3:// (orbax-checkpoint "
-            f"{ocp.__version__} writes arrays to local paths and gs:// only)\n"
-            "  fix: use a gs:// bucket or a file system path for checkpoints (e.g. an S3 bucket "
-            "mounted with mountpoint-s3)"
-        )

@@ -5,6 +5,10 @@
                                         optimizer state, no data iterator state)
     OUT/tokenizer/                      the SentencePiece tokenizer, if the run had one
 
+A bucket OUT (gs://, s3://) is written in place, as training checkpoints are: every process's
+shards straight into OUT/checkpoints/<step> (which Orbax finalizes with its commit file, so a
+half-written step never lists as complete), then config.yaml, the marker of a finished bundle.
+
 It has the run-directory layout, so `bignlp_jax.checkpoint.load_params(OUT, ...)`,
 `init_from=OUT`, `bignlp-jax generate --run OUT` and `bignlp-jax export --run OUT` read it with
 no special case. Orbax writes each process's shards directly (into a directory all processes
@@ -22,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from bignlp_jax import storage
+from bignlp_jax.checkpoint import orbax_compat  # noqa: F401 - applied on import: s3:// arrays
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.hf.gather import check_on_writer
 from bignlp_jax.hf.tokenizer import resolve_tokenizer
@@ -47,10 +53,12 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
 
     `dtype` (float32/bfloat16) casts the saved params; readers cast back to the model's float32
     parameters. `tokenizer`: a loaded tokenizer, .model file, tokenizer dir or run dir."""
-    out_dir = Path(out_dir)
     if dtype is not None:
         target = export_dtype(dtype)
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target), p))(params)
+    if storage.is_remote(out_dir):
+        return _save_to_bucket(params, cfg, str(out_dir), step, tokenizer)
+    out_dir = Path(out_dir)
     tmp = _partial_dir(out_dir)
     tok = None
 
@@ -82,3 +90,40 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
         tmp.rename(out_dir)
     _sync("bignlp_jax bundle done")
     return out_dir
+
+
+def _bundle_config(cfg: Config, out_dir: str, tokenizer_saved: bool) -> Config:
+    data = cfg.data
+    if tokenizer_saved:
+        data = data.model_copy(update={"tokenizer": f"{out_dir}/tokenizer"})
+    return cfg.model_copy(update={"data": data, "init_from": None,
+                                  "run": cfg.run.model_copy(update={"dir": out_dir})})
+
+
+def _save_to_bucket(params: Params, cfg: Config, out_dir: str, step: int,
+                    tokenizer: Any) -> storage.AnyPath:
+    """`save_params_bundle` for a bucket OUT: no rename there, so written in place, marker last."""
+    out = storage.path(out_dir)
+    tok = None
+
+    def check() -> None:
+        nonlocal tok
+        check_out_dir(out, MARKER)
+        if tokenizer is not None:
+            tok = resolve_tokenizer(tokenizer)
+        if out.exists():  # an earlier bundle (check_out_dir refuses anything else)
+            storage.rmtree(out)
+
+    check_on_writer(check)
+    _sync("bignlp_jax bundle start")
+    # a step item written through Orbax's composite handler: on a bucket the step directory is
+    # finalized by Orbax's commit file, which is what its step listing (and ours) looks for
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(out / "checkpoints" / str(step), ocp.args.Composite(
+            state=ocp.args.PyTreeSave({"params": params})))
+    if jax.process_index() == 0:
+        if tok is not None:
+            tok.save(out / "tokenizer")
+        save_config(_bundle_config(cfg, out_dir.rstrip("/"), tok is not None), out / MARKER)
+    _sync("bignlp_jax bundle done")
+    return out

@@ -86,13 +86,11 @@ def cmd_export(args) -> int:
     from bignlp_jax.hf.weights import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything
-    if args.format != "hf" and storage.is_remote(args.out):
-        raise UserError(f"--out {args.out}: only --format hf can be written to a bucket yet\n"
-                        "  fix: write the params bundle to a file system path")
     if not storage.is_remote(args.out):
         # the output is written beside --out and renamed into place: its parent must be writable
         require_writable(Path(args.out).absolute().parent,
                          f"--out {args.out}: its parent directory", "--out DIR")
+    storage.check_access(args.out, "--out")  # a bucket: before any weights are read
     run = storage.path(args.run)
     cfg = load_run_config(run)
     if args.format == "hf":
@@ -113,7 +111,9 @@ def cmd_export(args) -> int:
     if args.format == "peft":
         from bignlp_jax.export.peft import export_peft
 
-        out = export_peft(params["lora"], cfg.model, cfg.lora, args.out, args.dtype)
+        out = export_peft(params["lora"], cfg.model, cfg.lora, storage.staging_dir(args.out),
+                          args.dtype)
+        out = storage.publish(out, args.out, "adapter_config.json")  # bucket --out: upload
     elif args.format == "hf":
         out = export_hf(params, cfg.model, storage.staging_dir(args.out), args.dtype, tokenizer,
                         args.max_shard_size)
@@ -159,9 +159,7 @@ def cmd_import(args) -> int:
     if jax.process_count() > 1:
         raise UserError("`bignlp-jax import` runs as one process; start it without "
                         "--num-processes / a multi-process launcher")
-    if storage.is_remote(args.out):
-        raise UserError(f"--out {args.out}: import writes a run directory on a file system path "
-                        "(a bucket is not supported yet)\n  fix: give a local --out")
+    storage.check_access(args.out, "--out")  # a bucket: before the model is read
     source = storage.fetch_dir(args.source)  # safetensors needs local files: a bucket is copied
     model_cfg = hf_model_config(source)
     params = load_hf_params(source, model_cfg, shardings=default_shardings(model_cfg))

@@ -20,7 +20,7 @@ import optax
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import local_tier
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
-from bignlp_jax.checkpoint.paths import check_array_store, checkpoints_dir, complete_steps
+from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.config import Config
 from bignlp_jax.data import (
@@ -145,7 +145,6 @@ def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
 def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -> dict:
     run_dir = storage.path(cfg.run.dir)
     storage.check_access(cfg.run.dir, "run.dir")  # before anything is built
-    check_array_store(cfg.run.dir, "run.dir")
     if cfg.init_from:
         storage.check_access(cfg.init_from.removeprefix("hf:"), "init_from", write=False)
     cfg = with_store_identities(cfg, run_dir)  # the stores read go into config.yaml
