@@ -1,0 +1,125 @@
+"""Data and pipelines in buckets (gs://, s3://), against the emulators the tests start.
+
+Token stores in a bucket are read by byte ranges and must give bitwise the rows (and so the
+losses) of the same store on local disk; `data tokenize` writes stores into a bucket; a
+pipeline's output_dir may be a bucket, and a rerun there skips the finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import storage_emulators
+from checkpoint_common import config, losses
+
+from bignlp_jax import storage
+from bignlp_jax.checkpoint import load_run_config
+from bignlp_jax.cli import main
+from bignlp_jax.data import remote_store
+from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.token_build import write_store
+from bignlp_jax.data.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.errors import UserError
+from bignlp_jax.train.loop import train
+
+gcs_emulator, gcs_bucket = storage_emulators.gcs_emulator, storage_emulators.gcs_bucket
+s3_emulator, s3_bucket = storage_emulators.s3_emulator, storage_emulators.s3_bucket
+
+RNG = np.random.default_rng(7)
+DOCS = [np.array([2, *RNG.integers(5, 60000, n), 3]) for n in RNG.integers(0, 90, 60)]
+
+
+def _upload(local: Path, remote: str) -> str:
+    remote_store.publish_store(local, storage.path(remote), MANIFEST)
+    return remote
+
+
+def test_bucket_store_gives_the_rows_of_the_local_store(gcs_bucket, s3_bucket, tmp_path,
+                                                        monkeypatch):
+    local = write_store(tmp_path / "s", DOCS, dataset="d", split="train",
+                        tokenizer_sha256="a" * 64, vocab_size=65000)
+    near = TokenStore(local)
+    rows_per_epoch = SampleIndex(near, 16, seed=3).rows_per_epoch
+    # whole batches, one crossing into the next epoch, one holding the padded last row
+    batches = [np.arange(0, 24), np.arange(rows_per_epoch - 5, rows_per_epoch + 7),
+               np.array([rows_per_epoch - 1, 3, 3])]
+    monkeypatch.setattr(remote_store, "MERGE_GAP_BYTES", 16)  # many ranges, then merged ones
+    for bucket in (gcs_bucket, s3_bucket):
+        far = TokenStore(_upload(local, f"{bucket}/stores/s"), "a" * 64)
+        assert far.remote and far.identity == near.identity
+        assert np.array_equal(far.tokens[5:40], near.tokens[5:40])
+        for seed in (3, None):
+            for samples in batches:
+                want = SampleIndex(near, 16, seed).rows(samples)
+                got = SampleIndex(far, 16, seed).rows(samples)
+                assert all(np.array_equal(got[k], want[k]) for k in want), (bucket, samples)
+        again = pickle.loads(pickle.dumps(far))  # what a Grain worker process receives
+        assert np.array_equal(again.tokens[:9], near.tokens[:9])
+        monkeypatch.setattr(remote_store, "MERGE_GAP_BYTES", 1 << 16)
+
+
+def test_bucket_store_errors_are_one_line(gcs_bucket, tmp_path):
+    local = write_store(tmp_path / "s", DOCS, dataset="d", split="train",
+                        tokenizer_sha256="a" * 64, vocab_size=65000)
+    with pytest.raises(UserError, match=r"no token store at gs://.*/missing \(no manifest"):
+        TokenStore(f"{gcs_bucket}/missing", rebuild="bignlp-jax data tokenize --name d")
+    remote = storage.path(_upload(local, f"{gcs_bucket}/s"))
+    data = (remote / TOKENS).read_bytes()
+    (remote / TOKENS).write_bytes(data[:-6])
+    with pytest.raises(UserError) as e:
+        TokenStore(remote, rebuild="bignlp-jax data tokenize --name d")
+    assert f"token store file {remote / TOKENS} is {len(data) - 6} bytes" in str(e.value)
+    assert len(str(e.value).splitlines()) == 2
+    # flipped bytes are found by `data tokenize` (verify_tokens), which reads the whole store
+    (remote / TOKENS).write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    TokenStore(remote)  # a training run opens it without reading every byte
+    with pytest.raises(UserError, match=r"tokens.bin is corrupt \(sha256"):
+        TokenStore(remote, verify_tokens=True)
+
+
+def _corpus(tmp_path: Path) -> Path:
+    """Text files (this package's config sources, paragraph by paragraph) and a tokenizer."""
+    sources = sorted((Path(storage.__file__).parent / "config").glob("*.py"))
+    (tmp_path / "text").mkdir()
+    for p in sources:
+        (tmp_path / "text" / f"{p.stem}.txt").write_text(p.read_text())
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "text" / "*.txt"),
+                 "--vocab-size", "400", "--out", str(tmp_path / "tok")]) == 0
+    return tmp_path / "tok"
+
+
+@pytest.mark.slow
+def test_tokenize_into_a_bucket_and_train_from_it(gcs_bucket, tmp_path, capsys):
+    tokenizer = _corpus(tmp_path)
+    data_dir = f"{gcs_bucket}/datasets"
+    assert main(["data", "prepare", "--input", str(tmp_path / "text" / "*.txt"), "--name",
+                 "code_text", "--data-dir", data_dir, "--text-unit", "paragraph"]) == 0
+    data = ["data.source=tfds", "data.tfds_name=code_text", f"data.tokenizer={tokenizer}",
+            "model.vocab_size=400", "data.seq_len=16"]
+    # no store in the bucket yet: a run does not build one there, it says what to run
+    assert main(["train", "tiny", f"run.dir={tmp_path / 'refused'}", f"data.data_dir={data_dir}",
+                 *data]) == 2
+    err = capsys.readouterr().err
+    assert "no token store for split 'train' of code_text" in err and "Traceback" not in err
+    assert f"bignlp-jax data tokenize --name code_text --data-dir {data_dir}" in err
+
+    tokenize = ["data", "tokenize", "--name", "code_text", "--data-dir", data_dir,
+                "--tokenizer", str(tokenizer), "--split", "train", "--workers", "1"]
+    assert main(tokenize) == 0
+    built = json.loads(capsys.readouterr().out.splitlines()[-1])["stores"][0]
+    assert built["path"].startswith(f"{data_dir}/token_stores/code_text/train-")
+    assert main(tokenize) == 0  # found, and verified whole (sha256 of the bucket's bytes)
+    assert "already built and verified" in capsys.readouterr().out
+
+    steps = ["train.steps=3", "data.worker_threads=2"]
+    train(config(tmp_path / "from_bucket", f"data.data_dir={data_dir}", *data, *steps))
+    local = storage.fetch_dir(data_dir)  # the same dataset and store, on local disk
+    train(config(tmp_path / "from_disk", f"data.data_dir={local}", *data, "train.steps=3"))
+    assert losses(tmp_path / "from_bucket") == losses(tmp_path / "from_disk")
+    assert len(losses(tmp_path / "from_disk")) == 3
+    recorded = load_run_config(tmp_path / "from_bucket").data
+    assert recorded.data_dir == data_dir and list(recorded.stores) == ["code_text/train"]
