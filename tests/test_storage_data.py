@@ -123,3 +123,42 @@ def test_tokenize_into_a_bucket_and_train_from_it(gcs_bucket, tmp_path, capsys):
     assert len(losses(tmp_path / "from_disk")) == 3
     recorded = load_run_config(tmp_path / "from_bucket").data
     assert recorded.data_dir == data_dir and list(recorded.stores) == ["code_text/train"]
+
+
+@pytest.mark.slow
+def test_pipeline_into_a_bucket_then_rerun_skips(gcs_bucket, capsys):
+    out = f"{gcs_bucket}/pipe"
+    # tokenizer -> pretrain -> evaluate -> export, every output in the bucket; in-process,
+    # so this process's JAX config stays as it is (no compilation cache of the pipeline's)
+    args = ["pipeline", "pipelines/mini", f"output_dir={out}", "finetune=null",
+            "compilation_cache=null", "pretrain.train.steps=2"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    stages = ["tokenizer", "pretrain", "evaluate", "export"]
+    for stage in stages:
+        assert f"[pipeline] {stage}: done" in first, first[-3000:]
+    root = storage.path(out)
+    names = {p.name for p in root.iterdir()}
+    assert {"pipeline.json", "report.md", "loss_curves.png", *stages} <= names, names
+    assert (root / "tokenizer" / "tokenizer.model").is_file()
+    assert (root / "export" / "config.json").is_file()
+    assert (root / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    state = json.loads((root / "pipeline.json").read_text())["stages"]
+    assert [state[s]["status"] for s in stages] == ["done"] * 4
+    results = json.loads((root / "evaluate" / "results.json").read_text())
+    assert results["pretrain"]["step"] == 2
+    assert "## Pretraining" in (root / "report.md").read_text()
+
+    assert main(args) == 0  # the rerun finds every stage complete and current in the bucket
+    again = capsys.readouterr().out
+    for stage in stages:
+        assert f"[pipeline] {stage}: complete and current, skipped" in again, again[-3000:]
+
+
+def test_pipeline_into_a_missing_bucket_is_one_line(gcs_emulator, capsys):
+    assert main(["pipeline", "pipelines/mini", "output_dir=gs://no-such-bucket-bignlp/p",
+                 "compilation_cache=null"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir=gs://no-such-bucket-bignlp/p: bucket gs://no-such-bucket-bignlp does " \
+           "not exist" in err, err
+    assert "Traceback" not in err and "[pipeline]" not in capsys.readouterr().out
