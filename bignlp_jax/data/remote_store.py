@@ -92,8 +92,8 @@ class RemoteTokens:
             empty = np.empty(idx.shape, self.dtype)
             return empty, empty.copy()
         wanted = np.unique(flat)  # sorted
-        gap = MERGE_GAP_BYTES // self.dtype.itemsize
-        cut = np.flatnonzero(np.diff(wanted) > gap) + 1  # where a new request starts
+        gap = MERGE_GAP_BYTES // self.dtype.itemsize  # tokens a merge may read needlessly
+        cut = np.flatnonzero(np.diff(wanted) > gap + 1) + 1  # where a new request starts
         starts = wanted[np.concatenate([[0], cut])]
         ends = np.minimum(wanted[np.concatenate([cut - 1, [len(wanted) - 1]])] + 2, self.length)
         blobs = self._read(starts, ends)
