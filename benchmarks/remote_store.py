@@ -77,13 +77,15 @@ def main() -> None:
 
     remote.tokens._read = counting
     loader(remote, 0).batch(5)
+    merge_gap, remote_store.MERGE_GAP_BYTES = remote_store.MERGE_GAP_BYTES, 0
+    loader(remote, 0).batch(5)
+    remote_store.MERGE_GAP_BYTES = merge_gap
     remote.tokens._read = read
-    requests, fetched = calls[0]
+    (requests, fetched), (requests_unmerged, fetched_unmerged) = calls
 
     reference = [loader(local, 0).batch(k) for k in range(args.batches + 1)]
     rates: dict[str, list[float]] = {"local": [], **{f"gcs_threads{t}": [] for t in threads},
                                      f"gcs_threads{threads[-1]}_unmerged": []}
-    merge_gap = remote_store.MERGE_GAP_BYTES
     for _ in range(args.rounds):
         for name in rates:
             store = local if name == "local" else remote
@@ -94,6 +96,7 @@ def main() -> None:
             start = time.perf_counter()
             batches = [next(source) for _ in range(args.batches)]
             rates[name].append(B * T * args.batches / (time.perf_counter() - start))
+            source._iter.close()  # stop its prefetch threads before the next one is timed
             for got, want in zip([first, *batches], reference):
                 assert all(np.array_equal(got[k], want[k]) for k in want), name
         print("round: " + ", ".join(f"{n} {r[-1]:,.0f} tokens/s" for n, r in rates.items()),
@@ -103,8 +106,11 @@ def main() -> None:
         "tokens_per_sec": medians,
         "vs_local": {n: medians[n] / medians["local"] for n in medians if n != "local"},
         "requests_per_batch": requests, "bytes_fetched_per_batch": fetched,
+        "unmerged_requests_per_batch": requests_unmerged,
+        "unmerged_bytes_fetched_per_batch": fetched_unmerged,
         "bytes_used_per_batch": B * T * 2, "rows": B, "seq_len": T,
         "batches_per_round": args.batches, "rounds": args.rounds}))
+    time.sleep(2)  # prefetches still in flight in closed iterators finish before the emulator stops
     gen.close()
     shutil.rmtree(data_dir, ignore_errors=True)
 
