@@ -21,6 +21,7 @@ from bignlp_jax.checkpoint import load_run_config
 from bignlp_jax.cli import main
 from bignlp_jax.data import remote_store
 from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store_batches import StoreBatches
 from bignlp_jax.data.token_build import write_store
 from bignlp_jax.data.token_store import MANIFEST, TOKENS, TokenStore
 from bignlp_jax.errors import UserError
@@ -79,6 +80,17 @@ def test_bucket_store_errors_are_one_line(gcs_bucket, tmp_path):
     TokenStore(remote)  # a training run opens it without reading every byte
     with pytest.raises(UserError, match=r"tokens.bin is corrupt \(sha256"):
         TokenStore(remote, verify_tokens=True)
+    # removed while a run reads it (through the loader's prefetch threads): one line
+    store = TokenStore(remote)
+    batches = StoreBatches({"d": SampleIndex(store, 16, seed=1)}, {"d": 1.0}, global_batch=8,
+                           rows=(0, 8), threads=2)
+    next(batches)
+    (remote / TOKENS).unlink()
+    with pytest.raises(UserError, match=r"tokens.bin could not be read: FileNotFoundError"):
+        store.tokens[0:4]
+    with pytest.raises(UserError, match=r"tokens.bin could not be read"):
+        for _ in range(8):  # past the prefetched batches
+            next(batches)
 
 
 def _corpus(tmp_path: Path) -> Path:

@@ -61,15 +61,19 @@ class RemoteTokens:
             blobs = fs.cat_ranges([self._key] * len(starts), (starts * size).tolist(),
                                   (ends * size).tolist())
         except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, network
-            raise UserError(f"token store file {self.url} could not be read: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
-                            f"  fix: check access to the bucket, or rebuild it: {self.rebuild}"
-                            ) from None
+            raise self._unreadable(e) from None
         for blob, a, b in zip(blobs, starts, ends):
-            if isinstance(blob, Exception) or len(blob) != (b - a) * size:
+            if isinstance(blob, Exception):  # cat_ranges returns a failed range's error
+                raise self._unreadable(blob)
+            if len(blob) != (b - a) * size:
                 raise UserError(f"token store file {self.url} is shorter than its manifest "
                                 f"says (truncated?)\n  fix: rebuild it: {self.rebuild}")
         return blobs
+
+    def _unreadable(self, error: BaseException) -> UserError:
+        return UserError(f"token store file {self.url} could not be read: "
+                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]}\n"
+                         f"  fix: check access to the bucket, or rebuild it: {self.rebuild}")
 
     def __getitem__(self, key: slice) -> np.ndarray:
         """tokens[a:b] (step 1 only: what readers of a store use besides `pairs`)."""

@@ -93,8 +93,8 @@ def run_tokenizer(p: Pipeline) -> str:
     out = p.stage_dir("tokenizer")
     if jax.process_index() == 0:
         data_dir = resolve_data_dir(cfg.data.data_dir)
-        if cfg.data.tfds_name in embedded.EMBEDDED:
-            embedded.ensure_embedded(data_dir)
+        if cfg.data.tfds_name in embedded.EMBEDDED and not storage.is_remote(data_dir):
+            embedded.ensure_embedded(data_dir)  # (a bucket must hold them already)
         records = open_split(cfg.data.tfds_name, data_dir, cfg.data.split,
                              required_keys=(cfg.data.text_key,))
         texts = (text_of(records[i], cfg.data.text_key) for i in range(len(records)))
