@@ -137,16 +137,20 @@ def test_tokenize_into_a_bucket_and_train_from_it(gcs_bucket, s3_bucket, tmp_pat
     assert main(tokenize) == 0  # found, and verified whole (sha256 of the bucket's bytes)
     assert "already built and verified" in capsys.readouterr().out
 
-    steps = ["train.steps=3", "data.worker_threads=2"]
-    train(config(tmp_path / "from_bucket", f"data.data_dir={data_dir}", *data, *steps))
+    # from the bucket: 3 steps, then resumed to 5 (prefetching threads); from disk: 5 at once
+    bucket_run = [f"data.data_dir={data_dir}", *data, "data.worker_threads=2"]
+    train(config(tmp_path / "from_bucket", *bucket_run, "train.steps=3"))
+    capsys.readouterr()
+    train(config(tmp_path / "from_bucket", *bucket_run, "train.steps=5"))
+    assert "training steps 4..5" in capsys.readouterr().out  # resumed, not restarted
     local = storage.fetch_dir(data_dir)  # the same dataset and store, on local disk
-    train(config(tmp_path / "from_disk", f"data.data_dir={local}", *data, "train.steps=3"))
+    train(config(tmp_path / "from_disk", f"data.data_dir={local}", *data, "train.steps=5"))
     assert losses(tmp_path / "from_bucket") == losses(tmp_path / "from_disk")
-    assert len(losses(tmp_path / "from_disk")) == 3
+    assert len(losses(tmp_path / "from_disk")) == 5
     # the same through S3 (moto): prepared, tokenized and read there
     s3_dir = f"{s3_bucket}/datasets"
     _prepare_and_tokenize(s3_dir, tmp_path, tokenizer)
-    train(config(tmp_path / "from_s3", f"data.data_dir={s3_dir}", *data, "train.steps=3"))
+    train(config(tmp_path / "from_s3", f"data.data_dir={s3_dir}", *data, "train.steps=5"))
     assert losses(tmp_path / "from_s3") == losses(tmp_path / "from_disk")
     recorded = load_run_config(tmp_path / "from_bucket").data
     assert recorded.data_dir == data_dir and list(recorded.stores) == ["code_text/train"]
