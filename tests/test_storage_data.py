@@ -185,6 +185,16 @@ def test_pipeline_into_a_bucket_then_rerun_skips(gcs_bucket, capsys):
     for stage in stages:
         assert f"[pipeline] {stage}: complete and current, skipped" in again, again[-3000:]
 
+    # a changed export setting: the old export is set aside inside the bucket, redone there
+    assert main([*args, "export.dtype=bfloat16"]) == 0
+    changed = capsys.readouterr().out
+    assert "[pipeline] export: stale (settings changed); rerunning" in changed, changed[-3000:]
+    assert "[pipeline] pretrain: complete and current, skipped" in changed
+    moved = [p.name for p in (root / "stale").iterdir()]
+    assert len(moved) == 1 and moved[0].startswith("export.")
+    assert (root / "stale" / moved[0] / "config.json").is_file()
+    assert json.loads((root / "export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
 
 def test_pipeline_into_a_missing_bucket_is_one_line(gcs_emulator, capsys):
     assert main(["pipeline", "pipelines/mini", "output_dir=gs://no-such-bucket-bignlp/p",
@@ -193,3 +203,7 @@ def test_pipeline_into_a_missing_bucket_is_one_line(gcs_emulator, capsys):
     assert "output_dir=gs://no-such-bucket-bignlp/p: bucket gs://no-such-bucket-bignlp does " \
            "not exist" in err, err
     assert "Traceback" not in err and "[pipeline]" not in capsys.readouterr().out
+    assert main(["data", "tokenize", "--name", "x", "--data-dir", "gs://no-such-bucket-bignlp/d",
+                 "--tokenizer", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir=gs://no-such-bucket-bignlp/d: bucket" in err and "Traceback" not in err
