@@ -196,7 +196,7 @@ def test_pipeline_into_a_bucket_then_rerun_skips(gcs_bucket, capsys):
     assert json.loads((root / "export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_pipeline_into_a_missing_bucket_is_one_line(gcs_emulator, capsys):
+def test_pipeline_into_a_missing_bucket_is_one_line(gcs_emulator, tmp_path, capsys):
     assert main(["pipeline", "pipelines/mini", "output_dir=gs://no-such-bucket-bignlp/p",
                  "compilation_cache=null"]) == 2
     err = capsys.readouterr().err
@@ -207,3 +207,9 @@ def test_pipeline_into_a_missing_bucket_is_one_line(gcs_emulator, capsys):
                  "--tokenizer", "nowhere"]) == 2
     err = capsys.readouterr().err
     assert "--data-dir=gs://no-such-bucket-bignlp/d: bucket" in err and "Traceback" not in err
+    assert main(["train", "tiny", f"run.dir={tmp_path}", "data.source=tfds",
+                 "data.tfds_name=x", "data.data_dir=gs://no-such-bucket-bignlp/d",
+                 "data.tokenizer=x"]) == 2
+    err = capsys.readouterr().err
+    assert "data.data_dir=gs://no-such-bucket-bignlp: bucket gs://no-such-bucket-bignlp does " \
+           "not exist" in err and "Traceback" not in err, err

@@ -9,7 +9,8 @@ documents is a binary search in the epoch's cumulative pair counts: no earlier r
 
 The per-epoch arrays (Megatron's document index and its cumulative lengths) depend on the seed
 and the store only, not on seq_len, batch size or process count; for large stores they are
-cached as .npy files in the store's `index/` directory (computing one is O(documents)).
+cached as .npy files in the store's `index/` directory (computing one is O(documents); a store
+in a bucket keeps no cache: each host computes them in memory).
 
 A packed row gives `tokens`, `targets`, `positions` (restarting at 0 for every document piece),
 `segment_ids` (1, 2, ... per piece; 0 = padding) and `loss_mask` (1 for every real target), so

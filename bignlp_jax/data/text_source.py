@@ -79,9 +79,17 @@ def data_dir(cfg: Config) -> storage.AnyPath:
     """The data dir of the config; the embedded corpora are built into it when missing (on a
     file system; a bucket must hold them already, like any other dataset)."""
     path = resolve_data_dir(cfg.data.data_dir)
-    if not storage.is_remote(path) and any(n in embedded.EMBEDDED for n in _names(cfg)):
+    if storage.is_remote(path):
+        _probe_bucket(str(path)[:5] + str(path).split("/")[2])
+    elif any(n in embedded.EMBEDDED for n in _names(cfg)):
         embedded.ensure_embedded(path)
     return path
+
+
+@functools.cache
+def _probe_bucket(bucket: str) -> None:
+    """A missing bucket, an unreachable endpoint, missing credentials: one line, once."""
+    storage.check_access(bucket, "data.data_dir", write=False)
 
 
 def _names(cfg: Config) -> list[str]:
