@@ -22,6 +22,7 @@ from bignlp_jax.cli import main
 from bignlp_jax.data import remote_store
 from bignlp_jax.data.sample_index import SampleIndex
 from bignlp_jax.data.store_batches import StoreBatches
+from bignlp_jax.data.tfds_source import open_split
 from bignlp_jax.data.token_build import write_store
 from bignlp_jax.data.token_store import MANIFEST, TOKENS, TokenStore
 from bignlp_jax.errors import UserError
@@ -144,6 +145,9 @@ def test_tokenize_into_a_bucket_and_train_from_it(gcs_bucket, s3_bucket, tmp_pat
     train(config(tmp_path / "from_bucket", *bucket_run, "train.steps=5"))
     assert "training steps 4..5" in capsys.readouterr().out  # resumed, not restarted
     local = storage.fetch_dir(data_dir)  # the same dataset and store, on local disk
+    # records of a bucket dataset (task finetuning, tokenizer training): from a local copy
+    far, near = (open_split("code_text", d, "validation") for d in (data_dir, local))
+    assert len(far) > 0 and [far[i] for i in range(len(far))] == [near[i] for i in range(len(near))]
     train(config(tmp_path / "from_disk", f"data.data_dir={local}", *data, "train.steps=5"))
     assert losses(tmp_path / "from_bucket") == losses(tmp_path / "from_disk")
     assert len(losses(tmp_path / "from_disk")) == 5

@@ -93,7 +93,8 @@ def cmd_data_bench(args) -> int:
 def register(data_sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser("tokenize", help="tokenize a prepared dataset once into token stores")
     p.add_argument("--name", required=True, help="prepared TFDS dataset (e.g. stdlib_docs)")
-    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the cache dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data dir, or gs:// / s3:// (default: the cache dir)")
     p.add_argument("--tokenizer", required=True, help="a .model file, tokenizer dir or run dir")
     p.add_argument("--split", action="append",
                    help="split to tokenize (repeatable; default train and validation)")
