@@ -43,13 +43,25 @@ def _wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float = 30
     raise RuntimeError(f"{name} did not answer at {url} within {timeout:g} s")
 
 
+# One server per emulator per process, however many test modules use its fixture: fsspec
+# caches one filesystem per protocol (its endpoint read once, from the environment), so a
+# second server started by another module's session fixture would be invisible to it.
+_running: dict[str, list] = {}  # name -> [process, env, users]
+
+
 def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
-    """Start a server process and set `env` in os.environ; yields `env`, then stops it."""
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ready(proc, url, name)
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot start the {name} emulator: {e}")
+    """Start a server process (or reuse the running one) and set its env in os.environ;
+    yields the env, then stops the server when its last user is done."""
+    if name not in _running:
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_ready(proc, url, name)
+        except (OSError, RuntimeError) as e:
+            pytest.skip(f"cannot start the {name} emulator: {e}")
+        _running[name] = [proc, env, 0]
+    entry = _running[name]
+    entry[2] += 1
+    env = entry[1]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -60,8 +72,11 @@ def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        proc.terminate()
-        proc.wait(timeout=10)
+        entry[2] -= 1
+        if entry[2] == 0:
+            del _running[name]
+            entry[0].terminate()
+            entry[0].wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
