@@ -151,7 +151,8 @@ def staging_dir(dest: str | os.PathLike) -> Path:
 
 def publish(staged: Path, dest: str | os.PathLike, marker: str) -> AnyPath:
     """Upload the tree written to `staged` (from `staging_dir`) to bucket path `dest`, replacing
-    an earlier one (only if it holds `marker`: a mistyped --out never deletes other objects).
+    an earlier one (only if it holds `marker`: a mistyped --out never deletes other objects);
+    `marker` (the file that says the tree is complete) is uploaded last.
     A no-op for a local `dest`, and on processes that staged nothing."""
     remote = path(dest)
     if isinstance(remote, Path) or not staged.exists():  # local `dest`, or nothing staged
@@ -161,7 +162,9 @@ def publish(staged: Path, dest: str | os.PathLike, marker: str) -> AnyPath:
             raise UserError(f"{dest} exists and is not an earlier export (no {marker}); "
                             "choose an empty or new --out directory")
         remote.rmtree()
-    for file in sorted(f for f in staged.rglob("*") if f.is_file()):
+    files = sorted(f for f in staged.rglob("*") if f.is_file())
+    # the marker last: an upload cut short leaves no tree that looks complete
+    for file in sorted(files, key=lambda f: f.relative_to(staged).parts[0] == marker):
         target = remote / file.relative_to(staged).as_posix()
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(file, target)

@@ -43,37 +43,40 @@ def _wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float = 30
     raise RuntimeError(f"{name} did not answer at {url} within {timeout:g} s")
 
 
-# servers already started in this session, by name: the fixtures below are imported into
-# several test modules, and pytest makes one session fixture per module; a second server would
-# move the environment while clients cached by fsspec still talk to the first
-_running: dict[str, dict[str, str]] = {}
+# One server per emulator per process, however many test modules use its fixture: fsspec
+# caches one filesystem per protocol (its endpoint read once, from the environment), so a
+# second server started by another module's session fixture would be invisible to it.
+_running: dict[str, list] = {}  # name -> [process, env, users]
 
 
 def _serve(argv: list[str], url: str, name: str, env: dict[str, str]):
-    """Start a server process and set `env` in os.environ; yields `env`, then stops it. A
-    server of that name already running for another module is shared instead."""
-    if name in _running:
-        yield _running[name]
-        return
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ready(proc, url, name)
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot start the {name} emulator: {e}")
+    """Start a server process (or reuse the running one) and set its env in os.environ;
+    yields the env, then stops the server when its last user is done."""
+    if name not in _running:
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_ready(proc, url, name)
+        except (OSError, RuntimeError) as e:
+            pytest.skip(f"cannot start the {name} emulator: {e}")
+        _running[name] = [proc, env, 0]
+    entry = _running[name]
+    entry[2] += 1
+    env = entry[1]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    _running[name] = env
     try:
         yield env
     finally:
-        del _running[name]
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        proc.terminate()
-        proc.wait(timeout=10)
+        entry[2] -= 1
+        if entry[2] == 0:
+            del _running[name]
+            entry[0].terminate()
+            entry[0].wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

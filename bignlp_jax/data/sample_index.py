@@ -9,7 +9,8 @@ documents is a binary search in the epoch's cumulative pair counts: no earlier r
 
 The per-epoch arrays (Megatron's document index and its cumulative lengths) depend on the seed
 and the store only, not on seq_len, batch size or process count; for large stores they are
-cached as .npy files in the store's `index/` directory (computing one is O(documents)).
+cached as .npy files in the store's `index/` directory (computing one is O(documents); a store
+in a bucket keeps no cache: each host computes them in memory).
 
 A packed row gives `tokens`, `targets`, `positions` (restarting at 0 for every document piece),
 `segment_ids` (1, 2, ... per piece; 0 = padding) and `loss_mask` (1 for every real target), so
@@ -43,7 +44,8 @@ class SampleIndex:
         self.pairs_per_epoch = int(lengths.sum())
         self.rows_per_epoch = -(-self.pairs_per_epoch // seq_len)
         self._pairs = lengths
-        self.cache_dir = store.path / "index"
+        # a store in a bucket keeps no cache beside it: np.save writes local files
+        self.cache_dir = None if store.remote else store.path / "index"
 
     def identity(self) -> dict:
         return {"store": self.store.identity, "seed": self.seed}
@@ -55,8 +57,9 @@ class SampleIndex:
             order = np.arange(self.store.num_documents, dtype=np.int64)
             return order, np.cumsum(self._pairs)
         key = f"seed{self.seed}-epoch{e}-{self.store.identity[:16]}"
-        files = self.cache_dir / f"{key}.order.npy", self.cache_dir / f"{key}.ends.npy"
-        if all(f.is_file() for f in files):
+        cache = self.cache_dir if self.store.num_documents >= CACHE_MIN_DOCUMENTS else None
+        files = () if cache is None else (cache / f"{key}.order.npy", cache / f"{key}.ends.npy")
+        if files and all(f.is_file() for f in files):
             try:
                 return np.load(files[0], mmap_mode="r"), np.load(files[1], mmap_mode="r")
             except (OSError, ValueError):
@@ -64,13 +67,13 @@ class SampleIndex:
         rng = np.random.default_rng([self.seed, e])
         order = rng.permutation(self.store.num_documents).astype(np.int64)
         ends = np.cumsum(self._pairs[order])
-        if self.store.num_documents >= CACHE_MIN_DOCUMENTS:
-            self._save(files, (order, ends))
+        if cache is not None:
+            self._save(cache, files, (order, ends))
         return order, ends
 
-    def _save(self, files, arrays) -> None:
+    def _save(self, cache, files, arrays) -> None:
         try:  # a read-only store still works: the index is recomputed in memory each run
-            self.cache_dir.mkdir(exist_ok=True)
+            cache.mkdir(exist_ok=True)
             for f, a in zip(files, arrays):
                 tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")
                 np.save(tmp, a)
@@ -119,22 +122,22 @@ class SampleIndex:
         within = np.arange(len(flat_piece)) - np.repeat(np.cumsum(count) - count, count)
         idx = token0[flat_piece] + within
         seg = (np.arange(len(j)) - piece_start[piece_row] + 1)[flat_piece]
-        tokens = np.asarray(self.store.tokens)
+        inputs, targets = self.store.pairs(idx)  # a bucket store: one round of ranged reads
         n = len(rows)
         result: dict[str, np.ndarray] = {k: np.zeros((n, T), np.int32)
                                          for k in ("tokens", "targets", "positions", "segment_ids")}
         mask = np.zeros((n, T), np.float32)
         if (real == T).all():  # the common case: no padded row in this batch
-            result["tokens"][:] = tokens[idx].reshape(n, T)
-            result["targets"][:] = tokens[idx + 1].reshape(n, T)
+            result["tokens"][:] = inputs.reshape(n, T)
+            result["targets"][:] = targets.reshape(n, T)
             result["positions"][:] = within.reshape(n, T)
             result["segment_ids"][:] = seg.reshape(n, T)
             mask[:] = 1.0
         else:  # the last row of an epoch: real pairs first, then padding (segment 0, mask 0)
             col = np.arange(T)
             keep = col[None, :] < real[:, None]
-            result["tokens"][keep] = tokens[idx]
-            result["targets"][keep] = tokens[idx + 1]
+            result["tokens"][keep] = inputs
+            result["targets"][keep] = targets
             result["positions"][keep] = within
             result["segment_ids"][keep] = seg
             mask[keep] = 1.0

@@ -11,8 +11,9 @@ import time
 
 
 def cmd_data_tokenize(args) -> int:
+    from bignlp_jax import storage
     from bignlp_jax.data import embedded
-    from bignlp_jax.data.tfds_source import open_split, resolve_data_dir
+    from bignlp_jax.data.tfds_source import resolve_data_dir, split_size
     from bignlp_jax.data.token_build import build_store
     from bignlp_jax.data.token_store import (
         MANIFEST,
@@ -23,24 +24,28 @@ def cmd_data_tokenize(args) -> int:
     )
     from bignlp_jax.data.tokenizer import load_tokenizer
 
-    data_dir = resolve_data_dir(args.data_dir).absolute()
-    if args.name in embedded.EMBEDDED:
+    data_dir = resolve_data_dir(args.data_dir)
+    remote = storage.is_remote(data_dir)
+    if remote:  # a bucket: fail fast, in one line, if it cannot be written
+        storage.check_access(data_dir, "--data-dir")
+    elif args.name in embedded.EMBEDDED:
         embedded.ensure_embedded(data_dir)
     tokenizer = load_tokenizer(args.tokenizer)
     sha = tokenizer.describe()["model_sha256"]
+    model = str(storage.absolute(tokenizer.model_path))
     results = []
     for split in args.split or ["train", "validation"]:
-        source = open_split(args.name, data_dir, split, required_keys=(args.text_key,))
-        spec = StoreSpec(args.name, str(data_dir), split, args.text_key,
-                         str(tokenizer.model_path.absolute()), sha)
+        count = split_size(args.name, data_dir, split, required_keys=(args.text_key,))
+        spec = StoreSpec(args.name, str(data_dir), split, args.text_key, model, sha)
         path = store_dir(spec, dataset_identity(args.name, data_dir, split, args.text_key,
-                                                len(source)))
+                                                count))
         start = time.perf_counter()
         if (path / MANIFEST).is_file() and not args.overwrite:
-            store = TokenStore(path, sha, spec.rebuild_command())  # verifies sizes and sha256
+            # verifies sizes and sha256 (in a bucket: reads the whole store once)
+            store = TokenStore(path, sha, spec.rebuild_command(), verify_tokens=True)
             print(f"token store {path} already built and verified (--overwrite rebuilds it)")
         else:
-            path = build_store(spec, len(source), tokenizer.vocab_size, args.workers,
+            path = build_store(spec, count, tokenizer.vocab_size, args.workers,
                                overwrite=args.overwrite)
             store = TokenStore(path, sha, spec.rebuild_command())
         seconds = time.perf_counter() - start
@@ -88,7 +93,8 @@ def cmd_data_bench(args) -> int:
 def register(data_sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser("tokenize", help="tokenize a prepared dataset once into token stores")
     p.add_argument("--name", required=True, help="prepared TFDS dataset (e.g. stdlib_docs)")
-    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the cache dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data dir, or gs:// / s3:// (default: the cache dir)")
     p.add_argument("--tokenizer", required=True, help="a .model file, tokenizer dir or run dir")
     p.add_argument("--split", action="append",
                    help="split to tokenize (repeatable; default train and validation)")

@@ -6,7 +6,10 @@ directory). The embedded corpora
 (`stdlib_docs`, `stdlib_modules`) are built there on first use; any other dataset must already
 be prepared. Each split is tokenized once into a token store beside the dataset
 (`token_store.py`, `token_build.py`: built on first use, or ahead with `data tokenize`), read by
-index (`sample_index.py`, `store_batches.py`). `data.tokenizer` names a tokenizer (a `.model`,
+index (`sample_index.py`, `store_batches.py`). A `data.data_dir` in a bucket (gs://, s3://)
+is read from there: the token stores by byte ranges (tokenize them ahead with `data tokenize
+--data-dir gs://...`: a run does not build a store in a bucket), the records of task datasets
+from a local copy. `data.tokenizer` names a tokenizer (a `.model`,
 a tokenizer dir or a run dir); null means the default tokenizer trained on `stdlib_docs` with
 `model.vocab_size` pieces (built on first use), allowed only for the embedded corpora. The
 training stream is shuffled with `run.seed`; held-out streams (`data.eval_split`) are read in
@@ -16,6 +19,7 @@ stored order, so every evaluation sees the same batches.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
 from bignlp_jax.data.store_batches import StoreBatches
-from bignlp_jax.data.tfds_source import open_split, resolve_data_dir
+from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, split_size
 from bignlp_jax.data.token_build import build_store
 from bignlp_jax.data.token_store import (
     MANIFEST,
@@ -71,22 +75,31 @@ def dataset_name(cfg: Config) -> str:
     return cfg.data.tfds_name
 
 
-def data_dir(cfg: Config) -> Path:
-    """The data dir of the config; the embedded corpora are built into it when missing."""
-    path = resolve_data_dir(cfg.data.data_dir).absolute()
-    if any(n in embedded.EMBEDDED for n in _names(cfg)):
+def data_dir(cfg: Config) -> storage.AnyPath:
+    """The data dir of the config; the embedded corpora are built into it when missing (on a
+    file system; a bucket must hold them already, like any other dataset)."""
+    path = resolve_data_dir(cfg.data.data_dir)
+    if storage.is_remote(path):
+        _probe_bucket(str(path)[:5] + str(path).split("/")[2])
+    elif any(n in embedded.EMBEDDED for n in _names(cfg)):
         embedded.ensure_embedded(path)
     return path
+
+
+@functools.cache
+def _probe_bucket(bucket: str) -> None:
+    """A missing bucket, an unreachable endpoint, missing credentials: one line, once."""
+    storage.check_access(bucket, "data.data_dir", write=False)
 
 
 def _names(cfg: Config) -> list[str]:
     return list(cfg.data.mixture) if cfg.data.mixture else [cfg.data.tfds_name or ""]
 
 
-def tokenizer_path(cfg: Config) -> Path:
+def tokenizer_path(cfg: Config) -> storage.AnyPath:
     """Where the config's tokenizer lives (training the default one if it is missing)."""
     if cfg.data.tokenizer:
-        return Path(cfg.data.tokenizer).expanduser()
+        return storage.path(os.path.expanduser(cfg.data.tokenizer))
     other = [n for n in _names(cfg) if n not in embedded.EMBEDDED]
     if other:
         raise UserError(
@@ -95,6 +108,11 @@ def tokenizer_path(cfg: Config) -> Path:
             "  fix: train one with `bignlp-jax tokenizer train --input ... --vocab-size "
             f"{cfg.model.vocab_size} --out DIR` and set data.tokenizer=DIR"
         )
+    if storage.is_remote(data_dir(cfg)):
+        raise UserError(f"data.data_dir={cfg.data.data_dir} is a bucket and data.tokenizer is "
+                        "not set; the default tokenizer is trained on local disk only\n"
+                        "  fix: set data.tokenizer (a tokenizer dir or run dir, local or in a "
+                        "bucket)")
     return embedded.embedded_tokenizer(data_dir(cfg), cfg.model.vocab_size)
 
 
@@ -136,18 +154,28 @@ def split_name(cfg: Config, split: str) -> str:
 def open_store(cfg: Config, name: str, split: str, text_key: str,
                build: bool = True) -> TokenStore:
     """The token store of `split` of dataset `name` with the config's tokenizer, built on first
-    use (with data.workers processes) unless `build` is False."""
+    use (with data.workers processes) unless `build` is False. A store in a bucket is never
+    built here: every host of a run would build it; `data tokenize` builds it once."""
     directory = data_dir(cfg)
-    source = _open(name, str(directory), split, text_key)  # data errors before tokenizer ones
+    remote = storage.is_remote(directory)
+    if remote:  # records are not read: their count is in dataset_info.json
+        count = split_size(name, directory, split, required_keys=(text_key,))
+    else:
+        count = len(_open(name, str(directory), split, text_key))  # data errors first
     tokenizer = resolve_tokenizer(cfg)
     sha = tokenizer.describe()["model_sha256"]
     spec = StoreSpec(name, str(directory), split, text_key, str(tokenizer.model_path), sha)
-    path = store_dir(spec, dataset_identity(name, directory, split, text_key, len(source)))
+    path = store_dir(spec, dataset_identity(name, directory, split, text_key, count))
     if not (path / MANIFEST).is_file() and build:
-        if len(source) == 0:
+        if remote:
+            raise UserError(f"no token store for split {split!r} of {name} with this "
+                            f"tokenizer in {directory} (looked for {path})\n"
+                            "  fix: tokenize it into the bucket first: "
+                            + spec.rebuild_command().replace(" --overwrite", ""))
+        if count == 0:
             raise UserError(f"split {split!r} of {name} in {directory} has no records: "
                             "nothing to train or evaluate on")
-        build_store(spec, len(source), tokenizer.vocab_size, max(1, cfg.data.workers))
+        build_store(spec, count, tokenizer.vocab_size, max(1, cfg.data.workers))
     return TokenStore(path, sha, spec.rebuild_command())
 
 

@@ -9,7 +9,10 @@ TensorFlow) is imported. Records come back as dicts of numpy values; strings are
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,9 +33,9 @@ def default_data_dir() -> Path:
     return Path(DEFAULT_DATA_DIR).expanduser()
 
 
-def resolve_data_dir(data_dir: str | Path | None) -> Path:
+def resolve_data_dir(data_dir: str | Path | None) -> storage.AnyPath:
     """The absolute directory `data.data_dir` names (null: `default_data_dir()`); a bucket
-    URL as it is (`data prepare` into a bucket)."""
+    URL as it is (an `epath.Path`)."""
     if data_dir is not None and storage.is_remote(data_dir):
         return storage.path(data_dir)
     return (default_data_dir() if data_dir is None else Path(data_dir).expanduser()).absolute()
@@ -45,16 +48,18 @@ def with_resolved_data_dir(cfg: Config) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def list_datasets(data_dir: Path) -> list[str]:
+def list_datasets(data_dir: storage.AnyPath) -> list[str]:
     """Names of the prepared datasets under `data_dir` (dirs holding a dataset_info.json)."""
     names = set()
-    for info in data_dir.glob("*/**/dataset_info.json"):
-        rel = info.parent.relative_to(data_dir).parts  # name[/config]/version
-        names.add("/".join(rel[:-1]))
+    for info in storage.files_under(data_dir):
+        if info.name == "dataset_info.json":
+            rel = Path(str(info)[len(str(data_dir)):].strip("/")).parts  # name[/config]/version
+            if len(rel) >= 3:
+                names.add("/".join(rel[:-2]))
     return sorted(names)
 
 
-def _builder(name: str, data_dir: Path):
+def _builder(name: str, data_dir: storage.AnyPath):
     import tensorflow_datasets as tfds  # seconds to import: only when a dataset is read
 
     if not data_dir.is_dir():
@@ -80,14 +85,9 @@ def _builder(name: str, data_dir: Path):
                         f"{str(e).splitlines()[0]}") from e
 
 
-def open_split(name: str, data_dir: str | Path | None, split: str,
-               required_keys: Sequence[str] = ()) -> Sequence[dict]:
-    """Random-access source (len, [i]) of the records of `split` of dataset `name`.
-
-    Raises UserError naming what was looked for when the data dir, dataset, split or one of
-    `required_keys` (features) is missing, or the dataset is not in ArrayRecord format.
-    """
-    data_dir = resolve_data_dir(data_dir)
+def _checked_builder(name: str, data_dir: storage.AnyPath, split: str,
+                     required_keys: Sequence[str]):
+    """The builder of dataset `name`, after checking the split, features and file format."""
     builder = _builder(name, data_dir)
     info = builder.info
     splits = sorted(info.splits.keys())
@@ -109,7 +109,48 @@ def open_split(name: str, data_dir: str | Path | None, split: str,
             f"dataset {name!r} in {data_dir} is stored as {', '.join(formats)}, not array_record; "
             "random access needs ArrayRecord\n  fix: re-prepare it with file_format='array_record'"
         )
-    return builder.as_data_source(split=split)
+    return builder
+
+
+def open_split(name: str, data_dir: str | Path | None, split: str,
+               required_keys: Sequence[str] = ()) -> Sequence[dict]:
+    """Random-access source (len, [i]) of the records of `split` of dataset `name`.
+
+    Raises UserError naming what was looked for when the data dir, dataset, split or one of
+    `required_keys` (features) is missing, or the dataset is not in ArrayRecord format. A
+    dataset in a bucket is read from a local copy (`local_dataset_dir`): ArrayRecord reads
+    local files only.
+    """
+    data_dir = resolve_data_dir(data_dir)
+    _checked_builder(name, data_dir, split, required_keys)  # errors name the bucket path
+    if storage.is_remote(data_dir):
+        data_dir = local_dataset_dir(name, data_dir)
+    return _checked_builder(name, data_dir, split, required_keys).as_data_source(split=split)
+
+
+def split_size(name: str, data_dir: str | Path | None, split: str,
+               required_keys: Sequence[str] = ()) -> int:
+    """Records in `split` of dataset `name`, from its dataset_info.json alone (no record is
+    read: for a dataset in a bucket, nothing is copied)."""
+    builder = _checked_builder(name, resolve_data_dir(data_dir), split, required_keys)
+    return int(builder.info.splits[split].num_examples)
+
+
+@functools.cache
+def _fetched(name: str, data_dir: str) -> Path:
+    local = storage.fetch_dir(f"{data_dir.rstrip('/')}/{name.split(':')[0]}")
+    atexit.register(shutil.rmtree, local.parent, True)
+    return local.parent
+
+
+def local_dataset_dir(name: str, data_dir: str | Path) -> Path:
+    """A local data dir holding dataset `name`: `data_dir` itself, or (a bucket) a temporary
+    copy of the dataset made once per process and removed at exit. Only what reads records
+    needs it (tokenizing, task finetuning, tokenizer training); pretraining reads token stores
+    by byte ranges (token_store.py)."""
+    if not storage.is_remote(data_dir):
+        return Path(data_dir)
+    return _fetched(name, str(data_dir))
 
 
 def text_of(record: Mapping, key: str) -> str:

@@ -6,6 +6,11 @@ with a manifest. Tokenizing runs in `workers` processes (spawned: the caller may
 threads) over contiguous ranges of records, each range writing its own part; the parts are
 concatenated in order, so the store is the same for any number of workers. Processes sharing a
 data dir take a file lock: one builds, the others then find the store.
+
+A store bound for a bucket is built the same way in a local staging directory (from a local
+copy of the dataset's records: ArrayRecord reads local files) and then uploaded, manifest last
+(`remote_store.publish_store`). Building into a bucket is what `data tokenize` does, once,
+ahead of the training hosts that read the store.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax import storage
+from bignlp_jax.data.remote_store import publish_store
+from bignlp_jax.data.tfds_source import local_dataset_dir
 from bignlp_jax.data.token_store import (
     FORMAT,
     MANIFEST,
@@ -76,23 +83,38 @@ def _encode_range(args: tuple) -> tuple[int, int]:
 
 
 def build_store(spec: StoreSpec, num_records: int, vocab_size: int, workers: int = 1,
-                overwrite: bool = False, log=print) -> Path:
+                overwrite: bool = False, log=print) -> storage.AnyPath:
     """Tokenize the split into its store (atomically) unless it is there; returns its path.
 
     Processes sharing the data dir (the hosts of a run, a `data tokenize` beside a training
     run) take a file lock: one builds, the others then find the store."""
     identity = dataset_identity(spec.name, spec.data_dir, spec.split, spec.text_key, num_records)
     final = store_dir(spec, identity)
+    if storage.is_remote(final):
+        if (final / MANIFEST).is_file() and not overwrite:
+            return final
+        staging = Path(tempfile.mkdtemp(prefix="bignlp-store-"))
+        try:
+            local = _build(spec, identity, staging / final.name, num_records, vocab_size,
+                           workers, log, str(local_dataset_dir(spec.name, spec.data_dir)))
+            (local / VERIFIED).unlink()  # size/mtime stamps of local files: nothing remote
+            publish_store(local, final, MANIFEST)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log(f"token store: uploaded to {final}")
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / ".bignlp_store.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / MANIFEST).is_file() and not overwrite:
             return final
-        return _build(spec, identity, final, num_records, vocab_size, workers, log)
+        return _build(spec, identity, Path(final), num_records, vocab_size, workers, log,
+                      spec.data_dir)
 
 
 def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_size: int,
-           workers: int, log) -> Path:
+           workers: int, log, records_dir: str) -> Path:
+    """Build the store in `final` (local), reading the records from `records_dir`."""
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a build that was interrupted
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
@@ -104,7 +126,7 @@ def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_
         # not equal work; the pool hands the next range to whichever worker is free.
         parts = 1 if workers == 1 else min(num_records, 4 * workers)
         bounds = np.linspace(0, num_records, parts + 1).astype(int)
-        jobs = [(spec.name, spec.data_dir, spec.split, spec.text_key, spec.tokenizer_path,
+        jobs = [(spec.name, records_dir, spec.split, spec.text_key, spec.tokenizer_path,
                  int(a), int(b), str(tmp / f"part{i:05d}"), dtype)
                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
         if workers == 1:

@@ -13,11 +13,18 @@ This module names and opens stores (`token_build.py` writes them). Opening check
 file's size or mtime differs from `verified.json`, so later opens of a large store cost
 O(documents), not O(tokens). A damaged store is one message naming the file and the command
 that rebuilds it.
+
+A store in a bucket (gs://, s3://: `data.data_dir` there) is opened the same way, but its
+tokens are read by byte ranges as batches need them (`remote_store.RemoteTokens`), never
+copied whole; opening it checks the manifest, the sizes and the offsets (and their sha256),
+and `data tokenize` hashes its tokens too (a training run does not read a whole corpus to
+open it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bignlp_jax import storage
+from bignlp_jax.data.remote_store import RemoteTokens
 from bignlp_jax.errors import UserError
 
 FORMAT = "bignlp_token_store/1"
@@ -53,35 +62,38 @@ def dataset_identity(name: str, data_dir: str | Path, split: str, text_key: str,
                      num_records: int) -> str:
     """sha256 of what identifies the dataset's content: its TFDS info (file shards, lengths),
     the split, the text key and the record count."""
-    base = Path(data_dir) / name.split(":")[0]
-    infos = sorted(base.glob("**/dataset_info.json"))
+    base = storage.path(data_dir) / name.split(":")[0]
+    # (a bucket refuses a recursive glob: files_under walks it, the same files either way)
+    infos = [f for f in storage.files_under(base) if f.name == "dataset_info.json"]
     h = hashlib.sha256(json.dumps([name, split, text_key, num_records]).encode())
     for info in infos:
         h.update(info.read_bytes())
     return h.hexdigest()
 
 
-def store_dir(spec: StoreSpec, identity: str) -> Path:
+def store_dir(spec: StoreSpec, identity: str) -> storage.AnyPath:
     safe = spec.name.replace("/", "__").replace(":", "_")
     split = spec.split.replace("/", "_")
-    return (Path(spec.data_dir) / STORES_DIR / safe
+    return (storage.path(spec.data_dir) / STORES_DIR / safe
             / f"{split}-{spec.tokenizer_sha256[:16]}-{identity[:12]}")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: storage.AnyPath) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
 
 
 class TokenStore:
-    """An opened store: `tokens` (memory-mapped), `offsets`, and its `manifest`."""
+    """An opened store: `tokens` (memory-mapped; read by ranges in a bucket), `offsets`, and
+    its `manifest`. `verify_tokens` hashes a bucket store's tokens too (`data tokenize`)."""
 
-    def __init__(self, path: str | Path, tokenizer_sha256: str | None = None,
-                 rebuild: str = "bignlp-jax data tokenize ..."):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, tokenizer_sha256: str | None = None,
+                 rebuild: str = "bignlp-jax data tokenize ...", verify_tokens: bool = False):
+        self.path = storage.path(path)
+        self.remote = storage.is_remote(path)
         self.manifest = _read_manifest(self.path, rebuild)
         ours = self.manifest.get("tokenizer_sha256")
         if tokenizer_sha256 is not None and ours != tokenizer_sha256:
@@ -89,11 +101,24 @@ class TokenStore:
                 f"token store {self.path} was made with tokenizer sha256 {ours} but this run's "
                 f"tokenizer has sha256 {tokenizer_sha256}; it is never read with another one\n"
                 f"  fix: build the store for this tokenizer: {rebuild}")
-        _verify_files(self.path, self.manifest, rebuild)
-        self.tokens = np.memmap(self.path / TOKENS, dtype=self.manifest["dtype"], mode="r")
-        self.offsets = np.load(self.path / OFFSETS, mmap_mode="r")
+        self.tokens: np.ndarray | RemoteTokens
+        if self.remote:
+            self.offsets = _verify_remote(self.path, self.manifest, rebuild, verify_tokens)
+            self.tokens = RemoteTokens(str(self.path / TOKENS), self.manifest["dtype"],
+                                       int(self.manifest["tokens"]), rebuild)
+        else:
+            _verify_files(self.path, self.manifest, rebuild)
+            self.tokens = np.memmap(self.path / TOKENS, dtype=self.manifest["dtype"], mode="r")
+            self.offsets = np.load(self.path / OFFSETS, mmap_mode="r")
         self.identity = hashlib.sha256(
             json.dumps(self.manifest["sha256"], sort_keys=True).encode()).hexdigest()
+
+    def pairs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens[idx], tokens[idx + 1]): the inputs and targets at token positions `idx`
+        (from a bucket: one round of ranged reads)."""
+        if isinstance(self.tokens, RemoteTokens):
+            return self.tokens.pairs(idx)
+        return self.tokens[idx], self.tokens[idx + 1]
 
     def __getstate__(self) -> dict:
         # Grain worker processes get the path, not a copy of the mapped arrays.
@@ -114,43 +139,68 @@ class TokenStore:
                 "documents": m["documents"], "tokens": m["tokens"]}
 
 
-def _corrupt(path: Path, problem: str, rebuild: str) -> UserError:
+def _corrupt(path: storage.AnyPath, problem: str, rebuild: str) -> UserError:
     return UserError(f"token store file {path} is {problem}\n"
                      f"  fix: rebuild it: {rebuild}")
 
 
-def _read_manifest(path: Path, rebuild: str) -> dict:
+def _read_manifest(path: storage.AnyPath, rebuild: str) -> dict:
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"no token store at {path} (no {MANIFEST})\n"
                         f"  fix: build it: {rebuild}") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a bucket: also permission and network errors
         raise _corrupt(file, f"unreadable ({type(e).__name__})", rebuild) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _corrupt(file, f"not a {FORMAT} manifest", rebuild)
     return manifest
 
 
+def _check_tokens_size(path: storage.AnyPath, m: dict, rebuild: str) -> None:
+    size = m["tokens"] * np.dtype(m["dtype"]).itemsize
+    file = path / TOKENS
+    if not file.is_file():
+        raise _corrupt(file, "missing", rebuild)
+    if storage.size(file) != size:
+        raise _corrupt(file, f"{storage.size(file)} bytes, not the {size} its manifest "
+                       "says (truncated?)", rebuild)
+
+
+def _check_offsets(path: storage.AnyPath, offsets: np.ndarray, m: dict, rebuild: str) -> None:
+    if (offsets.shape != (m["documents"] + 1,) or offsets[0] != 0
+            or offsets[-1] != m["tokens"] or np.any(np.diff(offsets) < 2)):
+        raise _corrupt(path / OFFSETS, "inconsistent with its manifest", rebuild)
+
+
+def _verify_remote(path: storage.AnyPath, m: dict, rebuild: str, tokens: bool) -> np.ndarray:
+    """A bucket store: sizes, the offsets (read whole: O(documents)) and their sha256; the
+    tokens' sha256 only when asked (it reads every byte)."""
+    _check_tokens_size(path, m, rebuild)
+    try:
+        data = (path / OFFSETS).read_bytes()
+        offsets = np.load(io.BytesIO(data))
+    except FileNotFoundError:
+        raise _corrupt(path / OFFSETS, "missing", rebuild) from None
+    except (OSError, ValueError) as e:
+        raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
+    _check_offsets(path, offsets, m, rebuild)
+    if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
+        raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
+    if tokens and sha256_file(path / TOKENS) != m["sha256"][TOKENS]:
+        raise _corrupt(path / TOKENS, "corrupt (sha256 differs from its manifest)", rebuild)
+    return offsets
+
+
 def _verify_files(path: Path, m: dict, rebuild: str) -> None:
     """Sizes and offsets always; sha256 once per (size, mtime) of each file."""
-    itemsize = np.dtype(m["dtype"]).itemsize
-    expected = {TOKENS: m["tokens"] * itemsize}
-    for name, size in expected.items():
-        file = path / name
-        if not file.is_file():
-            raise _corrupt(file, "missing", rebuild)
-        if file.stat().st_size != size:
-            raise _corrupt(file, f"{file.stat().st_size} bytes, not the {size} its manifest "
-                           "says (truncated?)", rebuild)
+    _check_tokens_size(path, m, rebuild)
     try:
         offsets = np.load(path / OFFSETS, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
-    if (offsets.shape != (m["documents"] + 1,) or offsets[0] != 0
-            or offsets[-1] != m["tokens"] or np.any(np.diff(offsets) < 2)):
-        raise _corrupt(path / OFFSETS, "inconsistent with its manifest", rebuild)
+    _check_offsets(path, offsets, m, rebuild)
     stamp_file = path / VERIFIED
     try:
         stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}

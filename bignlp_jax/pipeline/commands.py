@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bignlp_jax import storage
 from bignlp_jax.writable import require_writable
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
@@ -34,6 +35,7 @@ def cmd_pipeline(args) -> int:
     from bignlp_jax.pipeline.state import freshness, read_state, why_stale
 
     require_writable(pipeline.out, "the pipeline's output_dir", "output_dir=DIR")
+    storage.check_access(pipeline.out, "output_dir")  # a bucket: write + delete of a marker
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")

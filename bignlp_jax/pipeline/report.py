@@ -6,8 +6,11 @@ pipeline.json), so it can be rebuilt at any time without touching a model.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
+from bignlp_jax import storage
 from bignlp_jax.pipeline.spec import Pipeline
 from bignlp_jax.pipeline.stages import read_results
 from bignlp_jax.pipeline.state import freshness, read_state
@@ -18,7 +21,7 @@ LABELS = {"pretrain": "pretraining", "finetune": "finetuned from pretrained",
           "finetune_scratch": "finetuned from random init"}
 
 
-def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+def curve(run_dir: storage.AnyPath, key: str) -> list[tuple[int, float]]:
     """(step, value) of every training-log line of metrics.jsonl that has `key`. Lines from
     `bignlp-jax eval` (they carry `eval_seconds`) measure a different set and are left out."""
     return [(int(r["step"]), float(r[key])) for r in read_metrics(run_dir)
@@ -150,9 +153,15 @@ def build_report(p: Pipeline) -> str:
 
 
 def write_report(p: Pipeline) -> str:
-    """Write report.md and the PNG into the pipeline's output dir; return the report text."""
+    """Write report.md and the PNG into the pipeline's output dir; return the report text.
+    (Into a bucket: the PNG is drawn into a local file and uploaded whole.)"""
     p.out.mkdir(parents=True, exist_ok=True)
-    plot(p, p.out / PLOT_FILE)
+    staging = Path(tempfile.mkdtemp(prefix="bignlp-report-"))
+    try:
+        if plot(p, staging / PLOT_FILE) is not None:
+            storage.copy_file(staging / PLOT_FILE, p.out / PLOT_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     text = build_report(p)
     (p.out / REPORT_FILE).write_text(text, encoding="utf-8")
     return text

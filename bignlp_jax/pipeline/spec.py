@@ -121,7 +121,7 @@ class Pipeline:
             names.append("export")
         return names
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str) -> storage.AnyPath:
         return self.out / stage
 
     def enable_compilation_cache(self) -> None:
@@ -175,10 +175,6 @@ class Pipeline:
     def check(self) -> None:
         """Catch wiring mistakes before hours of training: every stage config must load, and
         finetuning must use the pretrained model's shape and vocabulary."""
-        if storage.is_remote(self.spec.output_dir):  # not yet: stages write local-only files
-            raise UserError(f"output_dir={self.spec.output_dir}: a pipeline cannot write to a "
-                            "bucket yet (the tokenizer, report and plot stages write local "
-                            "files)\n  fix: use a file system path for output_dir")
         configs = {s: self.run_config(s) for s in self.stages() if s in TRAIN_STAGES}
         pre, fine = configs.get("pretrain"), configs.get("finetune")
         if pre is not None and fine is not None and pre.model != fine.model:

@@ -6,7 +6,9 @@ changed) runs again, and so, through the fingerprints, does everything downstrea
 output is moved to OUT/stale/ first, except a training stage that may simply continue (only
 steps/cadence changed, same inputs), which resumes in place. An interrupted training stage
 continues from its newest checkpoint; the tokenizer and export stages write to a temporary
-directory and rename it, so a half-written output never counts as done.
+directory and rename it, so a half-written output never counts as done. With OUT in a bucket
+they write to a local staging directory and upload it, the file that marks the stage done
+(tokenizer.model, config.json) last; training stages write there directly (run.dir).
 `OUT/pipeline.json` (state.py) records each stage's status, wall time and fingerprints.
 """
 
@@ -18,6 +20,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import is_complete, load_params
 from bignlp_jax.data import embedded
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
@@ -36,6 +39,7 @@ from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported 
     record,
     set_aside,
     why_stale,
+    write_whole,
 )
 from bignlp_jax.train.loop import train
 
@@ -90,12 +94,14 @@ def run_tokenizer(p: Pipeline) -> str:
     out = p.stage_dir("tokenizer")
     if jax.process_index() == 0:
         data_dir = resolve_data_dir(cfg.data.data_dir)
-        if cfg.data.tfds_name in embedded.EMBEDDED:
-            embedded.ensure_embedded(data_dir)
+        if cfg.data.tfds_name in embedded.EMBEDDED and not storage.is_remote(data_dir):
+            embedded.ensure_embedded(data_dir)  # (a bucket must hold them already)
         records = open_split(cfg.data.tfds_name, data_dir, cfg.data.split,
                              required_keys=(cfg.data.text_key,))
         texts = (text_of(records[i], cfg.data.text_key) for i in range(len(records)))
-        tok = train_tokenizer(texts, out, cfg.model.vocab_size, p.spec.tokenizer.model_type)
+        staged = storage.staging_dir(out)  # `out` itself on a file system
+        tok = train_tokenizer(texts, staged, cfg.model.vocab_size, p.spec.tokenizer.model_type)
+        storage.publish(staged, out, marker=MODEL_FILE)  # a bucket: upload, the model last
         message = (f"{tok.vocab_size} pieces ({p.spec.tokenizer.model_type}) trained on "
                    f"{len(records)} documents of {cfg.data.tfds_name}")
     _barrier("bignlp_pipeline_tokenizer")
@@ -119,11 +125,7 @@ def run_evaluate(p: Pipeline) -> str:
         cfg = p.run_config(stage)
         results[stage] = evaluate_run(cfg, p.stage_dir(stage))
     if jax.process_index() == 0:
-        out = p.stage_dir("evaluate")
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (RESULTS_FILE + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out / RESULTS_FILE)
+        write_whole(p.stage_dir("evaluate") / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     _barrier("bignlp_pipeline_evaluate")
     return ", ".join(f"{s}: " + (f"accuracy {r['accuracy']:.3f}" if "accuracy" in r
                                  else f"perplexity {r['perplexity']:.2f}")
@@ -138,7 +140,9 @@ def run_export(p: Pipeline) -> str:
     params = load_params(p.stage_dir(source), cfg.model, lora=cfg.lora)
     run_tok = p.stage_dir(source) / "tokenizer"
     tokenizer = run_tok if run_tok.is_dir() else None
-    out = export_hf(params, cfg.model, p.stage_dir("export"), p.spec.export.dtype, tokenizer)
+    staged = storage.staging_dir(p.stage_dir("export"))  # a bucket: written here, uploaded
+    out = export_hf(params, cfg.model, staged, p.spec.export.dtype, tokenizer)
+    out = storage.publish(out, p.stage_dir("export"), "config.json")
     return f"{source} model as Hugging Face {p.spec.export.dtype} in {out}"
 
 

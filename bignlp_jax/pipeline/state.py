@@ -6,17 +6,19 @@ the settings and inputs its output was made from. A stage's output is:
 - stale:   it exists but was made from other settings or inputs (or before fingerprints were
            recorded), so it must not be reused nor shown beside current results;
 - absent:  nothing there yet.
+
+`OUT` may be a bucket (gs://, s3://): an object is replaced whole by one upload, so the log is
+written in place there, where a file system needs a temporary file and a rename.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import jax
 
+from bignlp_jax import storage
 from bignlp_jax.checkpoint import latest_step
 from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
@@ -46,13 +48,21 @@ def record(p: Pipeline, stage: str, status: str, seconds: float, note: str = "",
         entry = {"status": status, "seconds": round(seconds, 1), "note": note,
                  "finished_at": time.time(), "fingerprint": fingerprint, "inputs": inputs}
     state["stages"][stage] = entry
-    p.out.mkdir(parents=True, exist_ok=True)
-    tmp = p.out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(p.out / STATE_FILE)
+    write_whole(p.out / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
-def output_path(p: Pipeline, stage: str) -> Path:
+def write_whole(path: storage.AnyPath, text: str) -> None:
+    """Write a small file so that readers see the old or the new text, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(path):  # one object upload replaces the object whole
+        path.write_text(text, encoding="utf-8")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def output_path(p: Pipeline, stage: str) -> storage.AnyPath:
     """What the stage writes (the evaluate stage: its results file)."""
     if stage == "evaluate":
         return p.stage_dir("evaluate") / RESULTS_FILE
@@ -109,7 +119,7 @@ def can_resume(p: Pipeline, stage: str) -> bool:
     return last is None or last <= p.run_config(stage).train.steps
 
 
-def set_aside(p: Pipeline, stage: str) -> Path | None:
+def set_aside(p: Pipeline, stage: str) -> storage.AnyPath | None:
     """Move a stale stage's output to OUT/stale/ (process 0), so it is neither reused nor lost."""
     src = output_path(p, stage)
     if jax.process_index() != 0 or not src.exists():
@@ -121,5 +131,5 @@ def set_aside(p: Pipeline, stage: str) -> Path | None:
         n += 1
         dest = p.out / STALE_DIR / f"{stage}.{old}.{n}"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dest))
+    storage.move(src, dest)
     return dest
