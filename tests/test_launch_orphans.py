@@ -5,6 +5,7 @@ The workers are a stand-in executable (a Python script passed as --bignlp-jax) t
 pid and the signals it gets, so no JAX start-up is paid."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,3 +131,32 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
                 p.kill()
         for f in logs:
             f.close()
+
+
+FAILING = """#!{python}
+import os, signal, sys, time
+if os.environ["BIGNLP_PROCESS_ID"] == "1":
+    time.sleep(0.5)
+    {how}
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how, line, code", [
+    ("os.kill(os.getpid(), signal.SIGKILL)", "was killed by signal 9 (SIGKILL)", 137),
+    ("sys.exit(3)", "exited with code 3", 3),
+])
+def test_the_launcher_names_the_failed_process_and_how_it_ended(tmp_path, how, line, code):
+    """One line names the process, its pid and its exit code or signal; the survivor is
+    stopped and the launcher exits with the failed process's code (128 + signal)."""
+    script = tmp_path / "fake-bignlp-jax"
+    script.write_text(FAILING.format(python=sys.executable, how=how))
+    script.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script), "--", "train"],
+        capture_output=True, text=True, timeout=60)
+    pid = re.search(r"local\.py: process 1 \(pid (\d+)\): ", done.stdout).group(1)
+    assert done.returncode == code, done.stdout
+    assert (f"local.py: process 1 (pid {pid}) {line}; stopping the other 1 process(es); "
+            f"job exit code {code}") in done.stdout.splitlines(), done.stdout
