@@ -89,19 +89,24 @@ def test_sighup_reaches_the_workers_as_sigterm(tmp_path):
 
 PEER = """
 import sys, time
+from jax._src import distributed as jax_distributed
 from bignlp_jax.parallel.distributed import Layout, initialize
 initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train",
            heartbeat_timeout=10)
-print("joined", flush=True)
+# process 0: the pid of the helper that hosts the coordination service
+print("joined", getattr(jax_distributed.global_state.service, "pid", ""), flush=True)
 time.sleep(300)
 """
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
-    """Two processes joined by jax.distributed; process 1 is SIGKILLed (no launcher around).
-    Process 0 names it and exits 1 well inside the heartbeat timeout, without JAX's abort."""
+@pytest.mark.parametrize("lost", [1, 0])
+def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lost):
+    """Two processes joined by jax.distributed; one is SIGKILLed (no launcher around). The
+    other names it and exits 1 well inside the heartbeat timeout, without JAX's abort, also
+    when the lost one is process 0 (the coordination service lives in a helper process, which
+    then ends within the heartbeat timeout)."""
     import socket
 
     with socket.socket() as s:
@@ -111,24 +116,34 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
     procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], env=env,
                               stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    survivor = 1 - lost
+    helper = None
     try:
         deadline = time.monotonic() + 180
         while not all("joined" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
             time.sleep(0.1)
+        helper = int(re.search(r"joined (\d+)", (tmp_path / "p0.log").read_text()).group(1))
         started = time.monotonic()
-        procs[1].kill()
-        code = procs[0].wait(timeout=30)
+        procs[lost].kill()
+        code = procs[survivor].wait(timeout=30)
         took = time.monotonic() - started
-        out = (tmp_path / "p0.log").read_text()
+        out = (tmp_path / f"p{survivor}.log").read_text()
         assert code == 1, out
         assert took < 10, f"{took:.1f} s"  # inside the 10 s heartbeat timeout
-        assert "bignlp-jax train: error: lost process 1 of 2: no sign of life" in out
+        who = "process 0 of 2 (the coordinator)" if lost == 0 else "process 1 of 2"
+        assert f"bignlp-jax train: error: lost {who}: no sign of life" in out, out
         assert "Check failure" not in out and "Terminating process" not in out
+        if lost == 0:  # the helper outlives process 0 by the heartbeat timeout, no more
+            while alive(helper) and time.monotonic() - started < 20:
+                time.sleep(0.1)
+            assert not alive(helper), "the coordination service helper was left behind"
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        if helper is not None and alive(helper):
+            os.kill(helper, signal.SIGKILL)
         for f in logs:
             f.close()
 

@@ -5,11 +5,13 @@ notices after the heartbeat timeout and every survivor then aborts with a C++ fa
 stack dump (jax 0.10's `missed_heartbeat_callback` cannot be used from Python: the status it
 passes has no Python type). So each process runs this watchdog: every second it bumps its own
 counter in the coordination service's key-value store and reads everyone's. A counter that has
-not moved for `stale_after` seconds (well inside the heartbeat timeout) names the lost process;
-an unreachable store means process 0, which hosts it, is gone. The survivor prints one line and
-exits with LOST_PEER_EXIT_CODE. A process that exits through Python marks itself `exited` on
-the way out (atexit); peers that outlive it by `stale_after` (a finished job's processes end
-within seconds of each other) say so and stop too, instead of hanging in a collective.
+not moved for `stale_after` seconds (well inside the heartbeat timeout) names the lost process.
+The store lives in a helper process (coordination_host.py), so it outlives process 0; an
+unreachable store means that helper (with process 0's host) is gone. The survivor prints one
+line and exits with LOST_PEER_EXIT_CODE. A process that exits through Python marks itself
+`exited` on the way out (atexit); peers that outlive it by `stale_after` (a finished job's
+processes end within seconds of each other) say so and stop too, instead of hanging in a
+collective.
 """
 
 from __future__ import annotations
