@@ -118,3 +118,51 @@ def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cach
     for path, x in flat:
         assert np.array_equal(np.asarray(x), two[jax.tree_util.keystr(path)])
     assert_trees_equal(load_params(run, cfg.model), one.state.params)
+
+
+@pytest.mark.slow
+def test_load_params_shares_the_verification_and_all_processes_agree(tmp_path, cli_env):
+    """Two processes load params: each checksums about half of the files (the checkpoint is
+    read once in all), and a flipped bit, wherever it is, stops both with the same message."""
+    import shutil
+
+    from test_export_hf import VARIANTS, random_params
+
+    from bignlp_jax.checkpoint.manager import RunCheckpointer
+    from bignlp_jax.config import CheckpointConfig
+
+    model = VARIANTS["gpt"]
+    good = tmp_path / "good"
+    saver = RunCheckpointer(good, CheckpointConfig(async_save=False))
+    saver.save(3, {"params": random_params(model)}, {}, {"step": 3})
+    saver.close()
+    listed = sorted(integrity.read_listing(good / "checkpoints" / "3" / "state").files)
+    assert len(listed) >= 4
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    files = sorted((bad / "checkpoints" / "3" / "state").rglob("d/*"),
+                   key=lambda p: p.stat().st_size)
+    data = bytearray(files[-1].read_bytes())
+    data[len(data) // 2] ^= 0x10
+    files[-1].write_bytes(bytes(data))
+
+    port = str(free_port())
+    env = {**cli_env, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("load_params_worker.py")), port, str(i),
+         model.model_dump_json(), str(good), str(bad)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    results = [[json.loads(line) for line in out.splitlines() if line.startswith("{")]
+               for out in outs]
+    (good0, bad0), (good1, bad1) = results
+    # the good checkpoint: every listed file checked once, by one of the two processes
+    assert good0["error"] is None and good1["error"] is None
+    assert sorted(good0["checked"] + good1["checked"]) == listed
+    assert good0["checked"] and good1["checked"]
+    # the damaged one: both processes stop with the same message naming the file
+    assert bad0["error"] == bad1["error"], outs
+    assert f"is damaged: state/{files[-1].relative_to(bad / 'checkpoints' / '3' / 'state')}" \
+        in bad0["error"] and "fails its checksum" in bad0["error"]
