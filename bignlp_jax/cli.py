@@ -15,6 +15,7 @@ import traceback
 
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
+from bignlp_jax.parallel.peer_watch import announce_failure
 from bignlp_jax.perf.hugepages import reexec_with_huge_pages
 
 BUG_REPORT = ("this is a bug in bignlp-jax, not in your input: please report it with the "
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"bignlp-jax {command}: error: {_one_line(command, e)}", file=sys.stderr)
+        announce_failure(_one_line(command, e), e.exit_code)  # to the job's other processes
         return e.exit_code
     except Preempted as e:  # checkpoint saved; exit 75 asks the launcher to run us again
         print(f"bignlp-jax {command}: {e}", file=sys.stderr)
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
         traceback.print_exc()
         print(f"bignlp-jax {command}: internal error: {BUG_REPORT}", file=sys.stderr)
+        announce_failure("an internal error (a traceback)", 1)
         return 1
 
 

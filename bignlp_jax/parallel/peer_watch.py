@@ -12,12 +12,18 @@ line and exits with LOST_PEER_EXIT_CODE. A process that exits through Python mar
 `exited` on the way out (atexit); peers that outlive it by `stale_after` (a finished job's
 processes end within seconds of each other) say so and stop too, instead of hanging in a
 collective.
+
+A process that stops on an error of its own (a checkpoint write that failed on its disk only,
+bad input that only it saw) announces it before leaving (`announce_failure`, called by the
+CLI): the others print one line naming it and its reason within a second, and exit with its
+exit code, instead of waiting in a collective or a checkpoint barrier for a peer that is gone.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -26,6 +32,7 @@ import time
 # "the job failed": not a user error (2) and not a clean requeue (75)
 LOST_PEER_EXIT_CODE = 1
 KEY_PREFIX = "bignlp_alive/"
+FAILED_PREFIX = "bignlp_failed/"
 EXITED = "exited"
 INTERVAL = 1.0
 
@@ -40,6 +47,30 @@ def lost_peer_message(command: str, lost: int, count: int, me: int, silent: floa
             "to resume from the last checkpoint")
 
 
+def failed_peer_message(command: str, failed: int, count: int, me: int, reason: str,
+                        exit_code: int) -> str:
+    return (f"{command}: error: process {failed} of {count} stopped: {reason} (its message "
+            f"says more); stopping process {me} too (exit {exit_code})")
+
+
+def announce_failure(reason: str, exit_code: int) -> None:
+    """This process is stopping on an error: tell the peers (if it is part of a job)."""
+    if PeerWatchdog.current is not None:
+        PeerWatchdog.current.announce_failure(reason, exit_code)
+
+
+def stop_job(message: str, exit_code: int) -> None:
+    """From any thread of a process in a job: print `message` as the CLI prints an error, tell
+    the peers, and leave now (os._exit). Returns (doing nothing) outside a job."""
+    dog = PeerWatchdog.current
+    if dog is None:
+        return
+    print(f"{dog.command}: error: {message}", file=sys.stderr, flush=True)
+    dog.announce_failure(message, exit_code)
+    sys.stdout.flush()
+    dog.exit_fn(exit_code)
+
+
 def exiting() -> bool:
     """True once the interpreter is shutting down (the main thread has finished)."""
     return not threading.main_thread().is_alive()
@@ -49,22 +80,57 @@ class PeerWatchdog:
     """A daemon thread; `client` is JAX's DistributedRuntimeClient (or a stand-in with
     `key_value_set` and `key_value_dir_get`)."""
 
+    current: PeerWatchdog | None = None  # this process's, once started
+
     def __init__(self, client, process_id: int, count: int, stale_after: float,
                  command: str = "bignlp-jax", exit_fn=os._exit):
         self.client, self.me, self.count = client, process_id, count
         self.stale_after, self.command, self.exit_fn = stale_after, command, exit_fn
+        self.failed = False  # this process announced a failure of its own
         self.thread = threading.Thread(target=self._run, name="bignlp-peer-watchdog",
                                        daemon=True)
 
     def start(self) -> PeerWatchdog:
         self.thread.start()
         atexit.register(self.mark_exited)
+        PeerWatchdog.current = self
         return self
+
+    def announce_failure(self, reason: str, exit_code: int, wait: float = 3.0) -> None:
+        """Publish this process's error; then wait (at most `wait` s) until the others have
+        read it and left, so that they stop with this reason rather than by losing their
+        connections to this process first."""
+        self.failed = True
+        record = json.dumps({"reason": reason.splitlines()[0] if reason else "",
+                             "exit_code": exit_code})
+        try:
+            self.client.key_value_set(f"{FAILED_PREFIX}{self.me}", record, allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the coordinator is gone: nobody left to tell
+            return
+        others = [f"{KEY_PREFIX}{p}" for p in range(self.count) if p != self.me]
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                values = dict(self.client.key_value_dir_get(KEY_PREFIX))
+                if all(values.get(key) == EXITED for key in others):
+                    return
+            time.sleep(0.1)
 
     def mark_exited(self) -> None:
         """Tell the peers this process is leaving on purpose (runs at interpreter exit)."""
         with contextlib.suppress(Exception):  # the coordinator may be gone already
             self.client.key_value_set(f"{KEY_PREFIX}{self.me}", EXITED, allow_overwrite=True)
+
+    def _peer_failed(self, process: int, record: str) -> None:
+        try:
+            info = json.loads(record)
+            reason, code = str(info["reason"]), int(info["exit_code"])
+        except (ValueError, KeyError, TypeError):
+            reason, code = "an error", LOST_PEER_EXIT_CODE
+        print(failed_peer_message(self.command, process, self.count, self.me, reason, code),
+              file=sys.stderr, flush=True)
+        self.mark_exited()  # the failed process waits for this before it leaves
+        self.exit_fn(code)
 
     def _lost(self, process: int, silent: float, exited: bool = False) -> None:
         print(lost_peer_message(self.command, process, self.count, self.me, silent, exited),
@@ -83,12 +149,20 @@ class PeerWatchdog:
                     self.client.key_value_set(f"{KEY_PREFIX}{self.me}", str(beat),
                                               allow_overwrite=True)
                 values = dict(self.client.key_value_dir_get(KEY_PREFIX))
+                failures = dict(self.client.key_value_dir_get(FAILED_PREFIX))
                 last_ok = now
             except Exception:  # noqa: BLE001 - any failure to reach the store: process 0 gone?
                 if now - last_ok > self.stale_after:
                     return self._lost(0, now - last_ok)
                 time.sleep(INTERVAL)
                 continue
+            if self.failed:  # this process is stopping on its own error: nothing to add
+                time.sleep(INTERVAL)
+                continue
+            for key, record in sorted(failures.items()):
+                process = int(key.rsplit("/", 1)[-1])
+                if process != self.me:
+                    return self._peer_failed(process, record)
             for process in range(self.count):
                 if process == self.me:
                     continue
