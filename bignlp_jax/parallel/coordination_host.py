@@ -38,7 +38,7 @@ from typing import Any
 
 READY = "ready"
 DONE = "done"
-START_TIMEOUT = 60.0  # the helper's Python and jaxlib start in ~0.2 s; a loaded host is slower
+START_TIMEOUT = 60.0  # the helper's Python and jax import in ~0.5 s; a loaded host is slower
 
 
 class ServiceHelper:
@@ -108,7 +108,9 @@ class ServiceInHelper:
 def serve(service_args: dict[str, Any], linger: float) -> int:
     """The helper's body: host the service until told "done", or `linger` s after stdin
     closes."""
-    from jaxlib import _jax  # jaxlib alone (0.1 s): the helper needs no jax and no devices
+    # the module jax.distributed itself calls (its home in jaxlib has moved between releases);
+    # importing jax starts no backend, so the helper touches no device
+    from jax._src.lib import _jax
 
     try:
         service = _jax.get_distributed_runtime_service(**service_args)

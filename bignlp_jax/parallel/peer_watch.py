@@ -35,6 +35,7 @@ KEY_PREFIX = "bignlp_alive/"
 FAILED_PREFIX = "bignlp_failed/"
 EXITED = "exited"
 INTERVAL = 1.0
+ACK_GRACE = 0.5  # seconds a peer of a failed process outlives it
 
 
 def lost_peer_message(command: str, lost: int, count: int, me: int, silent: float,
@@ -130,6 +131,8 @@ class PeerWatchdog:
         print(failed_peer_message(self.command, process, self.count, self.me, reason, code),
               file=sys.stderr, flush=True)
         self.mark_exited()  # the failed process waits for this before it leaves
+        # ... and leaves first: a launcher watching both then names it as the one that failed
+        time.sleep(ACK_GRACE)
         self.exit_fn(code)
 
     def _lost(self, process: int, silent: float, exited: bool = False) -> None:
