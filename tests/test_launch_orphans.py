@@ -93,20 +93,34 @@ from jax._src import distributed as jax_distributed
 from bignlp_jax.parallel.distributed import Layout, initialize
 initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train",
            heartbeat_timeout=10)
+import numpy as np
+from jax.experimental import multihost_utils
+from bignlp_jax.parallel.peer_watch import wait_for_lost_peer
+if sys.argv[3] == "collective":
+    multihost_utils.process_allgather(np.ones(1))  # gloo connected
 # process 0: the pid of the helper that hosts the coordination service
 print("joined", getattr(jax_distributed.global_state.service, "pid", ""), flush=True)
-time.sleep(300)
+if sys.argv[3] == "sleep":
+    time.sleep(300)
+try:  # in a collective when the peer dies, as a training step is; handled as the CLI does
+    while True:
+        multihost_utils.process_allgather(np.ones(1))
+except Exception as e:
+    if not wait_for_lost_peer(e):
+        raise
+    sys.exit(3)  # the watchdog gave no verdict
 """
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("lost", [1, 0])
-def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lost):
+@pytest.mark.parametrize("lost, doing", [(1, "sleep"), (0, "collective")])
+def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lost, doing):
     """Two processes joined by jax.distributed; one is SIGKILLed (no launcher around). The
     other names it and exits 1 well inside the heartbeat timeout, without JAX's abort, also
     when the lost one is process 0 (the coordination service lives in a helper process, which
-    then ends within the heartbeat timeout)."""
+    then ends within the heartbeat timeout), and when the survivor was in a collective with
+    it (gloo fails at once; the watchdog still names the lost process)."""
     import socket
 
     with socket.socket() as s:
@@ -114,7 +128,7 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
         port = str(s.getsockname()[1])
     env = {**cli_env, "JAX_PLATFORMS": "cpu"}
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i), doing], env=env,
                               stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
     survivor = 1 - lost
     helper = None
@@ -134,6 +148,9 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
         who = "process 0 of 2 (the coordinator)" if lost == 0 else "process 1 of 2"
         assert f"bignlp-jax train: error: lost {who}: no sign of life" in out, out
         assert "Check failure" not in out and "Terminating process" not in out
+        assert "Traceback" not in out, out
+        if doing == "collective":
+            assert "a collective failed because a peer process went away" in out, out
         if lost == 0:  # the helper outlives process 0 by the heartbeat timeout, no more
             while alive(helper) and time.monotonic() - started < 20:
                 time.sleep(0.1)

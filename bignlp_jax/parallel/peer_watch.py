@@ -72,6 +72,42 @@ def stop_job(message: str, exit_code: int) -> None:
     dog.exit_fn(exit_code)
 
 
+# how a collective reports that a peer process went away mid-call (gloo over TCP on CPU)
+CONNECTION_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "Socket closed")
+
+
+def lost_connection(error: BaseException) -> str | None:
+    """The phrase, if `error` (or an error it was raised from) is a collective that failed
+    because a peer process went away."""
+    current: BaseException | None = error
+    for _ in range(10):
+        if current is None:
+            return None
+        phrase = next((p for p in CONNECTION_LOST if p in str(current)), None)
+        if phrase:
+            return phrase
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def wait_for_lost_peer(error: BaseException) -> bool:
+    """In a job, after a collective failed because a peer went away (it fails at once, while
+    the watchdog needs `stale_after` to tell which peer): say so in one line and wait for the
+    watchdog's verdict, which names the peer and ends the process. False if this does not
+    apply (then the error is a bug and keeps its traceback); True if no verdict came."""
+    dog = PeerWatchdog.current
+    phrase = lost_connection(error)
+    if dog is None or phrase is None:
+        return False
+    print(f"{dog.command}: a collective failed because a peer process went away ({phrase}); "
+          f"naming it within {dog.stale_after:.0f} s", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + dog.stale_after + 3 * INTERVAL
+    while dog.thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
 def exiting() -> bool:
     """True once the interpreter is shutting down (the main thread has finished)."""
     return not threading.main_thread().is_alive()
