@@ -68,3 +68,13 @@ def test_stop_job_prints_announces_and_exits(fast, capsys):
     assert exits == [(1, 2)] and dog.failed
     assert capsys.readouterr().err.startswith("bignlp-jax train: error: cannot save checkpoint")
     assert '"exit_code": 2' in store.values[f"{peer_watch.FAILED_PREFIX}1"]
+
+
+def test_processes_failing_together_do_not_wait_for_each_other(fast):
+    """Every process stopping on the same bad input: each announces and leaves at once."""
+    store, exits = Store(), []
+    one, two = watchdog(store, 0, exits), watchdog(store, 1, exits)
+    one.announce_failure("bad config", 2, wait=0.2)  # nobody has read it: waits it out
+    started = time.monotonic()
+    two.announce_failure("bad config", 2, wait=10)  # ... but the peer failed too: no wait
+    assert time.monotonic() - started < 1

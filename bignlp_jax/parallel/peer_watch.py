@@ -144,12 +144,15 @@ class PeerWatchdog:
             self.client.key_value_set(f"{FAILED_PREFIX}{self.me}", record, allow_overwrite=True)
         except Exception:  # noqa: BLE001 - the coordinator is gone: nobody left to tell
             return
-        others = [f"{KEY_PREFIX}{p}" for p in range(self.count) if p != self.me]
+        others = [p for p in range(self.count) if p != self.me]
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                values = dict(self.client.key_value_dir_get(KEY_PREFIX))
-                if all(values.get(key) == EXITED for key in others):
+                alive = dict(self.client.key_value_dir_get(KEY_PREFIX))
+                failed = dict(self.client.key_value_dir_get(FAILED_PREFIX))
+                # gone, or stopping on an error of its own (the same bad input, say)
+                if all(alive.get(f"{KEY_PREFIX}{p}") == EXITED or f"{FAILED_PREFIX}{p}" in failed
+                       for p in others):
                     return
             time.sleep(0.1)
 
