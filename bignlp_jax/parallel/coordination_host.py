@@ -29,6 +29,7 @@ The helper ends
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def serve(service_args: dict[str, Any], linger: float) -> int:
         return 2
     print(READY, flush=True)
     sys.stdout.close()  # process 0 reads one line; later writes must not block or fail
-    told = _read_until_eof()
+    told = _wait_for_parent()
     if told != DONE:
         time.sleep(linger)  # process 0 is gone: let the others notice and say so first
     shutdown = threading.Thread(target=service.shutdown, daemon=True)
@@ -128,11 +129,20 @@ def serve(service_args: dict[str, Any], linger: float) -> int:
     return 0
 
 
-def _read_until_eof() -> str:
-    last = ""
-    for line in sys.stdin:
-        last = line.strip() or last
-    return last
+def _wait_for_parent() -> str:
+    """Until process 0 says "done" or is gone: its pipe closes, or (should a child that it
+    forked still hold the pipe open) this helper is handed to another parent."""
+    parent = os.getppid()
+    stdin = sys.stdin.buffer
+    while os.getppid() == parent:
+        ready, _, _ = select.select([stdin], [], [], 0.5)
+        if ready:
+            line = stdin.readline()
+            if not line:
+                return ""  # EOF: process 0 is gone
+            if line.strip().decode() == DONE:
+                return DONE
+    return ""
 
 
 if __name__ == "__main__":
