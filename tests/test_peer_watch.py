@@ -66,7 +66,7 @@ def test_stop_job_prints_announces_and_exits(fast, capsys):
     store.key_value_set(f"{peer_watch.KEY_PREFIX}0", peer_watch.EXITED)  # the other has left
     peer_watch.stop_job("cannot save checkpoint step 3 in /c: permission denied (EACCES)", 2)
     assert exits == [(1, 2)] and dog.failed
-    assert capsys.readouterr().err.startswith("bignlp-jax train: error: cannot save checkpoint")
+    assert capsys.readouterr().err.startswith("\nbignlp-jax train: error: cannot save checkpoint")
     assert '"exit_code": 2' in store.values[f"{peer_watch.FAILED_PREFIX}1"]
 
 

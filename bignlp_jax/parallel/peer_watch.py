@@ -48,6 +48,12 @@ def lost_peer_message(command: str, lost: int, count: int, me: int, silent: floa
             "to resume from the last checkpoint")
 
 
+def say(text: str) -> None:
+    """Print to stderr on a line of its own: training's progress bar, drawn on stderr without a
+    newline, may be on screen (these messages come while it runs, unlike the CLI's)."""
+    print(f"\n{text}", file=sys.stderr, flush=True)
+
+
 def failed_peer_message(command: str, failed: int, count: int, me: int, reason: str,
                         exit_code: int) -> str:
     return (f"{command}: error: process {failed} of {count} stopped: {reason} (its message "
@@ -66,7 +72,7 @@ def stop_job(message: str, exit_code: int) -> None:
     dog = PeerWatchdog.current
     if dog is None:
         return
-    print(f"{dog.command}: error: {message}", file=sys.stderr, flush=True)
+    say(f"{dog.command}: error: {message}")
     dog.announce_failure(message, exit_code)
     sys.stdout.flush()
     dog.exit_fn(exit_code)
@@ -100,8 +106,8 @@ def wait_for_lost_peer(error: BaseException) -> bool:
     phrase = lost_connection(error)
     if dog is None or phrase is None:
         return False
-    print(f"{dog.command}: a collective failed because a peer process went away ({phrase}); "
-          f"naming it within {dog.stale_after:.0f} s", file=sys.stderr, flush=True)
+    say(f"{dog.command}: a collective failed because a peer process went away ({phrase}); "
+        f"naming it within {dog.stale_after:.0f} s")
     deadline = time.monotonic() + dog.stale_after + 3 * INTERVAL
     while dog.thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -167,16 +173,14 @@ class PeerWatchdog:
             reason, code = str(info["reason"]), int(info["exit_code"])
         except (ValueError, KeyError, TypeError):
             reason, code = "an error", LOST_PEER_EXIT_CODE
-        print(failed_peer_message(self.command, process, self.count, self.me, reason, code),
-              file=sys.stderr, flush=True)
+        say(failed_peer_message(self.command, process, self.count, self.me, reason, code))
         self.mark_exited()  # the failed process waits for this before it leaves
         # ... and leaves first: a launcher watching both then names it as the one that failed
         time.sleep(ACK_GRACE)
         self.exit_fn(code)
 
     def _lost(self, process: int, silent: float, exited: bool = False) -> None:
-        print(lost_peer_message(self.command, process, self.count, self.me, silent, exited),
-              file=sys.stderr, flush=True)
+        say(lost_peer_message(self.command, process, self.count, self.me, silent, exited))
         self.exit_fn(LOST_PEER_EXIT_CODE)
 
     def _run(self) -> None:
