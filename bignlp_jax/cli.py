@@ -15,6 +15,11 @@ import traceback
 
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
+from bignlp_jax.parallel.peer_watch import (
+    LOST_PEER_EXIT_CODE,
+    announce_failure,
+    wait_for_lost_peer,
+)
 from bignlp_jax.perf.hugepages import reexec_with_huge_pages
 
 BUG_REPORT = ("this is a bug in bignlp-jax, not in your input: please report it with the "
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"bignlp-jax {command}: error: {_one_line(command, e)}", file=sys.stderr)
+        announce_failure(_one_line(command, e), e.exit_code)  # to the job's other processes
         return e.exit_code
     except Preempted as e:  # checkpoint saved; exit 75 asks the launcher to run us again
         print(f"bignlp-jax {command}: {e}", file=sys.stderr)
@@ -193,9 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bignlp-jax {command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+    except Exception as e:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+        if wait_for_lost_peer(e):  # not a bug: a peer process vanished mid-collective
+            print(f"bignlp-jax {command}: error: lost a peer process during a collective",
+                  file=sys.stderr)
+            return LOST_PEER_EXIT_CODE
         traceback.print_exc()
         print(f"bignlp-jax {command}: internal error: {BUG_REPORT}", file=sys.stderr)
+        announce_failure("an internal error (a traceback)", 1)
         return 1
 
 

@@ -5,10 +5,13 @@
 Each process gets D simulated CPU devices and the coordinator on loopback, so multi-host code
 paths (process-local batches, cross-process collectives over gloo, checkpoints written by several
 processes) run on one machine. Output lines are prefixed with `[pI]`. If one process fails, the
-others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the launcher exits with the
-failed process's code. SIGTERM/SIGINT to the launcher are forwarded (SIGHUP, a closed terminal,
-as SIGTERM), so a run can be preempted like a cluster job (it then exits with the requeue code 75
-once every process has saved). Workers die with the launcher even when it is SIGKILLed (their
+launcher says which one first, in one line (`process 1 (pid N) was killed by signal 9 (SIGKILL);
+stopping the other 1 process(es)`), stops the others (SIGTERM, then SIGKILL after --grace
+seconds) and exits with the failed process's code: its exit status, or 128 + the signal number
+for a process killed by a signal (as a shell reports it: 137 for SIGKILL).
+SIGTERM/SIGINT to the launcher are forwarded (SIGHUP, a closed terminal, as SIGTERM), so a run
+can be preempted like a cluster job (it then exits with the requeue code 75 once every process
+has saved). Workers die with the launcher even when it is SIGKILLed (their
 parent-death signal), so none is ever left behind.
 """
 
@@ -107,6 +110,22 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal s -> 128+s
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def ended(index: int, proc: subprocess.Popen) -> str:
+    """How process `index` ended, for the launcher's one line: its exit code, or the signal
+    that killed it (Popen gives -s for a process killed by signal s)."""
+    code = proc.returncode
+    how = (f"was killed by signal {-code} ({_signal_name(-code)})" if code < 0
+           else f"exited with code {code}")
+    return f"process {index} (pid {proc.pid}) {how}"
+
+
 def launch(args_: list[str], processes: int, devices: int, port: int | None = None,
            grace: float = 3.0, executable: str | None = None) -> int:
     """Start the processes, stream their output, and return the job's exit code."""
@@ -166,13 +185,13 @@ def _supervise(procs: list[subprocess.Popen], grace: float, stop_requested: thre
             if not failed:
                 return 0
             i, c = failed[0]
-            print(f"local.py: process {i} exited with code {_exit_code(c)}", flush=True)
+            print(f"local.py: {ended(i, procs[i])}; job exit code {_exit_code(c)}", flush=True)
             return _exit_code(c)
         if failed and not stop_requested.is_set() and failed[0][1] != REQUEUE_EXIT_CODE:
             i, c = failed[0]
             running = [p for p in procs if p.poll() is None]
-            print(f"local.py: process {i} exited with code {_exit_code(c)}; stopping the "
-                  f"{len(running)} other process(es)", flush=True)
+            print(f"local.py: {ended(i, procs[i])}; stopping the other {len(running)} "
+                  f"process(es); job exit code {_exit_code(c)}", flush=True)
             for p in running:
                 _signal_group(p, signal.SIGTERM)
             deadline = time.monotonic() + grace

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -528,3 +529,39 @@ def test_full_disk_cli_prints_one_message_and_no_traceback(tmp_path, cache_env, 
     assert len(errors) == 1 and "bignlp-jax train: error: cannot save checkpoint step 3" \
         in errors[0] and "needs about" in errors[0], out[-3000:]
     assert latest_step(run) == 2
+
+
+# The free-space check before a save sees room (fault injection), so the disk fills in the
+# middle of writing the step: TensorStore's pending writes then fail on Orbax's closed loop.
+MID_WRITE = """
+import sys
+from bignlp_jax.checkpoint import fs_probe
+fs_probe.free_bytes = lambda path: 10**12
+from bignlp_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_disk_filling_mid_write_is_one_message_and_resumes_bitwise(reference, tmp_path,
+                                                                   cache_env, mounted):
+    from bignlp_jax.checkpoint import complete_steps
+
+    _, ref_losses, ref_params = reference
+    run = mounted(tmp_path / "run", "size=3m")
+    extra = ("train.steps=12", "checkpoint.every_steps=1", "checkpoint.keep=100")
+    proc = subprocess.run(
+        [sys.executable, "-c", MID_WRITE, "train", "tiny", *config_overrides(run, *extra)],
+        env=subprocess_env(cache_env), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    for noise in ("Traceback", "Event loop is closed", "Exception ignored", "Exception in"):
+        assert noise not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "no space left on the device (ENOSPC)" in errors[0], out[-3000:]
+    steps = complete_steps(run / "checkpoints")
+    assert steps and steps == list(range(1, steps[-1] + 1))  # earlier steps intact
+    subprocess.run(["mount", "-o", "remount,size=64m", str(run)], check=True)
+    train(config(run, *extra))  # room again: the same command resumes and ends like the reference
+    assert losses(run) == ref_losses
+    assert_trees_equal(host_params(run, config(run).model), ref_params)

@@ -130,3 +130,21 @@ def test_unreachable_coordinator_fails_fast_with_address(cli_env):
     assert f"could not reach the coordinator at {address} within 2 s" in proc.stderr
     assert "fix:" in proc.stderr
     assert "Check failure" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_coordinator_port_in_use_is_one_message(cli_env):
+    """Process 0 starts the coordination service in a helper process; a port already taken
+    gives one line and exit 2 (jaxlib itself sometimes crashes with SIGSEGV there)."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run(
+            bignlp_cmd("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                       "--process-id", "0", "--init-timeout", "20", "describe", "tiny"),
+            env=cli_env, capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert "Failed to start RPC server" in proc.stderr
+    assert "fix: the coordinator port is probably in use" in proc.stderr

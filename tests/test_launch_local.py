@@ -108,4 +108,5 @@ def test_one_failed_process_stops_the_job(tmp_path, cli_env):
     reader.join(timeout=10)
     text = "".join(output)
     assert code == 128 + signal.SIGKILL, text[-3000:]
-    assert "process 1 exited with code 137; stopping the 1 other process(es)" in text
+    assert re.search(r"local\.py: process 1 \(pid \d+\) was killed by signal 9 \(SIGKILL\); "
+                     r"stopping the other 1 process\(es\); job exit code 137", text), text[-3000:]

@@ -5,6 +5,7 @@ The workers are a stand-in executable (a Python script passed as --bignlp-jax) t
 pid and the signals it gets, so no JAX start-up is paid."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,19 +89,38 @@ def test_sighup_reaches_the_workers_as_sigterm(tmp_path):
 
 PEER = """
 import sys, time
+from jax._src import distributed as jax_distributed
 from bignlp_jax.parallel.distributed import Layout, initialize
 initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train",
            heartbeat_timeout=10)
-print("joined", flush=True)
-time.sleep(300)
+import numpy as np
+from jax.experimental import multihost_utils
+from bignlp_jax.parallel.peer_watch import wait_for_lost_peer
+if sys.argv[3] == "collective":
+    multihost_utils.process_allgather(np.ones(1))  # gloo connected
+# process 0: the pid of the helper that hosts the coordination service
+print("joined", getattr(jax_distributed.global_state.service, "pid", ""), flush=True)
+if sys.argv[3] == "sleep":
+    time.sleep(300)
+try:  # in a collective when the peer dies, as a training step is; handled as the CLI does
+    while True:
+        multihost_utils.process_allgather(np.ones(1))
+except Exception as e:
+    if not wait_for_lost_peer(e):
+        raise
+    sys.exit(3)  # the watchdog gave no verdict
 """
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
-    """Two processes joined by jax.distributed; process 1 is SIGKILLed (no launcher around).
-    Process 0 names it and exits 1 well inside the heartbeat timeout, without JAX's abort."""
+@pytest.mark.parametrize("lost, doing", [(1, "sleep"), (0, "collective")])
+def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lost, doing):
+    """Two processes joined by jax.distributed; one is SIGKILLed (no launcher around). The
+    other names it and exits 1 well inside the heartbeat timeout, without JAX's abort, also
+    when the lost one is process 0 (the coordination service lives in a helper process, which
+    then ends within the heartbeat timeout), and when the survivor was in a collective with
+    it (gloo fails at once; the watchdog still names the lost process)."""
     import socket
 
     with socket.socket() as s:
@@ -108,25 +128,67 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env):
         port = str(s.getsockname()[1])
     env = {**cli_env, "JAX_PLATFORMS": "cpu"}
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i), doing], env=env,
                               stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    survivor = 1 - lost
+    helper = None
     try:
         deadline = time.monotonic() + 180
         while not all("joined" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
             time.sleep(0.1)
+        helper = int(re.search(r"joined (\d+)", (tmp_path / "p0.log").read_text()).group(1))
         started = time.monotonic()
-        procs[1].kill()
-        code = procs[0].wait(timeout=30)
+        procs[lost].kill()
+        code = procs[survivor].wait(timeout=30)
         took = time.monotonic() - started
-        out = (tmp_path / "p0.log").read_text()
+        out = (tmp_path / f"p{survivor}.log").read_text()
         assert code == 1, out
         assert took < 10, f"{took:.1f} s"  # inside the 10 s heartbeat timeout
-        assert "bignlp-jax train: error: lost process 1 of 2: no sign of life" in out
+        who = "process 0 of 2 (the coordinator)" if lost == 0 else "process 1 of 2"
+        assert f"bignlp-jax train: error: lost {who}: no sign of life" in out, out
         assert "Check failure" not in out and "Terminating process" not in out
+        assert "Traceback" not in out, out
+        if doing == "collective":
+            assert "a collective failed because a peer process went away" in out, out
+        if lost == 0:  # the helper outlives process 0 by the heartbeat timeout, no more
+            while alive(helper) and time.monotonic() - started < 20:
+                time.sleep(0.1)
+            assert not alive(helper), "the coordination service helper was left behind"
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        if helper is not None and alive(helper):
+            os.kill(helper, signal.SIGKILL)
         for f in logs:
             f.close()
+
+
+FAILING = """#!{python}
+import os, signal, sys, time
+if os.environ["BIGNLP_PROCESS_ID"] == "1":
+    time.sleep(0.5)
+    {how}
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how, line, code", [
+    ("os.kill(os.getpid(), signal.SIGKILL)", "was killed by signal 9 (SIGKILL)", 137),
+    ("sys.exit(3)", "exited with code 3", 3),
+])
+def test_the_launcher_names_the_failed_process_and_how_it_ended(tmp_path, how, line, code):
+    """One line names the process, its pid and its exit code or signal; the survivor is
+    stopped and the launcher exits with the failed process's code (128 + signal)."""
+    script = tmp_path / "fake-bignlp-jax"
+    script.write_text(FAILING.format(python=sys.executable, how=how))
+    script.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script), "--", "train"],
+        capture_output=True, text=True, timeout=60)
+    pid = re.search(r"local\.py: process 1 \(pid (\d+)\): ", done.stdout).group(1)
+    assert done.returncode == code, done.stdout
+    assert (f"local.py: process 1 (pid {pid}) {line}; stopping the other 1 process(es); "
+            f"job exit code {code}") in done.stdout.splitlines(), done.stdout

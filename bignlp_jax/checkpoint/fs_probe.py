@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 from bignlp_jax import storage
@@ -137,41 +138,71 @@ class QuietStorageErrors(logging.Filter):
 _FILTER = QuietStorageErrors()
 
 
-class _QuietExcepthook:
-    """`sys.excepthook` that drops "Event loop is closed" errors and passes the rest on to the
-    hook it replaced (a class, not a closure, so it can carry the marker attribute)."""
+def _loop_closed(error: BaseException | None) -> bool:
+    """TensorStore completing a write on Orbax's event loop after Orbax closed it (a failed
+    save's pending writes): carries nothing the one message does not."""
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
 
-    _bignlp_quiet = True  # marks an installed hook: `quiet_storage_errors` is idempotent
 
-    def __init__(self, previous_hook):
-        self.previous_hook = previous_hook
+def _leftover(error: BaseException | None) -> bool:
+    """After a reported storage failure: the same failure again (a storage errno), or a
+    background writer torn down at exit (TensorBoard's queue: 'handle is closed')."""
+    return isinstance(error, OSError) and (storage_errno(error) is not None
+                                           or "handle is closed" in str(error))
 
+
+class _Quiet:
+    """Replacements for `sys.excepthook`, `sys.unraisablehook` and `threading.excepthook` that
+    drop the noise of a storage failure and pass everything else to the hook they replaced.
+    TensorStore reports its callbacks' errors as unraisable (a bare traceback, up to ~20 when
+    the disk fills in the middle of writing a step); after a failure has been reported
+    (`failed`), Orbax's unfinished write coroutines, and the TensorBoard writer's retries on the
+    same full disk (its exit hook and its thread), are dropped as well."""
+
+    failed = False  # set by silence_leftovers once the one message is on its way
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def drop(self, error: BaseException | None, obj: object = None) -> bool:
+        if _loop_closed(error):
+            return True
+        return _Quiet.failed and (inspect.iscoroutine(obj) or _leftover(error))
+
+
+class _QuietExcepthook(_Quiet):
     def __call__(self, kind, value, tb):
-        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
-            self.previous_hook(kind, value, tb)
+        if not self.drop(value):
+            self.previous(kind, value, tb)
+
+
+class _QuietUnraisable(_Quiet):
+    def __call__(self, unraisable):
+        if not self.drop(unraisable.exc_value, unraisable.object):
+            self.previous(unraisable)
+
+
+class _QuietThreads(_Quiet):
+    def __call__(self, args):
+        if not self.drop(args.exc_value):
+            self.previous(args)
 
 
 def quiet_storage_errors() -> None:
-    """Install the filter on absl's logger (Orbax logs through absl), and drop the "Event loop
-    is closed" tracebacks TensorStore prints when a failed save's pending writes complete on
-    Orbax's already-closed event loop (they carry nothing the one message does not).
+    """Install the filter on absl's logger (Orbax logs through absl) and the hooks above.
     Idempotent; other errors still print."""
     for name in ("absl", "asyncio"):  # Orbax logs through absl; asyncio reports lost tasks
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
-    if getattr(sys.excepthook, "_bignlp_quiet", False):
-        return
-    sys.excepthook = _QuietExcepthook(sys.excepthook)
+    for owner, name, hook in ((sys, "excepthook", _QuietExcepthook),
+                              (sys, "unraisablehook", _QuietUnraisable),
+                              (threading, "excepthook", _QuietThreads)):
+        if not isinstance(getattr(owner, name), _Quiet):
+            setattr(owner, name, hook(getattr(owner, name)))
 
 
 def silence_leftovers() -> None:
-    """After a reported storage failure, unfinished write coroutines are collected at exit
-    ("Exception ignored in: <coroutine ...>"); drop those. Other unraisable errors print."""
-    previous_unraisable = sys.unraisablehook
-
-    def unraisablehook(unraisable):
-        if not inspect.iscoroutine(unraisable.object):
-            previous_unraisable(unraisable)
-
-    sys.unraisablehook = unraisablehook
+    """After a reported storage failure, drop its leftovers too (see _Quiet)."""
+    quiet_storage_errors()
+    _Quiet.failed = True

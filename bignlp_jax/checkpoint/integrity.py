@@ -20,6 +20,7 @@ that catches a step half-deleted by a kill during Orbax's cleanup of old steps.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,18 +89,30 @@ def write_primary_sums(state_dir: Path, process_count: int,
 
 class ChecksumAfter:
     """An Orbax commit future: waits for this process's write futures, then checksums what it
-    wrote. Runs in Orbax's background save thread, before the cross-process barrier."""
+    wrote. Runs in Orbax's background save thread, before the cross-process barrier.
 
-    def __init__(self, futures: list[Any] | None, directory: Any, process_index: int):
+    `on_failure(error)` is called with any error of this process's writes before it is
+    re-raised: where this process alone fails, Orbax would next wait at a barrier for the
+    others, who wait at theirs for this process's commit (see RunCheckpointer)."""
+
+    def __init__(self, futures: list[Any] | None, directory: Any, process_index: int,
+                 on_failure: Callable[[BaseException], None] | None = None):
         self.futures = list(futures or [])
         self.directory = directory  # a Path, or Orbax's PathAwaitingCreation (has .path)
         self.process_index = process_index
+        self.on_failure = on_failure
 
     def result(self, timeout: float | None = None) -> None:
-        for f in self.futures:
-            f.result(timeout=timeout)
-        write_process_sums(storage.path(str(getattr(self.directory, "path", self.directory))),
-                           self.process_index)
+        try:
+            for f in self.futures:
+                f.result(timeout=timeout)
+            write_process_sums(
+                storage.path(str(getattr(self.directory, "path", self.directory))),
+                self.process_index)
+        except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure(e)
+            raise
 
 
 @dataclass(frozen=True)

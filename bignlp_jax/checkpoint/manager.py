@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from bignlp_jax.checkpoint import fs_probe, integrity
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir, complete_steps
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
+from bignlp_jax.parallel import peer_watch
 
 
 class ProcessJsonHandler(ocp.CheckpointHandler):
@@ -84,9 +86,13 @@ class ChecksummedPyTreeHandler(ocp.PyTreeCheckpointHandler):
     """The PyTree handler, plus CRC-32C checksums of every file it writes (see integrity.py):
     each process sums its own files once they are written, the primary the rest at finalize."""
 
+    # set by RunCheckpointer: called with a write error of this process
+    on_write_failure: Callable[[BaseException], None] | None = None
+
     async def async_save(self, directory, *args, **kwargs):
         futures = await super().async_save(directory, *args, **kwargs)
-        return [integrity.ChecksumAfter(futures, directory, jax.process_index())]
+        return [integrity.ChecksumAfter(futures, directory, jax.process_index(),
+                                        self.on_write_failure)]
 
     def save(self, directory, *args, **kwargs) -> None:
         async def run():  # the base class's save would bypass our async_save
@@ -162,9 +168,11 @@ class RunCheckpointer:
         self.failed = False
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save
         fs_probe.quiet_storage_errors()
+        state_saver = saving_state_handler()
+        state_saver.on_write_failure = self._write_failed
         self.manager = ocp.CheckpointManager(
             storage.absolute(self.directory), options=options,
-            item_handlers={STATE: saving_state_handler(), DATA: ProcessJsonHandler(),
+            item_handlers={STATE: state_saver, DATA: ProcessJsonHandler(),
                            META: ocp.JsonCheckpointHandler()},
         )
 
@@ -229,6 +237,22 @@ class RunCheckpointer:
         if short is not None:
             self.failed = True
             raise short
+
+    def _write_failed(self, error: BaseException) -> None:
+        """This process's share of a save failed on storage (its disk only, perhaps). In a job of
+        several processes Orbax would now wait at a barrier for the others, who wait for this
+        process's commit: a deadlock until Orbax's barrier timeout. So this process reports
+        the failure and leaves at once, and the others stop within a second naming it
+        (peer_watch.stop_job). One process: the error surfaces in `save`/`wait` as usual."""
+        if self._pending is None or jax.process_count() == 1:
+            return
+        step, needed = self._pending
+        failure = fs_probe.save_failure(error, step, self.directory, needed)
+        if failure is None:
+            return
+        self.failed = True
+        fs_probe.silence_leftovers()
+        peer_watch.stop_job(str(failure), failure.exit_code)
 
     @contextlib.contextmanager
     def _storage_errors(self):

@@ -109,10 +109,11 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
             shardings = {**shardings, LORA_KEY: jax.tree.map(lambda _: where,
                                                             expected[LORA_KEY])}
     check_shapes(saved["params"], expected, f"checkpoint {step_dir}")
-    # every file, on every process: callers may read params on one process of a job, so no
-    # collective here (resuming a run shares the reading out instead)
-    if damaged := integrity.verify(step_dir):
-        raise UserError(f"checkpoint {step_dir} is damaged: {damaged[1]}\n"
+    # every file once in all, shared out among the processes (each reads 1/N; all agree on the
+    # answer, so all stop together). Every process of a job calls this anyway: Orbax's restore
+    # below ends at a barrier of all processes.
+    if damaged := integrity.verify_step(step_dir):
+        raise UserError(f"checkpoint {step_dir} is damaged: {damaged}\n"
                         "  fix: use an earlier step of that run, or repair/remove this one")
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}

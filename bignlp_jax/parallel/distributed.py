@@ -15,7 +15,10 @@ first that applies wins:
 JAX aborts the whole process (a C++ fatal error with a stack dump) when the coordinator cannot be
 reached in time, so a watchdog thread fires slightly earlier and exits with a message that names
 the address and the fix. Once joined, a process that stops sending heartbeats for
-`--heartbeat-timeout` seconds makes the others fail instead of hanging forever.
+`--heartbeat-timeout` seconds makes the others fail instead of hanging forever; the peer
+watchdog (peer_watch.py) names it first, in one line. Process 0 hosts JAX's coordination service
+in a helper process (coordination_host.py), so that losing process 0 is reported the same way
+instead of ending every other process in JAX's C++ abort.
 
 Environment variables carry the process layout only (as torchrun's and JAX's do); timeouts and
 device choices are flags, so nothing else about a run comes from the environment.
@@ -34,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.parallel.coordination_host import ServiceInHelper
 from bignlp_jax.parallel.peer_watch import PeerWatchdog
 
 # Defaults (seconds). Initialisation waits for every process to start: generous for slow
@@ -264,6 +268,11 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
     watchdog.start()
     # JAX's own deadline comes later so that the watchdog speaks first.
     jax_timeout = int(math.ceil(init_timeout)) + 30
+    real_jaxlib = jax_distributed._jax
+    if layout.process_id == 0 and layout.coordinator is not None:
+        # the coordination service in a helper process, not in process 0: losing process 0
+        # then ends the others with the watchdog's message, not JAX's abort (coordination_host)
+        jax_distributed._jax = ServiceInHelper(real_jaxlib, linger=heartbeat)
     try:
         if layout.coordinator is None:  # TPU: JAX reads the TPU_* / MEGASCALE_* variables
             jax.distributed.initialize(initialization_timeout=jax_timeout,
@@ -289,6 +298,7 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
                     "another (--coordinator HOST:PORT, or BIGNLP_COORDINATOR_PORT under SLURM)")
         raise CoordinatorError(f"could not join the job as {describe(layout)}: {e}{hint}") from None
     finally:
+        jax_distributed._jax = real_jaxlib
         watchdog.cancel()
     configure_logging(jax.process_index(), jax.process_count())
     # JAX's client (private: jax.distributed keeps it in its global state) carries our watchdog's
