@@ -148,3 +148,22 @@ def test_coordinator_port_in_use_is_one_message(cli_env):
     assert proc.returncode == 2, proc.stderr
     assert "Failed to start RPC server" in proc.stderr
     assert "fix: the coordinator port is probably in use" in proc.stderr
+
+
+def test_service_in_helper_needs_jaxs_seam(caplog):
+    """Process 0 moves JAX's coordination service into a helper through a private seam of jax
+    (`jax._src.distributed._jax.get_distributed_runtime_service`). The jax we install has it;
+    a jax without it keeps the service in process 0 and says so, instead of failing."""
+    import types
+
+    from jax._src import distributed as jax_distributed
+
+    from bignlp_jax.parallel.coordination_host import ServiceInHelper
+    from bignlp_jax.parallel.distributed import service_in_helper
+
+    proxy = service_in_helper(jax_distributed._jax, linger=5)
+    assert isinstance(proxy, ServiceInHelper)
+    assert proxy.get_distributed_runtime_client is jax_distributed._jax.get_distributed_runtime_client
+    with caplog.at_level("WARNING", logger="bignlp_jax"):
+        assert service_in_helper(types.SimpleNamespace(), linger=5) is None
+    assert "runs inside process 0" in caplog.text

@@ -244,6 +244,18 @@ def _unreachable_message(layout: Layout, timeout: float) -> str:
     )
 
 
+def service_in_helper(jaxlib_module, linger: float) -> ServiceInHelper | None:
+    """A stand-in for `jax._src.distributed._jax` that starts the coordination service in a
+    helper process, or None (with a warning) for a jax that does not start it through that
+    private seam (jax 0.10 does): the service then stays in process 0, as in plain JAX."""
+    if hasattr(jaxlib_module, "get_distributed_runtime_service"):
+        return ServiceInHelper(jaxlib_module, linger=linger)
+    logging.getLogger("bignlp_jax").warning(
+        "this jax starts its coordination service in a way bignlp_jax does not know, so it "
+        "runs inside process 0: losing process 0 ends the others in JAX's own abort")
+    return None
+
+
 def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "",
                heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
                shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
@@ -268,11 +280,13 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
     watchdog.start()
     # JAX's own deadline comes later so that the watchdog speaks first.
     jax_timeout = int(math.ceil(init_timeout)) + 30
-    real_jaxlib = jax_distributed._jax
+    real_jaxlib = getattr(jax_distributed, "_jax", None)
     if layout.process_id == 0 and layout.coordinator is not None:
         # the coordination service in a helper process, not in process 0: losing process 0
         # then ends the others with the watchdog's message, not JAX's abort (coordination_host)
-        jax_distributed._jax = ServiceInHelper(real_jaxlib, linger=heartbeat)
+        proxy = service_in_helper(real_jaxlib, linger=heartbeat)
+        if proxy is not None:
+            jax_distributed._jax = proxy
     try:
         if layout.coordinator is None:  # TPU: JAX reads the TPU_* / MEGASCALE_* variables
             jax.distributed.initialize(initialization_timeout=jax_timeout,
@@ -298,7 +312,8 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
                     "another (--coordinator HOST:PORT, or BIGNLP_COORDINATOR_PORT under SLURM)")
         raise CoordinatorError(f"could not join the job as {describe(layout)}: {e}{hint}") from None
     finally:
-        jax_distributed._jax = real_jaxlib
+        if real_jaxlib is not None:
+            jax_distributed._jax = real_jaxlib
         watchdog.cancel()
     configure_logging(jax.process_index(), jax.process_count())
     # JAX's client (private: jax.distributed keeps it in its global state) carries our watchdog's
