@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -113,6 +114,11 @@ def serve(service_args: dict[str, Any], linger: float) -> int:
     # importing jax starts no backend, so the helper touches no device
     from jax._src.lib import _jax
 
+    # A scheduler's stop signal reaches every process of the job step (SLURM signals the step's
+    # whole cgroup, not one session): the service must outlive it while the workers save and
+    # shut down, so it ends only as told below (or by SIGKILL, after the scheduler's grace).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         service = _jax.get_distributed_runtime_service(**service_args)
     except Exception as e:  # noqa: BLE001 - reported to process 0, which raises it
