@@ -100,18 +100,19 @@ def main() -> None:
             figures[name]["total_s"].append(round(time.perf_counter() - start, 2))
         for name, tier in tiers.items():
             step_dir = tier.directory / str(step)
-            handler = local_tier.reading_handler() if name.startswith("local") else None
+            restore = (local_tier.restore_state if name.startswith("local")
+                       else restore_state)
             if "cold_restore_s" in figures[name]:  # the same files, read again from the disk itself
                 _evict(Path(str(step_dir)))
                 start = time.perf_counter()
-                restored = restore_state(step_dir, target, handler)
+                restored = restore(step_dir, target)
                 jax.block_until_ready(restored)
                 figures[name]["cold_restore_s"].append(round(time.perf_counter() - start, 2))
                 del restored
             start = time.perf_counter()
             assert integrity.verify(step_dir) is None
             verified = time.perf_counter()
-            restored = restore_state(step_dir, target, handler)
+            restored = restore(step_dir, target)
             jax.block_until_ready(restored)
             figures[name]["verify_s"].append(round(verified - start, 2))
             figures[name]["restore_s"].append(round(time.perf_counter() - verified, 2))

@@ -208,7 +208,7 @@ def restore_local(layout: StateLayout, step_dir: Path) -> tuple[TrainState, dict
     target = layout.abstract()
     check_fits(target, f"restoring local checkpoint {step_dir}")
     try:
-        return (restore_state(step_dir, target, local_tier.reading_handler()),
+        return (local_tier.restore_state(step_dir, target),
                 restore_data_state(step_dir))
     except Exception as e:
         if not is_read_error(e):
