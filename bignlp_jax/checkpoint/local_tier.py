@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import fs_probe, integrity, shard_files
+from bignlp_jax.checkpoint import fs_probe, shard_files
 from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave, read_meta
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, complete_steps
+from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 
@@ -219,21 +221,27 @@ def discard_after(root: Path, step: int) -> list[int]:
     return gone
 
 
-def verify_everywhere(step_dir: Path) -> str | None:
-    """Each process checks its own copy of the step against its checksums; the same answer on
-    every process: None, or the first problem (with the process that found it)."""
-    found = integrity.verify(step_dir)
-    problem = f"process {jax.process_index()}: {found[1]}" if found else None
-    if jax.process_count() == 1:
-        return problem
-    flags = np.asarray(multihost_utils.process_allgather(np.array([found is not None], np.int32)))
-    bad = [i for i, f in enumerate(flags.reshape(-1)) if f]
-    if not bad:
-        return None
-    return problem if problem else f"process {bad[0]} found a damaged file (see its log)"
+def load_everywhere(step_dir: Path, load: Callable[[Path], Any]) -> tuple[Any, str | None]:
+    """Each process loads its own copy of the step with `load` (`restore_state(verify=True)`
+    checks the checksums on the bytes it loads: no separate read to verify first); the same
+    verdict on every process: (what `load` returned, None), or (None, the first problem, with
+    the process that found it) for a step damaged or unreadable on any process."""
+    try:
+        loaded, problem = load(step_dir), None
+    except Exception as e:  # only a damaged step is a verdict; anything else is a bug
+        if not is_read_error(e):
+            raise
+        loaded, problem = None, f"process {jax.process_index()}: {e}"
+    if jax.process_count() > 1:
+        flags = multihost_utils.process_allgather(np.array([problem is not None], np.int32))
+        bad = [i for i, f in enumerate(np.asarray(flags).reshape(-1)) if f]
+        if bad and problem is None:
+            problem = f"process {bad[0]} found a damaged file (see its log)"
+    return (None, problem) if problem else (loaded, None)
 
 
-def restore_state(step_dir: Path, target: Any) -> Any:
+def restore_state(step_dir: Path, target: Any, verify: bool = False) -> Any:
     """The train state of a local step (this process's copy), laid out as `target` says: the
-    layout it was saved on (`layout_fingerprint`), each shard from its own file."""
-    return shard_files.read_tree(storage.path(step_dir) / STATE, target)
+    layout it was saved on (`layout_fingerprint`), each shard from its own file; `verify`:
+    every file checked against its checksum as it is read (ValueError naming the first bad)."""
+    return shard_files.read_tree(storage.path(step_dir) / STATE, target, verify)

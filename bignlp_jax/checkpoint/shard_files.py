@@ -67,12 +67,17 @@ def _host_shards(leaf: Any) -> list[tuple[list[list[int]], Any]]:
     return list(distinct.values())
 
 
+def _extend(crc: int, data: np.ndarray) -> int:
+    view = data.reshape(-1).view(np.uint8)
+    view.flags.writeable = False  # the C extension takes read-only buffers only
+    return google_crc32c.extend(crc, view)
+
+
 def _crc(data: np.ndarray) -> int:
     flat = data.reshape(-1).view(np.uint8)
-    flat.flags.writeable = False  # the C extension takes read-only buffers only
     crc = 0
     for start in range(0, flat.size, CRC_CHUNK):
-        crc = google_crc32c.extend(crc, flat[start:start + CRC_CHUNK])
+        crc = _extend(crc, flat[start:start + CRC_CHUNK])
     return crc
 
 
@@ -142,26 +147,44 @@ def _aligned(nbytes: int) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
-def _read(path: Path, nbytes: int) -> np.ndarray:
+def _read(state_dir: Path, name: str, nbytes: int,
+          recorded: tuple[int, int] | None) -> np.ndarray:
     """The file's bytes in a fresh aligned buffer; OSError/ValueError if it cannot be read
-    whole (read_errors.py counts both as a damaged checkpoint)."""
+    whole or, with `recorded` (size, crc), fails its checksum: the bytes are summed piece by
+    piece as they arrive, while still in the cache (read_errors.py counts both as damage)."""
     buffer = _aligned(nbytes)
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while done < nbytes and (got := f.readinto(buffer[done:].data)):
+    done, crc = 0, 0
+    with open(state_dir / name, "rb", buffering=0) as f:
+        while done < nbytes and (got := f.readinto(buffer[done:done + CRC_CHUNK].data)):
+            if recorded is not None:
+                crc = _extend(crc, buffer[done:done + got])
             done += got
         extra = f.read(1)
     if done != nbytes or extra:
-        raise ValueError(f"{path} holds {done if done < nbytes else 'more than ' + str(done)} "
-                         f"bytes; the checkpoint's index says {nbytes}")
+        raise ValueError(f"state/{name} holds {done if done < nbytes else 'more than ' + str(done)}"
+                         f" bytes; the checkpoint's index says {nbytes}")
+    if recorded is not None and recorded != (nbytes, crc):
+        raise ValueError(f"state/{name} fails its checksum (crc32c {crc:08x}, recorded at save "
+                         f"{recorded[1]:08x}): the file changed after it was written")
     return buffer
 
 
-def read_tree(state_dir: Path, target: Any) -> Any:
+def read_tree(state_dir: Path, target: Any, verify: bool = False) -> Any:
     """The arrays of `target` (ShapeDtypeStructs with this layout's shardings) from this
-    process's shard files; keys the target leaves out are not read."""
+    process's shard files; keys the target leaves out are not read. `verify`: check every
+    file read against the step's checksums, from the bytes loaded (no second read), raising
+    ValueError naming the first that fails (as integrity.verify words it)."""
+    sums: dict[str, tuple[int, int]] = {}
+    if verify and (listing := integrity.read_listing(state_dir)) is not None:
+        if listing.problem:
+            raise ValueError(listing.problem)
+        sums = listing.files
     try:
-        index = json.loads((state_dir / INDEX).read_text(encoding="utf-8"))
+        raw = (state_dir / INDEX).read_bytes()
+        if sums and sums.get(INDEX) != (len(raw), google_crc32c.value(raw)):
+            raise ValueError(f"state/{INDEX} fails its checksum: the file changed after it "
+                             "was written")
+        index = json.loads(raw)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {state_dir / INDEX}: {e}") from e
     if index.get("format") != FORMAT:
@@ -187,7 +210,10 @@ def read_tree(state_dir: Path, target: Any) -> Any:
 
     def load(job) -> list[jax.Array]:
         n, devices, name, shape, dtype = job
-        host = _read(state_dir / name, int(np.prod(shape)) * dtype.itemsize)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if sums and name not in sums:
+            raise ValueError(f"state/{name} is not in the step's checksums")
+        host = _read(state_dir, name, nbytes, sums.get(name) if sums else None)
         host = host.view(dtype).reshape(shape)
         if dtype != leaves[n].dtype:
             host = host.astype(leaves[n].dtype)
