@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from checkpoint_common import (
@@ -32,7 +33,7 @@ from checkpoint_common import (
     subprocess_env,
 )
 
-from bignlp_jax.checkpoint import complete_steps, latest_step, local_tier
+from bignlp_jax.checkpoint import complete_steps, latest_step, local_tier, shard_files
 from bignlp_jax.config import load_config
 from bignlp_jax.errors import ConfigError, Preempted, UserError
 from bignlp_jax.train.identity import is_resumable
@@ -90,6 +91,36 @@ def test_local_dir_is_probed_before_the_model_is_built(tmp_path):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_shard_files_round_trip_one_file_per_distinct_shard(tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a"))  # copies on "b"
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(0)
+    tree = {"w": jax.device_put(rng.standard_normal((12, 5), np.float32), split),
+            "h": jax.device_put(rng.standard_normal((7,)).astype(jnp.bfloat16), whole),
+            "step": jax.device_put(np.int32(41), whole)}
+    shard_files.ShardFilesHandler().save(tmp_path, shard_files.ShardFilesSave(tree))
+    assert len(list((tmp_path / "shards").iterdir())) == 4 + 1 + 1  # replicas written once
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          tree)
+    back = shard_files.read_tree(tmp_path, target, verify=True)
+    assert_trees_equal(back, tree)
+    assert back["w"].sharding == split and back["h"].dtype == jnp.bfloat16
+    # each device's copy is its own buffer (one adopted the read buffer, the rest are copies)
+    pointers = {s.data.unsafe_buffer_pointer() for s in back["h"].addressable_shards}
+    assert len(pointers) == 8
+    # a flipped byte is named when verifying, and a short file always
+    name = max((tmp_path / "shards").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(name.read_bytes())
+    data[3] ^= 0x10
+    name.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"state/shards/{name.name} fails its checksum"):
+        shard_files.read_tree(tmp_path, target, verify=True)
+    name.write_bytes(bytes(data[:-4]))
+    with pytest.raises(ValueError, match=f"state/shards/{name.name} holds {len(data) - 4} bytes"):
+        shard_files.read_tree(tmp_path, target)
 
 
 def _trained(tmp_path, *extra):

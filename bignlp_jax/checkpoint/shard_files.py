@@ -217,9 +217,11 @@ def read_tree(state_dir: Path, target: Any, verify: bool = False) -> Any:
         host = host.view(dtype).reshape(shape)
         if dtype != leaves[n].dtype:
             host = host.astype(leaves[n].dtype)
-        # the first device adopts the buffer; replicas get copies (a donated one is
-        # overwritten in place, which must not show through another device's array)
-        return [jax.device_put(host, d, may_alias=i == 0) for i, d in enumerate(devices)]
+        # the first device adopts the buffer; replicas get device-to-device copies (on CPU
+        # `device_put` of the same aligned host buffer would alias it again, whatever
+        # `may_alias` says, and a donated replica is overwritten in place)
+        first = jax.device_put(host, devices[0], may_alias=True)
+        return [first] + [jax.device_put(first, d) for d in devices[1:]]
 
     per_leaf: list[list[jax.Array]] = [[] for _ in leaves]
     with ThreadPoolExecutor(READERS) as pool:
