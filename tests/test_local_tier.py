@@ -100,9 +100,11 @@ def test_shard_files_round_trip_one_file_per_distinct_shard(tmp_path):
     rng = np.random.default_rng(0)
     tree = {"w": jax.device_put(rng.standard_normal((12, 5), np.float32), split),
             "h": jax.device_put(rng.standard_normal((7,)).astype(jnp.bfloat16), whole),
-            "step": jax.device_put(np.int32(41), whole)}
+            "step": jax.device_put(np.int32(41), whole),
+            # 1 MiB shards: read into anonymous mappings rather than numpy's buffers
+            "big": jax.device_put(rng.standard_normal((1024, 1024), np.float32), split)}
     shard_files.ShardFilesHandler().save(tmp_path, shard_files.ShardFilesSave(tree))
-    assert len(list((tmp_path / "shards").iterdir())) == 4 + 1 + 1  # replicas written once
+    assert len(list((tmp_path / "shards").iterdir())) == 4 + 1 + 1 + 4  # replicas once
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           tree)
     back = shard_files.read_tree(tmp_path, target, verify=True)
