@@ -13,15 +13,19 @@ Saving is an Orbax checkpoint handler: the step still goes through Orbax's Check
 (temporary directory renamed into place when complete, retention, the background thread);
 the arrays leave the devices as Orbax's own handler takes them (`np.asarray` of each shard,
 zero-copy on CPU) and are checksummed from memory while written. Restoring reads each file
-straight into a 64-byte-aligned buffer that `jax.device_put` adopts without copying on CPU: one
-copy from the page cache, where Orbax's reader makes three (TensorStore's read buffer, the
-`np.zeros` shard it fills, and the device buffer `device_put` copies it into).
+straight into an aligned buffer (`_buffer`) that `jax.device_put` adopts without copying on
+CPU: one copy from the page cache, where Orbax's reader makes three (TensorStore's read buffer,
+the `np.zeros` shard it fills, and the device buffer `device_put` copies it into). A resume
+sums each file's checksum from those same bytes as they arrive: no separate verify read.
 
-Why not Orbax for this tier: restoring the 126M train state (1,434 MiB, uncompressed OCDBT on
-/dev/shm, one CPU device) took 1.8-3.5 s against 3.3-7.2 s for the durable tier (about 2x, not
-the 3x issue 15 asks); TensorStore concurrency limits, plain zarr instead of OCDBT and
-`restore_concurrent_gb` changed nothing measurable, the copies are the cost (RESULTS.md,
-"Local fast tier vs durable tier", has the figures of both formats).
+Why not Orbax for this tier: with Orbax's own reader the 126M train state (1,434 MiB,
+uncompressed, /dev/shm, one CPU device) restored in 1.8-3.5 s against 3.3-7.2 s for the durable
+tier, about 2x where issue 15 asks 3x. Its options did not move it (4 interleaved rounds on the
+loaded 2-core machine, 2026-12-01): default 1.5-2.6 s; TensorStore `file_io_concurrency` 2 /
+`data_copy_concurrency` 2: 1.5-1.7 s; 8 / 4: 1.9-3.6 s; `data_copy_concurrency` 1: 1.6-1.7 s;
+plain zarr instead of OCDBT: 1.5-2.5 s (`restore_concurrent_gb` only throttles beyond 96 GB
+in flight). The time is the copies and the fresh memory each one faults in. These files restore
+in 0.5-1.1 s with their checksums verified (RESULTS.md, "Local fast tier vs durable tier").
 """
 
 from __future__ import annotations
