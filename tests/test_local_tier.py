@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from checkpoint_common import (
@@ -32,7 +33,7 @@ from checkpoint_common import (
     subprocess_env,
 )
 
-from bignlp_jax.checkpoint import complete_steps, latest_step, local_tier
+from bignlp_jax.checkpoint import complete_steps, latest_step, local_tier, shard_files
 from bignlp_jax.config import load_config
 from bignlp_jax.errors import ConfigError, Preempted, UserError
 from bignlp_jax.train.identity import is_resumable
@@ -92,6 +93,38 @@ def test_local_dir_is_probed_before_the_model_is_built(tmp_path):
         (tmp_path / "run" / "checkpoints").iterdir())
 
 
+def test_shard_files_round_trip_one_file_per_distinct_shard(tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a"))  # copies on "b"
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(0)
+    tree = {"w": jax.device_put(rng.standard_normal((12, 5), np.float32), split),
+            "h": jax.device_put(rng.standard_normal((7,)).astype(jnp.bfloat16), whole),
+            "step": jax.device_put(np.int32(41), whole),
+            # 1 MiB shards: read into anonymous mappings rather than numpy's buffers
+            "big": jax.device_put(rng.standard_normal((1024, 1024), np.float32), split)}
+    shard_files.ShardFilesHandler().save(tmp_path, shard_files.ShardFilesSave(tree))
+    assert len(list((tmp_path / "shards").iterdir())) == 4 + 1 + 1 + 4  # replicas once
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          tree)
+    back = shard_files.read_tree(tmp_path, target, verify=True)
+    assert_trees_equal(back, tree)
+    assert back["w"].sharding == split and back["h"].dtype == jnp.bfloat16
+    # each device's copy is its own buffer (one adopted the read buffer, the rest are copies)
+    pointers = {s.data.unsafe_buffer_pointer() for s in back["h"].addressable_shards}
+    assert len(pointers) == 8
+    # a flipped byte is named when verifying, and a short file always
+    name = max((tmp_path / "shards").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(name.read_bytes())
+    data[3] ^= 0x10
+    name.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"state/shards/{name.name} fails its checksum"):
+        shard_files.read_tree(tmp_path, target, verify=True)
+    name.write_bytes(bytes(data[:-4]))
+    with pytest.raises(ValueError, match=f"state/shards/{name.name} holds {len(data) - 4} bytes"):
+        shard_files.read_tree(tmp_path, target)
+
+
 def _trained(tmp_path, *extra):
     """A short single-process run with a local tier (compiled once per session)."""
     run, local = tmp_path / "run", tmp_path / "local"
@@ -110,7 +143,7 @@ def test_pruning_discarding_and_a_lost_step(tmp_path, cache_env, capsys):
     # a local step newer than the durable one, corrupt: resuming warns and takes local step 4
     # (as new as the durable one: same trajectory, faster to read)
     shutil.rmtree(run / "checkpoints" / "6")
-    data_file = sorted((root / "5" / "state").glob("ocdbt.process_0/d/*"))[0]
+    data_file = max((root / "5" / "state").glob("shards/*"), key=lambda p: p.stat().st_size)
     data = bytearray(data_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     data_file.write_bytes(bytes(data))
@@ -118,7 +151,7 @@ def test_pruning_discarding_and_a_lost_step(tmp_path, cache_env, capsys):
     train(config(run, "train.steps=6", "checkpoint.every_steps=4",
                  "checkpoint.local_every_steps=1", f"checkpoint.local_dir={root.parent.parent}"))
     out = capsys.readouterr().out
-    assert "local step 5 is damaged (process 0: state/ocdbt.process_0/d/" in out
+    assert f"local step 5 is damaged (process 0: state/shards/{data_file.name} fails" in out
     assert f"resumed from local checkpoint {root / '4'}" in out
     assert "deleted its local step(s) 5 (newer than the start, step 4)" in out
 

@@ -87,6 +87,16 @@ def write_primary_sums(state_dir: Path, process_count: int,
     _write_json(state_dir / PRIMARY, record)
 
 
+def write_listing(state_dir: Path, files: dict[str, tuple[int, int]], process_count: int,
+                  processes: list[int]) -> None:
+    """Record sums computed by the writer itself (name -> (size, crc)) as the step's primary
+    list; `processes`: whose per-process lists the step also holds (the local tier's shard
+    files, shard_files.py, sum their bytes while writing them and hold none)."""
+    _write_json(state_dir / PRIMARY, {
+        "algorithm": ALGORITHM, "process_count": process_count, "processes": processes,
+        "files": {name: [size, crc] for name, (size, crc) in files.items()}})
+
+
 class ChecksumAfter:
     """An Orbax commit future: waits for this process's write futures, then checksums what it
     wrote. Runs in Orbax's background save thread, before the cross-process barrier.

@@ -6,8 +6,10 @@ when the run is told to stop) into `checkpoint.local_dir`, which is NOT shared b
 
     LOCAL_DIR/run-<hash of the run dir>/process_<i>/<step>/{state,data,meta}
 
-Each process writes only the shards it holds (Orbax with `primary_host=None`: every process is
-the primary of its own directory, as MaxText's emergency checkpointing does), its own data
+Each process writes only the shards it holds (its Orbax CheckpointManager has
+`primary_host=None`: every process is the primary of its own directory, as MaxText's emergency
+checkpointing does), as raw shard files read back in one copy (shard_files.py: Orbax's own
+array format restored only about 2x faster than the durable tier from RAM), its own data
 position and the step's metadata, so a step restores on the same process layout and mesh only
 (the layout fingerprint in `meta` says which). A step counts only when it is complete on EVERY
 process (`agreed_steps`, one all-gather): a host that lost its RAM disk makes the run fall back.
@@ -25,11 +27,11 @@ The run dir names the tier's directory, so two runs sharing `local_dir` never mi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import fs_probe, integrity
-from bignlp_jax.checkpoint.manager import (
-    ChecksummedPyTreeHandler,
-    ProcessJsonHandler,
-    ProcessJsonSave,
-    read_meta,
-)
+from bignlp_jax.checkpoint import fs_probe, shard_files
+from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave, read_meta
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, complete_steps
+from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 
@@ -69,47 +67,6 @@ def _options() -> ocp.options.MultiprocessingOptions:
     if _QUIET not in logging.getLogger("absl").filters:
         logging.getLogger("absl").addFilter(_QUIET)
     return ocp.options.MultiprocessingOptions(primary_host=None, barrier_sync_key_prefix="local")
-
-
-def _registry():
-    # replica_id=None: each process writes the shards it holds (the first replica it sees), not
-    # only replica 0's; no replica-parallel split (it needs every replica's files together)
-    th = ocp.type_handlers
-    array = th.ArrayHandler(primary_host=None, replica_id=None, use_replica_parallel=False)
-    return th.create_type_handler_registry(
-        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
-        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
-        (str, th.StringHandler()), (jax.Array, array),
-    )
-
-
-class LocalStateHandler(ChecksummedPyTreeHandler):
-    """The checksummed PyTree handler for one process's own directory. Uncompressed: RAM or a
-    local SSD has room, and zstd costs CPU time on every save and restore (the durable tier
-    keeps it: it saves bytes on a bucket)."""
-
-    def __init__(self):
-        super().__init__(use_compression=False, multiprocessing_options=_options(),
-                         type_handler_registry=_registry())
-
-    def finalize(self, directory) -> None:
-        ocp.PyTreeCheckpointHandler.finalize(self, directory)
-        # the step holds this process's files and sums only
-        integrity.write_primary_sums(storage.path(str(directory)), jax.process_count(),
-                                     processes=[jax.process_index()])
-
-
-# Orbax maps each argument class to one handler class: the local handler gets its own pair
-@ocp.args.register_with_handler(LocalStateHandler, for_save=True)
-@dataclasses.dataclass
-class LocalStateSave(ocp.args.PyTreeSave):
-    pass
-
-
-@ocp.args.register_with_handler(LocalStateHandler, for_restore=True)
-@dataclasses.dataclass
-class LocalStateRestore(ocp.args.PyTreeRestore):
-    pass
 
 
 def tier_root(local_dir: str | Path, run_dir: str | Path) -> Path:
@@ -177,7 +134,7 @@ class LocalCheckpointer:
         fs_probe.quiet_storage_errors()
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={STATE: LocalStateHandler(), DATA: ProcessJsonHandler(),
+            item_handlers={STATE: shard_files.ShardFilesHandler(), DATA: ProcessJsonHandler(),
                            META: ocp.JsonCheckpointHandler(multiprocessing_options=_options())},
         )
 
@@ -195,7 +152,7 @@ class LocalCheckpointer:
         data_state = json.loads(json.dumps(data_state))  # the source moves on meanwhile
         with self._storage_errors(step):
             return self.manager.save(step, force=True, args=ocp.args.Composite(**{
-                STATE: LocalStateSave(state), DATA: ProcessJsonSave(data_state),
+                STATE: shard_files.ShardFilesSave(state), DATA: ProcessJsonSave(data_state),
                 META: ocp.args.JsonSave(meta)}))
 
     def wait(self) -> None:
@@ -264,21 +221,27 @@ def discard_after(root: Path, step: int) -> list[int]:
     return gone
 
 
-def verify_everywhere(step_dir: Path) -> str | None:
-    """Each process checks its own copy of the step against its checksums; the same answer on
-    every process: None, or the first problem (with the process that found it)."""
-    found = integrity.verify(step_dir)
-    problem = f"process {jax.process_index()}: {found[1]}" if found else None
-    if jax.process_count() == 1:
-        return problem
-    flags = np.asarray(multihost_utils.process_allgather(np.array([found is not None], np.int32)))
-    bad = [i for i, f in enumerate(flags.reshape(-1)) if f]
-    if not bad:
-        return None
-    return problem if problem else f"process {bad[0]} found a damaged file (see its log)"
+def load_everywhere(step_dir: Path, load: Callable[[Path], Any]) -> tuple[Any, str | None]:
+    """Each process loads its own copy of the step with `load` (`restore_state(verify=True)`
+    checks the checksums on the bytes it loads: no separate read to verify first); the same
+    verdict on every process: (what `load` returned, None), or (None, the first problem, with
+    the process that found it) for a step damaged or unreadable on any process."""
+    try:
+        loaded, problem = load(step_dir), None
+    except Exception as e:  # only a damaged step is a verdict; anything else is a bug
+        if not is_read_error(e):
+            raise
+        loaded, problem = None, f"process {jax.process_index()}: {e}"
+    if jax.process_count() > 1:
+        flags = multihost_utils.process_allgather(np.array([problem is not None], np.int32))
+        bad = [i for i, f in enumerate(np.asarray(flags).reshape(-1)) if f]
+        if bad and problem is None:
+            problem = f"process {bad[0]} found a damaged file (see its log)"
+    return (None, problem) if problem else (loaded, None)
 
 
-def reading_handler() -> ocp.PyTreeCheckpointHandler:
-    """The handler that reads a local step back (each process from its own directory)."""
-    return ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=_options(),
-                                       type_handler_registry=_registry())
+def restore_state(step_dir: Path, target: Any, verify: bool = False) -> Any:
+    """The train state of a local step (this process's copy), laid out as `target` says: the
+    layout it was saved on (`layout_fingerprint`), each shard from its own file; `verify`:
+    every file checked against its checksum as it is read (ValueError naming the first bad)."""
+    return shard_files.read_tree(storage.path(step_dir) / STATE, target, verify)

@@ -31,6 +31,9 @@ from bignlp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 STATE, DATA, META = "state", "data", "meta"
+SHARD_INDEX = "shards.json"  # the local tier's list of its shard files (shard_files.py)
+# the file that indexes a step's arrays: Orbax's PyTree metadata, or the local tier's list
+STATE_INDEXES = ("_METADATA", SHARD_INDEX)
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -49,7 +52,7 @@ def complete_steps(ckpt_dir: str | Path) -> list[int]:
     if not ckpt_dir.is_dir():
         return []
     steps = sorted(ocp.step.checkpoint_steps(ckpt_dir))
-    intact = [(ckpt_dir / str(s) / STATE / "_METADATA").is_file()
+    intact = [any((ckpt_dir / str(s) / STATE / name).is_file() for name in STATE_INDEXES)
               and integrity.missing_file(ckpt_dir / str(s)) is None for s in steps]
     return [s for i, s in enumerate(steps) if intact[i] or not any(intact[i + 1:])]
 

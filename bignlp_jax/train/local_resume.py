@@ -14,12 +14,15 @@ where the run starts are deleted on every process (loop.py) before the first loc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import complete_steps, local_tier
+from bignlp_jax.checkpoint.manager import restore_data_state
 from bignlp_jax.config import Config
 
 
@@ -28,11 +31,18 @@ def _say(message: str) -> None:
         print(f"checkpoint: {message}", flush=True)
 
 
-def local_step_dir(cfg: Config, run_dir: Path, target, durable: Path | None,
-                   pending: bool) -> Path | None:
+def _load(target) -> Callable[[Path], tuple[Any, dict]]:
+    return lambda step_dir: (local_tier.restore_state(step_dir, target, verify=True),
+                             restore_data_state(step_dir))
+
+
+def local_step_dir(cfg: Config, run_dir: Path, target, durable: Path | None, pending: bool,
+                   load: Callable[[Path], Any] | None = None) -> tuple[Path, Any] | None:
     """The local step directory (this process's copy) to resume from, the same step on every
-    process, or None to use `durable` (the run's newest durable step, or None). Call on every
-    process together (collectives)."""
+    process, with what `load` read from it (default: the train state, verified as it is read,
+    and the data position), or None to use `durable` (the run's newest durable step, or None).
+    A step damaged on any process is passed over for the next. Call on every process
+    together (collectives)."""
     if cfg.checkpoint.local_dir is None or pending:  # resume_from names its step itself
         return None
     root = local_tier.tier_root(cfg.checkpoint.local_dir, run_dir)
@@ -49,11 +59,11 @@ def local_step_dir(cfg: Config, run_dir: Path, target, durable: Path | None,
              "process layout; a local step restores only on its own, so they are not used")
     durable_text = (f"durable step {durable_step} ({durable})" if durable is not None
                     else "no checkpoint (a new start)")
-    chosen = None
+    chosen, loaded = None, None
     for step in reversed(common):
         if durable_step is not None and step < durable_step:
             break
-        problem = local_tier.verify_everywhere(root / str(step))
+        loaded, problem = local_tier.load_everywhere(root / str(step), load or _load(target))
         if problem is None:
             chosen = step
             break
@@ -67,4 +77,4 @@ def local_step_dir(cfg: Config, run_dir: Path, target, durable: Path | None,
         _say("WARNING: local step(s) " + ", ".join(
             f"{s} (missing on process {', '.join(map(str, missing[s]))})" for s in lost)
             + f" not complete on every process; lost, resuming from {where}")
-    return root / str(chosen) if chosen is not None else None
+    return (root / str(chosen), loaded) if chosen is not None else None

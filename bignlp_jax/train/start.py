@@ -202,20 +202,13 @@ def restore_checkpoint(layout: StateLayout, step_dir: Path) -> tuple[TrainState,
                     f"  {problem}\n{_previous_good(step_dir, target)}") from cause
 
 
-def restore_local(layout: StateLayout, step_dir: Path) -> tuple[TrainState, dict]:
-    """A local-tier step (verified on every process by local_step_dir): each process reads the
-    shards it wrote from its own directory."""
+def load_local(layout: StateLayout, step_dir: Path) -> tuple[TrainState, dict]:
+    """A local-tier step: each process reads the shards it wrote from its own directory,
+    checking their checksums from the bytes it loads (local_step_dir agrees on the verdict)."""
     target = layout.abstract()
     check_fits(target, f"restoring local checkpoint {step_dir}")
-    try:
-        return (restore_state(step_dir, target, local_tier.reading_handler()),
-                restore_data_state(step_dir))
-    except Exception as e:
-        if not is_read_error(e):
-            raise
-        raise UserError(f"cannot resume from local checkpoint step {step_dir.name} "
-                        f"({step_dir}):\n  {_short(e)}\n  fix: delete {step_dir} (the run then "
-                        "resumes from its durable checkpoint)") from e
+    return (local_tier.restore_state(step_dir, target, verify=True),
+            restore_data_state(step_dir))
 
 
 def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
@@ -223,11 +216,12 @@ def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
     """Restore or create the state to train from, and position `source` to match it."""
     run_dir = storage.path(run_dir)
     step_dir, pending = pick_checkpoint(cfg, run_dir)
-    local = local_step_dir(cfg, run_dir, layout.abstract(), step_dir, pending)
+    local = local_step_dir(cfg, run_dir, layout.abstract(), step_dir, pending,
+                           lambda d: load_local(layout, d))
     if local is not None:  # newer than (or as new as) the durable step, on every process
-        state, data_state = restore_local(layout, local)
+        local_dir, (state, data_state) = local
         source.set_state(data_state)
-        return Start(state, int(state.step), f"resumed from local checkpoint {local}")
+        return Start(state, int(state.step), f"resumed from local checkpoint {local_dir}")
     if step_dir is not None:
         if not storage.same(step_dir.parent, checkpoints_dir(run_dir)):
             # another run's checkpoint (this run's own tokenizer is checked when recorded)
