@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 OVERRIDES = [
     "model.vocab_size=256", "data.source=synthetic", "data.seq_len=32",
@@ -46,6 +47,15 @@ def enable_compile_cache(tmp_path_factory) -> dict[str, str]:
 
 def disable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """The compile cache on for one test module (import this fixture into the module); yields
+    the env vars for its subprocesses."""
+    env = enable_compile_cache(tmp_path_factory)
+    yield env
+    disable_compile_cache()
 
 
 def losses(run_dir: Path | str) -> dict[int, float]:

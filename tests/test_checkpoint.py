@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import checkpoint_common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +21,6 @@ import pytest
 from checkpoint_common import (
     assert_trees_equal,
     config,
-    disable_compile_cache,
-    enable_compile_cache,
     host_params,
     logged_steps,
     losses,
@@ -35,12 +34,7 @@ from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import REQUEUE_EXIT_CODE, Preempted, UserError
 from bignlp_jax.train.loop import NonFiniteLoss, train
 
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    env = enable_compile_cache(tmp_path_factory)
-    yield env
-    disable_compile_cache()
+cache_env = checkpoint_common.cache_env  # the compile cache, on for this module
 
 
 @pytest.fixture(scope="module")

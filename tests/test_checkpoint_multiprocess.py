@@ -15,14 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint_common
 import jax
 import numpy as np
 import pytest
 from checkpoint_common import (
     assert_trees_equal,
     config,
-    disable_compile_cache,
-    enable_compile_cache,
     logged_steps,
     subprocess_env,
 )
@@ -33,15 +32,9 @@ from bignlp_jax.errors import REQUEUE_EXIT_CODE
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.start import start_state
 
+cache_env = checkpoint_common.cache_env  # the compile cache, on for this module
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    env = enable_compile_cache(tmp_path_factory)
-    yield env
-    disable_compile_cache()
 
 
 def free_port() -> int:

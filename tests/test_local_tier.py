@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint_common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,6 @@ import pytest
 from checkpoint_common import (
     assert_trees_equal,
     config,
-    disable_compile_cache,
-    enable_compile_cache,
     host_params,
     losses,
     subprocess_env,
@@ -40,16 +39,10 @@ from bignlp_jax.train.identity import is_resumable
 from bignlp_jax.train.local_resume import local_step_dir
 from bignlp_jax.train.loop import Trainer, train
 
+cache_env = checkpoint_common.cache_env  # the compile cache, on for this module
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes
 END = 16  # the resumed runs' last step (the schedule is pinned: see checkpoint_common)
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    env = enable_compile_cache(tmp_path_factory)
-    yield env
-    disable_compile_cache()
 
 
 # --- fast: config, agreement, pruning -------------------------------------------------------
