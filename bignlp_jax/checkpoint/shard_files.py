@@ -52,7 +52,7 @@ FORMAT = "bignlp-shard-files-1"
 SHARDS = "shards"
 ALIGN = 64  # XLA's CPU client adopts a host buffer this aligned instead of copying it
 READERS = 2  # threads reading files: the copy out of the page cache runs in the kernel
-CRC_CHUNK = 8 * 2**20  # google_crc32c holds the GIL on arrays: checksum in pieces
+CRC_CHUNK = integrity.CHUNK  # google_crc32c holds the GIL on arrays: checksum in pieces
 
 
 def _index(index: tuple, shape: tuple[int, ...]) -> list[list[int]]:

@@ -202,10 +202,10 @@ def restore_checkpoint(layout: StateLayout, step_dir: Path) -> tuple[TrainState,
                     f"  {problem}\n{_previous_good(step_dir, target)}") from cause
 
 
-def load_local(layout: StateLayout, step_dir: Path) -> tuple[TrainState, dict]:
-    """A local-tier step: each process reads the shards it wrote from its own directory,
-    checking their checksums from the bytes it loads (local_step_dir agrees on the verdict)."""
-    target = layout.abstract()
+def load_local(target: TrainState, step_dir: Path) -> tuple[TrainState, dict]:
+    """A local-tier step onto `target` (the abstract state): each process reads the shards it
+    wrote from its own directory, checking their checksums from the bytes it loads
+    (local_step_dir agrees on the verdict)."""
     check_fits(target, f"restoring local checkpoint {step_dir}")
     return (local_tier.restore_state(step_dir, target, verify=True),
             restore_data_state(step_dir))
@@ -216,8 +216,11 @@ def start_state(cfg: Config, layout: StateLayout, source: BatchSource,
     """Restore or create the state to train from, and position `source` to match it."""
     run_dir = storage.path(run_dir)
     step_dir, pending = pick_checkpoint(cfg, run_dir)
-    local = local_step_dir(cfg, run_dir, layout.abstract(), step_dir, pending,
-                           lambda d: load_local(layout, d))
+    local = None
+    if cfg.checkpoint.local_dir is not None:  # the abstract state is traced only for the tier
+        target = layout.abstract()
+        local = local_step_dir(cfg, run_dir, target, step_dir, pending,
+                               lambda d: load_local(target, d))
     if local is not None:  # newer than (or as new as) the durable step, on every process
         local_dir, (state, data_state) = local
         source.set_state(data_state)
