@@ -438,7 +438,7 @@ def test_full_disk_stops_with_bytes_needed_and_resumes_bitwise(reference, tmp_pa
     from bignlp_jax.checkpoint.fs_probe import CheckpointWriteError
 
     _, ref_losses, ref_params = reference
-    run = mounted(tmp_path / "run", "size=3m")  # room for two steps of the tiny state
+    run = mounted(tmp_path / "run", "size=3800k")  # room for two steps of the tiny state
     with pytest.raises(CheckpointWriteError) as err:
         train(config(run, "train.steps=12", "checkpoint.every_steps=1", "checkpoint.keep=100"))
     message = str(err.value)
@@ -513,7 +513,9 @@ def test_checkpoint_dir_turning_read_only_mid_run_stops_in_seconds(reference, tm
 
 @pytest.mark.slow
 def test_full_disk_cli_prints_one_message_and_no_traceback(tmp_path, cache_env, mounted):
-    run = mounted(tmp_path / "run", "size=3m")
+    # ~1.5 MiB a step: room for two steps and the run's logs with ~0.7 MiB to spare either way
+    # (at 3m the margin was ~50 KiB, and a CI machine's logs took it: step 2 failed instead)
+    run = mounted(tmp_path / "run", "size=3800k")
     proc = _run_cli(run, cache_env, "train.steps=12", "checkpoint.every_steps=1",
                     "checkpoint.keep=100")
     out, _ = proc.communicate(timeout=300)
