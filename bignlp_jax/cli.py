@@ -53,6 +53,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "compile the train step ahead of time for N devices: memory, mesh search"),
     "export": ("bignlp_jax.export.commands",
                "write a run's weights as a Hugging Face model or a params-only bundle"),
+    "coordinator": ("bignlp_jax.parallel.coordination_host",
+                    "host the coordination service of a multi-process job (for "
+                    "--coordination-service external)"),
     "import": ("bignlp_jax.export.commands",
                "read a local Hugging Face model into a params-only run directory (use it "
                "with init_from=RUN_DIR)"),

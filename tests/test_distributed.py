@@ -8,13 +8,8 @@ import subprocess
 import pytest
 from conftest import bignlp_cmd
 
-from bignlp_jax.parallel.distributed import (
-    CoordinatorError,
-    add_arguments,
-    detect,
-    first_slurm_host,
-    tasks_on_node,
-)
+from bignlp_jax.parallel.distributed import add_arguments
+from bignlp_jax.parallel.layout import CoordinatorError, detect, first_slurm_host, tasks_on_node
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -158,12 +153,50 @@ def test_service_in_helper_needs_jaxs_seam(caplog):
 
     from jax._src import distributed as jax_distributed
 
-    from bignlp_jax.parallel.coordination_host import ServiceInHelper
+    from bignlp_jax.parallel.coordination_host import ExternalService, ServiceElsewhere
     from bignlp_jax.parallel.distributed import service_in_helper
 
     proxy = service_in_helper(jax_distributed._jax, linger=5)
-    assert isinstance(proxy, ServiceInHelper)
+    assert isinstance(proxy, ServiceElsewhere)
     assert proxy.get_distributed_runtime_client is jax_distributed._jax.get_distributed_runtime_client
     with caplog.at_level("WARNING", logger="bignlp_jax"):
         assert service_in_helper(types.SimpleNamespace(), linger=5) is None
     assert "runs inside process 0" in caplog.text
+    # an external service: process 0 starts nothing; without the seam it would start a second
+    # service on the same port, so that is refused in one line
+    external = service_in_helper(jax_distributed._jax, linger=5, external=True)
+    assert isinstance(external.get_distributed_runtime_service("[::]:1", 2), ExternalService)
+    with pytest.raises(CoordinatorError, match="cannot join an external one"):
+        service_in_helper(types.SimpleNamespace(), linger=5, external=True)
+
+
+def test_where_the_coordination_service_runs():
+    env = {"BIGNLP_COORDINATOR": "host:99", "BIGNLP_NUM_PROCESSES": "2", "BIGNLP_PROCESS_ID": "0"}
+    assert detect(parse(), env=env).service == "process0"
+    assert detect(parse(), env={**env, "BIGNLP_COORDINATION_SERVICE": "external"}).service \
+        == "external"
+    assert detect(parse("--coordination-service", "external"), env=env).service == "external"
+    assert detect(parse("--coordination-service", "process0"),  # the flag wins
+                  env={**env, "BIGNLP_COORDINATION_SERVICE": "external"}).service == "process0"
+    with pytest.raises(CoordinatorError, match="expected one of process0, external"):
+        detect(parse(), env={**env, "BIGNLP_COORDINATION_SERVICE": "elsewhere"})
+    tpu = {"TPU_WORKER_HOSTNAMES": "a,b", "TPU_WORKER_ID": "1"}  # JAX finds the coordinator
+    assert detect(parse(), env=tpu).service == "process0"
+    with pytest.raises(CoordinatorError, match="needs the coordinator's address"):
+        detect(parse("--coordination-service", "external"), env=tpu)
+
+
+def test_coordinator_command_refuses_a_port_in_use(cli_env):
+    """`bignlp-jax coordinator` on a taken port: one line, exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        proc = subprocess.run(bignlp_cmd("coordinator", "--bind", "127.0.0.1", "--port", port,
+                                         "--processes", "2"), env={**cli_env,
+                                                                   "JAX_PLATFORMS": "cpu"},
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "bignlp-jax coordinator: error: could not start the coordination service on " \
+           f"127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Where this process sits in a multi-process job, as torchrun and JAX pass it: the coordinator
 # (and its port under SLURM), the process count and id, and "not distributed" for launchers that
 # run a helper command inside an allocation.
+# where the coordinator is and runs, how many processes, which one this is (as torchrun's)
 LAYOUT_VARIABLES = {"BIGNLP_COORDINATOR", "BIGNLP_COORDINATOR_PORT", "BIGNLP_NUM_PROCESSES",
-                    "BIGNLP_PROCESS_ID", "BIGNLP_DISTRIBUTED"}
+                    "BIGNLP_PROCESS_ID", "BIGNLP_DISTRIBUTED", "BIGNLP_COORDINATION_SERVICE"}
 
 
 def bignlp_variables(text: str) -> set[str]:

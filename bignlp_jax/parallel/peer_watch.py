@@ -39,8 +39,9 @@ ACK_GRACE = 0.5  # seconds a peer of a failed process outlives it
 
 
 def lost_peer_message(command: str, lost: int, count: int, me: int, silent: float,
-                      exited: bool = False) -> str:
-    who = f"process {lost} of {count}" + (" (the coordinator)" if lost == 0 else "")
+                      exited: bool = False, zero_is_coordinator: bool = True) -> str:
+    coordinator = lost == 0 and zero_is_coordinator  # not with an external service
+    who = f"process {lost} of {count}" + (" (the coordinator)" if coordinator else "")
     how = (f"it exited {silent:.0f} s ago while this one still runs" if exited else
            f"no sign of life for {silent:.0f} s (it was killed, crashed, or its host went down)")
     return (f"{command}: error: lost {who}: {how}; stopping process {me} too "
@@ -126,8 +127,10 @@ class PeerWatchdog:
     current: PeerWatchdog | None = None  # this process's, once started
 
     def __init__(self, client, process_id: int, count: int, stale_after: float,
-                 command: str = "bignlp-jax", exit_fn=os._exit):
+                 command: str = "bignlp-jax", exit_fn=os._exit,
+                 zero_is_coordinator: bool = True):
         self.client, self.me, self.count = client, process_id, count
+        self.zero_is_coordinator = zero_is_coordinator
         self.stale_after, self.command, self.exit_fn = stale_after, command, exit_fn
         self.failed = False  # this process announced a failure of its own
         self.thread = threading.Thread(target=self._run, name="bignlp-peer-watchdog",
@@ -180,7 +183,8 @@ class PeerWatchdog:
         self.exit_fn(code)
 
     def _lost(self, process: int, silent: float, exited: bool = False) -> None:
-        say(lost_peer_message(self.command, process, self.count, self.me, silent, exited))
+        say(lost_peer_message(self.command, process, self.count, self.me, silent, exited,
+                              self.zero_is_coordinator))
         self.exit_fn(LOST_PEER_EXIT_CODE)
 
     def _run(self) -> None:
