@@ -9,6 +9,9 @@ launcher says which one first, in one line (`process 1 (pid N) was killed by sig
 stopping the other 1 process(es)`), stops the others (SIGTERM, then SIGKILL after --grace
 seconds) and exits with the failed process's code: its exit status, or 128 + the signal number
 for a process killed by a signal (as a shell reports it: 137 for SIGKILL).
+JAX's coordination service runs in the launcher's own helper (`bignlp-jax coordinator`), not in
+process 0, so that the loss of any worker, process 0 included, is named by the others in one
+line (`--coordination-service process0` leaves it to process 0, as on SLURM).
 SIGTERM/SIGINT to the launcher are forwarded (SIGHUP, a closed terminal, as SIGTERM), so a run
 can be preempted like a cluster job (it then exits with the requeue code 75 once every process
 has saved). Workers die with the launcher even when it is SIGKILLed (their
@@ -33,6 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bignlp_jax.parallel.coordination_host import ServiceHelper, start_service  # noqa: E402
 from launch.common import LaunchError, bignlp_jax_command, main_wrapper  # noqa: E402
 
 # exit code with which bignlp-jax asks to be run again (checkpoint saved); see bignlp_jax.errors
@@ -46,7 +50,7 @@ def free_port() -> int:
 
 
 def process_env(base: dict[str, str], index: int, count: int, devices: int,
-                port: int) -> dict[str, str]:
+                port: int, external_service: bool = False) -> dict[str, str]:
     """Environment of process `index`: simulated CPU devices and the explicit job layout."""
     env = dict(base)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
@@ -56,7 +60,36 @@ def process_env(base: dict[str, str], index: int, count: int, devices: int,
     env["BIGNLP_COORDINATOR"] = f"127.0.0.1:{port}"
     env["BIGNLP_NUM_PROCESSES"] = str(count)
     env["BIGNLP_PROCESS_ID"] = str(index)
+    if external_service:
+        env["BIGNLP_COORDINATION_SERVICE"] = "external"
     return env
+
+
+def start_coordination_service(cmd: list[str], processes: int, port: int,
+                               worker_args: list[str]) -> ServiceHelper:
+    """`bignlp-jax coordinator` on 127.0.0.1:port, with the workers' own heartbeat and shutdown
+    timeouts (top-level options of their command line); returns once it listens."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--heartbeat-timeout", "--shutdown-timeout"):
+        parser.add_argument(flag, type=float)
+    known, _ = parser.parse_known_args(worker_args)
+    timeouts = [f"--{name.replace('_', '-')}={value:g}" for name, value in vars(known).items()
+                if value is not None]
+    service_cmd = [*cmd, "coordinator", "--bind", "127.0.0.1", "--port", str(port),
+                   "--processes", str(processes), "--until", "stdin", *timeouts]
+    env = {**os.environ, "BIGNLP_DISTRIBUTED": "off", "JAX_PLATFORMS": "cpu"}
+    try:
+        # it dies with the launcher, as the workers do: nobody is left to serve
+        service = start_service(service_cmd, f"127.0.0.1:{port}", env,
+                                what="the launcher's coordination service",
+                                preexec_fn=_die_with_parent_fn())
+    except RuntimeError as e:
+        raise LaunchError(f"could not start the coordination service on 127.0.0.1:{port}: {e}"
+                          "\n  fix: choose a free --port, or pass --coordination-service "
+                          "process0") from None
+    print(f"local.py: coordination service (pid {service.pid}) on 127.0.0.1:{port}",
+          flush=True)
+    return service
 
 
 def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None:
@@ -127,7 +160,8 @@ def ended(index: int, proc: subprocess.Popen) -> str:
 
 
 def launch(args_: list[str], processes: int, devices: int, port: int | None = None,
-           grace: float = 3.0, executable: str | None = None) -> int:
+           grace: float = 3.0, executable: str | None = None,
+           coordination_service: str = "launcher") -> int:
     """Start the processes, stream their output, and return the job's exit code."""
     if processes < 1 or devices < 1:
         raise LaunchError("--processes and --devices-per-process must be at least 1")
@@ -135,7 +169,10 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
         raise LaunchError("no bignlp-jax arguments given; put them after `--`, e.g. "
                           "`-- train tiny train.steps=10`")
     port = port or free_port()
-    cmd = [*bignlp_jax_command(executable), *args_]
+    prefix = bignlp_jax_command(executable)
+    cmd = [*prefix, *args_]
+    external = coordination_service == "launcher" and processes > 1
+    service = start_coordination_service(prefix, processes, port, args_) if external else None
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     stop_requested = threading.Event()
@@ -153,7 +190,7 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
     die_with_parent = _die_with_parent_fn()
     try:
         for i in range(processes):
-            env = process_env(dict(os.environ), i, processes, devices, port)
+            env = process_env(dict(os.environ), i, processes, devices, port, external)
             p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True,
                                  # between fork and exec: only prctl() and getppid()
@@ -173,6 +210,8 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
             t.join(timeout=5)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if service is not None:
+            service.shutdown()  # every worker has ended
     return code
 
 
@@ -224,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between SIGTERM and SIGKILL when stopping the others")
     parser.add_argument("--bignlp-jax", dest="executable", default=None,
                         help="bignlp-jax executable (default: the one next to this Python)")
+    parser.add_argument("--coordination-service", choices=("launcher", "process0"),
+                        default="launcher",
+                        help="who hosts JAX's coordination service: this launcher (default; "
+                             "losing process 0 is then like losing any other) or process 0")
     opts = parser.parse_args(own)
     return main_wrapper(lambda: launch(rest, opts.processes, opts.devices_per_process,
-                                       opts.port, opts.grace, opts.executable))
+                                       opts.port, opts.grace, opts.executable,
+                                       opts.coordination_service))
 
 
 if __name__ == "__main__":

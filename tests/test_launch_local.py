@@ -81,7 +81,10 @@ def test_two_level_mesh_over_two_processes_matches_one_process(tmp_path, cli_env
                                [single[s] for s in sorted(single)], rtol=2e-5)
 
 
-def test_one_failed_process_stops_the_job(tmp_path, cli_env):
+@pytest.mark.parametrize("lost", [1, 0])
+def test_one_failed_process_stops_the_job(tmp_path, cli_env, lost):
+    """Either worker, process 0 included (the launcher hosts the coordination service), is
+    named by the launcher, the other is stopped, and nobody ends in JAX's C++ abort."""
     launcher = subprocess.Popen(
         [sys.executable, LOCAL, "--processes", "2", "--devices-per-process", "1", "--grace", "2",
          "--", "train", "tiny", f"run.dir={tmp_path / 'run'}", "train.steps=100000",
@@ -100,7 +103,7 @@ def test_one_failed_process_stops_the_job(tmp_path, cli_env):
             time.sleep(0.1)
         assert launcher.poll() is None, "".join(output)[-3000:]
         pids = dict(re.findall(r"local\.py: process (\d) \(pid (\d+)\)", "".join(output)))
-        os.kill(int(pids["1"]), signal.SIGKILL)
+        os.kill(int(pids[str(lost)]), signal.SIGKILL)
         code = launcher.wait(timeout=120)  # the survivor must not keep the job alive
     finally:
         if launcher.poll() is None:
@@ -108,5 +111,7 @@ def test_one_failed_process_stops_the_job(tmp_path, cli_env):
     reader.join(timeout=10)
     text = "".join(output)
     assert code == 128 + signal.SIGKILL, text[-3000:]
-    assert re.search(r"local\.py: process 1 \(pid \d+\) was killed by signal 9 \(SIGKILL\); "
+    assert "local.py: coordination service (pid" in text, text[-3000:]
+    assert "Check failure" not in text and "Terminating process" not in text, text[-3000:]
+    assert re.search(rf"local\.py: process {lost} \(pid \d+\) was killed by signal 9 \(SIGKILL\); "
                      r"stopping the other 1 process\(es\); job exit code 137", text), text[-3000:]

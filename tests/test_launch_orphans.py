@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, bignlp_cmd
 
 LOCAL = str(REPO / "launch" / "local.py")
 
@@ -45,7 +45,8 @@ def start(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     script.write_text(WORKER.format(python=sys.executable, out=str(tmp_path)))
     script.chmod(0o755)
     launcher = subprocess.Popen(
-        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script), "--", "train"],
+        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script),
+         "--coordination-service", "process0", "--", "train"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"pid.{i}").is_file() for i in range(2)):
@@ -91,15 +92,15 @@ PEER = """
 import sys, time
 from jax._src import distributed as jax_distributed
 from bignlp_jax.parallel.distributed import Layout, initialize
-initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1]), 120, "train",
-           heartbeat_timeout=10)
+initialize(Layout("flags/env", 2, int(sys.argv[2]), "127.0.0.1:" + sys.argv[1],
+                  service=sys.argv[4]), 120, "train", heartbeat_timeout=10)
 import numpy as np
 from jax.experimental import multihost_utils
 from bignlp_jax.parallel.peer_watch import wait_for_lost_peer
 if sys.argv[3] == "collective":
     multihost_utils.process_allgather(np.ones(1))  # gloo connected
-# process 0: the pid of the helper that hosts the coordination service
-print("joined", getattr(jax_distributed.global_state.service, "pid", ""), flush=True)
+# process 0: the pid of the helper that hosts the coordination service (None: external)
+print("joined", getattr(jax_distributed.global_state.service, "pid", None) or "", flush=True)
 if sys.argv[3] == "sleep":
     time.sleep(300)
 try:  # in a collective when the peer dies, as a training step is; handled as the CLI does
@@ -114,13 +115,18 @@ except Exception as e:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("lost, doing", [(1, "sleep"), (0, "collective")])
-def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lost, doing):
+@pytest.mark.parametrize("lost, doing, service", [(1, "sleep", "process0"),
+                                                  (0, "collective", "process0"),
+                                                  (0, "collective", "external")])
+def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lost, doing,
+                                                           service):
     """Two processes joined by jax.distributed; one is SIGKILLed (no launcher around). The
     other names it and exits 1 well inside the heartbeat timeout, without JAX's abort, also
     when the lost one is process 0 (the coordination service lives in a helper process, which
     then ends within the heartbeat timeout), and when the survivor was in a collective with
-    it (gloo fails at once; the watchdog still names the lost process)."""
+    it (gloo fails at once; the watchdog still names the lost process). `external`: the service
+    runs as `bignlp-jax coordinator` (a JobSet's coordinator pod, the launcher's helper), and
+    process 0 is killed with its whole process group, as when its host goes down."""
     import socket
 
     with socket.socket() as s:
@@ -128,8 +134,16 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
         port = str(s.getsockname()[1])
     env = {**cli_env, "JAX_PLATFORMS": "cpu"}
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i), doing], env=env,
-                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    coordinator = None
+    if service == "external":
+        coordinator = subprocess.Popen(
+            [*bignlp_cmd(), "coordinator", "--port", port, "--processes", "2",
+             "--heartbeat-timeout", "10"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        assert "listening on [::]:" + port in coordinator.stdout.readline()
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i), doing, service],
+                              env=env, stdout=logs[i], stderr=subprocess.STDOUT,
+                              start_new_session=True) for i in range(2)]
     survivor = 1 - lost
     helper = None
     try:
@@ -137,30 +151,39 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
         while not all("joined" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
             time.sleep(0.1)
-        helper = int(re.search(r"joined (\d+)", (tmp_path / "p0.log").read_text()).group(1))
+        pid = re.search(r"^joined (\d*)$", (tmp_path / "p0.log").read_text(), re.M).group(1)
+        helper = int(pid) if pid else None
+        assert (helper is None) == (service == "external")  # process 0 started no helper
         started = time.monotonic()
-        procs[lost].kill()
+        os.killpg(procs[lost].pid, signal.SIGKILL)  # the process and all it started
         code = procs[survivor].wait(timeout=30)
         took = time.monotonic() - started
         out = (tmp_path / f"p{survivor}.log").read_text()
         assert code == 1, out
         assert took < 10, f"{took:.1f} s"  # inside the 10 s heartbeat timeout
-        who = "process 0 of 2 (the coordinator)" if lost == 0 else "process 1 of 2"
+        who = ("process 1 of 2" if lost == 1 else "process 0 of 2 (the coordinator)"
+               if service == "process0" else "process 0 of 2")
         assert f"bignlp-jax train: error: lost {who}: no sign of life" in out, out
         assert "Check failure" not in out and "Terminating process" not in out
         assert "Traceback" not in out, out
         if doing == "collective":
             assert "a collective failed because a peer process went away" in out, out
-        if lost == 0:  # the helper outlives process 0 by the heartbeat timeout, no more
+        if helper is not None:  # the helper outlives process 0 by the heartbeat timeout, no more
             while alive(helper) and time.monotonic() - started < 20:
                 time.sleep(0.1)
             assert not alive(helper), "the coordination service helper was left behind"
+        if coordinator is not None:  # the pod's service outlived the loss; SIGTERM ends it
+            assert coordinator.poll() is None
+            coordinator.terminate()
+            assert coordinator.wait(timeout=15) == 0
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
         if helper is not None and alive(helper):
             os.kill(helper, signal.SIGKILL)
+        if coordinator is not None and coordinator.poll() is None:
+            coordinator.kill()
         for f in logs:
             f.close()
 
@@ -186,7 +209,8 @@ def test_the_launcher_names_the_failed_process_and_how_it_ended(tmp_path, how, l
     script.write_text(FAILING.format(python=sys.executable, how=how))
     script.chmod(0o755)
     done = subprocess.run(
-        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script), "--", "train"],
+        [sys.executable, LOCAL, "--processes", "2", "--bignlp-jax", str(script),
+         "--coordination-service", "process0", "--", "train"],
         capture_output=True, text=True, timeout=60)
     pid = re.search(r"local\.py: process 1 \(pid (\d+)\): ", done.stdout).group(1)
     assert done.returncode == code, done.stdout
