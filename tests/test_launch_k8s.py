@@ -1,16 +1,22 @@
 """launch/k8s.py: JobSet manifests for GPU node pools and GKE TPU slices (structure only: no
 cluster here)."""
 
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, bignlp_cmd
 
 sys.path.insert(0, str(REPO))
 
 from launch.common import LaunchError, Stage  # noqa: E402
-from launch.k8s import K8sOptions, main, render_jobset, to_yaml  # noqa: E402
+from launch.k8s import main  # noqa: E402
+from launch.k8s_manifest import K8sOptions, render_jobset, to_yaml  # noqa: E402
 
 NASTY = "run.name=a b;$(rm -rf ~)`x`'\""
 STAGES = [Stage("pretrain", ("pipeline", "configs/p.yaml", "--stage", "pretrain", NASTY)),
@@ -32,10 +38,27 @@ def test_gpu_chain():
     policy = manifest["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 10 and policy["rules"][0]["action"] == "FailJobSet"
 
-    pre, fine = manifest["spec"]["replicatedJobs"]
-    assert [pre["name"], fine["name"]] == ["pretrain", "finetune"]
-    assert "dependsOn" not in pre
-    assert fine["dependsOn"] == [{"name": "pretrain", "status": "Complete"}]
+    pre_coord, pre, fine_coord, fine = manifest["spec"]["replicatedJobs"]
+    assert [j["name"] for j in (pre_coord, pre, fine_coord, fine)] == [
+        "pretrain-coord", "pretrain", "finetune-coord", "finetune"]
+    assert "dependsOn" not in pre and "dependsOn" not in pre_coord
+    for job in (fine_coord, fine):  # a stage and its coordinator start when the last one is done
+        assert job["dependsOn"] == [{"name": "pretrain", "status": "Complete"}]
+    # done when the last stage is: JobSet then deletes the coordinator pods, which never end
+    assert manifest["spec"]["successPolicy"] == {"operator": "All",
+                                                 "targetReplicatedJobs": ["finetune"]}
+    for coord, stage in ((pre_coord, "pretrain"), (fine_coord, "finetune")):
+        spec = coord["template"]["spec"]
+        assert (coord["replicas"], spec["parallelism"], spec["completionMode"]) == (
+            1, 1, "Indexed")
+        pod = spec["template"]["spec"]
+        [container] = pod["containers"]
+        assert container["command"] == ["bignlp-jax", "coordinator", "--port", "8476",
+                                        "--processes", "4"]
+        assert "nvidia.com/gpu" not in str(pod)  # no GPU taken from the workers
+        away = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert away[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == {
+            "bignlp-jax/stage": stage}
     for job in (pre, fine):
         spec = job["template"]["spec"]
         assert (job["replicas"], spec["parallelism"], spec["completions"]) == (1, 4, 4)
@@ -50,7 +73,8 @@ def test_gpu_chain():
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "runs"
         assert container["volumeMounts"][0]["mountPath"] == "/runs"
         env = env_of(container)
-        assert env["BIGNLP_COORDINATOR"] == f"demo-{job['name']}-0-0.demo:8476"
+        assert env["BIGNLP_COORDINATOR"] == f"demo-{job['name']}-coord-0-0.demo:8476"
+        assert env["BIGNLP_COORDINATION_SERVICE"] == "external"
         assert env["BIGNLP_NUM_PROCESSES"] == "4"
         assert "job-completion-index" in env["BIGNLP_PROCESS_ID"]["fieldRef"]["fieldPath"]
         assert env["NCCL_DEBUG"] == "WARN" and "BIGNLP_INIT_TIMEOUT" not in env
@@ -70,8 +94,10 @@ def test_tpu_multislice():
                                    "cloud.google.com/gke-tpu-topology": "2x4x4"}
     assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 4}
     assert pod["hostNetwork"] is True
-    # GKE injects TPU_WORKER_ID/HOSTNAMES; JAX detects the layout: no explicit coordinator
+    # GKE injects TPU_WORKER_ID/HOSTNAMES; JAX detects the layout: no explicit coordinator,
+    # no coordinator pod (the service stays with process 0)
     assert "BIGNLP_COORDINATOR" not in env_of(pod["containers"][0])
+    assert "successPolicy" not in manifest["spec"]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -90,7 +116,8 @@ def test_cli_render_and_apply_without_kubectl(tmp_path, capsys, monkeypatch):
                  "train.steps=3"]) == 0
     manifest = yaml.safe_load(capsys.readouterr().out)
     assert manifest["metadata"]["name"] == "my-run"
-    [job] = manifest["spec"]["replicatedJobs"]
+    coord, job = manifest["spec"]["replicatedJobs"]
+    assert coord["name"] == "train-coord"
     assert job["template"]["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "bignlp-jax", "--init-timeout", "900", "train", "tiny", "train.steps=3"]
 
@@ -124,6 +151,8 @@ def check_against_schemas(manifest: dict) -> None:
         for dep in job.get("dependsOn", []):  # "the first ReplicatedJob cannot use DependsOn"
             assert names and dep["name"] in names, job["name"]
         names.append(job["name"])
+    targets = manifest["spec"].get("successPolicy", {}).get("targetReplicatedJobs", [])
+    assert set(targets) <= set(names), targets
 
 
 def test_gpu_and_tpu_manifests_pass_the_kubernetes_and_jobset_schemas():
@@ -187,3 +216,52 @@ def test_apply_leaves_no_stray_manifest_when_kubectl_fails(tmp_path, capsys, mon
     assert main(["apply", "--image", "img", "--pvc", "runs:/runs", "tiny"]) == 2
     assert "kubectl apply failed: error: no cluster" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+# -- the rendered pods, run as local processes -------------------------------------------------
+def pod_process(container: dict, index: int, port: int, cli_env: dict) -> subprocess.Popen:
+    """Start a rendered container's command here: `bignlp-jax` is this interpreter's CLI, the
+    pod host names are loopback, the completion index is `index`."""
+    env = {**cli_env, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for item in container.get("env", []):
+        value = item.get("value", str(index))  # valueFrom: the pod's completion index
+        env[item["name"]] = re.sub(r"^[a-z0-9.-]+:", "127.0.0.1:", value) \
+            if item["name"] == "BIGNLP_COORDINATOR" else value
+    assert container["command"][0] == "bignlp-jax"
+    return subprocess.Popen([*bignlp_cmd(), *container["command"][1:]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_rendered_coordinator_and_workers_train_together(tmp_path, cli_env):
+    """The GPU manifest's coordinator pod and its 2 worker pods, run as processes: the workers
+    join the coordinator pod's service (process 0 starts none), train, and exit 0; the
+    coordinator ends with exit 0 on the SIGTERM with which JobSet deletes it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    stage = Stage("train", ("train", "tiny", "train.steps=3", "data.source=synthetic",
+                            f"run.dir={run}"))
+    manifest = render_jobset([stage], K8sOptions(name="demo", image="img", nodes=2, port=port))
+    coord, workers = manifest["spec"]["replicatedJobs"]
+    pod = coord["template"]["spec"]["template"]["spec"]["containers"][0]
+    worker = workers["template"]["spec"]["template"]["spec"]["containers"][0]
+    coordinator = pod_process(pod, 0, port, cli_env)
+    procs = []
+    try:
+        assert "listening on [::]:" in coordinator.stdout.readline()
+        procs = [pod_process(worker, i, port, cli_env) for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert "(an external service)" in outs[0], outs[0]  # process 0 hosted nothing
+        assert coordinator.poll() is None  # serves until JobSet deletes it
+        coordinator.terminate()
+        assert coordinator.wait(timeout=15) == 0
+    finally:
+        for p in [coordinator, *procs]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
