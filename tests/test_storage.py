@@ -132,14 +132,16 @@ def test_local_paths_are_untouched(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
+@BUCKETS
+def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, capsys):
     from bignlp_jax.checkpoint.params import default_shardings
     from bignlp_jax.cli import main
     from bignlp_jax.train.start import load_init_params
 
-    run = f"{gcs_bucket}/run"
+    bucket = _bucket(request, scheme)
+    run = f"{bucket}/run"
     train(config(run, "train.steps=2"))  # train on the bucket; export reads it from there
-    hf = f"{gcs_bucket}/exports/hf"
+    hf = f"{bucket}/exports/hf"
     assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == hf
     assert (storage.path(hf) / "config.json").is_file()
@@ -155,10 +157,10 @@ def test_export_hf_to_gcs_then_import_from_it(gcs_bucket, tmp_path, capsys):
     assert_trees_equal(jax.tree.map(np.asarray, from_bucket), host_params(run, model))
     # a second export to the same --out replaces the earlier one; a foreign prefix is refused
     assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0
-    (storage.path(gcs_bucket) / "other" / "notes.txt").write_text("keep me")
+    (storage.path(bucket) / "other" / "notes.txt").write_text("keep me")
     assert main(["export", "--run", run, "--format", "hf",
-                 "--out", f"{gcs_bucket}/other"]) == 2
-    assert (storage.path(gcs_bucket) / "other" / "notes.txt").read_text() == "keep me"
+                 "--out", f"{bucket}/other"]) == 2
+    assert (storage.path(bucket) / "other" / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow

@@ -161,8 +161,10 @@ def test_tokenize_into_a_bucket_and_train_from_it(gcs_bucket, s3_bucket, tmp_pat
 
 
 @pytest.mark.slow
-def test_pipeline_into_a_bucket_then_rerun_skips(gcs_bucket, capsys):
-    out = f"{gcs_bucket}/pipe"
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_pipeline_into_a_bucket_then_rerun_skips(scheme, request, capsys):
+    bucket = request.getfixturevalue({"gs": "gcs_bucket", "s3": "s3_bucket"}[scheme])
+    out = f"{bucket}/pipe"
     # tokenizer -> pretrain -> evaluate -> export, every output in the bucket; in-process,
     # so this process's JAX config stays as it is (no compilation cache of the pipeline's)
     args = ["pipeline", "pipelines/mini", f"output_dir={out}", "finetune=null",
