@@ -11,6 +11,11 @@ because on a 2-vCPU VM single rounds swing by +-15% and 5-round medians still mo
 by 0.16 between back-to-back runs (cpu_s 1.22, then 1.06). The last lines are a Markdown block
 for `benchmarks/RESULTS.md`.
 
+`--separate` runs each framework in a process of its own instead (a fresh child per framework
+and round, alternating which goes first; one process per framework is how users run them), and
+prints the per-round ratios: in one process, our steps measured ~17% slower than alone
+(RESULTS.md), so the shared process may itself tilt the comparison.
+
 Like `bignlp-jax`, the script first re-executes itself with glibc's huge-page malloc tunable
 (`bignlp_jax/perf/hugepages.py`); being one process, both frameworks run with it. Run it with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to compare without.
@@ -19,7 +24,9 @@ GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to compare without.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import os
 import platform
 import resource
@@ -145,12 +152,78 @@ def compare(config: str, rounds: int, steps_per_round: int, warmup: int) -> dict
     return out
 
 
+def one_framework(config: str, framework: str, steps: int, warmup: int) -> dict:
+    """`steps` timed steps of one framework alone in this process (a `--separate` child)."""
+    from bignlp_jax.config import load_config
+    from bignlp_jax.perf.bench import StepTimer
+
+    cfg = load_config(config, ["data.source=synthetic"])
+    runner: StepTimer | TorchLlama
+    if framework == "jax":
+        runner = StepTimer(cfg, log=lambda s: None)
+        runner.run(warmup, record=False)
+        c0 = time.process_time()
+        runner.run(steps)
+        cpu = (time.process_time() - c0) / steps
+    else:
+        runner = TorchLlama(cfg)
+        runner.run(host_batches(cfg, warmup, 0), record=False)
+        runner.run(host_batches(cfg, steps, warmup))
+        cpu = statistics.median(runner.cpu)
+    return {"times": runner.times, "cpu_s_per_step": cpu,
+            "tokens": cfg.train.global_batch_size * cfg.data.seq_len, "config": cfg.model.name}
+
+
+def compare_separate(config: str, rounds: int, steps_per_round: int, warmup: int) -> dict:
+    """Each framework in a fresh child process per round, alternating which runs first."""
+    got: dict[str, list[dict]] = {"torch": [], "jax": []}
+    for r in range(rounds):
+        for framework in (("torch", "jax") if r % 2 == 0 else ("jax", "torch")):
+            cmd = [sys.executable, __file__, config, "--framework", framework,
+                   "--steps-per-round", str(steps_per_round), "--warmup", str(warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            got[framework].append(json.loads(out.splitlines()[-1].removeprefix("CHILD ")))
+        t, j = (statistics.median(got[f][-1]["times"]) for f in ("torch", "jax"))
+        print(f"round {r + 1}/{rounds}: torch {got['jax'][-1]['tokens'] / t:,.0f} tok/s, jax "
+              f"{got['jax'][-1]['tokens'] / j:,.0f} tok/s, ratio {t / j:.2f}  "
+              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    tokens = got["jax"][0]["tokens"]
+    med = {f: statistics.median([x for g in got[f] for x in g["times"]]) for f in got}
+    per_round = [statistics.median(a["times"]) / statistics.median(b["times"])
+                 for a, b in zip(got["torch"], got["jax"], strict=True)]
+    return {"config": got["jax"][0]["config"], "jax_tokens_per_sec": tokens / med["jax"],
+            "torch_tokens_per_sec": tokens / med["torch"], "ratio": med["torch"] / med["jax"],
+            "per_round": per_round,
+            "jax_cpu_s_per_step": statistics.median(g["cpu_s_per_step"] for g in got["jax"]),
+            "torch_cpu_s_per_step": statistics.median(g["cpu_s_per_step"] for g in got["torch"])}
+
+
 def versions() -> str:
     import jax
     import torch
     import transformers
 
     return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def header(args, load_before) -> str:
+    """The RESULTS.md heading: date, machine, commit, versions, load."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # the CPU model, where Linux names it
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    how = "separate processes" if args.separate else "one process"
+    return (f"### {datetime.date.today().isoformat()}: {os.cpu_count()}-core CPU ({cpu}), "
+            f"commit {commit}\n{versions()}; GLIBC_TUNABLES="
+            f"{os.environ.get('GLIBC_TUNABLES', '')}; load average before/after: "
+            f"{load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; {how}, {args.rounds} rounds x "
+            f"{args.steps_per_round} steps, medians\n")
 
 
 def main() -> int:
@@ -160,20 +233,30 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps-per-round", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--separate", action="store_true",
+                        help="each framework in its own process, a fresh one per round")
+    parser.add_argument("--framework", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.framework:  # a --separate child: one framework, one config, one JSON line
+        result = one_framework(args.configs[0], args.framework, args.steps_per_round, args.warmup)
+        print("CHILD " + json.dumps(result), flush=True)
+        return 0
     load_before = os.getloadavg()
+    if args.separate:
+        separate = [compare_separate(c, args.rounds, args.steps_per_round, args.warmup)
+                    for c in args.configs]
+        print(f"\n--- paste into benchmarks/RESULTS.md ---\n{header(args, load_before)}")
+        print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | per-round ratios | "
+              "CPU s/step ours / PyTorch |\n| --- | ---: | ---: | ---: | --- | ---: |")
+        for r in separate:
+            rounds = ", ".join(f"{x:.2f}" for x in r["per_round"])
+            print(f"| {r['config']} | {r['jax_tokens_per_sec']:,.0f} | "
+                  f"{r['torch_tokens_per_sec']:,.0f} | {r['ratio']:.2f} | {rounds} | "
+                  f"{r['jax_cpu_s_per_step']:.2f} / {r['torch_cpu_s_per_step']:.2f} |")
+        print("--- end ---")
+        return 0
     results = [compare(c, args.rounds, args.steps_per_round, args.warmup) for c in args.configs]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    cpu = platform.processor() or platform.machine()
-    print("\n--- paste into benchmarks/RESULTS.md ---")
-    print(f"### {datetime.date.today().isoformat()}: {os.cpu_count()}-core CPU ({cpu}), commit {commit}")
-    print(f"{versions()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}; load average "
-          f"before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f};"
-          f" {args.rounds} rounds x {args.steps_per_round} steps, medians\n")
+    print(f"\n--- paste into benchmarks/RESULTS.md ---\n{header(args, load_before)}")
     print("| config | ours (tok/s) | PyTorch (tok/s) | ratio | our MFU | PyTorch MFU | "
           "CPU peak (GFLOP/s, probe) | CPU s/step ours / PyTorch | page faults/step ours / PyTorch |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
