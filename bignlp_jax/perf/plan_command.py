@@ -1,32 +1,40 @@
 """`bignlp-jax plan CONFIG --devices N [--device-memory-gb M] [--search]`.
 
 Needs N devices to compile for, so the command re-executes itself with N simulated CPU devices
-(`--xla_force_host_platform_device_count=N`); nothing is allocated on them. `--search` tries mesh
-shapes (data x fsdp x sequence x tensor), DCN splits and remat policies: candidates are filtered
-by divisibility and by the analytic parameter + optimizer bytes (`model/flops.py`, what
-`describe` prints), ordered by an analytic estimate, then compiled one by one within
-`--time-budget`; the ones that fit are ranked by the compiled estimate of step time (`plan.py`).
-
-DCN splits: with more devices than one host (or TPU slice) joins by the fast link, the hosts are
-the DCN granules; sequence x tensor must fit inside one host (they talk every layer), and the
-host count is split between the data and fsdp axes (`mesh.dcn_data` x `mesh.dcn_fsdp`).
+(`--xla_force_host_platform_device_count=N`); nothing is allocated on them. Without `--search` it
+compiles the config as given and prints its memory, collectives and estimated step time
+(`plan.py`); `--search` tries mesh shapes, DCN splits, remat policies and microbatch counts
+(plan_search.py, whose names this module re-exports) and ranks the ones that fit.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.perf.plan_search import (
+    REMATS,
+    _mesh_text,
+    activation_bytes_per_row,
+    analytic_bytes,
+    analytic_step_s,
+    dcn_candidates,
+    mesh_candidates,
+    microbatch_choices,
+    search,
+)
+
+__all__ = [
+    "DEVICE_COUNT_FLAG", "REMATS", "activation_bytes_per_row", "analytic_bytes", "analytic_step_s",
+    "cmd_plan", "dcn_candidates", "mesh_candidates", "microbatch_choices", "register", "search",
+]
 
 # Function-level imports: jax may be imported only after the re-exec gives the process its devices.
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's simulated CPU devices
-REMATS = ("none", "dots", "full")
 
 
 def _child_argv(args) -> list[str]:
@@ -56,180 +64,6 @@ def _has_devices(n: int) -> bool:
     after a re-exec, or when the caller set them up already)."""
     return (os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
             and f"{DEVICE_COUNT_FLAG}={n}" in os.environ.get("XLA_FLAGS", "").split())
-
-
-def analytic_bytes(cfg, shape: dict[str, int]) -> float:
-    """Parameters + AdamW moments per device, as `describe` computes them."""
-    from bignlp_jax.model.flops import describe
-
-    info = describe(cfg, shape)
-    return info["param_bytes_per_device"] + info["optimizer_bytes_per_device"]
-
-
-def mesh_candidates(cfg, n: int) -> list[dict[str, int]]:
-    """Mesh shapes over n devices whose splits divide the model, the batch and the rows."""
-    m = cfg.model
-    out = []
-    for tensor in (1, 2, 4, 8):
-        if n % tensor or any(x % tensor for x in (m.num_heads, m.kv_heads, m.mlp_dim,
-                                                  m.vocab_size)):
-            continue
-        for sequence in (1, 2, 4, 8):
-            if (n // tensor) % sequence or cfg.data.seq_len % (2 * sequence):
-                continue
-            rest = n // (tensor * sequence)
-            fsdp = 1
-            while fsdp <= rest:
-                if rest % fsdp == 0 and m.hidden % fsdp == 0 and \
-                        cfg.train.global_batch_size % rest == 0:
-                    out.append({"data": rest // fsdp, "fsdp": fsdp, "sequence": sequence,
-                                "tensor": tensor})
-                fsdp *= 2
-    return out
-
-
-def dcn_candidates(shape: dict[str, int], n: int, host_size: int) -> list[dict[str, int]]:
-    """Ways to split the hosts (n / host_size of them) between data and fsdp; [] when
-    sequence x tensor does not fit in one host, [{1, 1}] when everything is one host."""
-    hosts = n // host_size if n > host_size and n % host_size == 0 else 1
-    if hosts == 1:
-        return [{"dcn_data": 1, "dcn_fsdp": 1}]
-    if shape["sequence"] * shape["tensor"] > host_size:
-        return []
-    return [{"dcn_data": hosts // f, "dcn_fsdp": f} for f in range(1, hosts + 1)
-            if hosts % f == 0 and shape["fsdp"] % f == 0 and shape["data"] % (hosts // f) == 0]
-
-
-def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
-                    dcn: dict[str, int] | None = None) -> float:
-    """A rough step time used only to order candidates before compiling them: compute at peak
-    plus each axis's traffic at its link's bandwidth (DCN for the axes split over hosts)."""
-    from bignlp_jax.model.flops import flops_per_token
-    from bignlp_jax.model.functional import abstract_params, count_params
-
-    m = cfg.model
-    n = math.prod(shape.values())
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    recompute = 4 / 3 if remat == "full" else 1.0
-    compute = flops_per_token(m, cfg.data.seq_len) * tokens * recompute / n / (
-        spec.peak_tflops * 1e12)
-    params = count_params(abstract_params(m)) / shape["tensor"]
-    d, f, s, t = shape["data"], shape["fsdp"], shape.get("sequence", 1), shape["tensor"]
-    act_bytes = 2 if m.dtype != "float32" else 4
-    gathers = 3 if remat == "full" else 2  # forward, backward (and the recomputed forward)
-    comm = {"fsdp": (gathers * params * act_bytes + params * 4) * (f - 1) / f,  # gather+scatter
-            "data": 2 * params / f * 4 * (d - 1) / d}  # all-reduce of the gradient shard
-    rows = cfg.train.global_batch_size / (d * f)
-    tokens = rows * cfg.data.seq_len / s  # per device
-    comm["tensor"] = 8 * m.num_layers * tokens * m.hidden * act_bytes * (t - 1) / t
-    # context parallelism: K and V gathered per layer (forward, recompute) and dK/dV scattered
-    kv = 2 * m.kv_heads * m.dim_per_head / t
-    comm["sequence"] = gathers * m.num_layers * tokens * s * kv * act_bytes * (s - 1) / s
-    if dcn is None:  # no DCN split known: every axis at the slower link once past one host
-        slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
-        return compute + sum(comm.values()) / (slow * 1e9)
-    crossing = {"data": dcn["dcn_data"] > 1, "fsdp": dcn["dcn_fsdp"] > 1}
-    return compute + sum(
-        v / ((spec.cross_host_gbps if crossing.get(a) else spec.link_gbps) * 1e9)
-        for a, v in comm.items())
-
-
-def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
-    """Rough activation bytes one batch row keeps for the backward pass (Korthikanti et al.
-    2022: 34*T*D + 5*heads*T^2 per layer in 16-bit, the tensor-parallel part divided by t),
-    plus the logits; used only to rule out candidates and to guess how many microbatches one
-    needs before compiling it."""
-    m = cfg.model
-    T, D, L, t = cfg.data.seq_len, m.hidden, m.num_layers, shape["tensor"]
-    # context parallelism splits every activation of a row (and its scores) sequence ways
-    T = T / shape.get("sequence", 1)
-    scale = 2 if m.dtype == "float32" else 1
-    layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * cfg.data.seq_len / t
-    if m.attention == "cudnn":  # flash attention keeps no T x T scores
-        layer -= 5 * m.num_heads * T * cfg.data.seq_len / t
-    logits = 3 * T * m.vocab_size / t * 4
-    if remat == "full":
-        return (2 * T * D * L + layer) * scale + logits
-    return layer * L * (0.6 if remat == "dots" else 1.0) * scale + logits
-
-
-def microbatch_choices(cfg, shape: dict[str, int]) -> list[int]:
-    """Microbatch counts that split the global batch into whole rows on every device."""
-    B, dp = cfg.train.global_batch_size, shape["data"] * shape["fsdp"]
-    return [k for k in range(1, B + 1) if B % k == 0 and (B // k) % dp == 0]
-
-
-def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: int, log):
-    from bignlp_jax.perf.plan import compile_plan
-
-    gib = 2**30
-    memory = memory_gb * gib * 0.9  # leave room for what the estimates miss
-    candidates, skipped = [], []
-    for shape in mesh_candidates(cfg, n):
-        # parameters + AdamW moments, and a float32 gradient the size of the parameters
-        static = analytic_bytes(cfg, shape) * 4 / 3
-        rows = cfg.train.global_batch_size / (shape["data"] * shape["fsdp"])
-        least = microbatch_choices(cfg, shape)[-1]
-        for remat in REMATS:
-            need = static + rows / least * activation_bytes_per_row(cfg, shape, remat)
-            if need > memory:
-                skipped.append({"mesh": shape, "remat": remat,
-                                "why": f"needs ~{need / gib:.0f} GiB analytically"})
-                continue
-            for dcn in dcn_candidates(shape, n, spec.host_size):
-                candidates.append((analytic_step_s(cfg, shape, remat, spec, dcn),
-                                   {**shape, **dcn}, remat, static))
-    candidates.sort(key=lambda c: c[0])
-
-    results, start, compiles = [], time.perf_counter(), 0
-
-    def attempt(shape, remat, micro):
-        nonlocal compiles
-        compiles += 1
-        trial = _with(cfg, shape, remat, micro)
-        log(f"compiling mesh {_mesh_text(shape)} remat={remat} microbatches={micro}")
-        plan = compile_plan(trial, spec=spec, memory_gb=memory_gb)
-        log(f"  -> {plan['total_gib_per_device']:.1f} GiB/device "
-            f"({'fits' if plan['fits'] else 'does not fit'}), est {plan['est_step_s']:.2f}s/step,"
-            f" compiled in {plan['compile_s']:.0f}s")
-        results.append(plan)
-        return plan
-
-    for _estimate, shape, remat, static in candidates:
-        if compiles >= max_compiles or time.perf_counter() - start > budget_s:
-            skipped.append({"mesh": shape, "remat": remat, "why": "not compiled (budget)"})
-            continue
-        choices = microbatch_choices(cfg, shape)
-        rows = cfg.train.global_batch_size / (shape["data"] * shape["fsdp"])
-        room = memory - static
-        per_row = activation_bytes_per_row(cfg, shape, remat)
-        micro = next((k for k in choices if rows / k * per_row <= room), choices[-1])
-        plan = attempt(shape, remat, micro)
-        if not plan["fits"] and compiles < max_compiles:
-            # Temporaries scale with rows per microbatch: retry once with enough microbatches.
-            grads = plan["param_bytes_per_device"]  # part of the temporaries, not per row
-            room = memory - plan["argument_bytes_per_device"] - grads
-            need = (plan["temp_bytes_per_device"] - grads) / max(room, 1.0) * micro
-            bigger = [k for k in choices if k >= need and k > micro]
-            if bigger and room > 0:
-                attempt(shape, remat, bigger[0])
-    fitting = sorted((r for r in results if r["fits"]), key=lambda r: r["est_step_s"])
-    return fitting, [r for r in results if not r["fits"]], skipped
-
-
-def _with(cfg, shape: dict[str, int], remat: str, microbatches: int):
-    """`cfg` with the mesh sizes (and DCN splits) of `shape`, remat and microbatches."""
-    return cfg.model_copy(update={
-        "mesh": cfg.mesh.model_copy(update=shape),
-        "model": cfg.model.model_copy(update={"remat": remat}),
-        "train": cfg.train.model_copy(update={"microbatches": microbatches}),
-    })
-
-
-def _mesh_text(shape: dict[str, int]) -> str:
-    text = "x".join(str(shape.get(k, 1)) for k in ("data", "fsdp", "sequence", "tensor"))
-    dcn = [f"{k[4:]}/{shape[k]}" for k in ("dcn_data", "dcn_fsdp") if shape.get(k, 1) > 1]
-    return text + (f" dcn {','.join(dcn)}" if dcn else "")
 
 
 def _axis_text(comm: dict) -> str:
