@@ -22,11 +22,8 @@ OVERRIDES = [
     "checkpoint.every_steps=4", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1",
 ]
 
-CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": None,  # filled in by enable_compile_cache
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
+CACHE_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def config(run_dir: Path | str, *extra: str):
@@ -35,27 +32,11 @@ def config(run_dir: Path | str, *extra: str):
     return load_config("tiny", [*OVERRIDES, f"run.dir={run_dir}", *extra])
 
 
-def enable_compile_cache(tmp_path_factory) -> dict[str, str]:
-    """Turn on the persistent cache (one per test session, shared by the checkpoint test
-    modules) here; returns the env vars that do the same for subprocesses."""
-    cache_dir = tmp_path_factory.getbasetemp() / "checkpoint_jax_cache"
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return {**CACHE_ENV, "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
-
-
-def disable_compile_cache() -> None:
-    jax.config.update("jax_compilation_cache_dir", None)
-
-
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    """The compile cache on for one test module (import this fixture into the module); yields
-    the env vars for its subprocesses."""
-    env = enable_compile_cache(tmp_path_factory)
-    yield env
-    disable_compile_cache()
+def cache_env():
+    """The env vars of the session's persistent compile cache (conftest.py turns it on for this
+    process and every subprocess), for tests that build a subprocess's environment."""
+    return {k: os.environ[k] for k in CACHE_KEYS if k in os.environ}
 
 
 def losses(run_dir: Path | str) -> dict[int, float]:
