@@ -78,3 +78,23 @@ def test_processes_failing_together_do_not_wait_for_each_other(fast):
     started = time.monotonic()
     two.announce_failure("bad config", 2, wait=10)  # ... but the peer failed too: no wait
     assert time.monotonic() - started < 1
+
+
+def test_close_watches_through_the_shutdown_barrier_then_stops_the_thread(fast):
+    """At exit: marked exited, JAX's shutdown run while the watchdog still runs, and the thread
+    ended before the interpreter finalizes (a daemon thread inside a C++ call then aborts)."""
+    store, exits = Store(), []
+    seen_during_shutdown = []
+
+    def shutdown():  # JAX's barrier: the watchdog must still be watching here
+        time.sleep(0.1)
+        seen_during_shutdown.append(dog.thread.is_alive())
+
+    dog = PeerWatchdog(store, 0, 2, stale_after=30, exit_fn=lambda code: exits.append(code),
+                       shutdown_fn=shutdown)
+    dog.thread.start()
+    store.key_value_set(f"{peer_watch.KEY_PREFIX}1", "1")
+    dog.close(join_timeout=5)
+    assert seen_during_shutdown == [True]
+    assert not dog.thread.is_alive() and exits == []
+    assert store.values[f"{peer_watch.KEY_PREFIX}0"] == peer_watch.EXITED

@@ -183,7 +183,8 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
     # key-value traffic; it fires well inside the heartbeat timeout, before JAX's C++ abort
     PeerWatchdog(jax_distributed.global_state.client, layout.process_id, layout.num_processes,
                  stale_after=max(2.0, STALE_FRACTION * heartbeat), command=prefix,
-                 zero_is_coordinator=layout.service != "external").start()
+                 zero_is_coordinator=layout.service != "external",
+                 shutdown_fn=jax.distributed.shutdown).start()
     log.info("joined %s; %d devices in all, %d here", describe(layout), jax.device_count(),
              jax.local_device_count())
 

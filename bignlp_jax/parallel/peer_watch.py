@@ -11,7 +11,10 @@ unreachable store means that helper (with process 0's host) is gone. The survivo
 line and exits with LOST_PEER_EXIT_CODE. A process that exits through Python marks itself
 `exited` on the way out (atexit); peers that outlive it by `stale_after` (a finished job's
 processes end within seconds of each other) say so and stop too, instead of hanging in a
-collective.
+collective. At exit the watchdog keeps watching through JAX's shutdown barrier (a peer lost
+there is named too), then stops before the interpreter finalizes: Python ends a daemon thread
+that is inside a C++ call at that moment by unwinding it, which aborts the process ("FATAL:
+exception not rethrown").
 
 A process that stops on an error of its own (a checkpoint write that failed on its disk only,
 bad input that only it saw) announces it before leaving (`announce_failure`, called by the
@@ -128,17 +131,21 @@ class PeerWatchdog:
 
     def __init__(self, client, process_id: int, count: int, stale_after: float,
                  command: str = "bignlp-jax", exit_fn=os._exit,
-                 zero_is_coordinator: bool = True):
+                 zero_is_coordinator: bool = True, shutdown_fn=None):
         self.client, self.me, self.count = client, process_id, count
         self.zero_is_coordinator = zero_is_coordinator
         self.stale_after, self.command, self.exit_fn = stale_after, command, exit_fn
         self.failed = False  # this process announced a failure of its own
+        self.shutdown_fn = shutdown_fn  # JAX's distributed shutdown (its barrier), run at exit
+        self.closing = False  # leaving: no more beats (peers must read `exited`)
+        self.beat_lock = threading.Lock()  # a beat never lands after `exited`
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="bignlp-peer-watchdog",
                                        daemon=True)
 
     def start(self) -> PeerWatchdog:
         self.thread.start()
-        atexit.register(self.mark_exited)
+        atexit.register(self.close)
         PeerWatchdog.current = self
         return self
 
@@ -164,6 +171,19 @@ class PeerWatchdog:
                        for p in others):
                     return
             time.sleep(0.1)
+
+    def close(self, join_timeout: float = 10.0) -> None:
+        """At exit: say this process is leaving, pass JAX's shutdown barrier while still
+        watching, then stop the thread (it must not be inside a C++ call at finalization)."""
+        with self.beat_lock:
+            self.closing = True
+        self.mark_exited()
+        try:
+            if self.shutdown_fn is not None:
+                self.shutdown_fn()
+        finally:
+            self.stopped.set()
+            self.thread.join(join_timeout)
 
     def mark_exited(self) -> None:
         """Tell the peers this process is leaving on purpose (runs at interpreter exit)."""
@@ -191,23 +211,24 @@ class PeerWatchdog:
         started = last_ok = time.monotonic()
         seen: dict[int, tuple[str, float]] = {}  # process -> (counter, when it last moved)
         beat = 0
-        while True:
+        while not self.stopped.is_set():
             now = time.monotonic()
             beat += 1
             try:
-                if not exiting():
-                    self.client.key_value_set(f"{KEY_PREFIX}{self.me}", str(beat),
-                                              allow_overwrite=True)
+                with self.beat_lock:
+                    if not (self.closing or exiting()):
+                        self.client.key_value_set(f"{KEY_PREFIX}{self.me}", str(beat),
+                                                  allow_overwrite=True)
                 values = dict(self.client.key_value_dir_get(KEY_PREFIX))
                 failures = dict(self.client.key_value_dir_get(FAILED_PREFIX))
                 last_ok = now
             except Exception:  # noqa: BLE001 - any failure to reach the store: process 0 gone?
                 if now - last_ok > self.stale_after:
                     return self._lost(0, now - last_ok)
-                time.sleep(INTERVAL)
+                self.stopped.wait(INTERVAL)
                 continue
             if self.failed:  # this process is stopping on its own error: nothing to add
-                time.sleep(INTERVAL)
+                self.stopped.wait(INTERVAL)
                 continue
             for key, record in sorted(failures.items()):
                 process = int(key.rsplit("/", 1)[-1])
@@ -226,4 +247,4 @@ class PeerWatchdog:
                 seen[process] = (value, moved)
                 if now - moved > self.stale_after:
                     return self._lost(process, now - moved, exited=value == EXITED)
-            time.sleep(INTERVAL)
+            self.stopped.wait(INTERVAL)
