@@ -114,8 +114,6 @@ def start_service(cmd: list[str], address: str, env: dict[str, str] | None = Non
 class ExternalService:
     """Process 0's stand-in for a service that runs outside the job: nothing to stop."""
 
-    pid = None
-
     def shutdown(self) -> None:
         pass
 
