@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("storage", "writable"),  # the path layer (local, gs://, s3://) and the writability probe
     ("config",),
+    ("rundir",),  # a run directory's files and its recorded config (rundir.py)
     ("parallel", "model", "data", "hf"),
     ("train", "checkpoint"),
     ("evaluate", "infer", "export", "perf"),

@@ -39,6 +39,7 @@ from bignlp_jax.data.token_store import (
 )
 from bignlp_jax.data.tokenizer import MODEL_FILE, Tokenizer, load_tokenizer
 from bignlp_jax.errors import UserError
+from bignlp_jax.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -224,21 +225,21 @@ def store_identities(cfg: Config) -> dict[str, str]:
     return out
 
 
-def record_tokenizer(cfg: Config, run_dir: str | Path) -> Path | None:
-    """Check the tokenizer against the model and copy it into RUN_DIR/tokenizer/.
+def record_tokenizer(cfg: Config, run_dir: str | Path, locked: bool = True) -> Path | None:
+    """Check the tokenizer against the model and copy it into the run's tokenizer folder.
 
-    A run that already has checkpoints must keep its tokenizer: resuming with another one would
-    silently change what every token id means.
+    `locked`: the run holds trained state (train/identity.py decides) and must keep its
+    tokenizer: resuming with another one would silently change what every token id means.
     """
     if cfg.data.source != "tfds":
         return None
     tokenizer = resolve_tokenizer(cfg)
-    out = storage.path(run_dir) / "tokenizer"
+    out = RunDir(run_dir).tokenizer
     if (out / MODEL_FILE).is_file():
         recorded = load_tokenizer(out).describe()
         if recorded == tokenizer.describe():
             return out
-        if (storage.path(run_dir) / "checkpoints").is_dir():
+        if locked:
             raise UserError(
                 f"run {run_dir} was trained with tokenizer {recorded['model_sha256'][:12]} "
                 f"(vocab {recorded['vocab_size']}) but the config now uses "

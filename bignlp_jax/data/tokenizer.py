@@ -32,6 +32,7 @@ import sentencepiece as spm
 
 from bignlp_jax import storage
 from bignlp_jax.errors import UserError
+from bignlp_jax.rundir import RunDir
 
 MODEL_FILE = "tokenizer.model"
 JSON_FILE = "tokenizer.json"
@@ -107,12 +108,12 @@ class Tokenizer:
 def find_model_file(path: str | Path) -> Path:
     """The `.model` file for a path: the file itself, a tokenizer dir, or a run dir."""
     p = storage.path(os.path.expanduser(path))
-    for candidate in (p, p / MODEL_FILE, p / "tokenizer" / MODEL_FILE):
+    for candidate in (p, p / MODEL_FILE, RunDir(p).tokenizer / MODEL_FILE):
         if candidate.is_file():
             return candidate
     raise UserError(
         f"no SentencePiece tokenizer at {p}\n"
-        f"  looked for: {p} (a .model file), {p / MODEL_FILE}, {p / 'tokenizer' / MODEL_FILE}\n"
+        f"  looked for: {p} (a .model file), {p / MODEL_FILE}, {RunDir(p).tokenizer / MODEL_FILE}\n"
         "  fix: train one with `bignlp-jax tokenizer train --input FILES --vocab-size N --out DIR`"
     )
 

@@ -32,9 +32,10 @@ from bignlp_jax.config import Config, save_config
 from bignlp_jax.hf.gather import check_on_writer
 from bignlp_jax.hf.tokenizer import resolve_tokenizer
 from bignlp_jax.hf.weights import check_out_dir, export_dtype
+from bignlp_jax.rundir import CONFIG_FILE
 
 Params = dict[str, Any]
-MARKER = "config.yaml"
+MARKER = CONFIG_FILE
 
 
 def _sync(name: str) -> None:

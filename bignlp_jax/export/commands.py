@@ -154,6 +154,7 @@ def cmd_import(args) -> int:
     from bignlp_jax.config import Config, DataConfig, RunConfig
     from bignlp_jax.export.bundle import save_params_bundle
     from bignlp_jax.hf.weights import export_dtype, hf_model_config, load_hf_params
+    from bignlp_jax.rundir import RunDir
 
     export_dtype(args.dtype)
     if jax.process_count() > 1:
@@ -170,7 +171,7 @@ def cmd_import(args) -> int:
     out = save_params_bundle(params, cfg, args.out, dtype=args.dtype, tokenizer=tokenizer)
     print(f"imported {source} ({model_cfg.family}, {model_cfg.num_layers} layers, hidden "
           f"{model_cfg.hidden}) into {out}; finetune with init_from={out} and the model.* "
-          f"fields of {out / 'config.yaml'}", file=sys.stderr)
+          f"fields of {RunDir(out).config_file}", file=sys.stderr)
     print(json.dumps({"out": str(out), "model": model_cfg.model_dump(),
                       "tokenizer": tokenizer is not None}))
     return 0

@@ -41,6 +41,7 @@ from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported 
     why_stale,
     write_whole,
 )
+from bignlp_jax.rundir import RunDir
 from bignlp_jax.train.loop import train
 
 
@@ -138,7 +139,7 @@ def run_export(p: Pipeline) -> str:
     _needs(p, "export", source)
     cfg = p.run_config(source)
     params = load_params(p.stage_dir(source), cfg.model, lora=cfg.lora)
-    run_tok = p.stage_dir(source) / "tokenizer"
+    run_tok = RunDir(p.stage_dir(source)).tokenizer
     tokenizer = run_tok if run_tok.is_dir() else None
     staged = storage.staging_dir(p.stage_dir("export"))  # a bucket: written here, uploaded
     out = export_hf(params, cfg.model, staged, p.spec.export.dtype, tokenizer)

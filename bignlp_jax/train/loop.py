@@ -137,7 +137,7 @@ def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
     may change, unless `allow_config_change` (the change is then recorded in the run dir)."""
     # Signals are caught from the start: one arriving during the restore or the compile stops
     # the run after its first step, with a checkpoint. train.max_time counts from here too.
-    cfg = with_resolved_data_dir(cfg)  # what config.yaml records is what the run used
+    cfg = with_resolved_data_dir(cfg)  # what the run records is what it used
     with StopRequest(cfg.train.max_time) as stop:
         return _train(cfg, devices, stop, allow_config_change)
 
@@ -147,8 +147,8 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
     storage.check_access(cfg.run.dir, "run.dir")  # before anything is built
     if cfg.init_from:
         storage.check_access(cfg.init_from.removeprefix("hf:"), "init_from", write=False)
-    cfg = with_store_identities(cfg, run_dir)  # the stores read go into config.yaml
-    changes = config_changes(cfg, cfg.run.dir)  # before building anything: refusing is instant
+    cfg = with_store_identities(cfg)  # the stores read go into the recorded config
+    changes = config_changes(cfg, run_dir)  # before building anything: refusing is instant
     refuse_unless_allowed(changes, allow_config_change)
     if not changes.has_checkpoints:  # a resumed run no longer reads init_from
         check_source_runs(cfg)
@@ -160,7 +160,8 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
         require_writable(local_tier.tier_root(cfg.checkpoint.local_dir, run_dir),
                          "checkpoint.local_dir", "checkpoint.local_dir=DIR")
     if jax.process_index() == 0:
-        record_run_data(cfg, run_dir)  # vocab check; copies the tokenizer into the run
+        # vocab check; copies the tokenizer into the run (kept if the run has trained state)
+        record_run_data(cfg, run_dir, changes.has_checkpoints and not allow_config_change)
     trainer = Trainer.build(cfg, devices)
     source = make_source(cfg, "train", trainer.rows)
     start = start_state(cfg, trainer.layout, source, run_dir)

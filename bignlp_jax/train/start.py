@@ -34,15 +34,15 @@ from bignlp_jax.checkpoint.paths import (
 from bignlp_jax.checkpoint.read_errors import is_read_error
 from bignlp_jax.config import Config, ModelConfig
 from bignlp_jax.data import BatchSource
+from bignlp_jax.data.tokenizer import JSON_FILE as TOKENIZER_JSON
 from bignlp_jax.errors import UserError
 from bignlp_jax.hf.weights import load_hf_params
 from bignlp_jax.model.lora import KEY as LORA_KEY
 from bignlp_jax.model.lora import LoraSpec
+from bignlp_jax.rundir import ABANDONED, RunDir
 from bignlp_jax.train.local_resume import local_step_dir
 from bignlp_jax.train.state import TrainState, abstract_state, init_state, with_params
 
-RESUME_MARKER = "resume_from.json"  # in RUN_DIR: which resume_from value was already applied
-ABANDONED = "checkpoints_abandoned"  # in RUN_DIR: newer steps set aside by resume_from=<step>
 LEGACY_KEYS = ("rng",)  # saved by earlier versions, unused: restoring skips them
 HF_PREFIX = "hf:"  # init_from=hf:DIR reads a Hugging Face model directory
 
@@ -81,7 +81,7 @@ def pick_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, bool]:
     is a `checkpoint.resume_from` not applied yet (see `apply_resume_from`)."""
     ckpt_dir = checkpoints_dir(run_dir)
     wanted = cfg.checkpoint.resume_from
-    marker = run_dir / RESUME_MARKER
+    marker = RunDir(run_dir).resume_marker
     applied = marker.is_file() and json.loads(marker.read_text())["resume_from"] == wanted
     _barrier("bignlp_resume_marker_read")  # every process decides before process 0 writes
     if wanted is not None and not applied:
@@ -97,11 +97,11 @@ def apply_resume_from(cfg, run_dir: Path, step_dir: Path) -> None:
     newer steps of this run aside and record that this resume_from was applied. Done only now,
     so a refused resume leaves the run directory as it was."""
     ckpt_dir = checkpoints_dir(run_dir)
-    marker = run_dir / RESUME_MARKER
+    marker = RunDir(run_dir).resume_marker
     _barrier("bignlp_resume_restored")  # every process has read the step before anything moves
     if jax.process_index() == 0:
         if storage.same(step_dir.parent, ckpt_dir):
-            _set_aside_newer(ckpt_dir, int(step_dir.name), run_dir / ABANDONED)
+            _set_aside_newer(ckpt_dir, int(step_dir.name), RunDir(run_dir).abandoned)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"resume_from": cfg.checkpoint.resume_from,
                                       "step_dir": str(step_dir)}))
@@ -265,7 +265,7 @@ def check_tokenizer(cfg: Config, step_dir: Path, what: str) -> None:
     if cfg.data.source != "tfds":
         return  # synthetic data has no tokenizer to compare
     for run_dir in (step_dir.parent.parent, step_dir.parent, step_dir):
-        recorded = run_dir / "tokenizer" / "tokenizer.json"
+        recorded = RunDir(run_dir).tokenizer / TOKENIZER_JSON
         if recorded.is_file():
             break
     else:
@@ -287,8 +287,8 @@ def check_tokenizer(cfg: Config, step_dir: Path, what: str) -> None:
 
 def drop_metrics_after(run_dir: str | Path, step: int) -> None:
     """Resuming at `step`: forget logged steps after it (a crashed run logged steps its
-    checkpoints do not hold; they are trained again), so metrics.jsonl stays one trajectory."""
-    path = storage.path(run_dir) / "metrics.jsonl"
+    checkpoints do not hold; they are trained again), so the metrics stay one trajectory."""
+    path = RunDir(run_dir).metrics_file
     if jax.process_index() != 0 or not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
