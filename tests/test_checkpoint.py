@@ -142,7 +142,7 @@ def test_checkpoint_with_the_old_rng_leaf_still_resumes(reference, tmp_path):
     ref_dir, _, ref_params = reference
     cfg = config(tmp_path / "old", "train.steps=12")
     trainer = Trainer.build(cfg)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     old = {"step": state.step, "params": load_params(ref_dir, cfg.model, trainer.state_sh.params),
            "opt_state": state.opt_state, "rng": jnp.zeros((2,), jnp.uint32)}
     source = make_source(cfg, "train", trainer.rows)

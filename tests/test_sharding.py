@@ -21,7 +21,7 @@ LOSS_RTOL = 2e-5
 
 def run_losses(cfg, devices, steps=3):
     trainer = Trainer.build(cfg, devices)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     from bignlp_jax.data import make_source
 
     source = make_source(cfg, "train", trainer.rows)
