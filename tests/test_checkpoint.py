@@ -91,7 +91,8 @@ def test_corrupt_latest_checkpoint_is_named_and_never_restarts(reference, tmp_pa
     assert losses(run) == ref_losses  # nothing was trained, nothing restarted from 0
     # the offered fix works: resume from 8, the broken step is set aside (not deleted)
     train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
-    assert (run / "checkpoints_abandoned" / "12").is_dir()
+    (aside,) = (run / "checkpoints_abandoned").glob("8.*")  # its own folder: step 8, a time
+    assert [p.name for p in aside.iterdir()] == ["12"]
     assert losses(run) == ref_losses
     # a requeued job with the same command continues from its own newer checkpoint
     train(config(run, "train.steps=13", "checkpoint.resume_from=8"))
@@ -353,12 +354,13 @@ def test_flipped_bit_is_named_and_previous_step_resumes_bitwise(reference, tmp_p
     assert "fails its checksum" in message and "checkpoint.resume_from=8" in message
     # the offered fix: resume from 8 gives exactly the uninterrupted run
     train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
-    assert (run / "checkpoints_abandoned" / "12").is_dir()
+    (aside,) = (run / "checkpoints_abandoned").glob("8.*")  # its own folder: step 8, a time
+    assert [p.name for p in aside.iterdir()] == ["12"]
     assert losses(run) == ref_losses
     assert_trees_equal(host_params(run, config(run).model), ref_params)
     # params-only readers (export, eval, init_from) refuse the damaged step too
     with pytest.raises(UserError, match=f"is damaged: .*{damaged.name}"):
-        load_params(run / "checkpoints_abandoned" / "12", config(run).model)
+        load_params(aside / "12", config(run).model)
 
 
 def test_resume_from_a_broken_step_moves_nothing(reference, tmp_path):
@@ -372,6 +374,59 @@ def test_resume_from_a_broken_step_moves_nothing(reference, tmp_path):
         train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
     assert _tree(run) == before  # nothing set aside, no marker written
     assert latest_step(run) == 12
+
+
+def test_resume_from_three_times_then_a_fourth(reference, tmp_path):
+    """Each resume sets its abandoned steps aside in a folder of its own (no nesting, no
+    collision, even twice from one step within a second), and the directory stays usable."""
+    ref_dir, ref_losses, ref_params = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    aside = run / "checkpoints_abandoned"
+    for step, moved in ((8, ["12"]), (4, ["12", "8"]), (8, ["12"])):
+        train(config(run, "train.steps=12", f"checkpoint.resume_from={step}"))
+        assert latest_step(run) == 12
+        newest = max(aside.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        assert newest.name.startswith(f"{step}.") and sorted(
+            p.name for p in newest.iterdir()) == sorted(moved)
+    assert len(list(aside.iterdir())) == 3  # three trajectories, three folders
+    assert sorted(str(p.relative_to(aside)).split("/", 1)[1] for p in aside.glob("*/*")) == [
+        "12", "12", "12", "8"]
+    train(config(run, "train.steps=12", "checkpoint.resume_from=4"))  # the fourth
+    assert len(list(aside.iterdir())) == 4 and losses(run) == ref_losses
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+
+
+def test_a_set_aside_failing_part_way_moves_everything_back(tmp_path, monkeypatch):
+    from bignlp_jax import storage
+    from bignlp_jax.rundir import RunDir
+    from bignlp_jax.train import resume_from
+
+    run = RunDir(tmp_path / "run")
+    for step in (4, 8, 12, 16):
+        (run.checkpoints / str(step) / "state").mkdir(parents=True)
+        (run.checkpoints / str(step) / "state" / "x").write_text(str(step))
+    before = _tree(run.path)
+    real_move, calls = storage.move, []
+
+    def failing_move(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the second step: a full disk, a permission change...
+            raise OSError(28, "No space left on device")
+        real_move(src, dst)
+
+    monkeypatch.setattr(storage, "move", failing_move)
+    plan = resume_from.plan_set_aside(run, 4, now=0.0)
+    assert plan.folder == run.abandoned / "4.19700101T000000Z"
+    with pytest.raises(UserError, match=r"could not set the steps after 4 aside.*No space "
+                                        r"left.*moved back"):
+        resume_from.carry_out(plan)
+    assert _tree(run.path) == before  # step 8 moved back, no folder left
+    monkeypatch.setattr(storage, "move", real_move)
+    resume_from.carry_out(plan)
+    again = resume_from.plan_set_aside(run, 4, now=0.0)  # same second: a folder of its own
+    assert again.folder.name == "4.19700101T000000Z.2" and again.moves == ()
+    assert sorted(p.name for p in plan.folder.iterdir()) == ["12", "16", "8"]
 
 
 def test_half_deleted_step_is_not_complete(reference, tmp_path):
