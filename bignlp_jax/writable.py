@@ -6,6 +6,7 @@ read-only or mistyped path costs a second and one readable line, not a build and
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -14,14 +15,20 @@ from bignlp_jax.errors import UserError
 
 
 def require_writable(path: str | Path, what: str, fix_key: str) -> None:
-    """Create `path` if needed and prove a file can be written in it; UserError naming `what`
-    (e.g. "run.dir"), the path, the OS's reason and `fix_key` (e.g. "run.dir=DIR") if not."""
+    """Prove a file can be written in `path`, or (where it does not exist yet) in its nearest
+    existing parent, so it can be made; UserError naming `what` (e.g. "run.dir"), the path, the
+    OS's reason and `fix_key` (e.g. "run.dir=DIR") if not. The probe leaves nothing behind: a
+    start that stops later finds the disk as it was."""
     if "://" in str(path):  # object storage (gs://...): the checkpointer reports its errors
         return
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe."):
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_probe."):
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__

@@ -429,6 +429,62 @@ def test_a_set_aside_failing_part_way_moves_everything_back(tmp_path, monkeypatc
     assert sorted(p.name for p in plan.folder.iterdir()) == ["12", "16", "8"]
 
 
+def test_a_rerun_after_an_attempt_without_a_checkpoint_keeps_its_metrics(tmp_path, capsys):
+    """Two Ctrl-Cs before the first checkpoint, then a rerun: a new trajectory, and the
+    earlier attempt's metrics and events are moved aside (and the move is announced), never
+    truncated."""
+    import json
+
+    from bignlp_jax.config import save_config
+
+    run = tmp_path / "run"
+    save_config(config(run, "train.steps=2"), run / "config.yaml")  # what the attempt wrote
+    earlier = "".join(json.dumps({"step": s, "time": 0.0, "loss": 5.5}) + "\n"
+                      for s in range(1, 21))
+    (run / "metrics.jsonl").write_text(earlier)
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out").write_bytes(b"\x00events")
+    train(config(run, "train.steps=2"))
+    (kept,) = (run / "earlier_attempts").iterdir()
+    assert (kept / "metrics.jsonl").read_text() == earlier  # every byte, not cut to one line
+    assert (kept / "tensorboard" / "events.out").read_bytes() == b"\x00events"
+    assert sorted(losses(run)) == [1, 2] and 5.5 not in losses(run).values()
+    assert f"20 logged line(s) of an earlier attempt without a checkpoint; kept in {kept}" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["train.global_batch_size=12"], "cannot be split over the 8 data-parallel devices"),
+    (["mesh.data=3"], "mesh"),
+    (["model.hidden=32", "init_from=REF"], "expects \\(256, 32\\)"),
+])
+def test_a_start_that_fails_its_checks_leaves_the_run_dir_as_it_was(reference, tmp_path, extra,
+                                                                    problem):
+    ref_dir, _, _ = reference
+    user = tmp_path / "user"  # a run dir that holds the user's files (an earlier attempt)
+    user.mkdir()
+    (user / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (user / "notes.txt").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    extra = [e.replace("REF", str(ref_dir)) for e in extra]
+    # (init_from is refused after the ~10 s state set-up: one dir is enough to show it)
+    for run in (tmp_path / "new" / "run", user)[:1 if "init_from" in extra[-1] else 2]:
+        with pytest.raises(UserError, match=problem):
+            train(config(run, "train.steps=2", *extra))
+    assert not (tmp_path / "new").exists()  # not even the parent was left behind
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before
+    assert sorted(user.iterdir()) == [user / "metrics.jsonl", user / "notes.txt"]
+
+
+def test_a_refused_tfds_start_makes_no_tokenizer_folder(tmp_path, embedded_data_dir):
+    run = tmp_path / "run"
+    cfg = config(run, "data.source=tfds", f"data.data_dir={embedded_data_dir}",
+                 "model.vocab_size=1024", "train.global_batch_size=12", "train.steps=1")
+    with pytest.raises(UserError, match="cannot be split"):
+        train(cfg)
+    assert not run.exists()
+
+
 def test_half_deleted_step_is_not_complete(reference, tmp_path):
     from bignlp_jax.checkpoint import complete_steps
 
