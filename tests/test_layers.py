@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bignlp_jax"
 # plan) drives the train step, so it sits with the other commands above train/.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("storage", "writable"),  # the path layer (local, gs://, s3://) and the writability probe
+    ("storage", "access"),  # the path layer (local, gs://, s3://) and the one path check
     ("config",),
     ("rundir",),  # a run directory's files and its recorded config (rundir.py)
     ("parallel", "model", "data", "hf"),

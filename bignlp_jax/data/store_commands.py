@@ -12,6 +12,7 @@ import time
 
 def cmd_data_tokenize(args) -> int:
     from bignlp_jax import storage
+    from bignlp_jax.access import check_path
     from bignlp_jax.data import embedded
     from bignlp_jax.data.tfds_source import resolve_data_dir, split_size
     from bignlp_jax.data.token_build import build_store
@@ -26,9 +27,8 @@ def cmd_data_tokenize(args) -> int:
 
     data_dir = resolve_data_dir(args.data_dir)
     remote = storage.is_remote(data_dir)
-    if remote:  # a bucket: fail fast, in one line, if it cannot be written
-        storage.check_access(data_dir, "--data-dir")
-    elif args.name in embedded.EMBEDDED:
+    check_path(data_dir, "--data-dir", fix="--data-dir DIR")  # fail fast, in one line
+    if not remote and args.name in embedded.EMBEDDED:
         embedded.ensure_embedded(data_dir)
     tokenizer = load_tokenizer(args.tokenizer)
     sha = tokenizer.describe()["model_sha256"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.access import check_path
 from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
@@ -90,7 +91,7 @@ def data_dir(cfg: Config) -> storage.AnyPath:
 @functools.cache
 def _probe_bucket(bucket: str) -> None:
     """A missing bucket, an unreachable endpoint, missing credentials: one line, once."""
-    storage.check_access(bucket, "data.data_dir", write=False)
+    check_path(bucket, "data.data_dir", write=False)
 
 
 def _names(cfg: Config) -> list[str]:

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.access import check_path
 from bignlp_jax.errors import UserError
-from bignlp_jax.writable import require_writable
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
@@ -86,11 +86,10 @@ def cmd_export(args) -> int:
     from bignlp_jax.hf.weights import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything
-    if not storage.is_remote(args.out):
-        # the output is written beside --out and renamed into place: its parent must be writable
-        require_writable(Path(args.out).absolute().parent,
-                         f"--out {args.out}: its parent directory", "--out DIR")
-    storage.check_access(args.out, "--out")  # a bucket: before any weights are read
+    # before any weights are read; a local output is written beside --out and renamed into
+    # place: its parent must be writable
+    check_path(args.out if storage.is_remote(args.out) else Path(args.out).absolute().parent,
+               "--out", what=f"--out {args.out}: its parent directory", fix="--out DIR")
     run = storage.path(args.run)
     cfg = load_run_config(run)
     if args.format == "hf":
@@ -160,7 +159,7 @@ def cmd_import(args) -> int:
     if jax.process_count() > 1:
         raise UserError("`bignlp-jax import` runs as one process; start it without "
                         "--num-processes / a multi-process launcher")
-    storage.check_access(args.out, "--out")  # a bucket: before the model is read
+    check_path(args.out, "--out", fix="--out DIR")  # before the model is read
     source = storage.fetch_dir(args.source)  # safetensors needs local files: a bucket is copied
     model_cfg = hf_model_config(source)
     params = load_hf_params(source, model_cfg, shardings=default_shardings(model_cfg))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bignlp_jax import storage
-from bignlp_jax.writable import require_writable
+from bignlp_jax.access import check_path
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
@@ -34,8 +33,8 @@ def cmd_pipeline(args) -> int:
     from bignlp_jax.pipeline.stages import execute
     from bignlp_jax.pipeline.state import freshness, read_state, why_stale
 
-    require_writable(pipeline.out, "the pipeline's output_dir", "output_dir=DIR")
-    storage.check_access(pipeline.out, "output_dir")  # a bucket: write + delete of a marker
+    # before any stage: a local dir gets a probe file, a bucket a marker written and deleted
+    check_path(pipeline.out, "output_dir", what="the pipeline's output_dir")
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")

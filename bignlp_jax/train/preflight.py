@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bignlp_jax import storage
+from bignlp_jax.access import check_path
 from bignlp_jax.checkpoint import local_tier
 from bignlp_jax.config import Config
 from bignlp_jax.data.run_identity import with_store_identities
 from bignlp_jax.rundir import RunDir
 from bignlp_jax.train.identity import ConfigChanges, config_changes, refuse_unless_allowed
 from bignlp_jax.train.inputs import check_source_runs
-from bignlp_jax.writable import require_writable
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,18 @@ def preflight(cfg: Config, allow_config_change: bool = False) -> Checked:
     """Check `cfg` before anything is built or written; UserError (one line and a fix) if a
     check fails."""
     run = RunDir(cfg.run.dir)
-    storage.check_access(cfg.run.dir, "run.dir")
-    if cfg.init_from:
-        storage.check_access(cfg.init_from.removeprefix("hf:"), "init_from", write=False)
+    check_path(run.path, "run.dir")
+    # (init_from's own messages name a missing local path; a bucket is probed here)
+    if cfg.init_from and storage.is_remote(cfg.init_from.removeprefix("hf:")):
+        check_path(cfg.init_from.removeprefix("hf:"), "init_from", write=False)
     cfg = with_store_identities(cfg)  # the stores read go into the recorded config
     changes = config_changes(cfg, run)  # before building anything: refusing is instant
     refuse_unless_allowed(changes, allow_config_change)
     if not changes.has_checkpoints:  # a resumed run no longer reads init_from
         check_source_runs(cfg)
-    if not storage.is_remote(cfg.run.dir):  # (a bucket was probed by check_access above)
-        # before minutes of compiling, not at the first save
-        require_writable(run.path, "run.dir", "run.dir=DIR")
-        require_writable(run.checkpoints, "the checkpoint directory", "run.dir=DIR")
+    if not storage.is_remote(run.path):  # (a bucket has no folders to differ)
+        check_path(run.checkpoints, "run.dir", what="the checkpoint directory")
     if cfg.checkpoint.local_dir is not None:  # each host probes its own local directory
-        require_writable(local_tier.tier_root(cfg.checkpoint.local_dir, run.path),
-                         "checkpoint.local_dir", "checkpoint.local_dir=DIR")
+        check_path(local_tier.tier_root(cfg.checkpoint.local_dir, run.path),
+                   "checkpoint.local_dir")
     return Checked(cfg, run, changes, allow_config_change)
