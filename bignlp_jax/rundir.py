@@ -121,11 +121,6 @@ class RunDir:
             return None
         return validate(apply_overrides(json.loads(json.dumps(tree)), list(overrides)))
 
-    def recorded_stores(self) -> dict[str, str] | None:
-        """The token stores the run recorded (data.stores), or None."""
-        tree = self.recorded_tree() or {}
-        return (tree.get("data") or {}).get("stores")
-
     def write_config(self, cfg: Config) -> None:
         """Record `cfg` as the run's config (config.yaml)."""
         save_config(cfg, self.config_file)
