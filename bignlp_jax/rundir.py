@@ -105,7 +105,7 @@ class RunDir:
                 try:
                     tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
                 except (OSError, yaml.YAMLError) as e:
-                    raise ConfigError(f"cannot read this run's config {path}: {e}\n"
+                    raise ConfigError(f"cannot read this run's config {path}: {_short(e)}\n"
                                       "  fix: restore the file, or use a new run.dir") from e
                 if not isinstance(tree, dict):
                     raise ConfigError(f"this run's config {path} is not a mapping of keys\n"
@@ -146,6 +146,15 @@ class RunDir:
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                 if line]
+
+
+def _short(error: Exception) -> str:
+    """One line for a read or YAML error (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def as_run_dir(run_dir: str | Path | storage.AnyPath | RunDir) -> RunDir:
