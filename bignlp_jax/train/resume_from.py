@@ -125,6 +125,7 @@ def apply_resume_from(cfg: Config, run_dir: Path, step_dir: Path) -> None:
             plan = plan_set_aside(run, int(step_dir.name))
             carry_out(plan)
         try:
+            run.path.mkdir(parents=True, exist_ok=True)  # a new run resuming another's step
             run.resume_marker.write_text(json.dumps({
                 "resume_from": cfg.checkpoint.resume_from, "step_dir": str(step_dir),
                 "set_aside": str(plan.folder) if plan and plan.moves else None}))
