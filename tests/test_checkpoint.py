@@ -383,10 +383,12 @@ def test_resume_from_three_times_then_a_fourth(reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ref_dir, run)
     aside = run / "checkpoints_abandoned"
+    seen: set = set()
     for step, moved in ((8, ["12"]), (4, ["12", "8"]), (8, ["12"])):
         train(config(run, "train.steps=12", f"checkpoint.resume_from={step}"))
         assert latest_step(run) == 12
-        newest = max(aside.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        (newest,) = set(aside.iterdir()) - seen  # one new folder per resume
+        seen.add(newest)
         assert newest.name.startswith(f"{step}.") and sorted(
             p.name for p in newest.iterdir()) == sorted(moved)
     assert len(list(aside.iterdir())) == 3  # three trajectories, three folders
