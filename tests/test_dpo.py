@@ -8,6 +8,7 @@ the same two models (policy and reference) and the same pairs, in float32; ours 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -81,12 +82,19 @@ def test_bad_pairs_are_refused(record, problem):
 def test_overflow_truncates_the_answer_or_refuses():
     record = {"prompt": "hi hi", "chosen": "ok " * 8, "rejected": "bye"}
     row = fmt(6).row(record, 0)  # <s> hi hi <sep> + 8 x ok </s> = 13 tokens > 7
-    assert side(row, "chosen") == ([1, HI, HI, 3, OK, OK, OK], [OK, OK, OK])
-    assert side(row, "rejected")[1] == [BYE, 2]
+    # the prompt keeps one token (the same on both sides), then the answer loses its end
+    assert side(row, "chosen") == ([1, HI, 3, OK, OK, OK, OK], [OK, OK, OK, OK])
+    assert side(row, "rejected") == ([1, HI, 3, BYE, 2], [BYE, 2])
     with pytest.raises(UserError, match="(?s)chosen side has 13 tokens.*chat_overflow=truncate"):
         fmt(6, chat_overflow="refuse").row(record, 0)
+    # a long prompt loses its end on both sides, so the longer answer fits whole
+    row = fmt(6).row({"prompt": "hi bye hi bye", "chosen": "ok ok", "rejected": "bye"}, 0)
+    assert side(row, "chosen") == ([1, HI, BYE, 3, OK, OK, 2], [OK, OK, 2])
+    assert side(row, "rejected") == ([1, HI, BYE, 3, BYE, 2], [BYE, 2])
+    conversation = [{"role": "user", "content": "hi " * 8}]
     with pytest.raises(UserError, match="leaves no room for an answer"):
-        fmt(4).row({"prompt": "hi hi hi hi", "chosen": "ok", "rejected": "bye"}, 0)
+        fmt(6).row({"chosen": [*conversation, {"role": "assistant", "content": "ok"}],
+                    "rejected": [*conversation, {"role": "assistant", "content": "bye"}]}, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,3 +234,109 @@ def test_loss_and_rewards_match_trl(golden_models, loss, smoothing):
     ours_q = qkv[:, :, :G, :].reshape(qkv.shape[0], -1).T
     scale = float(np.abs(their_grad).max())
     assert scale > 0 and float(np.abs(ours_q - their_grad).max()) <= 1e-4 * scale
+
+
+# ------------------------------------------------------------------------------------------
+# training on the embedded preference task
+
+SMALL = ["model.vocab_size=1024", "model.num_layers=1", "model.hidden=32", "model.num_heads=2",
+         "model.mlp_dim=64", "data.seq_len=48", "model.max_seq_len=48",
+         "train.global_batch_size=8", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, embedded_data_dir):
+    """A checkpoint of a small random model: the init_from of the alignment runs."""
+    from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
+    from bignlp_jax.config import load_config
+    from bignlp_jax.train.loop import Trainer
+
+    run_dir = tmp_path_factory.mktemp("dpo_base")
+    pre = load_config(None, [f"run.dir={run_dir}", *SMALL, "data.source=synthetic"])
+    trainer = Trainer.build(pre)
+    ckpt = RunCheckpointer(pre.run.dir, pre.checkpoint)
+    ckpt.save(1, trainer.fresh_state(), {}, step_meta(pre, trainer.mesh, 1))
+    ckpt.close()
+    return run_dir, embedded_data_dir
+
+
+def align_config(base_run, run_dir, *overrides):
+    from bignlp_jax.config import load_config
+
+    base, data_dir = base_run
+    return load_config("align_stdlib", [
+        f"run.dir={run_dir}", *SMALL, f"init_from={base}", "data.tokenizer=null",
+        f"data.data_dir={data_dir}", "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "optimizer.schedule=constant",
+        "checkpoint.every_steps=2", "train.eval_every=3", "train.eval_batches=2", *overrides])
+
+
+def params_of(run_dir, cfg, step):
+    from bignlp_jax.checkpoint import load_params
+
+    return load_params(run_dir, cfg.model, step=step, lora=cfg.lora, merged=False)
+
+
+@pytest.mark.slow
+def test_dpo_trains_from_log2_with_microbatches_and_resumes_bitwise(base_run, tmp_path):
+    """Step 1 sees policy == reference: loss log 2, every reward 0. Three steps with two
+    microbatches on a data x fsdp x tensor mesh, with TRL's metric names (and eval_ ones), equal a run stopped at step 2 and
+    resumed, bitwise."""
+    from bignlp_jax.train.loop import train
+    from bignlp_jax.train.metrics import read_metrics
+
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.microbatches=2"]
+    cfg = align_config(base_run, tmp_path / "a", "train.steps=3", *mesh)
+    train(cfg)
+    records = read_metrics(cfg.run.dir)
+    first = records[0]
+    assert first["step"] == 1 and abs(first["loss"] - math.log(2)) <= 1e-6
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert first[name] == 0.0, name
+    assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+    last = records[-1]
+    assert last["step"] == 3 and last["loss"] < math.log(2)
+    assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
+            "eval_logps/chosen"} <= set(last)
+
+    b = tmp_path / "b"
+    train(align_config(base_run, b, "train.steps=2", *mesh))
+    train(align_config(base_run, b, "train.steps=3", *mesh))
+    ours, resumed = params_of(cfg.run.dir, cfg, 3), params_of(b, cfg, 3)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()),
+                                     ours, resumed))
+    assert read_metrics(b)[-1]["loss"] == last["loss"]
+
+
+@pytest.mark.slow
+def test_lora_reference_is_the_base_with_adapters_off(base_run, tmp_path):
+    """With LoRA the reference is the base weights with the adapters off: the same log-probs
+    as a separate frozen copy (either way round, with trained adapters), the loss starts at
+    log 2, and training leaves the base weights bitwise unchanged."""
+    from bignlp_jax.checkpoint import load_params
+    from bignlp_jax.data.tasks.source import make_task_source
+    from bignlp_jax.model.lora import KEY as LORA_KEY
+    from bignlp_jax.train.dpo import pair_sums, reference_logps
+    from bignlp_jax.train.loop import train
+    from bignlp_jax.train.metrics import read_metrics
+
+    cfg = align_config(base_run, tmp_path / "lora", "train.steps=3", "lora.rank=4",
+                       "lora.targets=[q,v,up]", "optimizer.lr=5e-2")
+    train(cfg)
+    assert abs(read_metrics(cfg.run.dir)[0]["loss"] - math.log(2)) <= 1e-6
+    trained = params_of(cfg.run.dir, cfg, 3)
+    base = load_params(base_run[0], cfg.model)
+    trained_base = {k: v for k, v in trained.items() if k != LORA_KEY}
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()),
+                                     trained_base, base))
+    assert any(float(np.abs(np.asarray(b)).max()) > 0
+               for b in jax.tree.leaves(trained[LORA_KEY]))  # the adapters did train
+
+    batch = next(make_task_source(cfg, "train", (0, 8)))
+    frozen_copy = jax.tree.map(lambda x: np.array(x, copy=True), base)
+    off = jax.jit(lambda p, b: reference_logps(p, None, b, cfg))(trained, batch)
+    copy = jax.jit(lambda p, r, b: reference_logps(p, r, b, cfg))(trained, frozen_copy, batch)
+    assert (np.asarray(off) == np.asarray(copy)).all()
+    # the whole loss: adapters-off reference vs the copy given explicitly
+    loss_off = jax.jit(lambda p, b: pair_sums(p, None, b, cfg))(trained, batch)
+    loss_copy = jax.jit(lambda p, r, b: pair_sums(p, r, b, cfg))(trained, frozen_copy, batch)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(x == y), loss_off, loss_copy))

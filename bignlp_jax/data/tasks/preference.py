@@ -13,8 +13,9 @@ must end with a user turn, and the answer is everything after it. Only answer to
 
 The two rows of a pair travel together as `chosen_*` and `rejected_*` keys of one batch row, so
 no pair is ever split across microbatches or packed with another. A side longer than
-`data.seq_len` + 1 tokens is refused with `task.chat_overflow=refuse`; with `truncate` its
-answer loses its end (a prompt that leaves no room for an answer token is refused).
+`data.seq_len` + 1 tokens is refused with `task.chat_overflow=refuse`; with `truncate` a text
+prompt loses its end until the longer answer fits (the same prompt on both sides), then answers
+lose their ends (a conversation whose prompt leaves no room for an answer token is refused).
 """
 
 from __future__ import annotations
@@ -155,8 +156,22 @@ class PreferenceFormat(TaskFormat):
         row["loss_mask"][:n] = np.asarray(counted_[1:], np.float32)  # target t is seq[t + 1]
         return {f"{side}_{k}": v for k, v in row.items()}
 
+    def _fit_prompt(self, chosen: Pieces, rejected: Pieces) -> tuple[Pieces, Pieces]:
+        """Text pairs under `truncate`: a prompt too long for the longer answer loses its end
+        (as task prompts do, formats.py), the same on both sides, so that both condition on
+        one prompt; what still does not fit is cut from the answers (`_side_row`)."""
+        if self.task.chat_overflow != "truncate" or len(chosen) != 2:
+            return chosen, rejected
+        head = chosen[0][0]
+        over = len(head) + max(len(chosen[1][0]), len(rejected[1][0])) - (self.seq_len + 1)
+        if over <= 0:
+            return chosen, rejected
+        keep = max(len(head) - len(self.sep) - over, min(2, len(head) - len(self.sep)))
+        head = [*head[:keep], *self.sep]  # <s> and at least one prompt token, then <sep>
+        return [(head, False), chosen[1]], [(head, False), rejected[1]]
+
     def row(self, record: Mapping, index: int | None = None) -> dict[str, np.ndarray]:
-        chosen, rejected = self.sides(record, index)
+        chosen, rejected = self._fit_prompt(*self.sides(record, index))
         return {**self._side_row(chosen, "chosen", index),
                 **self._side_row(rejected, "rejected", index)}
 
