@@ -340,3 +340,53 @@ def test_lora_reference_is_the_base_with_adapters_off(base_run, tmp_path):
     loss_off = jax.jit(lambda p, b: pair_sums(p, None, b, cfg))(trained, batch)
     loss_copy = jax.jit(lambda p, r, b: pair_sums(p, r, b, cfg))(trained, frozen_copy, batch)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(x == y), loss_off, loss_copy))
+
+
+# ------------------------------------------------------------------------------------------
+# data prepare and bad input
+
+TEXT_PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "bye ok"}
+CHAT_PAIR = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+             "rejected": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "bye"}]}
+
+
+def test_data_prepare_keeps_pairs_and_refuses_bad_ones(tmp_path, capsys):
+    """`data prepare --format jsonl --text-key prompt --fields chosen,rejected` keeps text and
+    conversational pairs (as JSON text) and the rows read back are those of the records; a
+    record without `chosen` is one line, exit 2."""
+    from bignlp_jax.cli import main
+    from bignlp_jax.data.tfds_source import open_split
+
+    lines = [json.dumps({**TEXT_PAIR, "id": 0}), json.dumps({"prompt": "", **CHAT_PAIR})]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["data", "prepare", "--input", str(tmp_path / "pairs.jsonl"), "--format", "jsonl",
+            "--text-key", "prompt", "--fields", "chosen,rejected"]
+    assert main([*argv, "--name", "pairs", "--data-dir", str(tmp_path / "data")]) == 0
+    rows = []
+    for split in ("train", "validation"):
+        try:
+            records = open_split("pairs", tmp_path / "data", split, required_keys=("chosen",))
+        except UserError:  # an empty split
+            continue
+        rows += [fmt(32).row(records[i], i) for i in range(len(records))]
+    assert len(rows) == 2
+    for want in (fmt(32).row(TEXT_PAIR, 0), fmt(32).row(CHAT_PAIR, 0)):
+        assert any(all((r[k] == want[k]).all() for k in PAIR_KEYS) for r in rows)
+
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "hi", "rejected": "bye"}) + "\n")
+    capsys.readouterr()
+    assert main([*argv, "--name", "bad", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("no field 'chosen'" in line for line in err)
+
+
+def test_preference_without_init_from_is_one_line_exit_2(tmp_path, capsys):
+    from bignlp_jax.cli import main
+
+    assert main(["train", "align_stdlib", "init_from=null", f"run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "task.type=preference needs init_from" in err
+    assert main(["train", "align_stdlib", "dpo.loss=ipo", "dpo.label_smoothing=0.1",
+                 f"run.dir={tmp_path}"]) == 2
+    assert "applies to dpo.loss=sigmoid only" in capsys.readouterr().err

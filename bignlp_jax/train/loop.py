@@ -139,7 +139,7 @@ class Trainer:
         for name, (source, start) in self._eval.items():
             source.set_state(start)  # every evaluation reads the same batches
             if is_preference(self.cfg):
-                out.update(self._evaluate_pairs(params, source, num_batches))
+                out.update(self.evaluate_pairs(params, source, num_batches))
                 continue
             loss_sum = count = 0.0
             for _ in range(num_batches):
@@ -156,7 +156,7 @@ class Trainer:
         loss = total_sum / max(total_count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), **out}
 
-    def _evaluate_pairs(self, params, source, num_batches: int | None) -> dict[str, float]:
+    def evaluate_pairs(self, params, source, num_batches: int | None) -> dict[str, float]:
         """Preference tuning: loss and TRL's reward metrics, means over the held-out pairs of
         `num_batches` batches (None: all), prefixed `eval_`, and the number of pairs."""
         loss_sum, sums = 0.0, None

@@ -77,6 +77,8 @@ class PreferenceFormat(TaskFormat):
         chosen = self._field(record, task.chosen_key, index)
         rejected = self._field(record, task.rejected_key, index)
         prompt = record.get(task.prompt_key)
+        if isinstance(prompt, (str, bytes)) and not prompt:
+            prompt = None  # an empty prompt field (data prepare keeps the text key) is none
         chosen_msgs, rejected_msgs = _conversation(chosen), _conversation(rejected)
         if (chosen_msgs is None) != (rejected_msgs is None):
             raise UserError(f"{self._at(index)}: one answer is a conversation and the other "
