@@ -390,3 +390,30 @@ def test_preference_without_init_from_is_one_line_exit_2(tmp_path, capsys):
     assert main(["train", "align_stdlib", "dpo.loss=ipo", "dpo.label_smoothing=0.1",
                  f"run.dir={tmp_path}"]) == 2
     assert "applies to dpo.loss=sigmoid only" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# the pipeline's align stage
+
+MINI_ALIGN = ["align.config=../align_stdlib.yaml",
+              "align.model={vocab_size: 512, num_layers: 1, hidden: 32, num_heads: 2, "
+              "mlp_dim: 64, max_seq_len: 64}",
+              "align.data={seq_len: 64}", "align.task={eval_examples: 16}",
+              "align.train={steps: 2, global_batch_size: 8, log_every: 1, eval_every: 0, "
+              "eval_batches: 1}",
+              "align.checkpoint={every_steps: 0, async_save: false}"]
+
+
+def test_align_stage_starts_from_finetune_and_is_exported(tmp_path):
+    from bignlp_jax.pipeline.fingerprint import upstream
+    from bignlp_jax.pipeline.spec import Pipeline
+
+    p = Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", *MINI_ALIGN])
+    assert p.stages().index("align") == p.stages().index("finetune_scratch") + 1
+    cfg = p.run_config("align")
+    assert cfg.init_from == str(p.stage_dir("finetune")) and cfg.task.type == "preference"
+    assert p.final_run() == "align" and upstream(p, "export") == ["align"]
+    assert upstream(p, "align") == ["tokenizer", "finetune"]
+    with pytest.raises(UserError, match="align stage's config has no task.type=preference"):
+        Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}",
+                                         "align.config=../finetune_stdlib_modules.yaml"])
