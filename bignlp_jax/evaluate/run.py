@@ -83,6 +83,7 @@ def preference_results(cfg: Config, trainer, params) -> dict:
     """Preference tuning: the DPO loss and TRL's reward metrics (`rewards/accuracies`, ...)
     against the frozen init_from model, means over the held-out pairs (all of them, or the
     batches covering `task.eval_examples`)."""
+    assert cfg.task is not None  # evaluate_params sends only task configs here
     trainer.load_reference()
     source = make_task_source(cfg, "validation", trainer.rows)
     B = cfg.train.global_batch_size

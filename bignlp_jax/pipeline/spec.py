@@ -15,7 +15,8 @@
 Every stage's run config is its `config` file, then the stage's other keys (any run-config
 keys, nested), then what the pipeline sets itself so stages feed each other: `run.dir`,
 `data.tokenizer` (the tokenizer stage's output), `data.data_dir`, and for finetuning `init_from`
-(the pretraining run), for alignment `init_from` (the finetuning run). Command-line overrides address the pipeline file: `pretrain.train.steps=5`.
+(the pretraining run), for alignment `init_from` (the finetuning run). Command-line
+overrides address the pipeline file: `pretrain.train.steps=5`.
 """
 
 from __future__ import annotations
