@@ -155,33 +155,44 @@ def golden_models(tmp_path_factory):
     return cfg, policy, reference, tmp
 
 
-def trl_loss(tmp, loss_type, swap=False):
-    """TRL's DPOTrainer._compute_loss on the exported models: (loss, its metrics, the loss's
-    gradient w.r.t. layer 0's q_proj). swap: chosen and rejected exchanged."""
+@pytest.fixture(scope="module")
+def trl_trainer(golden_models):
+    """TRL's DPOTrainer around the exported policy and reference (built once: the loss type is
+    switched per test, which is all `_compute_loss` reads of it)."""
     import torch
     import transformers
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    tmp = golden_models[3]
     torch.manual_seed(0)
     load = transformers.AutoModelForCausalLM.from_pretrained
     model = load(tmp / "policy", dtype=torch.float32)
     ref = load(tmp / "reference", dtype=torch.float32)
-    examples = [{"prompt_ids": [1, *p], "chosen_ids": [*(r if swap else c), 2],
-                 "rejected_ids": [*(c if swap else r), 2]} for p, c, r in PAIRS]
-    args = DPOConfig(output_dir=str(tmp / "trl"), beta=BETA, loss_type=[loss_type],
+    args = DPOConfig(output_dir=str(tmp / "trl"), beta=BETA, loss_type=["sigmoid"],
                      report_to=[], use_cpu=True, bf16=False, fp16=False,
                      per_device_train_batch_size=len(PAIRS))
     data = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data,
-                         processing_class=_hf_tokenizer())
+    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data,
+                      processing_class=_hf_tokenizer())
+
+
+def trl_loss(trainer, loss_type, swap=False):
+    """TRL's DPOTrainer._compute_loss on the exported models and PAIRS: (loss, its metrics, the
+    loss's gradient w.r.t. layer 0's q_proj). swap: chosen and rejected exchanged."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    examples = [{"prompt_ids": [1, *p], "chosen_ids": [*(r if swap else c), 2],
+                 "rejected_ids": [*(c if swap else r), 2]} for p, c, r in PAIRS]
     inputs = DataCollatorForPreference(pad_token_id=0)(examples)
+    model = trainer.model
     model.train()
+    model.zero_grad()
     loss = trainer._compute_loss(model, inputs, return_outputs=False)
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grad = model.model.layers[0].self_attn.q_proj.weight.grad.numpy()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad.numpy().copy()
     return float(loss.detach()), metrics, grad
 
 
@@ -196,44 +207,54 @@ def _hf_tokenizer():
                                                 eos_token="t2", bos_token="t1")
 
 
-def our_loss(cfg, policy, reference):
+def our_losses(cfg, policy, reference):
+    """{(loss, label smoothing): (loss, means of the reward metrics, gradients)} for VARIANTS,
+    one jitted program (one compile) for all of them."""
     from bignlp_jax.train.dpo import pair_means, pair_sums
 
     batch = pair_batch()
 
-    def loss_fn(p):
-        s, aux = pair_sums(p, reference, batch, cfg)
-        return s / aux["pairs"], aux
+    def variant(loss, smoothing):
+        c = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(
+            update={"loss": loss, "label_smoothing": smoothing})})
 
-    (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(policy)
-    means = pair_means(loss * aux["pairs"], aux)
-    return float(loss), {k: float(v) for k, v in means.items()}, grads
+        def loss_fn(p):
+            s, aux = pair_sums(p, reference, batch, c)
+            return s / aux["pairs"], aux
+
+        (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy)
+        return value, pair_means(value * aux["pairs"], aux), grads
+
+    results = jax.jit(lambda: [variant(*v) for v in VARIANTS])()
+    return {v: (float(loss), {k: float(x) for k, x in means.items()}, grads)
+            for v, (loss, means, grads) in zip(VARIANTS, results)}
 
 
-@pytest.mark.parametrize(("loss", "smoothing"), VARIANTS)
-def test_loss_and_rewards_match_trl(golden_models, loss, smoothing):
-    cfg, policy, reference, tmp = golden_models
-    cfg = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(
-        update={"loss": loss, "label_smoothing": smoothing})})
-    ours, means, grads = our_loss(cfg, policy, reference)
-    theirs, metrics, their_grad = trl_loss(tmp, loss)
-    if smoothing:
-        # conservative DPO = (1 - e) * DPO(pairs) + e * DPO(pairs with the answers swapped)
-        swapped, _, swapped_grad = trl_loss(tmp, loss, swap=True)
-        theirs = (1 - smoothing) * theirs + smoothing * swapped
-        their_grad = (1 - smoothing) * their_grad + smoothing * swapped_grad
-    assert ours == pytest.approx(theirs, rel=1e-5)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected"):
-        assert means[name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), name
-    assert 0 < means["rewards/accuracies"] < 1  # the pairs disagree: accuracy is not trivial
-    # layer 0 of our fused qkv [layers, D, kv heads, G + 2, head_dim] holds q in slots :G
-    # (hf/layout.py); HF's q_proj.weight is [heads * head_dim, D]
-    qkv = np.asarray(grads["blocks"]["attn"]["qkv"][0])
-    G = cfg.model.num_heads // cfg.model.kv_heads
-    ours_q = qkv[:, :, :G, :].reshape(qkv.shape[0], -1).T
-    scale = float(np.abs(their_grad).max())
-    assert scale > 0 and float(np.abs(ours_q - their_grad).max()) <= 1e-4 * scale
+def test_loss_rewards_and_gradient_match_trl(golden_models, trl_trainer):
+    """sigmoid, conservative sigmoid, ipo and hinge: the loss and TRL's reward metrics within
+    1e-5 relative, the gradient w.r.t. layer 0's q projection within 1e-4 of its scale."""
+    cfg, policy, reference, _ = golden_models
+    ours_all = our_losses(cfg, policy, reference)
+    for (loss, smoothing), (ours, means, grads) in ours_all.items():
+        theirs, metrics, their_grad = trl_loss(trl_trainer, loss)
+        if smoothing:
+            # conservative DPO = (1 - e) DPO(pairs) + e DPO(pairs with the answers swapped)
+            swapped, _, swapped_grad = trl_loss(trl_trainer, loss, swap=True)
+            theirs = (1 - smoothing) * theirs + smoothing * swapped
+            their_grad = (1 - smoothing) * their_grad + smoothing * swapped_grad
+        where = f"dpo.loss={loss} label_smoothing={smoothing}"
+        assert ours == pytest.approx(theirs, rel=1e-5), where
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                     "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert means[name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), (where, name)
+        assert 0 < means["rewards/accuracies"] < 1  # the pairs disagree: not a trivial 0 or 1
+        # layer 0 of our fused qkv [layers, D, kv heads, G + 2, head_dim] holds q in slots :G
+        # (hf/layout.py); HF's q_proj.weight is [heads * head_dim, D]
+        qkv = np.asarray(grads["blocks"]["attn"]["qkv"][0])
+        G = cfg.model.num_heads // cfg.model.kv_heads
+        ours_q = qkv[:, :, :G, :].reshape(qkv.shape[0], -1).T
+        scale = float(np.abs(their_grad).max())
+        assert scale > 0 and float(np.abs(ours_q - their_grad).max()) <= 1e-4 * scale, where
 
 
 # ------------------------------------------------------------------------------------------
