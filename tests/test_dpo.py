@@ -262,7 +262,10 @@ def test_loss_rewards_and_gradient_match_trl(golden_models, trl_trainer):
 
 SMALL = ["model.vocab_size=1024", "model.num_layers=1", "model.hidden=32", "model.num_heads=2",
          "model.mlp_dim=64", "data.seq_len=48", "model.max_seq_len=48",
-         "train.global_batch_size=8", "train.log_every=1"]
+         "train.global_batch_size=8", "train.log_every=1",
+         # Llama-style, so that LoRA runs export to peft
+         "model.family=llama", "model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu",
+         "model.use_bias=false", "model.tie_embeddings=false"]
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +303,11 @@ def params_of(run_dir, cfg, step):
 @pytest.mark.slow
 def test_dpo_trains_from_log2_with_microbatches_and_resumes_bitwise(base_run, tmp_path):
     """Step 1 sees policy == reference: loss log 2, every reward 0. Three steps with two
-    microbatches on a data x fsdp x tensor mesh, with TRL's metric names (and eval_ ones), equal a run stopped at step 2 and
-    resumed, bitwise."""
+    microbatches on a data x fsdp x tensor mesh, with TRL's metric names (metrics.jsonl, eval_
+    ones, TensorBoard), equal a run stopped at step 2 and resumed, bitwise; `eval`, `generate`
+    and `export` work on the run."""
+    from bignlp_jax.cli import main
+    from bignlp_jax.evaluate.run import evaluate_run
     from bignlp_jax.train.loop import train
     from bignlp_jax.train.metrics import read_metrics
 
@@ -319,6 +325,16 @@ def test_dpo_trains_from_log2_with_microbatches_and_resumes_bitwise(base_run, tm
     assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
             "eval_logps/chosen"} <= set(last)
 
+    events = next((tmp_path / "a" / "tensorboard").iterdir()).read_bytes()
+    assert b"rewards/accuracies" in events and b"logps/rejected" in events
+    results = evaluate_run(cfg)  # the whole held-out split, policy vs the init_from model
+    assert results["task"] == "preference" and results["examples"] > 100
+    assert 0 < results["rewards/accuracies"] <= 1 and results["logps/chosen"] < 0
+    assert main(["generate", "--run", str(cfg.run.dir), "--prompt", "Logging", "--max-new-tokens",
+                 "2"]) == 0
+    assert main(["export", "--run", str(cfg.run.dir), "--format", "hf",
+                 "--out", str(tmp_path / "hf")]) == 0
+
     b = tmp_path / "b"
     train(align_config(base_run, b, "train.steps=2", *mesh))
     train(align_config(base_run, b, "train.steps=3", *mesh))
@@ -332,8 +348,9 @@ def test_dpo_trains_from_log2_with_microbatches_and_resumes_bitwise(base_run, tm
 def test_lora_reference_is_the_base_with_adapters_off(base_run, tmp_path):
     """With LoRA the reference is the base weights with the adapters off: the same log-probs
     as a separate frozen copy (either way round, with trained adapters), the loss starts at
-    log 2, and training leaves the base weights bitwise unchanged."""
+    log 2, training leaves the base weights bitwise unchanged, and the run exports to peft."""
     from bignlp_jax.checkpoint import load_params
+    from bignlp_jax.cli import main
     from bignlp_jax.data.tasks.source import make_task_source
     from bignlp_jax.model.lora import KEY as LORA_KEY
     from bignlp_jax.train.dpo import pair_sums, reference_logps
@@ -351,6 +368,10 @@ def test_lora_reference_is_the_base_with_adapters_off(base_run, tmp_path):
                                      trained_base, base))
     assert any(float(np.abs(np.asarray(b)).max()) > 0
                for b in jax.tree.leaves(trained[LORA_KEY]))  # the adapters did train
+    for fmt_args in (["--format", "peft"], ["--format", "hf", "--merge"]):
+        out = tmp_path / fmt_args[1]
+        assert main(["export", "--run", str(cfg.run.dir), *fmt_args, "--out", str(out)]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
 
     batch = next(make_task_source(cfg, "train", (0, 8)))
     frozen_copy = jax.tree.map(lambda x: np.array(x, copy=True), base)
@@ -358,8 +379,9 @@ def test_lora_reference_is_the_base_with_adapters_off(base_run, tmp_path):
     copy = jax.jit(lambda p, r, b: reference_logps(p, r, b, cfg))(trained, frozen_copy, batch)
     assert (np.asarray(off) == np.asarray(copy)).all()
     # the whole loss: adapters-off reference vs the copy given explicitly
-    loss_off = jax.jit(lambda p, b: pair_sums(p, None, b, cfg))(trained, batch)
-    loss_copy = jax.jit(lambda p, r, b: pair_sums(p, r, b, cfg))(trained, frozen_copy, batch)
+    loss_off, loss_copy = jax.jit(lambda p, r, b: (pair_sums(p, None, b, cfg),
+                                                   pair_sums(p, r, b, cfg)))(
+        trained, frozen_copy, batch)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(x == y), loss_off, loss_copy))
 
 
