@@ -57,6 +57,7 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
     trainer = Trainer.build(cfg, devices)  # the mesh and the batch split are checked here
     source = make_source(cfg, "train", trainer.rows)
     start = start_state(cfg, trainer.layout, source, run_dir)
+    trainer.load_reference()  # preference tuning: the frozen init_from model (every start)
     record_start(checked, start)  # after the restore: a config its checkpoints refuse is not kept
     if start.step >= cfg.train.steps:
         if jax.process_index() == 0:
