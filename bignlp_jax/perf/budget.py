@@ -49,11 +49,19 @@ def size_text(n: float) -> str:
 
 
 def batch_rows(flops: float, seq_len: int, devices: int) -> tuple[int, str]:
-    """DeepSeek's batch in rows of seq_len, rounded to a multiple of the device count."""
+    """DeepSeek's batch in rows of seq_len, rounded to a multiple of as many devices as keeps
+    it within 10% of the fit: every mesh whose data x fsdp divides that multiple can split it.
+    Never to fewer than devices / 64 (tensor x sequence parallelism covers at most 64)."""
     rows = optimal_batch_tokens(flops) / seq_len
-    rounded = max(devices, round(rows / devices) * devices)
-    note = (f"{rows:,.1f} rows of {seq_len} fitted, {rounded} = a multiple of {devices} devices"
-            + (" (raised to one row per device)" if rows < devices / 2 else ""))
+    floor = max(1, devices // 64)
+    multiple = devices
+    while multiple > floor and multiple % 2 == 0 and \
+            abs(max(1, round(rows / multiple)) * multiple / rows - 1) > 0.10:
+        multiple //= 2
+    rounded = max(1, round(rows / multiple)) * multiple
+    note = f"{rows:,.1f} rows fitted, rounded to a multiple of {multiple}"
+    if abs(rounded / rows - 1) > 0.10:
+        note += f" ({rounded / rows - 1:+.0%}: fewer rows than the devices can split)"
     return rounded, note
 
 

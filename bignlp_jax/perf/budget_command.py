@@ -136,7 +136,10 @@ def print_report(r: dict) -> None:
         print(f"mesh             nothing compiled: every candidate needs more than "
               f"{i['device_memory_gb']:g} GiB by the analytic estimate")
     else:
-        text = " x ".join(f"{k} {v}" for k, v in mesh["config_mesh"].items())
+        axes = mesh["config_mesh"]
+        text = " x ".join(f"{k} {axes[k]}" for k in ("data", "fsdp", "sequence", "tensor"))
+        if "dcn_data" in axes:
+            text += f" (over DCN: data {axes['dcn_data']}, fsdp {axes['dcn_fsdp']} hosts)"
         print(f"mesh             {text}, remat {best['remat']}, {best['microbatches']} "
               f"microbatches: {best['total_gib_per_device']:.1f} GiB/device of "
               f"{i['device_memory_gb']:g} ({mesh['n_fitting']} of {mesh['n_compiled']} "

@@ -145,6 +145,7 @@ def resolve(args) -> Inputs:
                                                                 mfu)
     else:
         days = args.days
+        assert devices is not None  # checked above: no --flops means --devices and --days
         flops = budget_flops(devices, spec.peak_tflops, mfu, days)
         how = (f"{devices} x {spec.name} ({spec.peak_tflops:g} TFLOP/s peak) x MFU {mfu:g} x "
                f"{days:g} days")
