@@ -87,7 +87,9 @@ def config_tree(inp: Inputs, model, rows: int, steps: int, lr: float) -> dict:
 
 def _with_plan(tree: dict, plan: dict, scale: int, devices: int, host_size: int) -> dict:
     """`tree` with the plan's mesh (data axis x `scale`), DCN split, remat and microbatches."""
-    mesh = {"data": plan["mesh"]["data"] * scale,
+    # data -1 ("the devices left over", planned as plan's data x scale): the config also
+    # loads for describe/train on other device counts
+    mesh = {"data": -1,
             **{k: plan["mesh"][k] for k in ("fsdp", "sequence", "tensor")}}
     dcn_fsdp = plan["dcn"].get("fsdp", 1)
     hosts = devices // host_size if devices > host_size and devices % host_size == 0 else 1
@@ -155,7 +157,8 @@ def plan_budget(inp: Inputs, time_budget: float, max_compiles: int, log) -> dict
         "mesh": {"best": best, "fits": bool(fitting), "n_fitting": len(fitting),
                  "n_compiled": len(fitting) + len(too_big), "n_skipped": len(skipped),
                  "simulated_devices": n_sim, "data_scale": scale,
-                 "config_mesh": tree["mesh"],
+                 "config_mesh": {**tree["mesh"], "data": best["mesh"]["data"] * scale}
+                 if best else tree["mesh"],  # the config's mesh, its data axis as planned
                  "largest_fitting_params": inp.devices * 0.9 * inp.memory_gb * 2**30
                  / BYTES_PER_PARAM},
         "time": {"flops_per_token": fpt, "step_s_at_mfu": step_at_mfu,
@@ -179,7 +182,7 @@ def header(result: dict) -> str:
         f"  {law['source']}.",
         f"Batch and learning rate: {result['batch']['source']}; step decay x0.316 at 80% and "
         "x0.1 at 90% of the steps.",
-        f"Mesh planned for {i['devices']} x {i['device']} with {i['device_memory_gb']:g} GiB "
+        f"Mesh planned for {i['devices']} x {i['device']} with {i['device_memory_gb']:.3g} GiB "
         "each" + ("" if result["mesh"]["fits"] else " (NO PLAN FITS: this mesh is the "
                   "smallest compiled, it does not fit)") + f"; family {i['family']}, "
         f"seq_len {i['seq_len']}, vocabulary {i['vocab']}.",

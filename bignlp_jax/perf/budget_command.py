@@ -142,7 +142,7 @@ def print_report(r: dict) -> None:
             text += f" (over DCN: data {axes['dcn_data']}, fsdp {axes['dcn_fsdp']} hosts)"
         print(f"mesh             {text}, remat {best['remat']}, {best['microbatches']} "
               f"microbatches: {best['total_gib_per_device']:.1f} GiB/device of "
-              f"{i['device_memory_gb']:g} ({mesh['n_fitting']} of {mesh['n_compiled']} "
+              f"{i['device_memory_gb']:.3g} ({mesh['n_fitting']} of {mesh['n_compiled']} "
               f"compiled plans fit)")
     if not mesh["fits"]:
         print(f"                 NO PLAN FITS on {i['devices']} x {i['device']}: parameters, "
