@@ -7,7 +7,9 @@ import pytest
 
 from bignlp_jax import cli
 from bignlp_jax.config import load_config
+from bignlp_jax.config.loader import CONFIG_ROOT
 from bignlp_jax.perf.budget_inputs import device_spec, resolve
+from bignlp_jax.perf.budget_shape import DEFAULT_VOCAB, choose_shape, closest_preset
 from bignlp_jax.perf.scaling_law import LAWS, compute_optimal
 
 # The published constants, written out here rather than read from the module under test.
@@ -45,6 +47,20 @@ def test_closed_form_matches_numeric_minimum(law, C):
     assert opt.params == pytest.approx(n, rel=1e-6)
     assert opt.tokens == pytest.approx(d, rel=1e-6)
     assert opt.loss == pytest.approx(loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("family, n, preset", [("gpt3", 1.3e9, "gpt3_1.3b.yaml"),
+                                               ("llama", 7.22e10, "llama3_70b.yaml")])
+def test_shape_is_within_10_percent_and_shards(family, n, preset):
+    shape = choose_shape(family, n, DEFAULT_VOCAB[family], 4096)
+    m = shape.model
+    assert abs(shape.params / n - 1) <= 0.10
+    assert m.dim_per_head == 128 and m.num_heads * 128 == m.hidden and m.hidden % 1024 == 0
+    assert m.kv_heads == (8 if family == "llama" else m.num_heads)
+    assert m.mlp_dim % 256 == 0 and m.mlp_dim / m.hidden == pytest.approx(
+        3.5 if family == "llama" else 4.0, rel=0.05)
+    assert 32 <= m.hidden / m.num_layers <= 256
+    assert closest_preset(family, shape.params, CONFIG_ROOT / "models")[0] == preset
 
 
 def _args(*argv):
