@@ -150,3 +150,16 @@ def test_cpu_budget_gives_a_model_that_trains_here(tmp_path, capsys):
     # one step of it, with a batch this machine takes in seconds
     assert cli.main(["train", str(out), "train.steps=1", "train.global_batch_size=8",
                      f"run.dir={tmp_path / 'run'}"]) == 0
+
+
+def test_no_plan_fits_says_so_and_how_large_a_model_would(tmp_path, capsys):
+    out = tmp_path / "small.yaml"
+    assert cli.main(["plan", "--budget", "--flops", "1e14", "--devices", "8", "--vocab", "256",
+                     "--seq-len", "64", "--device-memory-gb", "0.0001", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(text.strip().splitlines()[-1])
+    assert result["mesh"]["none_fits"] and result["mesh"]["best"] is None
+    largest = 8 * 0.9 * 0.0001 * 2**30 / 16
+    assert result["mesh"]["largest_fitting_params"] == pytest.approx(largest)
+    assert "NO PLAN FITS on 8 x h100" in text and f"~{largest / 1e9:.3g}B parameters" in text
+    assert "NO PLAN FITS" in out.read_text().splitlines()[4]

@@ -155,6 +155,10 @@ def plan_budget(inp: Inputs, time_budget: float, max_compiles: int, log) -> dict
                   "boundaries": tree["optimizer"]["boundaries"],
                   "gamma": tree["optimizer"]["gamma"]},
         "mesh": {"best": best, "fits": bool(fitting), "n_fitting": len(fitting),
+                 # none fits: every compiled plan was too big and every other candidate too
+                 # big by the analytic estimate (not merely left out by the search's bounds)
+                 "none_fits": not fitting and (bool(too_big) or bool(skipped)) and all(
+                     s["why"].startswith("needs") for s in skipped),
                  "n_compiled": len(fitting) + len(too_big), "n_skipped": len(skipped),
                  "simulated_devices": n_sim, "data_scale": scale,
                  "config_mesh": {**tree["mesh"], "data": best["mesh"]["data"] * scale}
@@ -183,8 +187,9 @@ def header(result: dict) -> str:
         f"Batch and learning rate: {result['batch']['source']}; step decay x0.316 at 80% and "
         "x0.1 at 90% of the steps.",
         f"Mesh planned for {i['devices']} x {i['device']} with {i['device_memory_gb']:.3g} GiB "
-        "each" + ("" if result["mesh"]["fits"] else " (NO PLAN FITS: this mesh is the "
-                  "smallest compiled, it does not fit)") + f"; family {i['family']}, "
+        "each" + (" (NO PLAN FITS: this mesh is the smallest compiled)"
+                  if result["mesh"]["none_fits"] else "" if result["mesh"]["fits"] else
+                  " (no mesh compiled within the search's bounds)") + f"; family {i['family']}, "
         f"seq_len {i['seq_len']}, vocabulary {i['vocab']}.",
     ]
     return "".join(f"# {line}\n" for line in lines)

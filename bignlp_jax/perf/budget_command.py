@@ -132,9 +132,12 @@ def print_report(r: dict) -> None:
           f", warmup {t['warmup_steps']}, x{t['gamma']} at steps {t['boundaries'][0]:,} and "
           f"{t['boundaries'][1]:,} (80%, 90%)")
     best = mesh["best"]
-    if best is None:
+    if best is None and mesh["none_fits"]:
         print(f"mesh             nothing compiled: every candidate needs more than "
               f"{i['device_memory_gb']:g} GiB by the analytic estimate")
+    elif best is None:
+        print("mesh             not searched: no candidate compiled within --max-compiles / "
+              "--time-budget; the config keeps mesh.data=-1")
     else:
         axes = mesh["config_mesh"]
         text = " x ".join(f"{k} {axes[k]}" for k in ("data", "fsdp", "sequence", "tensor"))
@@ -144,7 +147,7 @@ def print_report(r: dict) -> None:
               f"microbatches: {best['total_gib_per_device']:.1f} GiB/device of "
               f"{i['device_memory_gb']:.3g} ({mesh['n_fitting']} of {mesh['n_compiled']} "
               f"compiled plans fit)")
-    if not mesh["fits"]:
+    if mesh["none_fits"]:
         print(f"                 NO PLAN FITS on {i['devices']} x {i['device']}: parameters, "
               f"gradients and AdamW state alone fit for at most "
               f"~{mesh['largest_fitting_params'] / 1e9:.3g}B parameters fully sharded; use more "
