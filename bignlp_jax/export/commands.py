@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
 from bignlp_jax.writable import require_writable
 
@@ -66,16 +67,21 @@ def run_shardings(cfg):
 
 
 def run_tokenizer(run: Path, cfg) -> Path | None:
-    """The run's tokenizer: RUN_DIR/tokenizer (copied there by training), else data.tokenizer."""
-    for candidate in (run / "tokenizer", run.parent / "tokenizer", run.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.model").is_file():
-            return candidate
-    if cfg.data.tokenizer:
-        if not storage.path(cfg.data.tokenizer).exists():
-            print(f"warning: the run's tokenizer {cfg.data.tokenizer} does not exist; exporting "
-                  "without tokenizer files", file=sys.stderr)
-            return None
-        return storage.path(cfg.data.tokenizer)
+    """The run's own tokenizer (RUN_DIR/tokenizer/, copied there by training), or None.
+
+    Only what lies inside the run directory is exported: `data.tokenizer` in its config.yaml
+    may name any file, and a run directory can come from anyone."""
+    from bignlp_jax.checkpoint import run_root
+
+    root = run_root(run)
+    for name in ("tokenizer/tokenizer.json", "tokenizer"):
+        contained(root, name)  # a symlink out of the run directory is refused
+    if contained(root, "tokenizer/tokenizer.model").is_file():
+        return root / "tokenizer"
+    if cfg.data.tokenizer:  # training copies it in: a run without it was made elsewhere
+        raise UserError(f"{root} holds no tokenizer/ but its config.yaml names data.tokenizer="
+                        f"{cfg.data.tokenizer}, which is outside the run directory and not "
+                        f"exported; fix: copy that tokenizer directory to {root / 'tokenizer'}")
     return None
 
 
@@ -105,9 +111,9 @@ def cmd_export(args) -> int:
         raise UserError(f"{run} is a LoRA run: its weights are the base plus adapters\n"
                         f"  fix: add --merge for merged --format {args.format} weights, or use "
                         "--format peft for the adapters alone")
+    tokenizer = run_tokenizer(run, cfg)  # refused before any weights are read
     params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg), lora=cfg.lora,
                          merged=args.format != "peft")
-    tokenizer = run_tokenizer(run, cfg)
     if args.format == "peft":
         from bignlp_jax.export.peft import export_peft
 
@@ -139,10 +145,11 @@ def _hf_tokenizer(source: Path):
     """The Hugging Face model's SentencePiece tokenizer, if it has one we can load."""
     from bignlp_jax.data.tokenizer import load_tokenizer
 
-    if not (source / "tokenizer.model").is_file():
+    model = contained(source, "tokenizer.model")  # a symlink out of the folder is refused
+    if not model.is_file():
         return None
     try:
-        return load_tokenizer(source / "tokenizer.model")
+        return load_tokenizer(model)
     except UserError:
         return None
 

@@ -1,0 +1,324 @@
+"""Untrusted inputs: crafted folders, manifests, launcher values and YAML, tried as an attacker would.
+
+Payload lists live here; every reader and writer is tried with them and must (a) execute
+nothing, (b) read and write nothing outside the folders it was given, and (c) refuse in one
+line (exit 2 for the CLI). Unit calls wherever they reach the same code as a command.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_export_hf import VARIANTS, random_params
+
+from bignlp_jax.cli import main
+from bignlp_jax.containment import check_tree, contained
+from bignlp_jax.errors import UserError
+from bignlp_jax.hf.weights import export_hf
+
+# names a file inside a folder may give for another file, none of which stays inside it
+TRAVERSAL = ["../outside.bin", "a/../../outside.bin", "/etc/passwd", "/dev/zero", "gs://b/x",
+             "s3://b/../x", "..", "..\\outside.bin", "C:\\Windows\\x", "", "a\0b"]
+# characters a shell, sbatch or YAML gives a meaning to
+SHELL = ["$(touch {canary})", "`touch {canary}`", "; touch {canary}", "| touch {canary}",
+         "&& touch {canary}", "\ntouch {canary}", "'; touch {canary}; '", '"; touch {canary}; "']
+YAML = ["a: b", "- x", "{x: 1}", "[1]", "&a *a", "!!python/object:os.system", "0o17", "yes",
+        "no", "on", "1e3", "0x1f", "~", "null", "1_000", "2001-01-01", "'q", '"q', "# c",
+        "a\nb: c", "%TAG", "@x", "`x", "|", ">"]
+
+
+@pytest.fixture(scope="module")
+def opened():
+    """Paths Python opens while a test's `watch` is on (sys.addaudithook: open, os.open)."""
+    seen: list[str] = []
+    on = [False]
+
+    def hook(event, args):
+        if on[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            seen.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+
+    class Watch:
+        def __enter__(self):
+            seen.clear()
+            on[0] = True
+            return seen
+
+        def __exit__(self, *exc):
+            on[0] = False
+
+    return Watch
+
+
+def _inside(paths, *folders) -> list[str]:
+    """The opened paths that lie outside every folder (and outside Python's own files)."""
+    allowed = [Path(f).resolve() for f in folders]
+    allowed += [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, *sys.path} if p]
+    return [p for p in paths if not any(Path(p).resolve().is_relative_to(a) for a in allowed)]
+
+
+def _one_line_refusal(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ---------------------------------------------------------------------- containment rule
+
+@pytest.mark.parametrize("name", TRAVERSAL)
+def test_names_leaving_the_folder_are_refused_local_and_bucket(tmp_path, name):
+    (tmp_path / "in").mkdir()
+    for folder in (tmp_path / "in", "gs://bucket/in", "s3://bucket/in"):
+        with pytest.raises(UserError) as e:
+            contained(folder, name)
+        assert len(str(e.value).splitlines()) == 1 and str(folder) in str(e.value)
+
+
+def test_names_inside_are_kept_and_symlinks_that_leave_are_refused(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.bin").write_bytes(b"x")
+    (tmp_path / "secret").write_text("outside")
+    (folder / "inner").symlink_to(folder / "sub" / "a.bin")  # stays inside: fine
+    assert contained(folder, "sub/../sub/a.bin") == folder / "sub/../sub/a.bin"
+    assert contained(folder, "inner") == folder / "inner"
+    assert str(contained("gs://b/run", "sub/./x")) == "gs://b/run/sub/x"
+    (folder / "leak").symlink_to(tmp_path / "secret")
+    (folder / "dirleak").symlink_to(tmp_path)
+    (folder / "zero").symlink_to("/dev/zero")
+    for name in ("leak", "dirleak/secret", "zero"):
+        with pytest.raises(UserError, match=f"'{name}'.*{folder}"):
+            contained(folder, name)
+    os.mkfifo(folder / "pipe")  # inside, but reading it would block forever
+    with pytest.raises(UserError, match="not a regular file"):
+        contained(folder, "pipe")
+    with pytest.raises(UserError, match="refused"):
+        check_tree(folder)
+
+
+# ---------------------------------------------------------------------- Hugging Face import
+
+@pytest.fixture(scope="module")
+def hf_sharded(tmp_path_factory):
+    """A small Llama in several safetensors files with an index, plus a tokenizer.model."""
+    cfg = VARIANTS["llama_gqa"]
+    out = tmp_path_factory.mktemp("hf") / "model"
+    export_hf(random_params(cfg), cfg, out, max_shard_size="8KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+def _crafted(hf_sharded, tmp_path, payload: str):
+    """A copy of the model under tmp_path/in whose index points one tensor at `payload`
+    (a real weight file copied outside, so a reader that follows the name imports it)."""
+    folder = tmp_path / "in" / "model"
+    shutil.copytree(hf_sharded, folder)
+    first = sorted(folder.glob("*.safetensors"))[0]
+    shutil.copy(first, tmp_path / "outside.safetensors")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(k for k, v in data["weight_map"].items() if v == first.name)
+    data["weight_map"][name] = payload.format(outside=tmp_path / "outside.safetensors")
+    index.write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("payload", ["../../outside.safetensors", "{outside}", "/etc/passwd",
+                                     "/dev/zero", "sub/../../../outside.safetensors"])
+def test_import_refuses_a_weight_map_naming_files_outside(hf_sharded, tmp_path, payload, capsys,
+                                                          opened):
+    folder = _crafted(hf_sharded, tmp_path, payload)
+    with opened() as seen:
+        code = main(["import", "--from", str(folder), "--out", str(tmp_path / "run")])
+    assert code == 2
+    _one_line_refusal(capsys, "model.safetensors.index.json", str(folder))
+    assert _inside(seen, folder) == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_refuses_symlinks_out_of_the_model_folder(hf_sharded, tmp_path, capsys, opened):
+    (tmp_path / "secret.model").write_bytes(b"not yours")
+    shard = sorted(hf_sharded.glob("*.safetensors"))[0].name
+    for name, target in (("tokenizer.model", tmp_path / "secret.model"),
+                         ("config.json", Path("/etc/passwd")),
+                         (shard, tmp_path / "secret.model")):
+        folder = tmp_path / name / "model"
+        shutil.copytree(hf_sharded, folder)
+        if (folder / name).exists():
+            (folder / name).unlink()
+        (folder / name).symlink_to(target)
+        with opened() as seen:
+            code = main(["import", "--from", str(folder), "--out", str(tmp_path / name / "run")])
+        assert code == 2, name
+        _one_line_refusal(capsys, name, str(folder), "symlink")
+        assert _inside(seen, folder) == []
+        assert not (tmp_path / name / "run").exists()
+
+
+# ---------------------------------------------------------------------- listening sockets
+
+REPO = Path(__file__).resolve().parents[1]
+# A stand-in for the `bignlp-jax` executable: the coordinator sub-command is the real one; a
+# worker joins the job as every command does, brings up the cross-process (gloo) collectives,
+# then waits so the test can list what the job listens on.
+WORKER = """#!{python}
+import os, sys, time
+if sys.argv[1] == "coordinator":
+    from bignlp_jax.cli import main
+    sys.exit(main(sys.argv[1:]))
+import jax
+from jax.experimental import multihost_utils
+from bignlp_jax.parallel.distributed import maybe_initialize
+maybe_initialize(None)
+multihost_utils.process_allgather(jax.numpy.ones(1))
+open(os.path.join({out!r}, f"ready.{{jax.process_index()}}"), "w").close()
+while not os.path.exists(os.path.join({out!r}, "go")):
+    time.sleep(0.05)
+"""
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """host:port of every TCP socket in LISTEN state that one of `pids` holds."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(words)
+                if ip.version == 6 and ip.ipv4_mapped:
+                    ip = ip.ipv4_mapped
+                out.append(f"{'loopback' if ip.is_loopback else 'WIDE'} {ip}:{int(port, 16)}")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["launcher", "process0"])
+def test_a_local_job_listens_on_loopback_only(tmp_path, mode):
+    script = tmp_path / "fake-bignlp-jax"
+    script.write_text(WORKER.format(python=sys.executable, out=str(tmp_path)))
+    script.chmod(0o755)
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
+         "--devices-per-process", "1", "--bignlp-jax", str(script),
+         "--coordination-service", mode, "--", "train"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready.{i}").exists() for i in range(2)):
+            assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the workers did not join"
+            time.sleep(0.1)
+        listeners = _listening(_descendants(launcher.pid))
+    finally:
+        (tmp_path / "go").touch()
+        output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    assert listeners, "found no listener at all (the coordination service must be one)"
+    assert [x for x in listeners if not x.startswith("loopback")] == [], listeners
+
+
+# ---------------------------------------------------------------------- run directories
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A params-only run directory (GPT variant, no tokenizer) and an outside tokenizer."""
+    from bignlp_jax.config import Config, DataConfig, RunConfig
+    from bignlp_jax.data.tokenizer import train_tokenizer
+    from bignlp_jax.export.bundle import save_params_bundle
+
+    cfg = VARIANTS["gpt"]
+    root = tmp_path_factory.mktemp("bundle")
+    save_params_bundle(random_params(cfg), Config(model=cfg, data=DataConfig(seq_len=32),
+                                                  run=RunConfig(dir=str(root / "run"))),
+                       root / "run", step=3)
+    tok = root / "outside_tokenizer"
+    train_tokenizer(["def f(x):\n    return x\n" * 20, "class A:\n    pass\n" * 20], tok,
+                    vocab_size=300)
+    return root / "run", tok
+
+
+def _crafted_run(bundle, tmp_path) -> Path:
+    run = tmp_path / "in" / "run"
+    shutil.copytree(bundle[0], run, symlinks=True)
+    return run
+
+
+def _export(run, tmp_path, capsys, opened, *needles):
+    out = tmp_path / "o" / "out"  # the writability probe writes beside it, in o/
+    with opened() as seen:
+        code = main(["export", "--run", str(run), "--format", "hf", "--out", str(out)])
+    assert code == 2
+    _one_line_refusal(capsys, *needles)
+    assert _inside(seen, run, out.parent) == []
+    assert not out.exists()
+
+
+def test_export_copies_no_tokenizer_from_outside_the_run(bundle, tmp_path, capsys, opened):
+    run = _crafted_run(bundle, tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("tokenizer: null",
+                                                 f"tokenizer: {bundle[1]}"))
+    assert str(bundle[1]) in config.read_text()
+    _export(run, tmp_path, capsys, opened, "data.tokenizer", str(run))
+    (run / "tokenizer").symlink_to(bundle[1])  # the run's own tokenizer/, leading out
+    _export(run, tmp_path, capsys, opened, "'tokenizer", "symlink", str(run))
+
+
+def test_run_dir_files_that_lead_outside_are_refused(bundle, tmp_path, capsys, opened):
+    from bignlp_jax.checkpoint import resolve_step_dir
+
+    run = _crafted_run(bundle, tmp_path)
+    (tmp_path / "config.yaml").write_text((run / "config.yaml").read_text())
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to(tmp_path / "config.yaml")
+    _export(run, tmp_path, capsys, opened, "'config.yaml'", "symlink", str(run))
+
+    run = _crafted_run(bundle, tmp_path / "2")
+    state = run / "checkpoints" / "3" / "state"
+    victim = sorted(p for p in state.rglob("*") if p.is_file())[0]
+    shutil.move(victim, tmp_path / "moved")
+    victim.symlink_to(tmp_path / "moved")
+    with pytest.raises(UserError, match=f"symlink in {run}"):  # init_from, generate, export
+        resolve_step_dir(run)
+    _export(run, tmp_path / "2", capsys, opened, victim.name, str(run))
