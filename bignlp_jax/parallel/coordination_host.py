@@ -237,6 +237,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                                f"and --port {args.port} in 1..65535")
     if args.bind is None:
         args.bind = socket.gethostname()
+    if ":" in args.bind and not args.bind.startswith("["):
+        args.bind = f"[{args.bind}]"  # a bare IPv6 address (a pod's IP)
     _check_port_free(args.bind, args.port)  # jaxlib crashes (SIGSEGV) on a taken port
     heartbeat = args.heartbeat_timeout or HEARTBEAT_TIMEOUT
     linger = int(math.ceil(heartbeat))
