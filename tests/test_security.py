@@ -322,3 +322,107 @@ def test_run_dir_files_that_lead_outside_are_refused(bundle, tmp_path, capsys, o
     with pytest.raises(UserError, match=f"symlink in {run}"):  # init_from, generate, export
         resolve_step_dir(run)
     _export(run, tmp_path / "2", capsys, opened, victim.name, str(run))
+
+
+# ---------------------------------------------------------------------- launchers
+
+def _sbatch_argument(line: str) -> str:
+    """What sbatch makes of the value of one `#SBATCH --opt=VALUE` line (its _get_argument:
+    backslash escapes, double quotes group, `#` outside quotes starts a comment)."""
+    text = line.split("=", 1)[1]
+    out, quoted, escape = [], False, False
+    for c in text:
+        if escape:
+            out.append(c)
+            escape = False
+        elif c == "\\":
+            escape = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == "#" and not quoted:
+            break
+        elif c.isspace() and not quoted:
+            break
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+SBATCH_VALUES = [p.format(canary="CANARY") for p in SHELL] + [
+    "x\\", "a\\nb", 'a"b', "a#b", "a b", "tab\there", "nul\0", "%j", "$HOME", "ok-value_1.2"]
+
+
+@pytest.mark.parametrize("value", SBATCH_VALUES)
+def test_sbatch_values_reach_sbatch_unchanged_or_are_refused_in_one_line(tmp_path, value):
+    from launch.common import LaunchError, Stage
+    from launch.slurm import SlurmOptions, render_script
+
+    stage = Stage("train", ("train", "tiny", f"run.name={value}"))
+    for field in ("account", "partition", "qos", "time"):
+        try:
+            script = render_script(stage, SlurmOptions(**{field: value}), tmp_path / "job",
+                                   ["bignlp-jax"])
+        except LaunchError as e:
+            assert len(str(e).splitlines()) == 1 and f"--{field}" in str(e)
+            continue
+        [line] = [x for x in script.splitlines() if x.startswith(f"#SBATCH --{field}=")]
+        assert _sbatch_argument(line) == value, line
+        # the script itself, run by bash with stand-ins for srun/scontrol, executes nothing
+        fake = "srun() { :; }; scontrol() { :; }; export -f srun scontrol;"
+        subprocess.run(["bash", "-c", fake + " bash -s"], input=script, text=True,
+                       capture_output=True, cwd=tmp_path, timeout=60,
+                       env={**os.environ, "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n"})
+        assert not list(tmp_path.rglob("CANARY"))
+    # a verbatim --sbatch option is written bare: one holding any of them is refused
+    option = [f"--comment={value}"]
+    if any(c in value for c in '\\"#') or any(c.isspace() or ord(c) < 32 for c in value):
+        with pytest.raises(LaunchError, match="--comment"):
+            render_script(stage, SlurmOptions(sbatch_args=option), tmp_path / "job", ["x"])
+    else:
+        script = render_script(stage, SlurmOptions(sbatch_args=option), tmp_path / "job", ["x"])
+        assert f"#SBATCH --comment={value}\n" in script
+
+
+def test_long_paths_give_one_line(tmp_path, capsys):
+    from launch import slurm
+
+    long = str(tmp_path / ("d" * 300))
+    for argv in (["submit", "--job-dir", long, "tiny"], ["submit", "tiny", f"run.dir={long}"]):
+        assert slurm.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("too long" in err or "255" in err), err
+        assert len(err.strip().splitlines()) <= 2, err  # config errors: a heading, then the key
+
+
+def test_jobset_strings_read_the_same_in_yaml_1_1_and_1_2():
+    import io
+
+    import yaml
+    from ruamel.yaml import YAML as YAML12  # noqa: N811 - a YAML 1.2 reader
+
+    from launch.common import Stage
+    from launch.k8s_manifest import K8sOptions, render_jobset, to_yaml
+
+    env = {f"V{i}": value for i, value in enumerate(YAML + ["0o17", "1e3", "+1", ".5", "y", "n",
+                                                            "0b1", "-.inf", ".NaN", ""])}
+    stage = Stage("train", ("train", "tiny", *YAML))
+    manifest = render_jobset([stage], K8sOptions(name="demo", image="img", nodes=2, env=env))
+    text = to_yaml(manifest)
+    assert yaml.safe_load(text) == manifest
+    assert YAML12(typ="safe", pure=True).load(io.StringIO(text)) == manifest
+
+
+@pytest.mark.parametrize("change", [
+    {"name": "Bad_Name"}, {"namespace": "a b"}, {"namespace": "x" * 64},
+    {"service_account": "sa;rm"}, {"env": {"1BAD": "x"}}, {"env": {"A B": "x"}},
+    {"env": {"A\nB": "x"}}, {"node_selector": {"k": "v v"}}, {"node_selector": {"-k": "v"}},
+    {"pvcs": {"Claim!": "/data"}}, {"pvcs": {"data": "relative"}}, {"cpu": "lots"},
+    {"memory": "1GB; rm"}, {"image": "img\nkind: Secret"}])
+def test_kubernetes_names_are_checked_before_rendering(change):
+    from launch.common import LaunchError, Stage
+    from launch.k8s_manifest import K8sOptions, render_jobset
+
+    opts = K8sOptions(**{"name": "demo", "image": "img", "nodes": 2, **change})
+    with pytest.raises(LaunchError) as e:
+        render_jobset([Stage("train", ("train", "tiny"))], opts)
+    assert len(str(e.value).splitlines()) == 1
