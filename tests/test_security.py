@@ -426,3 +426,16 @@ def test_kubernetes_names_are_checked_before_rendering(change):
     with pytest.raises(LaunchError) as e:
         render_jobset([Stage("train", ("train", "tiny"))], opts)
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"secret line one\n  key: [unclosed\npassword: x : y\n",
+                                     b"\x00\xff\xfe secret", b"- just\n- a list\n"])
+def test_a_defaults_entry_that_is_not_yaml_is_not_echoed(tmp_path, content):
+    from bignlp_jax.config import load_config
+
+    (tmp_path / "secret.txt").write_bytes(content)
+    (tmp_path / "c.yaml").write_text("defaults: [secret.txt]\n")
+    with pytest.raises(UserError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "secret.txt" in str(e.value) and "secret line" not in str(e.value)
+    assert "password" not in str(e.value) and len(str(e.value).splitlines()) == 1
