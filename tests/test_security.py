@@ -439,3 +439,66 @@ def test_a_defaults_entry_that_is_not_yaml_is_not_echoed(tmp_path, content):
         load_config(tmp_path / "c.yaml")
     assert "secret.txt" in str(e.value) and "secret line" not in str(e.value)
     assert "password" not in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- user files are kept
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below `folder` with its bytes and mode (and every directory's mode)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mode)
+            for p in sorted(folder.rglob("*"))} | {".": (b"", folder.stat().st_mode)}
+
+
+def _user_dir(path: Path, *extra: str) -> Path:
+    """A directory of someone's files, with names our writers also use."""
+    (path / "notes").mkdir(parents=True)
+    for name in ("README.md", "report.md", "config.json", "config.yaml", "notes/todo.txt", *extra):
+        (path / name).write_text(f"the user's {name}\n")
+    path.chmod(0o751)
+    return path
+
+
+def test_writing_commands_never_replace_a_directory_of_user_files(bundle, hf_sharded, tmp_path,
+                                                                  capsys):
+    run, _ = bundle
+    cases = [
+        ["export", "--run", str(run), "--format", "hf", "--out"],
+        ["export", "--run", str(run), "--format", "params", "--out"],
+        ["import", "--from", str(hf_sharded), "--out"],
+    ]
+    for i, argv in enumerate(cases):
+        users = _user_dir(tmp_path / f"u{i}")
+        before = _snapshot(users)
+        for overwrite in ([], ["--overwrite"]):
+            assert main([*argv, str(users), *overwrite]) == 2, argv
+            _one_line_refusal(capsys, str(users), "no export of ours")
+            assert _snapshot(users) == before
+            assert sorted(p.name for p in users.parent.iterdir()) == sorted(
+                p.name for p in users.parent.iterdir() if not p.name.startswith("."))
+
+
+def test_an_earlier_export_is_replaced_only_with_overwrite_and_only_if_exact(bundle, tmp_path,
+                                                                             capsys):
+    run, _ = bundle
+    out = tmp_path / "out"
+    argv = ["export", "--run", str(run), "--format", "hf", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / ".bignlp-written.json").is_file()
+    assert main(argv) == 2
+    _one_line_refusal(capsys, "--overwrite")
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    (out / "my_notes.md").write_text("mine")  # the user adds a file to the export
+    before = _snapshot(out)
+    assert main([*argv, "--overwrite"]) == 2
+    _one_line_refusal(capsys, "my_notes.md")
+    assert _snapshot(out) == before
+
+
+def test_the_pipeline_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    out = _user_dir(tmp_path / "pipe", "loss_curves.png")
+    before = _snapshot(out)
+    assert main(["pipeline", str(REPO / "configs" / "pipelines" / "mini.yaml"),
+                 f"output_dir={out}"]) == 2
+    _one_line_refusal(capsys, "report.md", "loss_curves.png", str(out))
+    assert _snapshot(out) == before

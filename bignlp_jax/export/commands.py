@@ -15,6 +15,7 @@ from pathlib import Path
 from bignlp_jax import storage
 from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
+from bignlp_jax.owned import LEDGER, check_replaceable
 from bignlp_jax.writable import require_writable
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a LoRA run: fold the adapters into the weights (W + alpha/rank * BA)")
     p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (only one that holds exactly the "
+                        "files an export of ours wrote; anything else is never replaced)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="hf: split the weights into files of at most this size "
                         "(e.g. 2GB; default: 5GB)")
@@ -46,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source", required=True, help="Hugging Face model directory")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--dtype", default="float32", help="saved dtype: float32 (default) or bfloat16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier import or export in --out (never other files)")
     p.set_defaults(func=cmd_import)
 
 
@@ -97,6 +103,8 @@ def cmd_export(args) -> int:
         require_writable(Path(args.out).absolute().parent,
                          f"--out {args.out}: its parent directory", "--out DIR")
     storage.check_access(args.out, "--out")  # a bucket: before any weights are read
+    if storage.is_remote(args.out):  # a bucket: before any weights are read (a local --out is
+        check_replaceable(args.out, args.overwrite)  # checked by its writer process alone)
     run = storage.path(args.run)
     cfg = load_run_config(run)
     if args.format == "hf":
@@ -118,19 +126,19 @@ def cmd_export(args) -> int:
         from bignlp_jax.export.peft import export_peft
 
         out = export_peft(params["lora"], cfg.model, cfg.lora, storage.staging_dir(args.out),
-                          args.dtype)
-        out = storage.publish(out, args.out, "adapter_config.json")  # bucket --out: upload
+                          args.dtype, overwrite=args.overwrite)
+        out = storage.publish(out, args.out, LEDGER)  # bucket --out: upload
     elif args.format == "hf":
         out = export_hf(params, cfg.model, storage.staging_dir(args.out), args.dtype, tokenizer,
-                        args.max_shard_size)
-        out = storage.publish(out, args.out, "config.json")  # bucket --out: upload the files
+                        args.max_shard_size, overwrite=args.overwrite)
+        out = storage.publish(out, args.out, LEDGER)  # bucket --out: upload the files
     else:  # merged weights: the bundle is a plain model (no init_from, no adapters)
         from bignlp_jax.config import LoraConfig
 
         if lora:
             cfg = cfg.model_copy(update={"lora": LoraConfig(), "init_from": None})
         out = save_params_bundle(params, cfg, args.out, step=step, dtype=args.dtype,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, overwrite=args.overwrite)
     import jax
 
     embedding = params["embed"]["embedding"]
@@ -167,6 +175,7 @@ def cmd_import(args) -> int:
         raise UserError("`bignlp-jax import` runs as one process; start it without "
                         "--num-processes / a multi-process launcher")
     storage.check_access(args.out, "--out")  # a bucket: before the model is read
+    check_replaceable(args.out, args.overwrite)
     source = storage.fetch_dir(args.source)  # safetensors needs local files: a bucket is copied
     model_cfg = hf_model_config(source)
     params = load_hf_params(source, model_cfg, shardings=default_shardings(model_cfg))
@@ -174,7 +183,8 @@ def cmd_import(args) -> int:
     cfg = Config(model=model_cfg, data=DataConfig(seq_len=seq_len),
                  run=RunConfig(dir=str(args.out), name=model_cfg.name))
     tokenizer = _hf_tokenizer(source)
-    out = save_params_bundle(params, cfg, args.out, dtype=args.dtype, tokenizer=tokenizer)
+    out = save_params_bundle(params, cfg, args.out, dtype=args.dtype, tokenizer=tokenizer,
+                             overwrite=args.overwrite)
     print(f"imported {source} ({model_cfg.family}, {model_cfg.num_layers} layers, hidden "
           f"{model_cfg.hidden}) into {out}; finetune with init_from={out} and the model.* "
           f"fields of {out / 'config.yaml'}", file=sys.stderr)
