@@ -502,3 +502,18 @@ def test_the_pipeline_never_overwrites_a_file_it_did_not_write(tmp_path, capsys)
                  f"output_dir={out}"]) == 2
     _one_line_refusal(capsys, "report.md", "loss_curves.png", str(out))
     assert _snapshot(out) == before
+
+
+def test_bucket_client_tracebacks_go_to_the_log_at_debug_level(caplog):
+    import logging
+
+    from bignlp_jax import storage
+
+    storage.path("gs://bucket/x")  # a bucket path sets it up
+    with caplog.at_level(logging.DEBUG):
+        try:
+            raise OSError("Metadata in the request couldn't decode, 400")
+        except OSError:
+            logging.getLogger("gcsfs").exception("_request non-retriable exception")
+    [record] = [r for r in caplog.records if r.name == "gcsfs"]
+    assert record.levelno == logging.DEBUG and record.exc_info is not None

@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a LoRA run: fold the adapters into the weights (W + alpha/rank * BA)")
     p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory to export with the weights (default: the run "
+                        "directory's own tokenizer/; nothing outside the run is read unless "
+                        "named here)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --out (only one that holds exactly the "
                         "files an export of ours wrote; anything else is never replaced)")
@@ -72,22 +76,25 @@ def run_shardings(cfg):
         return None
 
 
-def run_tokenizer(run: Path, cfg) -> Path | None:
-    """The run's own tokenizer (RUN_DIR/tokenizer/, copied there by training), or None.
+def run_tokenizer(run: Path, cfg, given: str | None = None) -> Path | None:
+    """The tokenizer to export: `given` (--tokenizer), else the run's own (RUN_DIR/tokenizer/,
+    copied there by training), else None.
 
-    Only what lies inside the run directory is exported: `data.tokenizer` in its config.yaml
-    may name any file, and a run directory can come from anyone."""
+    Nothing else outside the run directory is read: `data.tokenizer` in its config.yaml may
+    name any file, and a run directory can come from anyone."""
     from bignlp_jax.checkpoint import run_root
 
+    if given is not None:
+        return storage.path(given)  # the user's own choice
     root = run_root(run)
     for name in ("tokenizer/tokenizer.json", "tokenizer"):
         contained(root, name)  # a symlink out of the run directory is refused
     if contained(root, "tokenizer/tokenizer.model").is_file():
         return root / "tokenizer"
-    if cfg.data.tokenizer:  # training copies it in: a run without it was made elsewhere
+    if cfg.data.tokenizer:  # e.g. a run on synthetic data, which records no tokenizer
         raise UserError(f"{root} holds no tokenizer/ but its config.yaml names data.tokenizer="
-                        f"{cfg.data.tokenizer}, which is outside the run directory and not "
-                        f"exported; fix: copy that tokenizer directory to {root / 'tokenizer'}")
+                        f"{cfg.data.tokenizer}, outside the run directory, which export does "
+                        "not read on a run's word; fix: pass --tokenizer DIR to export that one")
     return None
 
 
@@ -119,7 +126,7 @@ def cmd_export(args) -> int:
         raise UserError(f"{run} is a LoRA run: its weights are the base plus adapters\n"
                         f"  fix: add --merge for merged --format {args.format} weights, or use "
                         "--format peft for the adapters alone")
-    tokenizer = run_tokenizer(run, cfg)  # refused before any weights are read
+    tokenizer = run_tokenizer(run, cfg, args.tokenizer)  # refused before any weights are read
     params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg), lora=cfg.lora,
                          merged=args.format != "peft")
     if args.format == "peft":
