@@ -18,6 +18,10 @@ CLIENT_LOGGERS = ("gcsfs", "gcsfs.credentials", "gcsfs.core", "s3fs", "fsspec", 
 
 class _ToDebug(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        # a handler does not check the logger's level again (one with level NOTSET, as
+        # basicConfig installs, prints whatever reaches it): drop what DEBUG would not show
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
 

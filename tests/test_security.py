@@ -510,10 +510,16 @@ def test_bucket_client_tracebacks_go_to_the_log_at_debug_level(caplog):
     from bignlp_jax import storage
 
     storage.path("gs://bucket/x")  # a bucket path sets it up
-    with caplog.at_level(logging.DEBUG):
-        try:
-            raise OSError("Metadata in the request couldn't decode, 400")
-        except OSError:
-            logging.getLogger("gcsfs").exception("_request non-retriable exception")
-    [record] = [r for r in caplog.records if r.name == "gcsfs"]
-    assert record.levelno == logging.DEBUG and record.exc_info is not None
+    for level in (logging.WARNING, logging.DEBUG):
+        caplog.clear()
+        with caplog.at_level(level):
+            try:
+                raise OSError("Metadata in the request couldn't decode, 400")
+            except OSError:
+                logging.getLogger("gcsfs").exception("_request non-retriable exception")
+        records = [r for r in caplog.records if r.name == "gcsfs"]
+        if level == logging.WARNING:  # the default: nothing reaches a handler
+            assert records == []
+        else:  # asked for: there, at debug level, traceback included
+            [record] = records
+            assert record.levelno == logging.DEBUG and record.exc_info is not None
