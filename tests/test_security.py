@@ -523,3 +523,13 @@ def test_bucket_client_tracebacks_go_to_the_log_at_debug_level(caplog):
         else:  # asked for: there, at debug level, traceback included
             [record] = records
             assert record.levelno == logging.DEBUG and record.exc_info is not None
+
+
+def test_generate_reads_no_tokenizer_through_a_run_dir_symlink(bundle, tmp_path, capsys, opened):
+    run = _crafted_run(bundle, tmp_path)
+    (run / "tokenizer").symlink_to(bundle[1])
+    with opened() as seen:
+        code = main(["generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "1"])
+    assert code == 2
+    _one_line_refusal(capsys, "tokenizer", "symlink", str(run))
+    assert _inside(seen, run) == []
