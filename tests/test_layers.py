@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     # the path layer (local, gs://, s3://), the writability probe, the rule that keeps files
     # named inside an input folder inside it, and the ledger of what we wrote (owned)
-    ("storage", "writable", "containment", "owned", "client_logs"),
+    ("storage", "writable", "containment", "owned", "client_logs", "outage"),
     ("config",),
     ("parallel", "model", "data", "hf"),
     ("train", "checkpoint"),

@@ -533,3 +533,34 @@ def test_generate_reads_no_tokenizer_through_a_run_dir_symlink(bundle, tmp_path,
     assert code == 2
     _one_line_refusal(capsys, "tokenizer", "symlink", str(run))
     assert _inside(seen, run) == []
+
+
+def test_a_lost_bucket_endpoint_is_one_line_not_a_bug(monkeypatch, capsys):
+    import aiohttp
+
+    from bignlp_jax import cli, outage
+
+    class ClientConnectorError(aiohttp.ClientConnectionError):  # aiohttp's, without a socket
+        host, port = "127.0.0.1", 38107
+
+    def save(*args):
+        try:
+            raise ClientConnectorError("Cannot connect to host 127.0.0.1:38107")
+        except aiohttp.ClientConnectionError as e:
+            raise RuntimeError("orbax: save failed") from e
+
+    monkeypatch.setattr(cli, "build_parser", lambda argv: _parser_running(save))
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "127.0.0.1:38107" in err and "test_security.py" not in err, err
+    assert outage.describe(RuntimeError("a bug of ours")) is None
+
+
+def _parser_running(fn):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.set_defaults(func=fn, verbose=False)
+    return parser
