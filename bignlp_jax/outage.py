@@ -20,10 +20,11 @@ _CONNECTION_ERRORS = {"ClientConnectorError", "ClientConnectionError", "ServerDi
 
 def _chain(error: BaseException):
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def _endpoint(error: BaseException) -> str:
