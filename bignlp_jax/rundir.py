@@ -28,6 +28,7 @@ import yaml
 from bignlp_jax import storage
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.config.loader import apply_overrides, validate
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -100,7 +101,7 @@ class RunDir:
     def recorded_tree(self) -> dict[str, Any] | None:
         """The parsed config.yaml (None for a new run); ConfigError if it cannot be read."""
         if not self._parsed:
-            path = self.config_file
+            path = contained(self.path, CONFIG_FILE)  # a symlink out of the run is refused
             if path.is_file():
                 try:
                     tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
