@@ -286,6 +286,7 @@ def _crafted_run(bundle, tmp_path) -> Path:
 
 def _export(run, tmp_path, capsys, opened, *needles):
     out = tmp_path / "o" / "out"  # the writability probe writes beside it, in o/
+    out.parent.mkdir(parents=True, exist_ok=True)  # (the probe writes in the nearest existing dir)
     with opened() as seen:
         code = main(["export", "--run", str(run), "--format", "hf", "--out", str(out)])
     assert code == 2

@@ -181,7 +181,9 @@ def cmd_import(args) -> int:
     if jax.process_count() > 1:
         raise UserError("`bignlp-jax import` runs as one process; start it without "
                         "--num-processes / a multi-process launcher")
-    check_path(args.out, "--out", fix="--out DIR")  # before the model is read
+    if storage.is_remote(args.out):  # before the model is read; a local --out is checked by
+        check_path(args.out, "--out", fix="--out DIR")  # its writer, so a refused import
+        # opens nothing outside the model folder
     check_replaceable(args.out, args.overwrite)
     source = storage.fetch_dir(args.source)  # safetensors needs local files: a bucket is copied
     model_cfg = hf_model_config(source)
