@@ -28,8 +28,12 @@ def main(out: str, overrides: list[str]) -> None:
                            LoraSpec.from_config(cfg.lora))
     text = trainer.train_step.lower(state, abstract_batch(cfg, trainer.batch_sh)).compile(
     ).as_text()
-    # the module name carries a process-specific id
+    # the module name carries a process-specific id; source locations (metadata, the file /
+    # function / stack-frame tables) name Python lines, which move when code is edited
     text = re.sub(r"^HloModule \S+", "HloModule step", text, flags=re.M)
+    text = re.sub(r", metadata=\{[^}]*\}", "", text)
+    text = re.sub(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n(?:\d.*\n)*", "",
+                  text, flags=re.M)
     with open(out, "w") as f:
         f.write(text)
     print(f"{out}: {len(text.splitlines())} lines")

@@ -241,7 +241,8 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     # which physical device sits where, so compile on a one-level mesh of the same shape and
     # count the bytes along the axes that would cross DCN.
     trainer = Trainer.build(cfg.model_copy(update={"mesh": cfg.mesh.model_copy(
-        update={"dcn_data": 1, "dcn_fsdp": 1})}), devices)
+        update={"dcn_data": 1, "dcn_fsdp": 1, "stage": cfg.mesh.stages, "dcn_stage": 1})}),
+        devices)
     state = abstract_state(cfg.model, trainer.tx, trainer.state_sh,
                            LoraSpec.from_config(cfg.lora))
     batch = abstract_batch(cfg, trainer.batch_sh)

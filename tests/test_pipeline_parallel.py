@@ -1,0 +1,115 @@
+"""Pipeline parallelism (mesh.stage, model/pipeline.py): a pipelined step equals one device.
+
+8 simulated devices, a small Llama with 8 layers, packed rows (several documents per row, a
+padded tail). Losses and gradients agree with one device to float32 rounding: the pipeline only
+regroups rows into microbatches and layers into stages, which reorders float32 sums."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from bignlp_jax.errors import UserError
+from bignlp_jax.model.pipeline import PipelineSpec, bubble_fraction
+from bignlp_jax.parallel.rules import activation_sharding, rules_table
+from bignlp_jax.train.loop import Trainer
+from bignlp_jax.train.step import _grads, pipeline_spec
+
+RTOL = 2e-5
+LAYERS = ("model.num_layers=8", "train.global_batch_size=16")
+
+
+def packed_batch(B=16, T=16, vocab=128, seed=0):
+    """Rows of 2-3 documents each (positions restart, segment ids count up), the last few
+    slots of odd rows padding (segment 0, no loss)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (B, T + 1))
+    segment_ids = np.zeros((B, T), np.int32)
+    positions = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = sorted(rng.choice(np.arange(2, T - 2), size=1 + b % 2, replace=False))
+        end = T - 3 if b % 2 else T
+        start, seg = 0, 1
+        for stop in [*cuts, end]:
+            segment_ids[b, start:stop] = seg
+            positions[b, start:stop] = np.arange(stop - start)
+            start, seg = stop, seg + 1
+    mask = (segment_ids > 0).astype(np.float32)
+    return {"tokens": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+            "positions": positions, "segment_ids": segment_ids, "loss_mask": mask}
+
+
+def loss_and_grads(cfg, devices):
+    trainer = Trainer.build(cfg, devices)
+    state = trainer.fresh_state()
+    batch = trainer.device_batch(packed_batch()) if len(devices) > 1 else {
+        k: jnp.asarray(v) for k, v in packed_batch().items()}
+
+    def f(params, batch):
+        with activation_sharding(trainer.mesh, rules_table(cfg.mesh.rules)):
+            loss, count, grads = _grads(params, batch, cfg, jax.random.key(0))
+        return loss / count, jax.tree.map(lambda g: g / count, grads)
+
+    loss, grads = jax.jit(f)(state.params, batch)
+    return float(loss), grads, state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("ref"), "mesh.data=1", *LAYERS, llama=True)
+    return loss_and_grads(cfg, jax.devices()[:1])
+
+
+CASES = {
+    "stage2-data2-fsdp2": ("mesh.stage=2", "mesh.data=2", "mesh.fsdp=2"),
+    "stage4-tensor2": ("mesh.stage=4", "mesh.data=1", "mesh.tensor=2"),
+    "stage2-repeats2": ("mesh.stage=2", "mesh.data=4", "train.pipeline_repeats=2"),
+    # gradient accumulation on top: 2 accumulation steps of 8 rows, each 4 microbatches
+    "stage2-accumulate": ("mesh.stage=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                          "train.microbatches=2", "train.pipeline_microbatches=4"),
+}
+# the two costliest compiles run in the slow tier
+SLOW = {"stage4-tensor2", "stage2-accumulate"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+                                  for c in CASES])
+def test_pipelined_loss_and_gradients_match_one_device(tmp_path, reference, case):
+    cfg = tiny_config(tmp_path, *LAYERS, *CASES[case], llama=True)
+    loss, grads, state = loss_and_grads(cfg, jax.devices())
+    ref_loss, ref_grads, _ = reference
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+    # each gradient tensor within RTOL of the reference, relative to its norm
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        g, r = np.asarray(g), np.asarray(r)
+        err = float(np.linalg.norm(g - r) / np.linalg.norm(r))
+        assert err < RTOL, (jax.tree_util.keystr(path), err)
+    # the layer stack lives split over the stages: each device holds 1/stages of the layers
+    qkv = state.params["blocks"]["attn"]["qkv"]
+    assert qkv.sharding.spec[0] == "stage"
+    assert qkv.addressable_shards[0].data.shape[0] == 8 // cfg.mesh.stages
+
+
+def test_bubble_formula():
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert PipelineSpec(4, 8, 2).bubble == pytest.approx(3 / 19)
+    assert PipelineSpec(4, 8, 2).iterations == 19
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("mesh.stage=2", "train.pipeline_repeats=3"),
+     "model.num_layers=8 does not split into mesh.stage x mesh.dcn_stage = 2 x 1 = 2 stages x "
+     "train.pipeline_repeats=3: .* must divide 8 \\(one of 1, 2, 4, 8\\)"),
+    (("mesh.stage=2", "train.pipeline_microbatches=3"),
+     "train.pipeline_microbatches=3 does not divide the per-step batch of 16 rows .* valid: 1, "
+     "2, 4"),
+    (("mesh.stage=4", "train.pipeline_repeats=2", "train.pipeline_microbatches=2"),
+     "train.pipeline_microbatches=2 is fewer than the 4 stages"),
+])
+def test_schedules_that_do_not_fit_are_refused_before_compiling(tmp_path, overrides, message):
+    cfg = tiny_config(tmp_path, *LAYERS, "mesh.data=-1", *overrides, llama=True)
+    with pytest.raises(UserError, match=message):
+        Trainer.build(cfg, jax.devices())
+    assert pipeline_spec(tiny_config(tmp_path, *LAYERS, "mesh.stage=2", llama=True)) == (
+        PipelineSpec(2, 4, 1))  # the default: 2 x stages microbatches, GPipe
