@@ -4,6 +4,8 @@
 padded tail). Losses and gradients agree with one device to float32 rounding: the pipeline only
 regroups rows into microbatches and layers into stages, which reorders float32 sums."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,43 @@ def test_schedules_that_do_not_fit_are_refused_before_compiling(tmp_path, overri
         Trainer.build(cfg, jax.devices())
     assert pipeline_spec(tiny_config(tmp_path, *LAYERS, "mesh.stage=2", llama=True)) == (
         PipelineSpec(2, 4, 1))  # the default: 2 x stages microbatches, GPipe
+
+
+def test_describe_prints_the_stage_split_and_bubble(capsys):
+    from bignlp_jax import cli
+
+    assert cli.main(["describe", "models/llama3_405b.yaml", "--devices", "1024",
+                     "mesh.stage=2", "mesh.fsdp=64", "mesh.tensor=8",
+                     "train.pipeline_repeats=3", "train.pipeline_microbatches=8"]) == 0
+    out = capsys.readouterr().out
+    assert "stage=2 x data=1 x fsdp=64" in out
+    assert "2 stages x 3 repeat(s) of 21 layers (63 per stage), 8 microbatches: bubble " \
+           "(S-1)/(R*M+S-1) = 4.0%" in out  # 1 / (3*8 + 1)
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["pipeline"]["bubble"] == pytest.approx(1 / 25)
+    # the layer stack's parameters and moments are split over the two stages too
+    assert info["param_bytes_per_device"] < 4 * 405_853_388_800 / 512 / 1.9
+
+
+def test_plan_search_tries_stages_repeats_and_dcn_stage():
+    from bignlp_jax.config import load_config
+    from bignlp_jax.perf.plan_search import analytic_step_s, dcn_candidates, mesh_candidates
+
+    cfg = load_config("models/llama3_405b.yaml")
+    shapes = mesh_candidates(cfg, 1024)
+    assert {(s.get("stage", 1), s.get("repeats", 1)) for s in shapes} == {
+        (1, 1), (2, 1)}  # 126 layers: only 2 stages divide both 126 and 1024
+    assert (2, 2) not in {(s.get("stage", 1), s.get("repeats", 1)) for s in shapes}
+    staged = next(s for s in shapes if s.get("stage") == 2)
+    assert any(d.get("dcn_stage") == 2 for d in dcn_candidates(staged, 1024, 8))
+    small = load_config("tiny.yaml", ["model.num_layers=8", "train.global_batch_size=64"])
+    by = {(s.get("stage", 1), s.get("repeats", 1)) for s in mesh_candidates(small, 8)}
+    assert {(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1)} <= by
+    # the bubble is idle compute: more microbatch slots per stage, a smaller estimate
+    one = {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
+    from bignlp_jax.perf.devices import DEVICES
+
+    gpipe = analytic_step_s(small, {**one, "stage": 8}, "none", DEVICES["h100"])
+    circular = analytic_step_s(small, {"stage": 4, "repeats": 2, **one, "data": 2}, "none",
+                               DEVICES["h100"])
+    assert circular < gpipe
