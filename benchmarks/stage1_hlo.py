@@ -20,7 +20,7 @@ from bignlp_jax.train.state import abstract_state
 
 
 def main(out: str, overrides: list[str]) -> None:
-    cfg = load_config("tiny.yaml", ["model=models/tiny_llama.yaml", "model.num_layers=4",
+    cfg = load_config("models/tiny_llama.yaml", ["model.num_layers=4",
                                     "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                                     "train.global_batch_size=8", "data.seq_len=32", *overrides])
     trainer = Trainer.build(cfg)

@@ -155,3 +155,30 @@ def test_plan_search_tries_stages_repeats_and_dcn_stage():
     circular = analytic_step_s(small, {"stage": 4, "repeats": 2, **one, "data": 2}, "none",
                                DEVICES["h100"])
     assert circular < gpipe
+
+
+def test_lora_adapters_run_through_the_pipeline():
+    """Adapters (and their per-layer dropout keys) are cut into stages with the blocks: the
+    pipelined forward equals the plain layer scan. (With dropout on, masks are drawn per
+    microbatch shape, as with train.microbatches, so they differ from the unsplit batch's.)"""
+    from bignlp_jax.model import forward, init_params
+    from bignlp_jax.model.lora import LoraSpec, init_adapters
+
+    cfg = tiny_config(".", *LAYERS, llama=True).model
+    spec = LoraSpec(rank=2, scale=2.0, dropout=0.0, targets=("q", "v", "down"))
+    params = init_params(cfg, jax.random.key(0))
+    adapters = init_adapters(cfg, spec, jax.random.key(1))
+    # B starts at zero; make it count
+    adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+                            adapters)
+    params = {**params, "lora": adapters}
+    batch = packed_batch(B=8)
+
+    def run(pipeline):
+        return jax.jit(lambda p: forward(cfg, p, batch["tokens"], batch["positions"],
+                                         batch["segment_ids"], lora=spec,
+                                         lora_key=jax.random.key(3), pipeline=pipeline)[0])(
+            params)
+
+    np.testing.assert_allclose(np.asarray(run(PipelineSpec(2, 4, 2))), np.asarray(run(None)),
+                               rtol=RTOL, atol=1e-5)

@@ -82,7 +82,7 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
         # train.microbatches does) so each data-parallel device holds a share of every one
         return a.reshape(mb, M, *a.shape[1:]).swapaxes(0, 1)
 
-    rows = jax.tree.map(split, row_xs)
+    rows = jax.tree.map(lambda a: split(jnp.asarray(a)), row_xs)
 
     def regroup(a, axes):  # [L, ...] -> [R, S, K, ...]: group r*S + s at [r, s]
         a = a.reshape(R, S, K, *a.shape[1:])
