@@ -19,14 +19,17 @@ garbage in the bubble instead of sleeping, which is the same wall time.
 
 Memory: each iteration (a stage's K layers on one microbatch) is rematerialised under the model's
 remat policy (`jax.checkpoint` around the stage), on top of the per-layer policy inside it. The
-weights are gathered over the fsdp axis once per step, before the iteration loop (and their
-gradient reduce-scattered once after it), not once per microbatch: a stage's K*R layers sit
-unsharded over fsdp (still split over stage and tensor) for the whole step.
+weights are gathered over the fsdp axis once per step, before the iteration loop, not once per
+microbatch: a stage's K*R layers sit unsharded over fsdp (still split over stage and tensor) for
+the whole step, which pays with many stages and costs memory with few. Their gradients are
+summed over fsdp inside the loop: the compiled program all-reduces each layer's gradient once
+per iteration (XLA keeps the loop's gradient accumulator summed), so those bytes grow with M
+(benchmarks/pipeline_bubble.py measures them).
 
 The checkpoint keeps the canonical layer order [L, ...], split contiguously over stages, so a
 run resumes under any stage or repeat count. For R = 1 that is exactly the schedule's layout;
-for R > 1 stage s needs groups s, s+S, ..., so the weights move once per step (an all-to-all
-over the stage axis; their gradients move back once), whatever M is.
+for R > 1 stage s needs groups s, s+S, ..., so XLA moves the weights between stages once per
+step (and their gradients back), whatever M is.
 """
 
 from __future__ import annotations
