@@ -65,6 +65,9 @@ def reference(tmp_path_factory):
 
 CASES = {
     "stage2-data2-fsdp2": ("mesh.stage=2", "mesh.data=2", "mesh.fsdp=2"),
+    # the weights gathered layer by layer in every iteration instead of once per step
+    "stage2-fsdp4-gather-per-microbatch": ("mesh.stage=2", "mesh.data=1", "mesh.fsdp=4",
+                                           "train.pipeline_fsdp_gather=microbatch"),
     "stage4-tensor2": ("mesh.stage=4", "mesh.data=1", "mesh.tensor=2"),
     "stage2-repeats2": ("mesh.stage=2", "mesh.data=4", "train.pipeline_repeats=2"),
     # gradient accumulation on top: 2 accumulation steps of 8 rows, each 4 microbatches
@@ -72,7 +75,7 @@ CASES = {
                           "train.microbatches=2", "train.pipeline_microbatches=4"),
 }
 # the two costliest compiles run in the slow tier
-SLOW = {"stage4-tensor2", "stage2-accumulate"}
+SLOW = {"stage4-tensor2", "stage2-accumulate", "stage2-fsdp4-gather-per-microbatch"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c

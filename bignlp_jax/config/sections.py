@@ -209,6 +209,10 @@ class TrainConfig(Section):
         None, ge=1, description="microbatches per pipelined step; null: 2 x the stages")
     pipeline_repeats: int = Field(
         1, ge=1, description="1: GPipe; R > 1: circular, each stage holds R groups of layers")
+    pipeline_fsdp_gather: Literal["step", "microbatch"] = Field(
+        "step", description="with stages, gather fsdp-sharded weights once per step (a stage's "
+        "layers whole in memory) or layer by layer for every microbatch (less memory, R*M x "
+        "the bytes)")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="0: no periodic evaluation")
     eval_batches: int = Field(4, ge=1)

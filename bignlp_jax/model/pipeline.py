@@ -21,7 +21,10 @@ Memory: each iteration (a stage's K layers on one microbatch) is rematerialised 
 remat policy (`jax.checkpoint` around the stage), on top of the per-layer policy inside it. The
 weights are gathered over the fsdp axis once per step, before the iteration loop, not once per
 microbatch: a stage's K*R layers sit unsharded over fsdp (still split over stage and tensor) for
-the whole step, which pays with many stages and costs memory with few. Their gradients are
+the whole step, which pays with many stages and costs memory with few
+(`train.pipeline_fsdp_gather=microbatch` gathers layer by layer in every iteration instead, as
+without stages: R*M times the all-gather bytes, one layer's weights whole at a time). Their
+gradients are
 summed over fsdp inside the loop: the compiled program all-reduces each layer's gradient once
 per iteration (XLA keeps the loop's gradient accumulator summed), so those bytes grow with M
 (benchmarks/pipeline_bubble.py measures them).
@@ -46,11 +49,14 @@ from bignlp_jax.parallel.rules import constrain, constrain_gathered, stage_vmap
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
-    """S stages, M microbatches per step and R repeats (1: GPipe, more: circular)."""
+    """S stages, M microbatches per step and R repeats (1: GPipe, more: circular).
+    gather_once: gather the fsdp-sharded weights once per step (else layer by layer in every
+    iteration, as without stages: R*M times the bytes, a layer's weights in memory at a time)."""
 
     stages: int
     microbatches: int
     repeats: int = 1
+    gather_once: bool = True
 
     @property
     def iterations(self) -> int:
@@ -92,7 +98,8 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
         if axes is None:
             return a
         # stage s keeps its groups; gathered over fsdp here, once per step (see the docstring)
-        return constrain_gathered(a, (None, "layers", None, *axes[1:]))
+        laid_out = constrain_gathered if spec.gather_once else constrain
+        return laid_out(a, (None, "layers", None, *axes[1:]))
 
     # layer_axes matches layer_xs down to its leaves (a tuple of names, or None, per array)
     weights = jax.tree.map(regroup, layer_xs, layer_axes)

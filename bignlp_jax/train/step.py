@@ -62,7 +62,7 @@ def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
             f"{cfg.train.microbatches}) into microbatches of a multiple of {data_parallel} "
             f"rows (the data-parallel devices, mesh.data x mesh.fsdp); valid: "
             f"{', '.join(map(str, valid)) or 'none: change the batch'}")
-    return PipelineSpec(S, M, R)
+    return PipelineSpec(S, M, R, gather_once=cfg.train.pipeline_fsdp_gather == "step")
 
 
 def loss_sums(params, batch, cfg: Config, key: jax.Array | None = None):
