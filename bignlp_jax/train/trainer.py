@@ -32,7 +32,12 @@ from bignlp_jax.train.init_from import load_init_params
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.start import StateLayout
 from bignlp_jax.train.state import TrainState, state_shardings
-from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
+from bignlp_jax.train.step import (
+    batch_sharding,
+    make_eval_step,
+    make_train_step,
+    pipeline_spec,
+)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Trainer:
                 f"the {dp} data-parallel devices (mesh.data x mesh.fsdp)\n"
                 f"  fix: make the microbatch a multiple of {dp}"
             )
+        pipeline_spec(cfg, dp)  # a schedule that does not fit: one line, before compiling
         tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         state_sh = state_shardings(cfg.model, tx, mesh, rules, LoraSpec.from_config(cfg.lora))
