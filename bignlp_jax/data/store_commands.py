@@ -13,15 +13,10 @@ import time
 def cmd_data_tokenize(args) -> int:
     from bignlp_jax import storage
     from bignlp_jax.data import embedded
+    from bignlp_jax.data.store.shards import ShardedStore
     from bignlp_jax.data.tfds_source import resolve_data_dir, split_size
     from bignlp_jax.data.token_build import build_store
-    from bignlp_jax.data.token_store import (
-        MANIFEST,
-        StoreSpec,
-        TokenStore,
-        dataset_identity,
-        store_dir,
-    )
+    from bignlp_jax.data.token_store import MANIFEST, StoreSpec, dataset_identity, store_dir
     from bignlp_jax.data.tokenizer import load_tokenizer
 
     data_dir = resolve_data_dir(args.data_dir)
@@ -42,12 +37,14 @@ def cmd_data_tokenize(args) -> int:
         start = time.perf_counter()
         if (path / MANIFEST).is_file() and not args.overwrite:
             # verifies sizes and sha256 (in a bucket: reads the whole store once)
-            store = TokenStore(path, sha, spec.rebuild_command(), verify_tokens=True)
+            store = ShardedStore(path, sha, spec.rebuild_command(), verify_tokens=True)
+            for j in range(len(store.shards)):
+                store.shard(j)
             print(f"token store {path} already built and verified (--overwrite rebuilds it)")
         else:
             path = build_store(spec, count, tokenizer.vocab_size, args.workers,
-                               overwrite=args.overwrite)
-            store = TokenStore(path, sha, spec.rebuild_command())
+                               overwrite=args.overwrite, shard_tokens=args.shard_tokens)
+            store = ShardedStore(path, sha, spec.rebuild_command())
         seconds = time.perf_counter() - start
         info = store.describe()
         info["tokens_per_sec"] = store.manifest["tokens"] / max(
@@ -90,6 +87,13 @@ def cmd_data_bench(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
 def register(data_sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser("tokenize", help="tokenize a prepared dataset once into token stores")
     p.add_argument("--name", required=True, help="prepared TFDS dataset (e.g. stdlib_docs)")
@@ -102,6 +106,9 @@ def register(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing store")
+    p.add_argument("--shard-tokens", type=_positive, default=None,
+                   help="write the store as shards of at most this many tokens (default: one "
+                        "file)")
     p.set_defaults(func=cmd_data_tokenize, command="data tokenize")
 
     p = data_sub.add_parser("bench", help="time the data loader alone (last line: JSON)")

@@ -27,13 +27,13 @@ from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store.shards import ShardedStore
 from bignlp_jax.data.store_batches import StoreBatches
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, split_size
 from bignlp_jax.data.token_build import build_store
 from bignlp_jax.data.token_store import (
     MANIFEST,
     StoreSpec,
-    TokenStore,
     dataset_identity,
     store_dir,
 )
@@ -152,7 +152,7 @@ def split_name(cfg: Config, split: str) -> str:
 
 
 def open_store(cfg: Config, name: str, split: str, text_key: str,
-               build: bool = True) -> TokenStore:
+               build: bool = True) -> ShardedStore:
     """The token store of `split` of dataset `name` with the config's tokenizer, built on first
     use (with data.workers processes) unless `build` is False. A store in a bucket is never
     built here: every host of a run would build it; `data tokenize` builds it once."""
@@ -176,7 +176,7 @@ def open_store(cfg: Config, name: str, split: str, text_key: str,
             raise UserError(f"split {split!r} of {name} in {directory} has no records: "
                             "nothing to train or evaluate on")
         build_store(spec, count, tokenizer.vocab_size, max(1, cfg.data.workers))
-    return TokenStore(path, sha, spec.rebuild_command())
+    return ShardedStore(path, sha, spec.rebuild_command())
 
 
 def make_text_source(cfg: Config, split: str, rows: tuple[int, int]) -> StoreBatches:

@@ -1,0 +1,211 @@
+"""Sharded token stores: shards read as one corpus, a single-store directory is a store of one
+shard, the two-level index packs every pair once per epoch and touches only the shards its rows
+need, and manifests, chunk checksums and stop requests guard what is read."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from bignlp_jax.checkpoint.preemption import StopRequest
+from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store.shard_files import write_sharded_manifest
+from bignlp_jax.data.store.shards import ShardedStore, shard_entry
+from bignlp_jax.data.store_batches import StoreBatches
+from bignlp_jax.data.token_build import write_store
+from bignlp_jax.data.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.errors import Preempted, UserError
+
+T = 16
+# Document i: <s> 1000*(i+1)+k ... </s>, lengths 3..42: every token names its document.
+DOCS = [np.array([1, *[1000 * (i + 1) + k for k in range(1 + (7 * i) % 40)], 2])
+        for i in range(61)]
+
+
+def make(tmp_path, name="s", shard_tokens=200, docs=DOCS):
+    return write_store(tmp_path / name, docs, dataset="numbers", split="train",
+                       tokenizer_sha256="a" * 64, vocab_size=2**16, shard_tokens=shard_tokens)
+
+
+def all_pairs(docs):
+    return sorted((int(d[k]), int(d[k + 1])) for d in docs for k in range(len(d) - 1))
+
+
+def epoch_pairs(index, e):
+    rows = index.rows(np.arange(e * index.rows_per_epoch, (e + 1) * index.rows_per_epoch))
+    keep = rows["loss_mask"] > 0
+    return sorted(zip(rows["tokens"][keep].tolist(), rows["targets"][keep].tolist())), rows
+
+
+def test_shards_hold_the_documents_bounded_and_in_order(tmp_path):
+    store = ShardedStore(make(tmp_path), "a" * 64)
+    assert len(store.shards) > 5 and store.num_documents == len(DOCS)
+    docs = []
+    for j, shard in enumerate(store.shards):
+        opened = store.shard(j)
+        assert shard.tokens <= 200 or shard.documents == 1
+        docs += [np.asarray(opened.tokens[a:b]) for a, b in zip(opened.offsets[:-1],
+                                                                 opened.offsets[1:])]
+    assert all((a == b).all() for a, b in zip(docs, DOCS)) and len(docs) == len(DOCS)
+    # a directory in the single-store layout is a store of one shard, with its identity
+    single = make(tmp_path, "single", shard_tokens=None)
+    one = ShardedStore(single)
+    assert len(one.shards) == 1 and one.identity == TokenStore(single).identity
+
+
+def test_adding_a_shard_keeps_the_others_and_changes_the_identity(tmp_path):
+    path = make(tmp_path, docs=DOCS[:40])
+    before = ShardedStore(path)
+    extra = make(tmp_path, "extra", docs=DOCS[40:])
+    manifest = json.loads((path / MANIFEST).read_text())
+    entries = list(manifest["shards"])
+    for e in json.loads((extra / MANIFEST).read_text())["shards"]:
+        name = f"shard-b{e['name'][6:]}"
+        os.rename(extra / e["name"], path / name)
+        entries.append({**e, "name": name})
+    info = {k: v for k, v in manifest.items() if k not in ("format", "documents", "tokens",
+                                                          "shards")}
+    write_sharded_manifest(path, entries, info)
+    after = ShardedStore(path)
+    assert after.shards[:len(before.shards)] == before.shards
+    assert after.num_documents == len(DOCS) and after.identity != before.identity
+    # the added shards are complete stores of their own
+    assert shard_entry("x", after.shard(len(entries) - 1).manifest)["identity"] == \
+        entries[-1]["identity"]
+
+
+def test_two_level_index_packs_every_pair_once_per_epoch(tmp_path):
+    store = ShardedStore(make(tmp_path))
+    index = SampleIndex(store, T, seed=7)
+    first, rows = epoch_pairs(index, 0)
+    assert first == all_pairs(DOCS)
+    second, _ = epoch_pairs(index, 1)
+    assert second == first
+    # epochs order shards (and documents in them) differently
+    assert index._order(0)[0].tolist() != index._order(1)[0].tolist()
+    # sample s is a pure function of (seed, s): another index, other groupings, same rows
+    other = SampleIndex(ShardedStore(store.path), T, seed=7)
+    samples = np.array([5, index.rows_per_epoch + 3, 0, 2 * index.rows_per_epoch - 1])
+    got = other.rows(samples)
+    for i, s in enumerate(samples):
+        one = index.rows(np.array([s]))
+        for k in got:
+            np.testing.assert_array_equal(got[k][i], one[k][0])
+    # a row never mixes shards: its documents all come from one shard's ids
+    assert (rows["segment_ids"][:, 0] == 1).all()
+
+
+def test_index_opens_only_the_shards_its_rows_touch(tmp_path):
+    index = SampleIndex(ShardedStore(make(tmp_path)), T, seed=3)
+    index.rows(np.arange(2))
+    assert len(index.store._open) == 1 and len(index.store.shards) > 5
+
+
+def test_single_shard_order_is_the_single_store_order(tmp_path):
+    path = make(tmp_path, shard_tokens=None)
+    a, b = SampleIndex(TokenStore(path), T, seed=5), SampleIndex(ShardedStore(path), T, seed=5)
+    samples = np.arange(3 * a.rows_per_epoch)
+    for k, v in a.rows(samples).items():
+        np.testing.assert_array_equal(v, b.rows(samples)[k])
+    # the layout of one shard: epoch 0's documents in the order drawn from (seed, 0)
+    order = np.random.default_rng([5, 0]).permutation(len(DOCS))
+    np.testing.assert_array_equal(a.epoch(0)[0], order)
+
+
+def test_mixture_of_sharded_stores_keeps_quotas_and_resumes_anywhere(tmp_path):
+    sharded = SampleIndex(ShardedStore(make(tmp_path)), T, seed=1)
+    single = SampleIndex(ShardedStore(make(tmp_path, "one", shard_tokens=None)), T, seed=2)
+
+    def source(rows):
+        return StoreBatches({"a": sharded, "b": single}, {"a": 0.75, "b": 0.25},
+                            global_batch=8, rows=rows)
+
+    whole = source((0, 8))
+    batches = [next(whole) for _ in range(6)]
+    for k in range(len(batches)):
+        counts = [c for _, _, c in whole.plan.batch(k)]
+        assert counts == [6, 2]
+    state = json.loads(json.dumps(whole.get_state()))
+    resumed = [source((h * 2, h * 2 + 2)) for h in range(4)]
+    for s in resumed:
+        s.set_state({**state, "step": 3})
+    for k in range(3, 6):
+        parts = [s.batch(k) for s in resumed]
+        np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]),
+                                      batches[k]["tokens"])
+
+
+@pytest.mark.parametrize("name", ["../outside", "/dev/zero", "shard-../../x", "tokens.bin"])
+def test_manifest_naming_anything_but_its_shards_is_refused_in_one_line(tmp_path, name):
+    path = make(tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["shards"][0]["name"] = name
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as e:
+        ShardedStore(path)
+    assert f"names {name!r}, not a shard folder" in str(e.value)
+    assert len(str(e.value).splitlines()) == 2 and "fix:" in str(e.value)
+
+
+def test_shard_manifest_naming_other_files_or_a_symlink_out_is_refused(tmp_path):
+    path = make(tmp_path)
+    shard = path / "shard-00000"
+    manifest = json.loads((shard / MANIFEST).read_text())
+    manifest["sha256"]["/dev/zero"] = manifest["sha256"].pop(TOKENS)
+    (shard / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="names the files .*/dev/zero.*nothing else is read"):
+        ShardedStore(path).shard(0)
+    outside = make(tmp_path, "outside", shard_tokens=None)
+    os.remove(path / "shard-00001" / TOKENS)
+    os.symlink(outside / TOKENS, path / "shard-00001" / TOKENS)
+    with pytest.raises(UserError, match="leads outside its folder"):
+        ShardedStore(path).shard(1)
+    os.rename(path / "shard-00002", tmp_path / "moved")
+    os.symlink(tmp_path / "moved", path / "shard-00002")
+    with pytest.raises(UserError, match="leads outside its folder"):
+        ShardedStore(path)
+
+
+def flip(file, offset, mask=0x01):
+    st = os.stat(file)
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))  # what media corruption looks like
+
+
+def test_flipped_byte_with_unchanged_mtime_is_caught_when_read(tmp_path):
+    path = make(tmp_path, shard_tokens=None)
+    store = TokenStore(path)
+    store.pairs(np.arange(10))  # checked and read once
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # 20 single-bit flips anywhere in the tokens
+        offset = int(rng.integers(os.path.getsize(path / TOKENS)))
+        mask = 1 << int(rng.integers(8))
+        flip(path / TOKENS, offset, mask)
+        fresh = TokenStore(path, rebuild="REBUILD")  # opening is O(documents): no hashing
+        with pytest.raises(UserError, match=f"{TOKENS} is corrupt .*\n  fix: rebuild it: REBUILD"):
+            fresh.pairs(np.arange(len(fresh.tokens) - 1))
+        flip(path / TOKENS, offset, mask)  # repaired for the next trial
+
+
+def test_token_id_outside_the_vocabulary_is_refused(tmp_path):
+    path = write_store(tmp_path / "v", DOCS[:3], dataset="numbers", split="train",
+                       tokenizer_sha256="a" * 64, vocab_size=1500)
+    with pytest.raises(UserError, match="token id 3014 in chunk 0 is not below the vocabulary "
+                                        "size 1500"):
+        TokenStore(path).pairs(np.arange(3))
+
+
+def test_sigterm_during_store_verification_ends_promptly(tmp_path):
+    path = make(tmp_path)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM
+        with pytest.raises(Preempted, match="SIGTERM received while verifying token store"):
+            ShardedStore(path, verify_tokens=True).shard(0)
+    ShardedStore(path, verify_tokens=True).shard(0)  # outside a run: verified in full
