@@ -209,3 +209,50 @@ def test_sigterm_during_store_verification_ends_promptly(tmp_path):
         with pytest.raises(Preempted, match="SIGTERM received while verifying token store"):
             ShardedStore(path, verify_tokens=True).shard(0)
     ShardedStore(path, verify_tokens=True).shard(0)  # outside a run: verified in full
+
+
+@pytest.mark.multiprocess
+def test_processes_read_a_sharded_store_and_resume_on_1_and_4(tmp_path, embedded_data_dir):
+    """2 processes read the tiny preset's stream from a sharded store; its state after 3
+    batches resumes on 1 and on 4 processes with the same next batches."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bignlp_jax.cli import main
+
+    data = tmp_path / "data"
+    for part in ("stdlib_docs", "tokenizers"):
+        shutil.copytree(embedded_data_dir / part, data / part)
+    tokenizer = str(data / "tokenizers" / "stdlib_docs_bpe_1024")
+    assert main(["data", "tokenize", "--name", "stdlib_docs", "--data-dir", str(data),
+                 "--tokenizer", tokenizer, "--split", "train", "--shard-tokens", "50000",
+                 "--workers", "1"]) == 0
+    worker = Path(__file__).with_name("store_reader_worker.py")
+
+    def start(n, first, steps, state=None):
+        outs = [tmp_path / f"{n}-{first}-{i}.npz" for i in range(n)]
+        return outs, [subprocess.Popen(
+            [sys.executable, str(worker), str(data), str(i), str(n), str(first), str(steps),
+             str(out), *([str(state)] if state else [])]) for i, out in enumerate(outs)]
+
+    def result(job):
+        outs, procs = job
+        assert [p.wait(timeout=300) for p in procs] == [0] * len(procs)
+        parts = [np.load(o) for o in outs]
+        assert all((p["states"] == parts[0]["states"]).all() for p in parts)  # one state
+        return ({k: np.concatenate([p[k] for p in parts], axis=1)
+                 for k in ("tokens", "segments")}, parts[0]["states"])
+
+    two, states = result(start(2, 0, 5))
+    state = tmp_path / "state.json"
+    state.write_text(str(states[2]))  # after 3 batches
+    assert json.loads(str(states[2]))["step"] == 3
+    jobs = {n: start(n, 3, 2, state) for n in (1, 4)}  # both at once
+    for job in jobs.values():
+        resumed, _ = result(job)
+        for k in resumed:
+            np.testing.assert_array_equal(resumed[k], two[k][3:])
+    store = ShardedStore(next((data / "token_stores" / "stdlib_docs").glob("train-*")))
+    assert len(store.shards) > 3  # the stream really came from a sharded store
