@@ -56,11 +56,13 @@ class ChunkChecker:
         self.file, self.crcs, self.chunk = file, crcs, chunk
         self.vocab_size, self.rebuild = vocab_size, rebuild
         self._checked = np.zeros(len(crcs), dtype=bool)
+        self._unchecked = len(crcs)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # a Grain worker process checks what it reads itself
         state = {**self.__dict__}
         state["_checked"] = np.zeros(len(self.crcs), dtype=bool)
+        state["_unchecked"] = len(self.crcs)
         del state["_lock"]
         return state
 
@@ -70,17 +72,20 @@ class ChunkChecker:
 
     def check_positions(self, tokens: np.ndarray, idx: np.ndarray) -> None:
         """Check the chunks holding token positions `idx` and `idx + 1` (the pairs read)."""
-        if len(idx) == 0:
+        if len(idx) == 0 or self._unchecked == 0:
             return
-        wanted = np.unique(np.concatenate([idx // self.chunk, (idx + 1) // self.chunk]))
-        wanted = wanted[wanted < len(self.crcs)]
-        new = wanted[~self._checked[wanted]]
+        # O(len(idx)) scatter, not a sort: this runs on every batch
+        touched = np.zeros(len(self.crcs) + 1, dtype=bool)
+        touched[idx // self.chunk] = True
+        touched[(idx + 1) // self.chunk] = True
+        new = np.flatnonzero(touched[:len(self.crcs)] & ~self._checked)
         if len(new):
             with self._lock:
                 for c in new.tolist():
                     if not self._checked[c]:
                         self.check_chunk(tokens, c)
                         self._checked[c] = True
+                        self._unchecked -= 1
 
     def check_chunk(self, tokens: np.ndarray, c: int) -> None:
         data = np.ascontiguousarray(tokens[c * self.chunk:(c + 1) * self.chunk])
@@ -99,6 +104,7 @@ class ChunkChecker:
             if not self._checked[c]:
                 self.check_chunk(tokens, c)
                 self._checked[c] = True
+                self._unchecked -= 1
 
     def _damaged(self, c: int, problem: str) -> UserError:
         return UserError(f"token store file {self.file} is {problem}\n"
