@@ -256,3 +256,48 @@ def test_processes_read_a_sharded_store_and_resume_on_1_and_4(tmp_path, embedded
             np.testing.assert_array_equal(resumed[k], two[k][3:])
     store = ShardedStore(next((data / "token_stores" / "stdlib_docs").glob("train-*")))
     assert len(store.shards) > 3  # the stream really came from a sharded store
+
+
+def test_raw_files_build_a_store_a_run_reads_with_data_store(tmp_path, embedded_data_dir, capsys):
+    import gzip
+
+    from bignlp_jax.cli import main
+    from bignlp_jax.config import load_config
+    from bignlp_jax.data import make_source
+    from bignlp_jax.data.run_identity import with_store_identities
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for f in range(3):
+        with gzip.open(raw / f"{f}.jsonl.gz", "wt") as out:
+            for i in range(60):
+                out.write(json.dumps({"text": " ".join(words[: 1 + (i + f) % 8] * 4)}) + "\n")
+    (raw / "notes.txt").write_text("first document\n\nsecond document\n")
+    tokenizer = str(embedded_data_dir / "tokenizers" / "stdlib_docs_bpe_1024")
+    store = tmp_path / "store"
+    args = ["data", "tokenize", "--name", "words", "--input", str(raw / "*.jsonl.gz"),
+            "--input", str(raw / "*.txt"), "--text-unit", "paragraph", "--out", str(store),
+            "--tokenizer", tokenizer, "--shard-tokens", "1000"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["store"]
+    assert summary["documents"] == 3 * 60 + 2 and summary["built_inputs"] == 4
+    assert summary["shards"] > 4  # bounded shards: several per input
+    # a corpus that grows: only the new file is built, the manifest lists it too
+    (raw / "more.txt").write_text("third document\n")
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["store"]
+    assert (summary["built_inputs"], summary["reused_inputs"]) == (1, 4)
+    assert summary["documents"] == 3 * 60 + 3
+
+    cfg = load_config("tiny", [f"data.store={store}", f"data.tokenizer={tokenizer}",
+                               "data.tfds_name=null", "data.seq_len=32", "train.global_batch_size=8",
+                               f"run.dir={tmp_path / 'run'}"])
+    source = make_source(cfg, "train", (0, 8))
+    expected = SampleIndex(ShardedStore(store), 32, cfg.run.seed).rows(np.arange(8))
+    np.testing.assert_array_equal(next(source)["tokens"], expected["tokens"])
+    recorded = with_store_identities(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"eval_every": 0})}), tmp_path / "run")
+    assert recorded.data.stores == {"store/train": ShardedStore(store).identity}
+    with pytest.raises(UserError, match="a held-out stream needs data.eval_store"):
+        make_source(cfg, "validation", (0, 8))
