@@ -301,3 +301,19 @@ def test_raw_files_build_a_store_a_run_reads_with_data_store(tmp_path, embedded_
     assert recorded.data.stores == {"store/train": ShardedStore(store).identity}
     with pytest.raises(UserError, match="a held-out stream needs data.eval_store"):
         make_source(cfg, "validation", (0, 8))
+
+
+def test_crafted_manifest_exits_2_in_one_line_reading_nothing(tmp_path, embedded_data_dir,
+                                                               capsys):
+    from bignlp_jax.cli import main
+
+    tokenizer = embedded_data_dir / "tokenizers" / "stdlib_docs_bpe_1024"
+    path = make(tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["shards"][0]["name"] = "/dev/zero"
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    code = main(["data", "bench", "tiny", f"data.store={path}", f"data.tokenizer={tokenizer}",
+                 "data.tfds_name=null", "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "names '/dev/zero', not a shard folder" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 2  # the problem, the fix
