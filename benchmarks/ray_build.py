@@ -111,10 +111,10 @@ def main() -> None:
                        f"--port={address.split(':')[1]}", "--num-cpus=0",
                        "--include-dashboard=false", f"--temp-dir={temp}"], env)]
         try:
-            for _ in range(workers):
+            for k in range(workers):  # one at a time: nodes starting together can collide
                 nodes.append(node([f"--address={address}", "--node-ip-address=127.0.0.1",
                                    "--num-cpus=1"], env))
-            wait_cpus(address, workers)
+                wait_cpus(address, k + 1)
             result = build(*plan(f"ray{workers}"), runner=ray_build.runner(address))
         finally:
             for n in reversed(nodes):
