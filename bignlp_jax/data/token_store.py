@@ -193,6 +193,10 @@ def read_manifest(path: storage.AnyPath, rebuild: str, formats: tuple[str, ...])
     if not isinstance(manifest, dict) or manifest.get("format") not in formats:
         raise _corrupt(file, f"not a {' or '.join(formats)} manifest", rebuild)
     if manifest["format"] == FORMAT:
+        if (manifest.get("dtype") not in ("uint16", "uint32")
+                or not all(isinstance(manifest.get(k), int) and manifest[k] >= 0
+                           for k in ("documents", "tokens", "vocab_size"))):
+            raise _corrupt(file, "corrupt (its dtype or counts are not valid)", rebuild)
         named = manifest.get("sha256")
         if not isinstance(named, dict) or sorted(named) != sorted((TOKENS, OFFSETS)):
             names = sorted(named) if isinstance(named, dict) else named
@@ -235,14 +239,15 @@ def _verify_remote(path: storage.AnyPath, m: dict, rebuild: str, tokens: bool) -
     _check_tokens_size(path, m, rebuild)
     try:
         data = (path / OFFSETS).read_bytes()
-        offsets = np.load(io.BytesIO(data))
     except FileNotFoundError:
         raise _corrupt(path / OFFSETS, "missing", rebuild) from None
     except (OSError, ValueError) as e:
         raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
-    _check_offsets(path, offsets, m, rebuild)
+    # the bytes first: a damaged header is never parsed
     if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
         raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
+    offsets = np.load(io.BytesIO(data))
+    _check_offsets(path, offsets, m, rebuild)
     if tokens and sha256_file(path / TOKENS) != m["sha256"][TOKENS]:
         raise _corrupt(path / TOKENS, "corrupt (sha256 differs from its manifest)", rebuild)
     return offsets
@@ -264,21 +269,26 @@ def _verify_files(path: Path, m: dict, rebuild: str) -> None:
     """Sizes, offsets and the offsets' sha256 always; the tokens chunk by chunk as they are
     read, or (a store without chunk checksums) their sha256 once per (size, mtime)."""
     _check_tokens_size(path, m, rebuild)
+    if m.get("chunks") is not None:  # the offsets' bytes first: a damaged header is not parsed
+        _check_chunk_table(path, m, rebuild)
+        try:
+            data = (path / OFFSETS).read_bytes()
+        except OSError as e:
+            raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
+        if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
+            raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
     try:
         offsets = np.load(path / OFFSETS, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - numpy raises SyntaxError, TokenError, ... on a bad header
         raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
     _check_offsets(path, offsets, m, rebuild)
+    if m.get("chunks") is not None:
+        return  # the tokens are checked chunk by chunk as they are read
     stamp_file = path / VERIFIED
     try:
         stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
     except ValueError:
         stamp = {}
-    if m.get("chunks") is not None:
-        _check_chunk_table(path, m, rebuild)
-        if hashlib.sha256((path / OFFSETS).read_bytes()).hexdigest() != m["sha256"][OFFSETS]:
-            raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
-        return  # the tokens are checked chunk by chunk as they are read
     changed = False
     for name, digest in m["sha256"].items():
         st = (path / name).stat()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax.data.store.chunks import CHUNK_TOKENS, chunk_crcs
-from bignlp_jax.data.store.shards import SHARDED_FORMAT, shard_entry
+from bignlp_jax.data.store.shards import SHARDED_FORMAT, shard_entry, shards_sha256
 from bignlp_jax.data.token_store import FORMAT, MANIFEST, OFFSETS, TOKENS, VERIFIED, sha256_file
 
 
@@ -74,7 +74,8 @@ def write_sharded_manifest(path: Path, entries: list[dict], info: dict) -> dict:
     """The manifest of a sharded store (atomically: a reader sees the old or the new one)."""
     manifest = {"format": SHARDED_FORMAT, **info,
                 "documents": sum(e["documents"] for e in entries),
-                "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+                "tokens": sum(e["tokens"] for e in entries), "shards": entries,
+                "shards_sha256": shards_sha256(entries)}
     tmp = path / f".{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, path / MANIFEST)

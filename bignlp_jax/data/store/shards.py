@@ -43,6 +43,12 @@ def store_identity(sha256: dict) -> str:
     return hashlib.sha256(json.dumps(sha256, sort_keys=True).encode()).hexdigest()
 
 
+def shards_sha256(entries: list) -> str:
+    """Checksum of a sharded manifest's list of shards (their names, counts, identities): the
+    index is laid out from the counts before any shard is opened."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
 def shard_entry(name: str, manifest: dict) -> dict:
     """The sharded manifest's entry for shard `name` with the shard's own `manifest`."""
     return {"name": name, "documents": int(manifest["documents"]),
@@ -117,7 +123,8 @@ class ShardedStore:
         entry = self.shards[j]
         store = TokenStore(self.path / entry.name, self.tokenizer_sha256, self.rebuild,
                            self.verify_tokens)
-        if store.identity != entry.identity or store.num_documents != entry.documents:
+        if (store.identity != entry.identity or store.num_documents != entry.documents
+                or int(store.manifest["tokens"]) != entry.tokens):
             raise UserError(f"token store shard {self.path / entry.name} is not the shard its "
                             f"store's manifest {self.path / MANIFEST} lists (identity "
                             f"{store.identity[:12]}, listed {entry.identity[:12]})\n"
@@ -149,6 +156,13 @@ def _shards(path: storage.AnyPath, m: dict, rebuild: str) -> list[Shard]:
     if not isinstance(entries, list) or not entries:
         raise UserError(f"token store file {file} is corrupt (no list of shards)\n"
                         f"  fix: rebuild it: {rebuild}")
+    if shards_sha256(entries) != m.get("shards_sha256"):
+        bad = next((e.get("name") for e in entries if isinstance(e, dict) and not (
+            isinstance(e.get("name"), str) and SHARD_NAME.fullmatch(e["name"])
+            and ".." not in e["name"])), None)
+        if bad is None:  # (a name outside the format is named as such below)
+            raise UserError(f"token store file {file} is corrupt (its list of shards differs "
+                            f"from its checksum)\n  fix: rebuild it: {rebuild}")
     out = []
     for e in entries:
         name = e.get("name") if isinstance(e, dict) else None
