@@ -13,6 +13,7 @@ import importlib
 import sys
 import traceback
 
+from bignlp_jax import outage
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
 from bignlp_jax.parallel.peer_watch import (
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bignlp-jax {command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+        lost = outage.describe(e)  # not a bug: a bucket endpoint went away
+        if lost is not None:
+            print(f"bignlp-jax {command}: error: {lost}", file=sys.stderr)
+            announce_failure(lost, UserError.exit_code)
+            return UserError.exit_code
         if wait_for_lost_peer(e):  # not a bug: a peer process vanished mid-collective
             print(f"bignlp-jax {command}: error: lost a peer process during a collective",
                   file=sys.stderr)

@@ -265,3 +265,14 @@ class RunConfig(Section):
     seed: int = 0
     name: str = "run"
 
+    @field_validator("dir")
+    @classmethod
+    def _fits_a_file_system(cls, value: str) -> str:
+        # Linux's limits (NAME_MAX, PATH_MAX): refused here in one line, not by the first mkdir
+        longest = max((len(part.encode()) for part in value.split("/")), default=0)
+        if longest > 255 or len(value.encode()) > 4095:
+            raise ValueError(f"run.dir: a path of {len(value.encode())} bytes with a "
+                             f"{longest}-byte name; file systems allow 4095 and 255: choose a "
+                             "shorter one")
+        return value
+

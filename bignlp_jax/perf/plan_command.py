@@ -15,6 +15,9 @@ import subprocess
 import sys
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.perf.budget_command import add_arguments as add_budget_arguments
+from bignlp_jax.perf.budget_command import cmd_budget
+from bignlp_jax.perf.devices import DEVICES as DEVICE_KINDS
 from bignlp_jax.perf.plan_search import (
     REMATS,
     _mesh_text,
@@ -103,6 +106,15 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
 
 
 def cmd_plan(args) -> int:
+    if args.budget:
+        return cmd_budget(args)
+    if args.config is None or args.devices is None:
+        raise UserError("plan needs a CONFIG and --devices N (or --budget, see plan --help)")
+    if args.device not in DEVICE_KINDS:
+        raise UserError(f"--device {args.device!r} is not a device kind we know; use one of "
+                        f"{', '.join(sorted(DEVICE_KINDS))}")
+    args.time_budget = 480.0 if args.time_budget is None else args.time_budget
+    args.max_compiles = 8 if args.max_compiles is None else args.max_compiles
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
     if not _has_devices(args.devices):
@@ -150,23 +162,24 @@ def cmd_plan(args) -> int:
 
 
 def register(subparsers) -> None:
-    from bignlp_jax.perf.devices import DEVICES
-
     p = subparsers.add_parser(
         "plan", help="compile the train step ahead of time for N devices: memory, mesh search")
-    p.add_argument("config", help="YAML config (path, or name under configs/)")
+    p.add_argument("config", nargs="?", help="YAML config (path, or name under configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
-    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
-    p.add_argument("--device", choices=sorted(DEVICES), default="h100",
-                   help="accelerator whose peak, memory and links the estimate uses "
+    p.add_argument("--devices", type=int, default=None, help="number of devices to plan for")
+    p.add_argument("--device", default="h100",
+                   help=f"accelerator whose peak, memory and links the estimate uses: "
+                        f"{', '.join(sorted(DEVICE_KINDS))} (--budget also: cpu, this host) "
                         "(default: h100)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory per device in GiB (default: the --device's)")
     p.add_argument("--search", action="store_true",
                    help="try mesh shapes and remat policies; rank those that fit")
-    p.add_argument("--time-budget", type=float, default=480.0,
-                   help="seconds of compiling allowed for --search (default 480)")
-    p.add_argument("--max-compiles", type=int, default=8,
-                   help="most candidates --search compiles (default 8)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of compiling allowed for --search (default 480; with "
+                        "--budget 240)")
+    p.add_argument("--max-compiles", type=int, default=None,
+                   help="most candidates --search compiles (default 8; with --budget 3)")
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
+    add_budget_arguments(p)
     p.set_defaults(func=cmd_plan)
