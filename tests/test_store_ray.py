@@ -60,6 +60,30 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
         proc.wait(timeout=30)
 
 
+def _running_task(node_pid: int) -> bool:
+    """Whether a process below the node's `ray start` is running a build task (Ray titles a
+    worker process `ray::build_input` while it runs one)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    stack = list(children.get(node_pid, []))
+    while stack:
+        pid = stack.pop()
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::build_input"):
+                return True
+        except OSError:
+            pass
+        stack += children.get(pid, [])
+    return False
+
+
 def _wait_nodes(address: str, n: int, timeout: float = 120.0) -> None:
     import ray
 
@@ -151,16 +175,20 @@ def test_worker_killed_mid_build_the_store_is_byte_identical(cluster, inputs, in
     out = tmp_path / "ray"
     tasks, info = _plan(inputs, out)
 
-    def kill_when_first_input_is_done():  # the worker node holds running tasks then
-        while not (out / raw_build.PARTS).is_dir() or not any((out / raw_build.PARTS).iterdir()):
-            time.sleep(0.05)
+    killed = []
+
+    def kill_while_it_runs_a_task():
+        deadline = time.monotonic() + 120
+        while not _running_task(worker.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed.append(_running_task(worker.pid))
         _stop(worker, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_when_first_input_is_done, daemon=True)
+    killer = threading.Thread(target=kill_while_it_runs_a_task, daemon=True)
     killer.start()
     summary = raw_build.tokenize_files(tasks, info, runner=ray_build.runner(address))
     killer.join(timeout=60)
-    assert worker.poll() is not None  # the worker node really died during the build
+    assert killed == [True] and worker.poll() is not None  # died running a task
     assert summary["built_inputs"] == 6 and summary["shards"] > 6
     assert _files(out) == _files(in_process)
     # a rerun builds nothing; a lost record rebuilds only its input
@@ -171,8 +199,13 @@ def test_worker_killed_mid_build_the_store_is_byte_identical(cluster, inputs, in
 
 def test_ray_build_into_a_gcs_bucket_reads_like_the_local_one(cluster, inputs, in_process,
                                                              tmp_path, capsys):
+    from bignlp_jax import storage
+
     bucket = storage_emulators.new_bucket("gs")
     pattern, tokenizer = inputs
+    for f in sorted(Path(pattern).parent.glob("part*.jsonl.gz")):  # inputs in the bucket too
+        storage.copy_file(f, f"{bucket}/raw/{f.name}")
+    pattern = f"{bucket}/raw/part*.jsonl.gz"
     out = f"{bucket}/stores/corpus"
     # the head node alone is left (its worker was killed above): any cluster will do
     assert main(["data", "tokenize", "--name", "corpus", "--input", pattern, "--out", out,
@@ -181,7 +214,7 @@ def test_ray_build_into_a_gcs_bucket_reads_like_the_local_one(cluster, inputs, i
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["store"]
     local = ShardedStore(in_process)
     assert summary["built_inputs"] == 6 and summary["shards"] == len(local.shards)
-    remote = ShardedStore(out)  # the same shards, the same identity, the same rows
+    remote = ShardedStore(out)  # the same shards (named by input), identity and rows
     assert remote.identity == local.identity
     samples = np.arange(0, 400, 7)
     for key, value in SampleIndex(local, 32, seed=1).rows(samples).items():
