@@ -85,7 +85,7 @@ def cmd_describe(args) -> int:
     import json
 
     from bignlp_jax.config import load_config
-    from bignlp_jax.model.flops import describe
+    from bignlp_jax.model.flops import describe, pipeline_text
     from bignlp_jax.parallel.mesh import MESH_AXES, dcn_axes, mesh_shape, mesh_text
 
     cfg = load_config(args.config, args.overrides)
@@ -104,6 +104,8 @@ def cmd_describe(args) -> int:
     print(f"train FLOPs / token   {info['flops_per_token']:.4g} (seq_len {info['seq_len']})")
     print(f"mesh                  {mesh_text(shape, cfg.mesh)}")
     info["dcn"] = dcn_axes(cfg.mesh)  # axes that cross slices/nodes, and over how many
+    if info["pipeline"] is not None:
+        print(f"pipeline              {pipeline_text(info['pipeline'])}")
     print(f"params / device       {info['param_bytes_per_device'] / gib:.3f} GiB (float32)")
     print(f"AdamW state / device  {info['optimizer_bytes_per_device'] / gib:.3f} GiB")
     print(f"total / device        {info['param_plus_optimizer_gib_per_device']:.3f} GiB")

@@ -98,6 +98,15 @@ class MeshConfig(Section):
     # Two-level mesh: how many slices/nodes (joined by DCN) the data and fsdp axes span.
     dcn_data: int = Field(1, ge=1, description="slices/nodes the data axis spans")
     dcn_fsdp: int = Field(1, ge=1, description="slices/nodes the fsdp axis spans")
+    # Pipeline parallelism (model/pipeline.py): the layer stack is split into stage x dcn_stage
+    # stages; `stage` of them inside a slice/node, times `dcn_stage` slices/nodes.
+    stage: int = Field(1, ge=1, description="pipeline stages inside a slice/node")
+    dcn_stage: int = Field(1, ge=1, description="slices/nodes the pipeline stages span")
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages in all: mesh.stage x mesh.dcn_stage."""
+        return self.stage * self.dcn_stage
 
     @model_validator(mode="after")
     def _check_sizes(self) -> MeshConfig:
@@ -204,6 +213,16 @@ class TrainConfig(Section):
     steps: int = Field(100, ge=1)
     global_batch_size: int = Field(8, ge=1)
     microbatches: int = Field(1, ge=1, description="gradient accumulation steps per train step")
+    # Pipeline schedule (mesh.stage x mesh.dcn_stage > 1): each train.microbatches slice of the
+    # batch streams through the stages as this many microbatches
+    pipeline_microbatches: int | None = Field(
+        None, ge=1, description="microbatches per pipelined step; null: 2 x the stages")
+    pipeline_repeats: int = Field(
+        1, ge=1, description="1: GPipe; R > 1: circular, each stage holds R groups of layers")
+    pipeline_fsdp_gather: Literal["step", "microbatch"] = Field(
+        "step", description="with stages, gather fsdp-sharded weights once per step (a stage's "
+        "layers whole in memory) or layer by layer for every microbatch (less memory, R*M x "
+        "the bytes)")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="0: no periodic evaluation")
     eval_batches: int = Field(4, ge=1)

@@ -91,13 +91,21 @@ def _with_plan(tree: dict, plan: dict, scale: int, devices: int, host_size: int)
     # loads for describe/train on other device counts
     mesh = {"data": -1,
             **{k: plan["mesh"][k] for k in ("fsdp", "sequence", "tensor")}}
-    dcn_fsdp = plan["dcn"].get("fsdp", 1)
+    train = {**tree["train"], "microbatches": plan["microbatches"]}
+    dcn_fsdp, dcn_stage = plan["dcn"].get("fsdp", 1), plan["dcn"].get("stage", 1)
+    pipeline = plan.get("pipeline")
+    if pipeline:  # the stage axis spans mesh.stage x mesh.dcn_stage devices
+        mesh["stage"] = pipeline["stages"] // dcn_stage
+        train.update(pipeline_repeats=pipeline["repeats"],
+                     pipeline_microbatches=pipeline["microbatches"])
     hosts = devices // host_size if devices > host_size and devices % host_size == 0 else 1
     if hosts > 1:
-        mesh.update(dcn_data=hosts // dcn_fsdp, dcn_fsdp=dcn_fsdp)
+        mesh.update(dcn_data=hosts // (dcn_fsdp * dcn_stage), dcn_fsdp=dcn_fsdp)
+        if dcn_stage > 1:
+            mesh["dcn_stage"] = dcn_stage
     return {**tree, "mesh": mesh,
             "model": {**tree["model"], "remat": plan["remat"]},
-            "train": {**tree["train"], "microbatches": plan["microbatches"]}}
+            "train": train}
 
 
 def plan_budget(inp: Inputs, time_budget: float, max_compiles: int, log) -> dict:

@@ -76,14 +76,25 @@ def _axis_text(comm: dict) -> str:
         comm.get("by_axis", {}).items(), key=lambda kv: -kv[1])) + " GiB"
 
 
+def _shape(plan: dict) -> dict[str, int]:
+    """A compiled plan's mesh sizes, DCN splits and pipeline repeats (what `_mesh_text` shows)."""
+    repeats = plan["pipeline"]["repeats"] if plan.get("pipeline") else 1
+    return {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()},
+            "repeats": repeats}
+
+
 def _print_plan(cfg, plan: dict, analytic: float) -> None:
     from bignlp_jax.perf.plan import COLLECTIVES
 
     gib = 2**30
     compiled_static = plan["param_bytes_per_device"] + plan["optimizer_bytes_per_device"]
-    shape = {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()}}
+    shape = _shape(plan)
     print(f"mesh d x f x seq x t        {_mesh_text(shape)} ({plan['devices']} devices),"
           f" remat={plan['remat']}")
+    if plan.get("pipeline"):
+        from bignlp_jax.model.flops import pipeline_text
+
+        print(f"pipeline                    {pipeline_text(plan['pipeline'])}")
     print(f"parameters / device         {plan['param_bytes_per_device'] / gib:10.3f} GiB")
     print(f"optimizer state / device    {plan['optimizer_bytes_per_device'] / gib:10.3f} GiB")
     print(f"temporaries / device        {plan['temp_bytes_per_device'] / gib:10.3f} GiB")
@@ -150,7 +161,7 @@ def cmd_plan(args) -> int:
         print(f"{'mesh d x f x seq x t':>28} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
               f"{'est s/step':>10} {'est MFU':>8}  collective GiB/device by mesh axis")
         for r in [*fitting, *too_big]:
-            shape = {**r["mesh"], **{f"dcn_{k}": v for k, v in r["dcn"].items()}}
+            shape = _shape(r)
             tail = (f" {r['est_step_s']:10.3f} {r['est_mfu']:8.1%}" if r["fits"]
                     else "  does not fit       ")
             print(f"{_mesh_text(shape):>28} {r['remat']:>5} {r['microbatches']:>5} "

@@ -53,7 +53,12 @@ from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.peak import mfu_meter
 from bignlp_jax.train.start import StateLayout, drop_metrics_after, load_init_params, start_state
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
-from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
+from bignlp_jax.train.step import (
+    batch_sharding,
+    make_eval_step,
+    make_train_step,
+    pipeline_spec,
+)
 from bignlp_jax.writable import require_writable
 
 
@@ -89,6 +94,7 @@ class Trainer:
                 f"the {dp} data-parallel devices (mesh.data x mesh.fsdp)\n"
                 f"  fix: make the microbatch a multiple of {dp}"
             )
+        pipeline_spec(cfg, dp)  # a schedule that does not fit: one line, before compiling
         tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         state_sh = state_shardings(cfg.model, tx, mesh, rules, LoraSpec.from_config(cfg.lora))
