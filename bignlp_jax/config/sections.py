@@ -156,6 +156,11 @@ class DataConfig(Section):
     stores: dict[str, str] | None = Field(
         None, description="{dataset/split: token store identity} read by the run; null: filled "
         "in at the start and saved in run.dir/config.yaml; set: other data is refused")
+    store: str | None = Field(
+        None, description="a token store folder built by `data tokenize --input ... --out` "
+        "(local, gs://, s3://): the training split reads it instead of a TFDS dataset")
+    eval_store: str | None = Field(
+        None, description="with data.store: the store of the held-out split (data.eval_split)")
 
     @model_validator(mode="after")
     def _check_mixture(self) -> DataConfig:
@@ -163,6 +168,11 @@ class DataConfig(Section):
                                          not self.mixture):
             raise ValueError("data.mixture needs data.source=tfds, at least one dataset and "
                              "data.tfds_name=null (the mixture names the datasets)")
+        if self.store is not None and (self.source != "tfds" or self.mixture is not None):
+            raise ValueError("data.store needs data.source=tfds and no data.mixture (it is the "
+                             "one dataset of the run)")
+        if self.eval_store is not None and self.store is None:
+            raise ValueError("data.eval_store needs data.store (the training store)")
         for name, entry in (self.mixture or {}).items():
             if isinstance(entry, (int, float)) and not entry > 0:
                 raise ValueError(f"data.mixture.{name}: weight {entry} must be > 0")
