@@ -204,7 +204,8 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
 
     codes, outs, took = job(fail="1")
     assert codes == [2, 2], outs
-    assert took < 120, f"{took:.0f} s"  # not Orbax's 300 s barrier timeout
+    # not Orbax's 300 s barrier timeout (start-up and compiling under load included)
+    assert took < 240, f"{took:.0f} s"
     assert "bignlp-jax train: error: cannot save checkpoint step 3 in " in outs[1], outs[1]
     assert "no space left on the device (ENOSPC)" in outs[1]
     assert "bignlp-jax train: error: process 1 of 2 stopped: cannot save checkpoint step 3" \
@@ -221,7 +222,12 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
     assert re.search(r"resumed from checkpoint \S+/checkpoints/2; training steps 3\.\.4", outs[0])
     after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     again = {r["step"]: r for r in after}  # the resumed run's lines replace steps 3..4
-    assert [r["step"] for r in before] == [1, 2, 3, 4] and sorted(again) == [1, 2, 3, 4]
+    # How far process 0 trains before process 1's failed write of step 3 stops it is a race
+    # (step 3, or 4 too). Guaranteed: steps 1 and 2 were logged (process 0 logs a step before
+    # the next one, which needs process 1), in order, none twice.
+    logged = [r["step"] for r in before]
+    assert logged == list(range(1, len(logged) + 1)) and 2 <= len(logged) <= 4, logged
+    assert sorted(again) == [1, 2, 3, 4]
     for old in before[2:]:  # steps the failed run computed after step 2: bitwise the same
         assert (old["loss"], old["grad_norm"]) == (again[old["step"]]["loss"],
                                                    again[old["step"]]["grad_norm"])

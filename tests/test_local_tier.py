@@ -220,6 +220,12 @@ def _common_local(local: Path, run: Path) -> list[int]:
         return []
 
 
+def _local_ahead(local: Path, run: Path) -> bool:
+    """A step complete in both processes' local tiers is newer than the newest durable one."""
+    steps, durable = _common_local(local, run), latest_step(run)
+    return bool(steps and durable and steps[-1] > durable)
+
+
 @pytest.mark.multiprocess
 def test_two_processes_resume_from_the_agreed_local_step_or_fall_back(tmp_path, cache_env):
     ref, run, local = tmp_path / "ref" / "run", tmp_path / "a" / "run", tmp_path / "local"
@@ -230,11 +236,19 @@ def test_two_processes_resume_from_the_agreed_local_step_or_fall_back(tmp_path, 
     reference = _launch(ref, "w", cache_env, f"train.steps={END}", "checkpoint.every_steps=4")
     killed = _launch(run, "w", cache_env, "train.steps=100000", *tier)
     deadline = time.monotonic() + 300
-    # wait for a local-only step: newer than a durable step that is complete
-    while not ((steps := _common_local(local, run)) and (durable := latest_step(run))
-               and steps[-1] > durable):
+    # wait for a local-only step: newer than a durable step that is complete. Seen while the
+    # processes run, a durable save could catch up before the kill: the processes are frozen
+    # (SIGSTOP) and the condition read again, so it holds for what the kill leaves.
+    while True:
         assert all(p.poll() is None for p in killed), _log(run, "w", 0)[-3000:]
         assert time.monotonic() < deadline, "the two-process run did not save local steps"
+        if _local_ahead(local, run):
+            for p in killed:
+                p.send_signal(signal.SIGSTOP)
+            if _local_ahead(local, run):
+                break
+            for p in killed:
+                p.send_signal(signal.SIGCONT)
         time.sleep(0.01)
     for p in killed:
         p.send_signal(signal.SIGKILL)  # no stop save: what a lost node or an OOM kill leaves
