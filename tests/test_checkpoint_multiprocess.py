@@ -97,6 +97,10 @@ def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cach
     assert sorted(p.name for p in state_dir.glob("checksums.*.json")) == [
         "checksums.primary.json", "checksums.process_0.json", "checksums.process_1.json"]
     assert integrity.verify(state_dir.parent) is None
+    # every process's data position and the metadata are in the primary's list
+    listed = integrity.read_listing(state_dir).files
+    assert {"../data/process_0-of-2.json", "../data/process_1-of-2.json",
+            "../meta/metadata"} <= set(listed)
 
     two = np.load(dump)
     assert int(two["step"]) == stopped and json.loads(str(two["data"]))["step"] == stopped

@@ -123,6 +123,10 @@ class ShardFilesHandler(ocp.handlers.AsyncCheckpointHandler):
         sums[INDEX] = (len(index), google_crc32c.value(index))
         integrity.write_listing(state_dir, sums, jax.process_count(), processes=[])
 
+    def finalize(self, directory) -> None:
+        # the step's data position and metadata are written by now: add their sums
+        integrity.add_step_items(storage.path(str(directory)))
+
     def save(self, directory, args: ShardFilesSave) -> None:
         for f in asyncio_utils.run_sync(self.async_save(directory, args)):
             f.result()
