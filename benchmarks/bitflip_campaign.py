@@ -80,6 +80,9 @@ def main() -> None:
     opts = parser.parse_args()
     rng = random.Random(opts.seed)
     root = Path(tempfile.mkdtemp(prefix="bitflip_"))
+    # every trial builds the same programs: compile them once (a cache inside the scratch dir)
+    jax.config.update("jax_compilation_cache_dir", str(root / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
         base = root / "base"
         train(config(base, STEP))
