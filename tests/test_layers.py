@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bignlp_jax"
 # plan) drives the train step, so it sits with the other commands above train/.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
+    ("compat",),  # the checked shims over private JAX / Orbax APIs (nothing of ours below)
     ("storage", "writable"),  # the path layer (local, gs://, s3://) and the writability probe
     ("config",),
     ("parallel", "model", "data", "hf"),

@@ -1,7 +1,7 @@
 """Run directories on buckets (gs://, s3://) against emulators started by the tests.
 
 Both emulators get the whole run: config, metrics, TensorBoard events, sharded Orbax
-checkpoints (s3:// through checkpoint/orbax_compat.py), SIGTERM and an exact resume. Storage
+checkpoints (s3:// through compat/orbax.py), SIGTERM and an exact resume. Storage
 errors (missing bucket, unreachable endpoint, missing or refused credentials, a denied write)
 must stop the CLI with one line and exit 2 before a model is built.
 """

@@ -4,7 +4,6 @@ Public API (used by training, finetuning, export, evaluation and generation):
 `load_params`, `load_run_config`, `latest_step`, `is_complete`, `RunCheckpointer`.
 """
 
-from bignlp_jax.checkpoint import orbax_compat
 from bignlp_jax.checkpoint.params import load_params
 from bignlp_jax.checkpoint.paths import (
     checkpoints_dir,
@@ -14,6 +13,7 @@ from bignlp_jax.checkpoint.paths import (
     load_run_config,
     resolve_step_dir,
 )
+from bignlp_jax.compat import orbax as orbax_compat  # noqa: F401 - applied on import: s3://
 
 __all__ = [
     "checkpoints_dir",
@@ -24,6 +24,3 @@ __all__ = [
     "load_run_config",
     "resolve_step_dir",
 ]
-
-# once, before any save or restore: Orbax reads and writes s3:// arrays with it (see the module)
-orbax_compat.apply()

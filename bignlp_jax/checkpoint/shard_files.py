@@ -42,11 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src import asyncio_utils
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.paths import SHARD_INDEX as INDEX
+from bignlp_jax.compat import orbax as orbax_compat
 
 FORMAT = "bignlp-shard-files-1"
 SHARDS = "shards"
@@ -128,7 +128,7 @@ class ShardFilesHandler(ocp.handlers.AsyncCheckpointHandler):
         integrity.add_step_items(storage.path(str(directory)))
 
     def save(self, directory, args: ShardFilesSave) -> None:
-        for f in asyncio_utils.run_sync(self.async_save(directory, args)):
+        for f in orbax_compat.run_sync(self.async_save(directory, args)):
             f.result()
 
     def restore(self, directory, args: ShardFilesRestore) -> Any:
