@@ -107,3 +107,36 @@ def _overrides(run_dir) -> list[str]:
     from checkpoint_common import OVERRIDES
 
     return [*OVERRIDES, f"run.dir={run_dir}"]
+
+
+def test_a_bug_in_our_restore_code_exits_1_and_a_flipped_bit_exits_2(run, tmp_path, monkeypatch,
+                                                                      capsys):
+    """read_errors.py: a ValueError raised by our own code while restoring is a bug (traceback,
+    exit 1), not a damaged checkpoint; the damaged file still exits 2 with one message."""
+    from bignlp_jax.checkpoint.read_errors import is_read_error
+    from bignlp_jax.cli import main
+    from bignlp_jax.train import start
+
+    run_dir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    argv = ["train", "tiny", *_overrides(copy), "train.steps=6", "checkpoint.every_steps=2"]
+
+    def broken(step_dir):
+        raise ValueError("a bug in our restore code")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(start, "restore_data_state", broken)
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: a bug in our restore code" in err, err[-3000:]
+    try:
+        broken(None)
+    except ValueError as e:
+        assert not is_read_error(e)
+
+    _flip(copy / "checkpoints" / "4" / "data" / "process_0-of-1.json", 3)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "data/process_0-of-1.json fails its checksum" in err and "resume_from=2" in err

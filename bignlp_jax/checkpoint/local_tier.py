@@ -44,7 +44,7 @@ from bignlp_jax import storage
 from bignlp_jax.checkpoint import fs_probe, integrity, shard_files
 from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave, read_meta
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, complete_steps
-from bignlp_jax.checkpoint.read_errors import is_read_error
+from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint, is_read_error
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 
@@ -246,5 +246,5 @@ def restore_state(step_dir: Path, target: Any, verify: bool = False) -> Any:
     every file checked against its checksum as it is read (ValueError naming the first bad),
     and the step's data position and metadata against theirs."""
     if verify and (problem := integrity.verify_items(step_dir)):
-        raise ValueError(problem)
+        raise DamagedCheckpoint(problem)
     return shard_files.read_tree(storage.path(step_dir) / STATE, target, verify)
