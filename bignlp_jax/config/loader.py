@@ -41,13 +41,35 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def _yaml_problem(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """One message for a YAML syntax error: the file, the line, what is wrong, and a fix."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{path} is not valid YAML: {problem}"
+    line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+    if "\t" in line[:mark.column + 1] or "'\\t'" in problem:
+        fix = "indent with spaces: YAML does not allow tabs for indentation"
+    else:
+        fix = ("check the indentation and quoting on that line (quote a value that holds ': ' "
+               "or starts with a special character)")
+    return (f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML "
+            f"({problem}): {line.strip()!r}\n  fix: {fix}")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(_yaml_problem(path, text, e)) from None
+    if data is None:  # empty, or comments only: a run with every default is never meant
+        raise ConfigError(f"{path} is empty (no sections); fix: give it sections such as "
+                          "`model:` and `train:`, or start from a preset: `defaults: [tiny.yaml]`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path} holds a {type(data).__name__} ({str(data)[:60]!r}), not a "
+                          "mapping of sections; fix: write `section:` lines such as `model:` "
+                          "and `train:`, each with its `key: value` lines indented below")
     return data
 
 
@@ -98,6 +120,21 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node[part]
         node[parts[-1]] = value
     return tree
+
+
+def check_unique_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a key given twice on the command line (`a=1 ... a=2`): which one was meant is a
+    guess, and keeping the last silently hides a typo."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            continue  # apply_overrides names a malformed one
+        if key in seen:
+            raise ConfigError(f"{key} is given twice on the command line ({seen[key]} and "
+                              f"{item}); keep the one you mean")
+        seen[key] = item
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
