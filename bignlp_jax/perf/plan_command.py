@@ -150,7 +150,7 @@ def cmd_plan(args) -> int:
 
 
 def register(subparsers) -> None:
-    from bignlp_jax.perf.devices import DEVICES
+    from bignlp_jax.parallel.devices import DEVICES
 
     p = subparsers.add_parser(
         "plan", help="compile the train step ahead of time for N devices: memory, mesh search")
