@@ -11,7 +11,7 @@ import subprocess
 
 import checkpoint_common
 import pytest
-from checkpoint_common import config, subprocess_env
+from checkpoint_common import cli_overrides, config, subprocess_env
 from conftest import bignlp_cmd
 
 from bignlp_jax.checkpoint import integrity
@@ -92,8 +92,8 @@ def test_a_damaged_index_file_is_one_clean_message(run, tmp_path, cache_env):
     index = _one(copy / "checkpoints" / "4", "state/d/*")
     _flip(index, index.stat().st_size // 2)
     done = subprocess.run(
-        bignlp_cmd("train", "tiny", *_overrides(copy), "train.steps=6",
-                   "checkpoint.every_steps=2"),
+        bignlp_cmd("train", "tiny", *cli_overrides(copy, "train.steps=6",
+                                                   "checkpoint.every_steps=2")),
         env=subprocess_env(cache_env), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
@@ -101,12 +101,6 @@ def test_a_damaged_index_file_is_one_clean_message(run, tmp_path, cache_env):
     assert "checkpoint.resume_from=2" in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(errors) <= 6, done.stderr
-
-
-def _overrides(run_dir) -> list[str]:
-    from checkpoint_common import OVERRIDES
-
-    return [*OVERRIDES, f"run.dir={run_dir}"]
 
 
 def test_a_bug_in_our_restore_code_exits_1_and_a_flipped_bit_exits_2(run, tmp_path, monkeypatch,
@@ -120,7 +114,7 @@ def test_a_bug_in_our_restore_code_exits_1_and_a_flipped_bit_exits_2(run, tmp_pa
     run_dir, _ = run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    argv = ["train", "tiny", *_overrides(copy), "train.steps=6", "checkpoint.every_steps=2"]
+    argv = ["train", "tiny", *cli_overrides(copy, "train.steps=6", "checkpoint.every_steps=2")]
 
     def broken(step_dir):
         raise ValueError("a bug in our restore code")

@@ -192,15 +192,15 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
     run = tmp_path / "run"
     env = {**subprocess_env(cache_env), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    from checkpoint_common import OVERRIDES
+    from checkpoint_common import cli_overrides
 
     def job(fail: str) -> tuple[list[int], list[str], float]:
         port, started = str(free_port()), time.monotonic()
         procs = [subprocess.Popen(
             [sys.executable, "-c", ONE_FAILS, fail, "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i), "train", "tiny", *OVERRIDES,
-             *MESH, f"run.dir={run}", "train.steps=4", "checkpoint.every_steps=1",
-             "checkpoint.keep=100"],
+             "--num-processes", "2", "--process-id", str(i), "train", "tiny",
+             *cli_overrides(run, *MESH, "train.steps=4", "checkpoint.every_steps=1",
+                            "checkpoint.keep=100")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(2)]
         outs = [p.communicate(timeout=300)[0] for p in procs]

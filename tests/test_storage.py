@@ -45,9 +45,9 @@ def _bucket(request, scheme: str) -> str:
 
 
 def _overrides(run_dir: str, *extra: str) -> list[str]:
-    from checkpoint_common import OVERRIDES
+    from checkpoint_common import cli_overrides
 
-    return [*OVERRIDES, f"run.dir={run_dir}", *extra]
+    return cli_overrides(run_dir, *extra)
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
     T = T / shape.get("sequence", 1)
     scale = 2 if m.dtype == "float32" else 1
     layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * cfg.data.seq_len / t
-    if m.attention == "cudnn":  # flash attention keeps no T x T scores
+    if m.kernel_attention == "cudnn":  # flash attention keeps no T x T scores
         layer -= 5 * m.num_heads * T * cfg.data.seq_len / t
     logits = 3 * T * m.vocab_size / t * 4
     if remat == "full":
