@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import time
 
+from bignlp_jax.config.schema import context_split_problem
+
 # Function-level imports: plan_command.py imports this module before its re-exec gives the
 # process its devices, and jax may be imported only after that.
 
@@ -38,7 +40,7 @@ def mesh_candidates(cfg, n: int) -> list[dict[str, int]]:
                                                   m.vocab_size)):
             continue
         for sequence in (1, 2, 4, 8):
-            if (n // tensor) % sequence or cfg.data.seq_len % (2 * sequence):
+            if (n // tensor) % sequence or context_split_problem(cfg.data.seq_len, sequence):
                 continue
             rest = n // (tensor * sequence)
             fsdp = 1
