@@ -32,7 +32,8 @@ from checkpoint_common import (
     subprocess_env,
 )
 
-from bignlp_jax.checkpoint import complete_steps, latest_step, local_tier, shard_files
+from bignlp_jax.checkpoint import complete_steps, integrity, latest_step, local_tier, shard_files
+from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint
 from bignlp_jax.config import load_config
 from bignlp_jax.errors import ConfigError, Preempted, UserError
 from bignlp_jax.train.identity import is_resumable
@@ -133,6 +134,15 @@ def test_pruning_discarding_and_a_lost_step(tmp_path, cache_env, capsys):
     # local_keep=2 newest of 1..5 (the final step 6 is durable only); the run dir untouched
     assert local_tier.own_steps(root, _fingerprint(cfg)) == [4, 5]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "6"]
+    # a local step's data position and metadata are checksummed too, and checked on restore
+    copy = tmp_path / "copy" / "4"
+    shutil.copytree(root / "4", copy)
+    assert {"../data/process_0-of-1.json", "../meta/metadata"} <= set(
+        integrity.read_listing(copy / "state").files)
+    position = copy / "data" / "process_0-of-1.json"
+    position.write_bytes(position.read_bytes().replace(b"4", b"5", 1))
+    with pytest.raises(DamagedCheckpoint, match="data/process_0-of-1.json fails its checksum"):
+        local_tier.restore_state(copy, Trainer.build(cfg).layout.abstract(), verify=True)
     # a local step newer than the durable one, corrupt: resuming warns and takes local step 4
     # (as new as the durable one: same trajectory, faster to read)
     shutil.rmtree(run / "checkpoints" / "6")

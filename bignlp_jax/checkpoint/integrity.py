@@ -124,6 +124,14 @@ def _step_item_sums(state_dir: Path) -> dict[str, list[int]]:
     return sums
 
 
+def listed_path(state_dir: Path, name: str) -> Path:
+    """The file a listed name (relative to `state/`) stands for. `..` is resolved here: bucket
+    paths (gs://, s3://) take it literally as part of an object name."""
+    if name.startswith("../"):
+        return state_dir.parent / name[len("../"):]
+    return state_dir / name
+
+
 def shown(name: str) -> str:
     """A listed name (relative to `state/`) as the step-relative path messages show."""
     return posixpath.normpath(posixpath.join("state", name))
@@ -239,14 +247,14 @@ def missing_file(step_dir: Path) -> str | None:
     if listing.problem:
         return listing.problem
     for name in sorted(listing.files):
-        if not (state_dir / name).is_file():
+        if not listed_path(state_dir, name).is_file():
             return f"{shown(name)} is missing"
     return None
 
 
 def check_file(state_dir: Path, name: str, size: int, crc: int) -> str | None:
     """None if the file matches its record; else what is wrong with it."""
-    path, where = state_dir / name, shown(name)
+    path, where = listed_path(state_dir, name), shown(name)
     try:
         have_size = storage.size(path)
         if have_size != size:
