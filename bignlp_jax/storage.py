@@ -12,7 +12,6 @@ an unreachable endpoint, missing credentials or a permission error into one `Use
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+from bignlp_jax.client_logs import demote_client_logs
 from bignlp_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ def path(p: str | os.PathLike) -> AnyPath:
     except ImportError:
         raise UserError(f"{p}: {scheme} paths need the `{module}` package\n"
                         f"  fix: {CLOUD_EXTRA}") from None
-    # gcsfs warns on every bucket it cannot classify without real credentials (emulators)
-    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    # gcsfs logs tracebacks of errors its callers handle; they go to the log at debug level
+    demote_client_logs()
     # No cached listings: other processes (and hosts) add checkpoint steps while this one runs,
     # and a stale listing would hide them. Set before epath creates (and keeps) its filesystems.
     import fsspec.config
@@ -187,7 +187,12 @@ def fetch_dir(src: str | os.PathLike) -> Path:
             if item.is_dir():
                 pending.append(item)
                 continue
-            target = local / str(item)[len(str(remote)) + 1:]
+            name = str(item)[len(str(remote)) + 1:]
+            # an object name may be anything, `../x` included: nothing is written outside `local`
+            if not name or name.startswith("/") or ".." in name.split("/"):
+                raise UserError(f"{src} holds an object named {name!r}, which leads outside it; "
+                                "refused: only files inside the folder are read")
+            target = local / name
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_file(item, target)
     return local

@@ -22,7 +22,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bignlp_jax"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("compat",),  # the checked shims over private JAX / Orbax APIs (nothing of ours below)
-    ("storage", "writable"),  # the path layer (local, gs://, s3://) and the writability probe
+    # the path layer (local, gs://, s3://), the writability probe, the rule that keeps files
+    # named inside an input folder inside it, and the ledger of what we wrote (owned)
+    ("storage", "writable", "containment", "owned", "client_logs", "outage"),
     ("config",),
     ("parallel", "model", "data", "hf"),
     ("train", "checkpoint"),

@@ -157,10 +157,12 @@ def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, ca
     from_bucket = load_init_params(config(tmp_path / "fresh", f"init_from={run}"),
                                    default_shardings(model))
     assert_trees_equal(jax.tree.map(np.asarray, from_bucket), host_params(run, model))
-    # a second export to the same --out replaces the earlier one; a foreign prefix is refused
-    assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0
+    # a second export to the same --out replaces the earlier one with --overwrite; a foreign
+    # prefix is refused even then
+    assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 2
+    assert main(["export", "--run", run, "--format", "hf", "--out", hf, "--overwrite"]) == 0
     (storage.path(bucket) / "other" / "notes.txt").write_text("keep me")
-    assert main(["export", "--run", run, "--format", "hf",
+    assert main(["export", "--run", run, "--format", "hf", "--overwrite",
                  "--out", f"{bucket}/other"]) == 2
     assert (storage.path(bucket) / "other" / "notes.txt").read_text() == "keep me"
 

@@ -12,6 +12,7 @@ from bignlp_jax.checkpoint.paths import (
     latest_step,
     load_run_config,
     resolve_step_dir,
+    run_root,
 )
 from bignlp_jax.compat import orbax as orbax_compat  # noqa: F401 - applied on import: s3://
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_params",
     "load_run_config",
     "resolve_step_dir",
+    "run_root",
 ]

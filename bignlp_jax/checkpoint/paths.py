@@ -27,6 +27,7 @@ from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.config import load_config
 from bignlp_jax.config.loader import validate
+from bignlp_jax.containment import check_tree, contained
 from bignlp_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -84,6 +85,7 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
     if _is_step_dir(path):
         if step is not None and path.name.isdigit() and int(path.name) != step:
             raise UserError(f"{path} is the checkpoint of step {path.name}, not step {step}")
+        check_tree(path, run_root(path))  # a symlink out of the run is refused before reading
         return path
     ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     if not ckpt_dir.is_dir():
@@ -104,21 +106,28 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
             f"no complete checkpoint of step {step} in {ckpt_dir}; complete steps: "
             f"{', '.join(map(str, steps))}"
         )
+    check_tree(ckpt_dir / str(step), run_root(ckpt_dir))
     return ckpt_dir / str(step)
+
+
+def run_root(path: str | Path) -> Path:
+    """The run directory of a run dir, its checkpoints dir or one of its step dirs."""
+    path = storage.path(path)
+    if path.name == CHECKPOINTS:
+        return path.parent
+    if _is_step_dir(path) and path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    return path
 
 
 def load_run_config(run_dir: str | Path):
     """The resolved `Config` a run was trained with (RUN_DIR/config.yaml, else the newest
     checkpoint's copy). Accepts a run dir, its checkpoints dir or a step dir."""
     run_dir = storage.path(run_dir)
-    candidates = [run_dir]
-    if run_dir.name == CHECKPOINTS:
-        candidates.append(run_dir.parent)
-    elif _is_step_dir(run_dir) and run_dir.parent.name == CHECKPOINTS:
-        candidates.append(run_dir.parent.parent)
-    for candidate in candidates:
-        if (candidate / "config.yaml").is_file():
-            return load_config(candidate / "config.yaml")
+    for candidate in dict.fromkeys([run_dir, run_root(run_dir)]):
+        config = contained(candidate, "config.yaml")  # a symlink out of the run is refused
+        if config.is_file():
+            return load_config(config)
     try:
         step_dir = resolve_step_dir(run_dir)
     except UserError:

@@ -41,35 +41,35 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
-def _yaml_problem(path: Path, text: str, error: yaml.YAMLError) -> str:
-    """One message for a YAML syntax error: the file, the line, what is wrong, and a fix."""
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """One message for a YAML syntax error: the file, where, what is wrong, and a fix. Where and
+    what only, never the line itself: a `defaults:` entry may name any file."""
     mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    if mark is None:
-        return f"{path} is not valid YAML: {problem}"
-    line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
-    if "\t" in line[:mark.column + 1] or "'\\t'" in problem:
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    if "'\\t'" in problem:
         fix = "indent with spaces: YAML does not allow tabs for indentation"
     else:
-        fix = ("check the indentation and quoting on that line (quote a value that holds ': ' "
-               "or starts with a special character)")
-    return (f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML "
-            f"({problem}): {line.strip()!r}\n  fix: {fix}")
+        fix = ("check the indentation and quoting there (quote a value that holds ': ' or "
+               "starts with a special character)")
+    return f"{where}: not valid YAML ({problem})\n  fix: {fix}"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(_yaml_problem(path, text, e)) from None
+        raise ConfigError(_yaml_problem(path, e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); a config is YAML"
+                          ) from None
     if data is None:  # empty, or comments only: a run with every default is never meant
         raise ConfigError(f"{path} is empty (no sections); fix: give it sections such as "
                           "`model:` and `train:`, or start from a preset: `defaults: [tiny.yaml]`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a {type(data).__name__} ({str(data)[:60]!r}), not a "
-                          "mapping of sections; fix: write `section:` lines such as `model:` "
-                          "and `train:`, each with its `key: value` lines indented below")
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of sections; "
+                          "fix: write `section:` lines such as `model:` and `train:`, each with "
+                          "its `key: value` lines indented below")
     return data
 
 

@@ -27,13 +27,13 @@ from bignlp_jax import storage
 from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store.shards import ShardedStore
 from bignlp_jax.data.store_batches import StoreBatches
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, split_size
 from bignlp_jax.data.token_build import build_store
 from bignlp_jax.data.token_store import (
     MANIFEST,
     StoreSpec,
-    TokenStore,
     dataset_identity,
     store_dir,
 )
@@ -69,6 +69,8 @@ def dataset_entries(cfg: Config) -> list[DatasetEntry]:
 
 
 def dataset_name(cfg: Config) -> str:
+    if cfg.data.store is not None and not cfg.data.tfds_name:
+        return "store"  # a store built from raw files: no TFDS dataset
     if not cfg.data.tfds_name:
         raise UserError("data.source=tfds needs data.tfds_name (e.g. stdlib_docs, or the name "
                         "given to `bignlp-jax data prepare --name`)")
@@ -152,10 +154,14 @@ def split_name(cfg: Config, split: str) -> str:
 
 
 def open_store(cfg: Config, name: str, split: str, text_key: str,
-               build: bool = True) -> TokenStore:
+               build: bool = True) -> ShardedStore:
     """The token store of `split` of dataset `name` with the config's tokenizer, built on first
     use (with data.workers processes) unless `build` is False. A store in a bucket is never
-    built here: every host of a run would build it; `data tokenize` builds it once."""
+    built here: every host of a run would build it; `data tokenize` builds it once.
+    With data.store, the training split (and with data.eval_store the held-out one) is read
+    from that store."""
+    if cfg.data.store is not None:
+        return _given_store(cfg, split)
     directory = data_dir(cfg)
     remote = storage.is_remote(directory)
     if remote:  # records are not read: their count is in dataset_info.json
@@ -176,7 +182,22 @@ def open_store(cfg: Config, name: str, split: str, text_key: str,
             raise UserError(f"split {split!r} of {name} in {directory} has no records: "
                             "nothing to train or evaluate on")
         build_store(spec, count, tokenizer.vocab_size, max(1, cfg.data.workers))
-    return TokenStore(path, sha, spec.rebuild_command())
+    return ShardedStore(path, sha, spec.rebuild_command())
+
+
+def _given_store(cfg: Config, split: str) -> ShardedStore:
+    d = cfg.data
+    path = d.store if split == d.split else d.eval_store if split == d.eval_split else None
+    if path is None:
+        raise UserError(f"data.store is set but split {split!r} has no store: a held-out stream "
+                        "needs data.eval_store\n  fix: set data.eval_store=STORE (built with "
+                        "`data tokenize --input ... --out STORE`), or train.eval_every=0")
+    tokenizer = resolve_tokenizer(cfg)
+    if storage.is_remote(path):
+        _probe_bucket(str(path)[:5] + str(path).split("/")[2])
+    rebuild = (f"bignlp-jax data tokenize --name {dataset_name(cfg)} --input 'FILES' --out "
+               f"{path} --tokenizer {tokenizer.model_path}")
+    return ShardedStore(os.path.expanduser(path), tokenizer.describe()["model_sha256"], rebuild)
 
 
 def make_text_source(cfg: Config, split: str, rows: tuple[int, int]) -> StoreBatches:

@@ -31,6 +31,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from bignlp_jax import storage
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
@@ -107,7 +108,9 @@ class Tokenizer:
 def find_model_file(path: str | Path) -> Path:
     """The `.model` file for a path: the file itself, a tokenizer dir, or a run dir."""
     p = storage.path(os.path.expanduser(path))
-    for candidate in (p, p / MODEL_FILE, p / "tokenizer" / MODEL_FILE):
+    # a run directory's tokenizer/ may not lead outside the run (a symlink from elsewhere)
+    run_tokenizer = contained(p, f"tokenizer/{MODEL_FILE}") if p.is_dir() else p / "tokenizer"
+    for candidate in (p, p / MODEL_FILE, run_tokenizer):
         if candidate.is_file():
             return candidate
     raise UserError(

@@ -28,6 +28,7 @@ from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 from bignlp_jax.errors import UserError
 from bignlp_jax.evaluate.run import evaluate_run
 from bignlp_jax.hf.weights import export_hf
+from bignlp_jax.owned import LEDGER
 from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints, upstream
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
 from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported for report.py
@@ -109,7 +110,8 @@ def run_tokenizer(p: Pipeline) -> str:
 
 
 def run_train(p: Pipeline, stage: str) -> str:
-    for before in ["tokenizer"] + (["pretrain"] if stage == "finetune" else []):
+    reads = {"finetune": ["pretrain"], "align": ["finetune"]}.get(stage, [])
+    for before in ["tokenizer", *reads]:
         _needs(p, stage, before)
     cfg = p.run_config(stage)
     last = train(cfg)
@@ -127,9 +129,16 @@ def run_evaluate(p: Pipeline) -> str:
     if jax.process_index() == 0:
         write_whole(p.stage_dir("evaluate") / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     _barrier("bignlp_pipeline_evaluate")
-    return ", ".join(f"{s}: " + (f"accuracy {r['accuracy']:.3f}" if "accuracy" in r
-                                 else f"perplexity {r['perplexity']:.2f}")
-                     for s, r in results.items())
+    return ", ".join(f"{s}: " + _headline(r) for s, r in results.items())
+
+
+def _headline(result: dict) -> str:
+    """The one figure of a stage's evaluation that the pipeline log shows."""
+    if "accuracy" in result:
+        return f"accuracy {result['accuracy']:.3f}"
+    if "rewards/accuracies" in result:  # preference tuning (align)
+        return f"reward accuracy {result['rewards/accuracies']:.3f}"
+    return f"perplexity {result['perplexity']:.2f}"
 
 
 def run_export(p: Pipeline) -> str:
@@ -141,8 +150,9 @@ def run_export(p: Pipeline) -> str:
     run_tok = p.stage_dir(source) / "tokenizer"
     tokenizer = run_tok if run_tok.is_dir() else None
     staged = storage.staging_dir(p.stage_dir("export"))  # a bucket: written here, uploaded
-    out = export_hf(params, cfg.model, staged, p.spec.export.dtype, tokenizer)
-    out = storage.publish(out, p.stage_dir("export"), "config.json")
+    # the stage's own directory: an earlier export of ours is replaced, nothing else
+    out = export_hf(params, cfg.model, staged, p.spec.export.dtype, tokenizer, overwrite=True)
+    out = storage.publish(out, p.stage_dir("export"), LEDGER)
     return f"{source} model as Hugging Face {p.spec.export.dtype} in {out}"
 
 

@@ -49,6 +49,8 @@ RESUMABLE_KEYS = frozenset({
     # how the same maths is laid out and scheduled: the loss is a token sum over the same
     # global batch whatever the split, so only float rounding can differ
     "train.microbatches", "model.remat", "model.scan_unroll", "model.attention",
+    # the pipeline schedule
+    "train.pipeline_microbatches", "train.pipeline_repeats", "train.pipeline_fsdp_gather",
     # which implementation of the same op runs (model/kernels.py): tested equal to the reference
     "model.kernels", "model.kernel_projection", "model.kernel_attention",
 })
