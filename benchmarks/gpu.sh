@@ -33,7 +33,7 @@ EOF
 
 smoke() {
   timeout 120 "$PY" -m bignlp_jax.cli bench configs/tiny.yaml model.dtype=bfloat16 \
-    model.attention=cudnn model.num_heads=4 data.seq_len=128 model.max_seq_len=128 \
+    model.kernel_attention=cudnn model.num_heads=4 data.seq_len=128 model.max_seq_len=128 \
     run.dir="$OUT_DIR/smoke" --steps 2 --warmup 1 > "$OUT_DIR/smoke.log" 2>&1
 }
 if ! smoke; then

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (label, preset, overrides): bfloat16 with cuDNN flash attention throughout; what varies is the
 # remat policy, the batch, and scan unrolling. benchmarks/RESULTS.md has the measured figures.
-COMMON = ["model.dtype=bfloat16", "model.attention=cudnn", "data.source=synthetic",
+COMMON = ["model.dtype=bfloat16", "model.kernel_attention=cudnn", "data.source=synthetic",
           "data.seq_len=2048", "mesh.data=1"]
 VARIANTS = [
     # scanned layers (the presets' default) with each remat policy
@@ -38,7 +38,7 @@ VARIANTS = [
     ("1.3b remat=dots b16 unrolled", "configs/models/llama_1.3b.yaml",
      ["model.remat=dots", "train.global_batch_size=16", "model.scan_unroll=0"]),
 ]
-DRY = ["model.dtype=float32", "model.attention=xla", "model.num_layers=2", "model.hidden=64",
+DRY = ["model.dtype=float32", "model.kernel_attention=auto", "model.num_layers=2", "model.hidden=64",
        "model.num_heads=4", "model.head_dim=16", "model.mlp_dim=128", "model.vocab_size=256",
        "data.seq_len=64", "train.global_batch_size=4"]
 

@@ -7,7 +7,7 @@ For each target the state is saved `rounds` times (steps 1..rounds) through `Run
 until the save is durable (`wait()`); then the newest step is restored onto the same shardings.
 The GCS emulator is fake-gcs-server in memory (tests/storage_emulators.py), so its figures are
 the cost of the object-store path (HTTP, TensorStore's gcs driver), not of a real network.
-`--s3` adds moto's S3 server (in memory; s3:// through checkpoint/orbax_compat.py).
+`--s3` adds moto's S3 server (in memory; s3:// through compat/orbax.py).
 Prints one JSON line per target. Peak host memory (ru_maxrss) is printed once at the end.
 """
 

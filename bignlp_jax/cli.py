@@ -194,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(argv), argv)
     command = args.command
     try:
+        # imported here, like every command's modules: start-up stays light
+        from bignlp_jax.config.loader import check_unique_overrides
         from bignlp_jax.parallel.distributed import maybe_initialize
 
+        check_unique_overrides(getattr(args, "overrides", None) or [])
         maybe_initialize(args)  # joins a multi-process job (SLURM, Kubernetes, flags) first
         return args.func(args)
     except UserError as e:

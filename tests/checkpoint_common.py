@@ -26,6 +26,14 @@ CACHE_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIM
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
+def cli_overrides(run_dir: Path | str, *extra: str) -> list[str]:
+    """OVERRIDES, the run dir and `extra` for a command line: a key of `extra` replaces the
+    same key of OVERRIDES (the CLI refuses a key given twice)."""
+    replaced = {item.partition("=")[0] for item in extra}
+    return [*(o for o in OVERRIDES if o.partition("=")[0] not in replaced),
+            f"run.dir={run_dir}", *extra]
+
+
 def config(run_dir: Path | str, *extra: str):
     from bignlp_jax.config import load_config
 

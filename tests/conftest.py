@@ -33,6 +33,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import required_tests as required  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,34 @@ def embedded_data_dir() -> Path:
     return data_dir
 
 
+def pytest_addoption(parser):
+    parser.addoption(required.OPTION, action="store_true", dest="require_all",
+                     help="a test marked `required` (emulators, SLURM, tmpfs as root, golden "
+                          "transformers/peft) that skips fails the run (CI=true implies it)")
+
+
+def pytest_configure(config):
+    required.configure(config)
+
+
 def pytest_collection_modifyitems(items):
     """Multi-process and SLURM tests start processes too: the fast tier (`-m "not slow"`)
-    leaves them out with the other slow ones."""
+    leaves them out with the other slow ones. Tests using a required fixture are marked
+    `required` (tests/required_tests.py)."""
     for item in items:
         if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+        if required.is_required(item):
+            item.add_marker(pytest.mark.required)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under --require-all a skip of a required test (in set-up or in the test) is a failure
+    whose one line names the test and the reason it skipped."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and required.strict and required.is_required(item) \
+            and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = required.failed_skip_message(item.nodeid, required.skip_reason(report))

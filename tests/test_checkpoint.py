@@ -280,9 +280,9 @@ def _run_cli(run_dir, cache_env, *extra):
 
 
 def config_overrides(run_dir, *extra):
-    from checkpoint_common import OVERRIDES
+    from checkpoint_common import cli_overrides
 
-    return [*OVERRIDES, f"run.dir={run_dir}", *extra]
+    return cli_overrides(run_dir, *extra)
 
 
 def _wait_for(predicate, proc, timeout=300.0):

@@ -97,6 +97,10 @@ def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cach
     assert sorted(p.name for p in state_dir.glob("checksums.*.json")) == [
         "checksums.primary.json", "checksums.process_0.json", "checksums.process_1.json"]
     assert integrity.verify(state_dir.parent) is None
+    # every process's data position and the metadata are in the primary's list
+    listed = integrity.read_listing(state_dir).files
+    assert {"../data/process_0-of-2.json", "../data/process_1-of-2.json",
+            "../meta/metadata"} <= set(listed)
 
     two = np.load(dump)
     assert int(two["step"]) == stopped and json.loads(str(two["data"]))["step"] == stopped
@@ -188,15 +192,15 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
     run = tmp_path / "run"
     env = {**subprocess_env(cache_env), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    from checkpoint_common import OVERRIDES
+    from checkpoint_common import cli_overrides
 
     def job(fail: str) -> tuple[list[int], list[str], float]:
         port, started = str(free_port()), time.monotonic()
         procs = [subprocess.Popen(
             [sys.executable, "-c", ONE_FAILS, fail, "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i), "train", "tiny", *OVERRIDES,
-             *MESH, f"run.dir={run}", "train.steps=4", "checkpoint.every_steps=1",
-             "checkpoint.keep=100"],
+             "--num-processes", "2", "--process-id", str(i), "train", "tiny",
+             *cli_overrides(run, *MESH, "train.steps=4", "checkpoint.every_steps=1",
+                            "checkpoint.keep=100")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(2)]
         outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -204,7 +208,8 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
 
     codes, outs, took = job(fail="1")
     assert codes == [2, 2], outs
-    assert took < 120, f"{took:.0f} s"  # not Orbax's 300 s barrier timeout
+    # not Orbax's 300 s barrier timeout (start-up and compiling under load included)
+    assert took < 240, f"{took:.0f} s"
     assert "bignlp-jax train: error: cannot save checkpoint step 3 in " in outs[1], outs[1]
     assert "no space left on the device (ENOSPC)" in outs[1]
     assert "bignlp-jax train: error: process 1 of 2 stopped: cannot save checkpoint step 3" \
@@ -221,7 +226,12 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
     assert re.search(r"resumed from checkpoint \S+/checkpoints/2; training steps 3\.\.4", outs[0])
     after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     again = {r["step"]: r for r in after}  # the resumed run's lines replace steps 3..4
-    assert [r["step"] for r in before] == [1, 2, 3, 4] and sorted(again) == [1, 2, 3, 4]
+    # How far process 0 trains before process 1's failed write of step 3 stops it is a race
+    # (step 3, or 4 too). Guaranteed: steps 1 and 2 were logged (process 0 logs a step before
+    # the next one, which needs process 1), in order, none twice.
+    logged = [r["step"] for r in before]
+    assert logged == list(range(1, len(logged) + 1)) and 2 <= len(logged) <= 4, logged
+    assert sorted(again) == [1, 2, 3, 4]
     for old in before[2:]:  # steps the failed run computed after step 2: bitwise the same
         assert (old["loss"], old["grad_norm"]) == (again[old["step"]]["loss"],
                                                    again[old["step"]]["grad_norm"])

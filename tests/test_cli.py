@@ -119,7 +119,7 @@ def test_library_prefix_is_not_doubled(monkeypatch, capsys):
 
 
 def test_only_storage_errors_count_as_unreadable_checkpoints():
-    from bignlp_jax.checkpoint.read_errors import is_read_error
+    from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint, is_read_error
 
     def orbax_style(cause: BaseException) -> Exception:  # Orbax re-raises a bare Exception
         try:
@@ -130,7 +130,24 @@ def test_only_storage_errors_count_as_unreadable_checkpoints():
         except Exception as wrapped:
             return wrapped
 
-    assert is_read_error(orbax_style(ValueError("DATA_LOSS: truncated chunk")))
+    def raised_in(module: str, error: BaseException) -> BaseException:
+        """`error` as raised by code of `module` (its frame's __name__ is what counts)."""
+        scope: dict = {"__name__": module}
+        exec("def fail(e):\n    raise e\n", scope)
+        try:
+            scope["fail"](error)
+        except BaseException as e:  # noqa: BLE001 - returned to the caller
+            return e
+        raise AssertionError("unreachable")
+
+    # TensorStore's corrupt-chunk error, re-raised by Orbax
+    tensorstore = raised_in("orbax.checkpoint._src.serialization.tensorstore_utils",
+                            ValueError("DATA_LOSS: truncated chunk"))
+    assert is_read_error(orbax_style(tensorstore))
     assert is_read_error(FileNotFoundError("checkpoints/12/state/_METADATA"))
+    assert is_read_error(DamagedCheckpoint("state/d/x fails its checksum"))
+    # the same ValueError raised by our own code: a bug, whatever Orbax wraps it in
+    ours = raised_in("bignlp_jax.train.start", ValueError("DATA_LOSS: truncated chunk"))
+    assert not is_read_error(orbax_style(ours)) and not is_read_error(ours)
     assert not is_read_error(orbax_style(TypeError("unsupported operand")))  # our bug
     assert not is_read_error(AttributeError("'NoneType' object has no attribute 'shape'"))

@@ -93,3 +93,41 @@ def test_cli_subprocess_has_no_traceback(tmp_path, cli_env):
     assert "unknown config key 'train.stesp'; did you mean train.steps" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before any compute
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", r"c\.yaml is empty \(no sections\); fix: give it sections such as `model:`"),
+    ("# only a comment\n", r"c\.yaml is empty"),
+    ("- model\n- train\n", r"c\.yaml holds a list, not a mapping of sections; fix: write "
+                           r"`section:` lines"),
+    ("42\n", r"c\.yaml holds a int, not a mapping"),
+])
+def test_empty_or_non_mapping_yaml_is_refused_in_one_line(tmp_path, text, expected):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config(str(tmp_path / "c.yaml"))
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_syntax_error_names_file_line_and_fix(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden: 32\ntrain:\n\tsteps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value).splitlines() == [  # where and what, not the line's text
+        f"{path}:4:1: not valid YAML (found character '\\t' that cannot start any token)",
+        "  fix: indent with spaces: YAML does not allow tabs for indentation"]
+    path.write_text("model:\n  hidden: 32\n train: 3\n")  # not a tab: another fix
+    with pytest.raises(ConfigError, match=r"c\.yaml:3:2: not valid YAML .*\n"
+                                          r"  fix: check the indentation and quoting"):
+        load_config(str(path))
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused(capsys, tmp_path):
+    rc = cli.main(["train", "tiny", f"run.dir={tmp_path}", "train.steps=3", "optimizer.lr=1e-3",
+                   "train.steps=5"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bignlp-jax train: error: train.steps is given twice on the command line "
+                   "(train.steps=3 and train.steps=5); keep the one you mean")
+    assert not (tmp_path / "config.yaml").exists()

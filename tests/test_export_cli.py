@@ -11,6 +11,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from required_tests import required_import  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from test_export_hf import (  # noqa: E402
     GPT,
@@ -32,7 +33,8 @@ from bignlp_jax.errors import UserError  # noqa: E402
 from bignlp_jax.export.bundle import save_params_bundle  # noqa: E402
 from bignlp_jax.hf.weights import export_hf, hf_model_config, load_hf_params  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+transformers = required_import("transformers")
+pytestmark = pytest.mark.required
 TOKENIZER_VOCAB = 400  # byte fallback alone needs 256 + specials + the characters seen
 
 SAMPLES = ["def f(x):\n    return x * 2\n", "  two  spaces, tabs\tand 12345 digits <sep> x",

@@ -16,6 +16,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from required_tests import required_import  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from bignlp_jax.config import MeshConfig, ModelConfig  # noqa: E402
@@ -25,8 +26,9 @@ from bignlp_jax.model import abstract_params, forward, param_shardings  # noqa: 
 from bignlp_jax.parallel.mesh import build_mesh  # noqa: E402
 from bignlp_jax.parallel.rules import rules_table  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = required_import("torch")
+transformers = required_import("transformers")
+pytestmark = pytest.mark.required
 
 TOL = 1e-4  # max |ours - theirs| <= TOL * max |logits|, float32; never loosened
 VOCAB = 512

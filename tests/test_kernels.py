@@ -26,17 +26,21 @@ def test_auto_resolves_by_platform_and_overrides_win(tmp_path):
     assert select_kernels(ref, "cpu") == REFERENCE
     one = ref.model_copy(update={"kernel_attention": "blocked"})
     assert select_kernels(one, "gpu") == dataclasses.replace(REFERENCE, attention="blocked")
-    cudnn = cfg.model_copy(update={"attention": "cudnn"})
+    cudnn = cfg.model_copy(update={"kernel_attention": "cudnn"})
     assert select_kernels(cudnn, "gpu").attention == "cudnn"
     assert select_kernels(cudnn, "cpu").attention == "cudnn"  # asked for by name: no silent swap
 
 
-def test_conflicting_attention_keys_are_a_config_error(tmp_path):
+def test_one_attention_knob_and_bad_kernels_are_config_errors(tmp_path):
+    from bignlp_jax.config import load_config
     from bignlp_jax.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.attention=cudnn conflicts with "
-                                          "model.kernel_attention=blocked"):
-        tiny_config(tmp_path, "model.attention=cudnn", "model.kernel_attention=blocked")
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, "model.attention=cudnn")
+    assert str(err.value) == ("invalid config:\n  model.attention=cudnn is no longer a key; fix: "
+                              "model.kernel_attention=cudnn (the one attention knob)")
+    # the old default selected nothing: stored configs of earlier runs still load
+    assert load_config("tiny", ["model.attention=xla"]).model == load_config("tiny").model
     with pytest.raises(ConfigError, match="kernel_projection"):
         tiny_config(tmp_path, "model.kernel_projection=fast")
     with pytest.raises(ValueError, match="unknown attention kernel 'x'"):

@@ -161,7 +161,9 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
         took = time.monotonic() - started
         out = (tmp_path / f"p{survivor}.log").read_text()
         assert code == 1, out
-        assert took < 10, f"{took:.1f} s"  # inside the 10 s heartbeat timeout
+        # noticed within the 10 s heartbeat timeout; then leaving, which on a loaded machine
+        # takes a few seconds more (a missed heartbeat check would hang past the 30 s wait)
+        assert took < 20, f"{took:.1f} s"
         who = ("process 1 of 2" if lost == 1 else "process 0 of 2 (the coordinator)"
                if service == "process0" else "process 0 of 2")
         assert f"bignlp-jax train: error: lost {who}: no sign of life" in out, out

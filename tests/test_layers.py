@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bignlp_jax"
 # plan) drives the train step, so it sits with the other commands above train/.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
+    ("compat",),  # the checked shims over private JAX / Orbax APIs (nothing of ours below)
     # the path layer (local, gs://, s3://), the one path check, the rule that keeps files
     # named inside an input folder inside it, and the ledger of what we wrote (owned)
     ("storage", "access", "containment", "owned", "client_logs", "outage"),

@@ -32,7 +32,8 @@ from checkpoint_common import (
     subprocess_env,
 )
 
-from bignlp_jax.checkpoint import complete_steps, latest_step, local_tier, shard_files
+from bignlp_jax.checkpoint import complete_steps, integrity, latest_step, local_tier, shard_files
+from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint
 from bignlp_jax.config import load_config
 from bignlp_jax.errors import ConfigError, Preempted, UserError
 from bignlp_jax.train.identity import is_resumable
@@ -133,6 +134,15 @@ def test_pruning_discarding_and_a_lost_step(tmp_path, cache_env, capsys):
     # local_keep=2 newest of 1..5 (the final step 6 is durable only); the run dir untouched
     assert local_tier.own_steps(root, _fingerprint(cfg)) == [4, 5]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "6"]
+    # a local step's data position and metadata are checksummed too, and checked on restore
+    copy = tmp_path / "copy" / "4"
+    shutil.copytree(root / "4", copy)
+    assert {"../data/process_0-of-1.json", "../meta/metadata"} <= set(
+        integrity.read_listing(copy / "state").files)
+    position = copy / "data" / "process_0-of-1.json"
+    position.write_bytes(position.read_bytes().replace(b"4", b"5", 1))
+    with pytest.raises(DamagedCheckpoint, match="data/process_0-of-1.json fails its checksum"):
+        local_tier.restore_state(copy, Trainer.build(cfg).layout.abstract(), verify=True)
     # a local step newer than the durable one, corrupt: resuming warns and takes local step 4
     # (as new as the durable one: same trajectory, faster to read)
     shutil.rmtree(run / "checkpoints" / "6")
@@ -220,6 +230,12 @@ def _common_local(local: Path, run: Path) -> list[int]:
         return []
 
 
+def _local_ahead(local: Path, run: Path) -> bool:
+    """A step complete in both processes' local tiers is newer than the newest durable one."""
+    steps, durable = _common_local(local, run), latest_step(run)
+    return bool(steps and durable and steps[-1] > durable)
+
+
 @pytest.mark.multiprocess
 def test_two_processes_resume_from_the_agreed_local_step_or_fall_back(tmp_path, cache_env):
     ref, run, local = tmp_path / "ref" / "run", tmp_path / "a" / "run", tmp_path / "local"
@@ -230,11 +246,19 @@ def test_two_processes_resume_from_the_agreed_local_step_or_fall_back(tmp_path, 
     reference = _launch(ref, "w", cache_env, f"train.steps={END}", "checkpoint.every_steps=4")
     killed = _launch(run, "w", cache_env, "train.steps=100000", *tier)
     deadline = time.monotonic() + 300
-    # wait for a local-only step: newer than a durable step that is complete
-    while not ((steps := _common_local(local, run)) and (durable := latest_step(run))
-               and steps[-1] > durable):
+    # wait for a local-only step: newer than a durable step that is complete. Seen while the
+    # processes run, a durable save could catch up before the kill: the processes are frozen
+    # (SIGSTOP) and the condition read again, so it holds for what the kill leaves.
+    while True:
         assert all(p.poll() is None for p in killed), _log(run, "w", 0)[-3000:]
         assert time.monotonic() < deadline, "the two-process run did not save local steps"
+        if _local_ahead(local, run):
+            for p in killed:
+                p.send_signal(signal.SIGSTOP)
+            if _local_ahead(local, run):
+                break
+            for p in killed:
+                p.send_signal(signal.SIGCONT)
         time.sleep(0.01)
     for p in killed:
         p.send_signal(signal.SIGKILL)  # no stop save: what a lost node or an OOM kill leaves

@@ -126,6 +126,7 @@ def test_lora_trains_adapters_only(tmp_path, pretrained):
 
 
 # -- export: merged Hugging Face weights and a peft adapter, checked with peft itself ----------
+@pytest.mark.required
 def test_peft_adapter_golden(tmp_path):
     """Our peft export loaded by `peft.PeftModel.from_pretrained` on our HF export of the base
     gives our LoRA logits (the golden tolerance of test_export_hf) and the same greedy tokens;

@@ -1,4 +1,4 @@
-"""The s3:// shim for Orbax (bignlp_jax/checkpoint/orbax_compat.py): the specs it builds, and
+"""The s3:// shim for Orbax (bignlp_jax/compat/orbax.py): the specs it builds, and
 its refusal to patch an Orbax that no longer behaves as assumed. Saving and restoring through
 it against an S3 server is tested in test_storage.py."""
 
@@ -10,7 +10,7 @@ from etils import epath
 from orbax.checkpoint._src.path import atomicity, atomicity_defaults
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from bignlp_jax.checkpoint import orbax_compat
+from bignlp_jax.compat import orbax as orbax_compat
 
 
 def test_s3_directories_get_the_s3_driver_and_others_are_unchanged(monkeypatch):

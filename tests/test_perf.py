@@ -47,6 +47,22 @@ def test_flops_per_token_llama_by_hand(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device_kind, name", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("TPU v4", "tpu-v4"), ("TPU v5 lite", "tpu-v5e"),
+    ("TPU v5p", "tpu-v5p"), ("TPU v6 lite", "tpu-v6e"), ("cpu", None),
+])
+def test_one_accelerator_table_serves_mfu_and_plan(device_kind, name):
+    """MFU's peak (train/peak.py) and plan's device specs come from one table
+    (parallel/devices.py), matched by jax's device_kind."""
+    from bignlp_jax.parallel.devices import DEVICES, spec_for_kind
+    from bignlp_jax.train.peak import table_peak
+
+    spec = spec_for_kind(device_kind)
+    assert (spec.name if spec else None) == name
+    assert table_peak(device_kind) == (DEVICES[name].peak_tflops if name else None)
+
+
 def test_bench_prints_json_with_every_field(cli_env, tmp_path):
     proc = subprocess.run(
         bignlp_cmd("bench", "configs/tiny.yaml", f"run.dir={tmp_path}", "--steps", "2",

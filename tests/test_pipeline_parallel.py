@@ -152,7 +152,7 @@ def test_plan_search_tries_stages_repeats_and_dcn_stage():
     assert {(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1)} <= by
     # the bubble is idle compute: more microbatch slots per stage, a smaller estimate
     one = {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
-    from bignlp_jax.perf.devices import DEVICES
+    from bignlp_jax.parallel.devices import DEVICES
 
     gpipe = analytic_step_s(small, {**one, "stage": 8}, "none", DEVICES["h100"])
     circular = analytic_step_s(small, {"stage": 4, "repeats": 2, **one, "data": 2}, "none",

@@ -1,7 +1,7 @@
 """Run directories on buckets (gs://, s3://) against emulators started by the tests.
 
 Both emulators get the whole run: config, metrics, TensorBoard events, sharded Orbax
-checkpoints (s3:// through checkpoint/orbax_compat.py), SIGTERM and an exact resume. Storage
+checkpoints (s3:// through compat/orbax.py), SIGTERM and an exact resume. Storage
 errors (missing bucket, unreachable endpoint, missing or refused credentials, a denied write)
 must stop the CLI with one line and exit 2 before a model is built.
 """
@@ -34,7 +34,9 @@ TRAIN = ["train", "tiny"]
 gcs_emulator, gcs_bucket = storage_emulators.gcs_emulator, storage_emulators.gcs_bucket
 s3_emulator, s3_bucket = storage_emulators.s3_emulator, storage_emulators.s3_bucket
 s3_auth_emulator = storage_emulators.s3_auth_emulator
-BUCKETS = pytest.mark.parametrize("scheme", ["gs", "s3"])
+# the bucket fixture is chosen at run time (request.getfixturevalue): marked required by hand
+BUCKETS = pytest.mark.parametrize(
+    "scheme", [pytest.param(s, marks=pytest.mark.required) for s in ("gs", "s3")])
 
 
 def _bucket(request, scheme: str) -> str:
@@ -43,9 +45,9 @@ def _bucket(request, scheme: str) -> str:
 
 
 def _overrides(run_dir: str, *extra: str) -> list[str]:
-    from checkpoint_common import OVERRIDES
+    from checkpoint_common import cli_overrides
 
-    return [*OVERRIDES, f"run.dir={run_dir}", *extra]
+    return cli_overrides(run_dir, *extra)
 
 
 @pytest.mark.slow

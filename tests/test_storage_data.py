@@ -161,7 +161,8 @@ def test_tokenize_into_a_bucket_and_train_from_it(gcs_bucket, s3_bucket, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["gs", "s3"])
+@pytest.mark.parametrize(
+    "scheme", [pytest.param(s, marks=pytest.mark.required) for s in ("gs", "s3")])
 def test_pipeline_into_a_bucket_then_rerun_skips(scheme, request, capsys):
     bucket = request.getfixturevalue({"gs": "gcs_bucket", "s3": "s3_bucket"}[scheme])
     out = f"{bucket}/pipe"

@@ -4,7 +4,6 @@ Public API (used by training, finetuning, export, evaluation and generation):
 `load_params`, `load_run_config`, `latest_step`, `is_complete`, `RunCheckpointer`.
 """
 
-from bignlp_jax.checkpoint import orbax_compat
 from bignlp_jax.checkpoint.params import load_params
 from bignlp_jax.checkpoint.paths import (
     checkpoints_dir,
@@ -15,6 +14,7 @@ from bignlp_jax.checkpoint.paths import (
     resolve_step_dir,
     run_root,
 )
+from bignlp_jax.compat import orbax as orbax_compat  # noqa: F401 - applied on import: s3://
 
 __all__ = [
     "checkpoints_dir",
@@ -26,6 +26,3 @@ __all__ = [
     "resolve_step_dir",
     "run_root",
 ]
-
-# once, before any save or restore: Orbax reads and writes s3:// arrays with it (see the module)
-orbax_compat.apply()

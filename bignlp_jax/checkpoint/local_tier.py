@@ -41,10 +41,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import fs_probe, shard_files
+from bignlp_jax.checkpoint import fs_probe, integrity, shard_files
 from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave, read_meta
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, complete_steps
-from bignlp_jax.checkpoint.read_errors import is_read_error
+from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint, is_read_error
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 
@@ -243,5 +243,8 @@ def load_everywhere(step_dir: Path, load: Callable[[Path], Any]) -> tuple[Any, s
 def restore_state(step_dir: Path, target: Any, verify: bool = False) -> Any:
     """The train state of a local step (this process's copy), laid out as `target` says: the
     layout it was saved on (`layout_fingerprint`), each shard from its own file; `verify`:
-    every file checked against its checksum as it is read (ValueError naming the first bad)."""
+    every file checked against its checksum as it is read (ValueError naming the first bad),
+    and the step's data position and metadata against theirs."""
+    if verify and (problem := integrity.verify_items(step_dir)):
+        raise DamagedCheckpoint(problem)
     return shard_files.read_tree(storage.path(step_dir) / STATE, target, verify)

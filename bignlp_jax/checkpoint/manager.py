@@ -22,13 +22,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from orbax.checkpoint._src import asyncio_utils
-from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import fs_probe, integrity
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir, complete_steps
+from bignlp_jax.compat import orbax as orbax_compat
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 from bignlp_jax.parallel import peer_watch
@@ -99,7 +98,7 @@ class ChecksummedPyTreeHandler(ocp.PyTreeCheckpointHandler):
             for f in await self.async_save(directory, *args, **kwargs):
                 f.result()
 
-        asyncio_utils.run_sync(run())
+        orbax_compat.run_sync(run())
 
     def finalize(self, directory) -> None:
         super().finalize(directory)
@@ -127,7 +126,7 @@ def _type_handlers():
         (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
         (str, th.StringHandler()),
         (jax.Array, th.ArrayHandler(
-            array_metadata_store=array_metadata_store.Store(),
+            array_metadata_store=orbax_compat.array_metadata_store(),
             min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
     )
 

@@ -94,6 +94,12 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
     beside them under params["lora"] (merged=False)."""
     step_dir = resolve_step_dir(path, step)
     state_dir = step_dir / STATE
+    # every file once in all, shared out among the processes (each reads 1/N; all agree on the
+    # answer, so all stop together), before Orbax reads any. Every process of a job calls this
+    # anyway: Orbax's restore below ends at a barrier of all processes.
+    if damaged := integrity.verify_step(step_dir):
+        raise UserError(f"checkpoint {step_dir} is damaged: {damaged}\n"
+                        "  fix: use an earlier step of that run, or repair/remove this one")
     saved = saved_tree(state_dir)
     if "params" not in saved:
         raise UserError(f"{state_dir} holds no `params` (keys: {', '.join(saved)})")
@@ -109,12 +115,6 @@ def load_params(path: str | Path, model_cfg: ModelConfig, shardings: Params | No
             shardings = {**shardings, LORA_KEY: jax.tree.map(lambda _: where,
                                                             expected[LORA_KEY])}
     check_shapes(saved["params"], expected, f"checkpoint {step_dir}")
-    # every file once in all, shared out among the processes (each reads 1/N; all agree on the
-    # answer, so all stop together). Every process of a job calls this anyway: Orbax's restore
-    # below ends at a barrier of all processes.
-    if damaged := integrity.verify_step(step_dir):
-        raise UserError(f"checkpoint {step_dir} is damaged: {damaged}\n"
-                        "  fix: use an earlier step of that run, or repair/remove this one")
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
     try:

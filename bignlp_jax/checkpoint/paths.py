@@ -9,7 +9,7 @@ Layout of a checkpoints directory (RUN_DIR/checkpoints/, see rundir.py for the r
 On a file system Orbax writes each step into a temporary directory and renames it when every
 process has finished, so a step directory with a plain integer name is complete; anything else
 (a `<step>.orbax-checkpoint-tmp-*` directory left by a crash) is ignored here and removed by the
-manager on the next start. A bucket has no rename: on gs:// (and s3://, see orbax_compat.py)
+manager on the next start. A bucket has no rename: on gs:// (and s3://, see compat/orbax.py)
 the step is written in place and is complete once Orbax's `commit_success.txt` is in it, which
 Orbax's step listing (used below) checks.
 """

@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src import asyncio_utils
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
 from bignlp_jax.checkpoint.paths import SHARD_INDEX as INDEX
+from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint
+from bignlp_jax.compat import orbax as orbax_compat
 
 FORMAT = "bignlp-shard-files-1"
 SHARDS = "shards"
@@ -123,8 +124,12 @@ class ShardFilesHandler(ocp.handlers.AsyncCheckpointHandler):
         sums[INDEX] = (len(index), google_crc32c.value(index))
         integrity.write_listing(state_dir, sums, jax.process_count(), processes=[])
 
+    def finalize(self, directory) -> None:
+        # the step's data position and metadata are written by now: add their sums
+        integrity.add_step_items(storage.path(str(directory)))
+
     def save(self, directory, args: ShardFilesSave) -> None:
-        for f in asyncio_utils.run_sync(self.async_save(directory, args)):
+        for f in orbax_compat.run_sync(self.async_save(directory, args)):
             f.result()
 
     def restore(self, directory, args: ShardFilesRestore) -> Any:
@@ -174,11 +179,12 @@ def _read(state_dir: Path, name: str, nbytes: int,
             done += got
         extra = f.read(1)
     if done != nbytes or extra:
-        raise ValueError(f"state/{name} holds {done if done < nbytes else 'more than ' + str(done)}"
-                         f" bytes; the checkpoint's index says {nbytes}")
+        held = done if done < nbytes else f"more than {done}"
+        raise DamagedCheckpoint(f"state/{name} holds {held} bytes; the checkpoint's index says "
+                                f"{nbytes}")
     if recorded is not None and recorded != (nbytes, crc):
-        raise ValueError(f"state/{name} fails its checksum (crc32c {crc:08x}, recorded at save "
-                         f"{recorded[1]:08x}): the file changed after it was written")
+        raise DamagedCheckpoint(f"state/{name} fails its checksum (crc32c {crc:08x}, recorded at "
+                                f"save {recorded[1]:08x}): the file changed after it was written")
     return buffer
 
 
@@ -190,33 +196,33 @@ def read_tree(state_dir: Path, target: Any, verify: bool = False) -> Any:
     sums: dict[str, tuple[int, int]] = {}
     if verify and (listing := integrity.read_listing(state_dir)) is not None:
         if listing.problem:
-            raise ValueError(listing.problem)
+            raise DamagedCheckpoint(listing.problem)
         sums = listing.files
     try:
         raw = (state_dir / INDEX).read_bytes()
         if sums and sums.get(INDEX) != (len(raw), google_crc32c.value(raw)):
-            raise ValueError(f"state/{INDEX} fails its checksum: the file changed after it "
+            raise DamagedCheckpoint(f"state/{INDEX} fails its checksum: the file changed after it "
                              "was written")
         index = json.loads(raw)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {state_dir / INDEX}: {e}") from e
+        raise DamagedCheckpoint(f"cannot read {state_dir / INDEX}: {e}") from e
     if index.get("format") != FORMAT:
-        raise ValueError(f"{state_dir / INDEX} is not a {FORMAT} index")
+        raise DamagedCheckpoint(f"{state_dir / INDEX} is not a {FORMAT} index")
     saved = {leaf["path"]: leaf for leaf in index["leaves"]}
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(target)[0], strict=True)
     jobs = []  # (leaf number, device(s), file, shard shape, saved dtype)
     for n, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
         entry = saved.get(jax.tree_util.keystr(path))
         if entry is None or tuple(entry["shape"]) != tuple(leaf.shape):
-            raise ValueError(f"{state_dir} holds no array {jax.tree_util.keystr(path)} of shape "
-                             f"{tuple(leaf.shape)}")
+            raise DamagedCheckpoint(f"{state_dir} holds no array {jax.tree_util.keystr(path)} "
+                                    f"of shape {tuple(leaf.shape)}")
         files = {json.dumps(s["index"]): s["file"] for s in entry["shards"]}
         by_index: dict[str, list] = {}
         for device, idx in leaf.sharding.addressable_devices_indices_map(leaf.shape).items():
             by_index.setdefault(json.dumps(_index(idx, leaf.shape)), []).append(device)
         for key, devices in by_index.items():
             if key not in files:
-                raise ValueError(f"{state_dir} holds no shard {key} of "
+                raise DamagedCheckpoint(f"{state_dir} holds no shard {key} of "
                                  f"{jax.tree_util.keystr(path)}")
             shape = tuple(b - a for a, b in json.loads(key))
             jobs.append((n, devices, files[key], shape, jnp.dtype(entry["dtype"])))
@@ -225,7 +231,7 @@ def read_tree(state_dir: Path, target: Any, verify: bool = False) -> Any:
         n, devices, name, shape, dtype = job
         nbytes = int(np.prod(shape)) * dtype.itemsize
         if sums and name not in sums:
-            raise ValueError(f"state/{name} is not in the step's checksums")
+            raise DamagedCheckpoint(f"state/{name} is not in the step's checksums")
         host = _read(state_dir, name, nbytes, sums.get(name) if sums else None)
         host = host.view(dtype).reshape(shape)
         if dtype != leaves[n].dtype:

@@ -41,20 +41,35 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """One message for a YAML syntax error: the file, where, what is wrong, and a fix. Where and
+    what only, never the line itself: a `defaults:` entry may name any file."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    if "'\\t'" in problem:
+        fix = "indent with spaces: YAML does not allow tabs for indentation"
+    else:
+        fix = ("check the indentation and quoting there (quote a value that holds ': ' or "
+               "starts with a special character)")
+    return f"{where}: not valid YAML ({problem})\n  fix: {fix}"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        # where and what, never the line itself: a `defaults:` entry may name any file
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        raise ConfigError(_yaml_problem(path, e)) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); a config is YAML"
                           ) from None
+    if data is None:  # empty, or comments only: a run with every default is never meant
+        raise ConfigError(f"{path} is empty (no sections); fix: give it sections such as "
+                          "`model:` and `train:`, or start from a preset: `defaults: [tiny.yaml]`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of sections; "
+                          "fix: write `section:` lines such as `model:` and `train:`, each with "
+                          "its `key: value` lines indented below")
     return data
 
 
@@ -105,6 +120,21 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node[part]
         node[parts[-1]] = value
     return tree
+
+
+def check_unique_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a key given twice on the command line (`a=1 ... a=2`): which one was meant is a
+    guess, and keeping the last silently hides a typo."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            continue  # apply_overrides names a malformed one
+        if key in seen:
+            raise ConfigError(f"{key} is given twice on the command line ({seen[key]} and "
+                              f"{item}); keep the one you mean")
+        seen[key] = item
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -31,6 +31,18 @@ __all__ = [
 ]
 
 
+def context_split_problem(length: int, sequence: int) -> str | None:
+    """The one rule for splitting rows over `mesh.sequence` devices (context parallelism): the
+    length must be a multiple of 2 x sequence, two equal chunks per device for an equal share
+    of the causal work (model/context_attention.py). Checked on the config and on the arrays."""
+    if length % (2 * sequence) == 0:
+        return None
+    return (f"data.seq_len={length} is not a multiple of 2 x mesh.sequence = 2 x {sequence} = "
+            f"{2 * sequence} (context parallelism cuts each row into two equal chunks per "
+            f"device)\n  fix: choose data.seq_len as a multiple of {2 * sequence}, or a smaller "
+            "mesh.sequence")
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -51,13 +63,8 @@ class Config(Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}"
             )
-        if self.data.seq_len % (2 * self.mesh.sequence):
-            raise ValueError(
-                f"data.seq_len={self.data.seq_len} is not a multiple of 2 x mesh.sequence="
-                f"{2 * self.mesh.sequence}: context parallelism cuts each row into 2 x sequence "
-                "equal chunks (two per device, for an equal share of the causal work); choose a "
-                "seq_len or mesh.sequence that divide"
-            )
+        if problem := context_split_problem(self.data.seq_len, self.mesh.sequence):
+            raise ValueError(problem)
         if self.lora.rank and not self.init_from:
             raise ValueError(
                 "lora.rank > 0 needs init_from (the base model the adapters finetune); LoRA "

@@ -7,7 +7,7 @@ lora) are in finetune.py; schema.py joins them all into `Config` and checks acro
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -41,7 +41,6 @@ class ModelConfig(Section):
     init_std: float = Field(0.02, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
     # Layers run as a `lax.scan` (compile time independent of depth). 0 unrolls the whole stack
     # into straight-line code: no per-layer weight slicing or stacked residual buffers, which is
     # faster on CPU and for shallow models, at the price of compile time growing with depth.
@@ -52,6 +51,20 @@ class ModelConfig(Section):
     kernels: Literal["auto", "reference"] = "auto"
     kernel_projection: Literal["auto", "reference", "cpu_transposed"] = "auto"
     kernel_attention: Literal["auto", "reference", "blocked", "cudnn"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_attention_knob(cls, data: Any) -> Any:
+        """`model.kernel_attention` is the one attention knob. The older `model.attention` is
+        refused, except its default `xla` (which selected nothing), dropped so that the stored
+        configs of earlier runs still load."""
+        if isinstance(data, dict) and "attention" in data:
+            if data["attention"] not in ("xla", None):
+                raise ValueError(
+                    f"model.attention={data['attention']} is no longer a key; fix: "
+                    f"model.kernel_attention={data['attention']} (the one attention knob)")
+            data = {k: v for k, v in data.items() if k != "attention"}
+        return data
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -69,11 +82,6 @@ class ModelConfig(Section):
             )
         if self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.dim_per_head}")
-        if self.attention == "cudnn" and self.kernel_attention not in ("auto", "cudnn"):
-            raise ValueError(
-                f"model.attention=cudnn conflicts with model.kernel_attention="
-                f"{self.kernel_attention}; set only one of them"
-            )
         return self
 
     @property

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import orbax_compat  # noqa: F401 - applied on import: s3:// arrays
+from bignlp_jax.compat import orbax as orbax_compat  # noqa: F401 - applied on import: s3:// arrays
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.hf.gather import check_on_writer
 from bignlp_jax.hf.tokenizer import resolve_tokenizer

@@ -186,8 +186,8 @@ def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, 
     runtime check, cheap next to attention), the kernel runs with its built-in causal mask and
     no bias; otherwise (packed documents, padding) the same kernel gets the full mask."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"model.attention=cudnn needs model.dtype bfloat16 or float16, got "
-                         f"{q.dtype}; use model.attention=xla for float32")
+        raise ValueError(f"model.kernel_attention=cudnn needs model.dtype bfloat16 or float16, got "
+                         f"{q.dtype}; use model.kernel_attention=auto for float32")
     B, T, K, G, H = q.shape
     q = q.reshape(B, T, K * G, H)  # head n = k * G + g: cuDNN's GQA grouping
 

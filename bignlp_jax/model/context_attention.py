@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bignlp_jax.config.schema import context_split_problem
 from bignlp_jax.errors import UserError
 from bignlp_jax.model.attention import attention_mask
 from bignlp_jax.parallel.rules import logical_shard_map, split_axis
@@ -58,11 +59,9 @@ def zigzag_order(T: int, n: int) -> np.ndarray:
 
 
 def check_length(T: int, n: int) -> None:
-    if T % (2 * n):
-        raise UserError(
-            f"sequence length {T} cannot be split for context parallelism over mesh.sequence="
-            f"{n}: it must be a multiple of 2 x {n} = {2 * n} (two equal chunks per device)\n"
-            f"  fix: choose data.seq_len as a multiple of {2 * n}, or a smaller mesh.sequence")
+    """Rows of length T split over n devices: the config's rule, on the arrays themselves."""
+    if problem := context_split_problem(T, n):
+        raise UserError(problem)
 
 
 def context_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index, scale: float,

@@ -9,7 +9,7 @@ tests always run. An optimised kernel sits beside it under its own name and is u
 | projection | reference (einsum), cpu_transposed (`matmul.py`) | cpu_transposed on CPU |
 | attention | reference (einsum), blocked (`attention.py`), cudnn | see `AUTO` |
 
-`model.attention=cudnn` (the older key) selects the cudnn attention kernel. A kernel is kept only
+A kernel is kept only
 while `benchmarks/kernel_ablation.py` shows it pays (>= 3%) on a backend where `auto` uses it;
 the measurements are in benchmarks/RESULTS.md. Removed that way (2026-12-01): the hand-written
 backward passes of the qkv split, RoPE and SwiGLU, and of the cross-entropy. Layers receive the
@@ -29,7 +29,7 @@ OPS: dict[str, tuple[str, ...]] = {
 
 # What `model.kernels=auto` runs on each backend (anything not listed: reference). Only kernels
 # measured to pay on that backend are listed; GPU and TPU run the reference ops (XLA fuses the
-# elementwise work itself there) unless a config names a kernel, e.g. model.attention=cudnn.
+# elementwise work itself there) unless a config names a kernel, e.g. model.kernel_attention=cudnn.
 AUTO: dict[str, dict[str, str]] = {
     "cpu": {"projection": "cpu_transposed", "attention": "blocked"},
 }
@@ -55,8 +55,6 @@ def select_kernels(cfg: ModelConfig, platform: str) -> Kernels:
     """The kernels `cfg` asks for on `platform` ("cpu", "gpu", "tpu", ...): `model.kernels`
     (auto or reference) for every op, then the per-op `model.kernel_<op>` keys on top."""
     chosen = dict(AUTO.get(platform, {})) if cfg.kernels == "auto" else {}
-    if cfg.attention == "cudnn":
-        chosen["attention"] = "cudnn"
     for op in OPS:
         name = getattr(cfg, f"kernel_{op}")
         if name != "auto":

@@ -48,6 +48,7 @@ import threading
 import time
 from typing import Any
 
+from bignlp_jax.compat import jax as compat_jax
 from bignlp_jax.parallel.layout import HEARTBEAT_TIMEOUT, SHUTDOWN_TIMEOUT, CoordinatorError
 
 READY = "ready"
@@ -141,7 +142,7 @@ def serve(service_args: dict[str, Any], linger: float, until: str = "stdin") -> 
     (`until="stdin"`); or until SIGTERM/SIGINT (`until="signal"`, a coordinator pod)."""
     # the module jax.distributed itself calls (its home in jaxlib has moved between releases);
     # importing jax starts no backend, so the service touches no device
-    from jax._src.lib import _jax
+    _jax = compat_jax.jaxlib_module()
 
     stop = threading.Event()
     # A scheduler's stop signal reaches every process of the job step (SLURM signals the step's

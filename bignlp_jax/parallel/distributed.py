@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 
+from bignlp_jax.compat import jax as compat_jax
 from bignlp_jax.parallel.coordination_host import ServiceElsewhere
 from bignlp_jax.parallel.layout import (
     HEARTBEAT_TIMEOUT,
@@ -138,7 +139,6 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
                shutdown_timeout: float = SHUTDOWN_TIMEOUT, bind: str | None = None) -> None:
     """Join the job's processes; exits with a readable message if that takes too long."""
     import jax  # the layout is detected (and flags checked) before jax is loaded
-    from jax._src import distributed as jax_distributed  # jax: after the layout is known
 
     # CPU processes exchange data through gloo (TCP); without it CPU collectives across
     # processes are not implemented. GPU/TPU backends ignore this setting.
@@ -157,14 +157,14 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
     watchdog.start()
     # JAX's own deadline comes later so that the watchdog speaks first.
     jax_timeout = int(math.ceil(init_timeout)) + 30
-    real_jaxlib = getattr(jax_distributed, "_jax", None)
+    real_jaxlib = compat_jax.distributed_jaxlib()
     if layout.process_id == 0 and layout.coordinator is not None:
         # the coordination service in a helper process or outside the job, not in process 0:
         # losing process 0 then ends the others with the watchdog's message, not JAX's abort
         proxy = service_in_helper(real_jaxlib, linger=heartbeat,
                                   external=layout.service == "external")
         if proxy is not None:
-            jax_distributed._jax = proxy
+            compat_jax.set_distributed_jaxlib(proxy)
     try:
         if layout.coordinator is None:  # TPU: JAX reads the TPU_* / MEGASCALE_* variables
             jax.distributed.initialize(initialization_timeout=jax_timeout,
@@ -192,12 +192,12 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
         raise CoordinatorError(f"could not join the job as {describe(layout)}: {e}{hint}") from None
     finally:
         if real_jaxlib is not None:
-            jax_distributed._jax = real_jaxlib
+            compat_jax.set_distributed_jaxlib(real_jaxlib)
         watchdog.cancel()
     configure_logging(jax.process_index(), jax.process_count())
     # JAX's client (private: jax.distributed keeps it in its global state) carries our watchdog's
     # key-value traffic; it fires well inside the heartbeat timeout, before JAX's C++ abort
-    PeerWatchdog(jax_distributed.global_state.client, layout.process_id, layout.num_processes,
+    PeerWatchdog(compat_jax.distributed_client(), layout.process_id, layout.num_processes,
                  stale_after=max(2.0, STALE_FRACTION * heartbeat), command=prefix,
                  zero_is_coordinator=layout.service != "external",
                  shutdown_fn=jax.distributed.shutdown).start()

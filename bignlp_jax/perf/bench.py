@@ -106,7 +106,7 @@ class StepTimer:
             "mesh": dict(self.trainer.mesh.shape),
             "dtype": cfg.model.dtype,
             "remat": cfg.model.remat,
-            "attention": cfg.model.attention,
+            "attention": cfg.model.kernel_attention,
             "global_batch_size": cfg.train.global_batch_size,
             "seq_len": cfg.data.seq_len,
             "steps": len(times),

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from bignlp_jax.errors import UserError
-from bignlp_jax.perf.devices import DEVICES, DeviceSpec
+from bignlp_jax.parallel.devices import DEVICES, DeviceSpec
 from bignlp_jax.perf.scaling_law import LAWS, Law, budget_flops, compute_optimal, days_for
 
 DEFAULT_MFU = 0.4  # typical of well-tuned dense LLM pretraining on H100s (Llama 3: 38-43%)

@@ -31,8 +31,8 @@ from jax.sharding import NamedSharding
 from bignlp_jax.config import Config
 from bignlp_jax.model.flops import flops_per_token, pipeline_split
 from bignlp_jax.model.lora import LoraSpec
+from bignlp_jax.parallel.devices import DEVICES, DeviceSpec
 from bignlp_jax.parallel.mesh import dcn_axes
-from bignlp_jax.perf.devices import DEVICES, DeviceSpec
 from bignlp_jax.train.dpo import is_preference
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.state import abstract_state

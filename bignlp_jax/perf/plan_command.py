@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.parallel.devices import DEVICES as DEVICE_KINDS
 from bignlp_jax.perf.budget_command import add_arguments as add_budget_arguments
 from bignlp_jax.perf.budget_command import cmd_budget
-from bignlp_jax.perf.devices import DEVICES as DEVICE_KINDS
 from bignlp_jax.perf.plan_search import (
     REMATS,
     _mesh_text,

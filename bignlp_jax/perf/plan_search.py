@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import time
 
+from bignlp_jax.config.schema import context_split_problem
+
 # Function-level imports: plan_command.py imports this module before its re-exec gives the
 # process its devices, and jax may be imported only after that.
 
@@ -70,7 +72,7 @@ def _inner_candidates(cfg, n: int) -> list[dict[str, int]]:
                                                   m.vocab_size)):
             continue
         for sequence in (1, 2, 4, 8):
-            if (n // tensor) % sequence or cfg.data.seq_len % (2 * sequence):
+            if (n // tensor) % sequence or context_split_problem(cfg.data.seq_len, sequence):
                 continue
             rest = n // (tensor * sequence)
             fsdp = 1
@@ -155,7 +157,7 @@ def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
     T = T / shape.get("sequence", 1)
     scale = 2 if m.dtype == "float32" else 1
     layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * cfg.data.seq_len / t
-    if m.attention == "cudnn":  # flash attention keeps no T x T scores
+    if m.kernel_attention == "cudnn":  # flash attention keeps no T x T scores
         layer -= 5 * m.num_heads * T * cfg.data.seq_len / t
     logits = 3 * T * m.vocab_size / t * 4
     if remat == "full":

@@ -47,7 +47,7 @@ RESUMABLE_KEYS = frozenset({
     "run.name",  # a label
     # how the same maths is laid out and scheduled: the loss is a token sum over the same
     # global batch whatever the split, so only float rounding can differ
-    "train.microbatches", "model.remat", "model.scan_unroll", "model.attention",
+    "train.microbatches", "model.remat", "model.scan_unroll",
     # the pipeline schedule
     "train.pipeline_microbatches", "train.pipeline_repeats", "train.pipeline_fsdp_gather",
     # which implementation of the same op runs (model/kernels.py): tested equal to the reference

@@ -1,7 +1,8 @@
 """Peak matmul throughput per device, the denominator of MFU.
 
-Accelerators come from a table of published dense bf16 figures keyed by `device_kind` (MFU is
-conventionally quoted against the bf16 peak whatever dtype the model runs in). A CPU has no
+Accelerators come from the table of published dense bf16 figures (parallel/devices.py), matched
+by `device_kind` (MFU is conventionally quoted against the bf16 peak whatever dtype the model
+runs in). A CPU has no
 published figure that means anything for a given machine, so we measure one: a jitted square
 matmul in the model's dtype, best of several runs, spread over the devices that share the host.
 """
@@ -14,29 +15,13 @@ import time
 import jax
 
 from bignlp_jax.model.flops import flops_per_token
-
-# Dense bf16 TFLOP/s per device (vendor datasheets; sparsity figures excluded). Matched as
-# lower-case substrings of `device.device_kind`, most specific first.
-ACCELERATOR_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("tpu v6 lite", 918.0),  # v6e (Trillium) reports "TPU v6 lite"
-    ("tpu v6e", 918.0),
-    ("tpu v5p", 459.0),
-    ("tpu v5 lite", 197.0),  # v5e reports "TPU v5 lite"
-    ("tpu v5e", 197.0),
-    ("tpu v4", 275.0),
-    ("h200", 989.0),
-    ("h100 pcie", 756.0),
-    ("h100", 989.0),  # SXM / NVL
-    ("a100", 312.0),
-)
+from bignlp_jax.parallel.devices import spec_for_kind
 
 
 def table_peak(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for key, tflops in ACCELERATOR_PEAK_TFLOPS:
-        if key in kind:
-            return tflops
-    return None
+    """Dense bf16 TFLOP/s of the accelerator `device_kind` names, or None if not in the table."""
+    spec = spec_for_kind(device_kind)
+    return spec.peak_tflops if spec is not None else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -103,15 +103,21 @@ def _readable(step_dir: Path, target: TrainState, shared: bool = True) -> str | 
     """None if the step's metadata reads and matches the target's shapes and its files match
     their checksums; else the problem. `shared`: every process is here together and each
     verifies 1/N of the files (a collective); else this process verifies them all alone."""
+    # checksums first: a damaged index or metadata file is then named in one line before
+    # Orbax or TensorStore reads it
+    if shared:
+        damaged = integrity.verify_step(step_dir)
+    else:
+        found = integrity.verify(step_dir)
+        damaged = found[1] if found else None
+    if damaged:
+        return damaged
     try:
         saved = {k: v for k, v in saved_tree(step_dir / STATE).items() if k not in LEGACY_KEYS}
         check_shapes(saved, target, f"checkpoint {step_dir}")
     except UserError as e:
         return str(e)
-    if shared:
-        return integrity.verify_step(step_dir)
-    found = integrity.verify(step_dir)
-    return found[1] if found else None
+    return None
 
 
 def _previous_good(step_dir: Path, target: TrainState) -> str:

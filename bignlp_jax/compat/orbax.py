@@ -1,4 +1,12 @@
-"""Let Orbax write and read arrays on s3:// (a narrow, checked compatibility shim).
+"""Orbax's private APIs, in one place: two helpers, and a shim that lets Orbax write and read
+arrays on s3:// (narrow and checked).
+
+Helpers (`orbax.checkpoint._src`, no public equivalent in 0.12): `run_sync` (Orbax's way to run a
+coroutine to completion from synchronous code, also inside a running event loop) and
+`array_metadata_store()` (the store the jax.Array handler records per-array metadata in; the
+public handler takes it as an argument). `check_helpers()` verifies both still exist and work.
+
+The s3:// shim:
 
 orbax-checkpoint 0.12 (0.12.8 is the newest release) lists `s3://` among its remote prefixes,
 and TensorStore has an `s3` kvstore driver, but the one function that turns a checkpoint
@@ -38,17 +46,44 @@ the chain from logging five lines about a missing ~/.aws/config on every open.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src import asyncio_utils
+from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata_store
 from orbax.checkpoint._src.path import atomicity, atomicity_defaults, gcs_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+T = TypeVar("T")
 S3 = "s3://"
 _PROBE = "s3://bignlp-probe-bucket/run/checkpoints/1/state/"
 _TS_NAMES = ("_normalize_path", "_use_gcs_driver", "build_kvstore_tspec")
 _ATOMICITY_NAMES = ("get_default_temporary_path_class", "get_item_default_temporary_path_class")
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion (Orbax's helper: works inside a running event loop too)."""
+    return asyncio_utils.run_sync(coroutine)
+
+
+def array_metadata_store() -> Any:
+    """A new store for the per-array metadata the jax.Array type handler writes."""
+    return _array_metadata_store.Store()
+
+
+def check_helpers() -> None:
+    """Raise naming the Orbax version if the helpers above no longer exist or behave."""
+    _check(callable(getattr(asyncio_utils, "run_sync", None)),
+           "has no orbax.checkpoint._src.asyncio_utils.run_sync")
+
+    async def answer() -> int:
+        return 42
+
+    _check(run_sync(answer()) == 42, "asyncio_utils.run_sync does not return the result")
+    _check(callable(getattr(_array_metadata_store, "Store", None)),
+           "has no orbax.checkpoint._src.metadata.array_metadata_store.Store")
 
 
 def s3_kvstore_spec(path: str) -> dict[str, Any]:
@@ -78,8 +113,8 @@ def _base_driver(spec: dict[str, Any]) -> str | None:
 def _check(condition: bool, what: str) -> None:
     if not condition:
         raise RuntimeError(
-            f"bignlp_jax.checkpoint.orbax_compat: orbax-checkpoint {ocp.__version__} {what}; "
-            "the s3:// shim was written for 0.12.x and must be revisited for this version")
+            f"bignlp_jax.compat.orbax: orbax-checkpoint {ocp.__version__} {what}; this module "
+            "was written for 0.12.x and must be revisited for this version")
 
 
 def apply() -> None:
@@ -145,3 +180,8 @@ def _patch_atomicity() -> None:
         setattr(atomicity_defaults, name, default_class)
         _check(getattr(atomicity_defaults, name)(probe_s3) is commit,
                f"still picks a rename for s3:// in {name}")
+
+
+# once, before any save or restore, by whoever imports this module first (the checkpoint
+# package, the export bundle): Orbax then reads and writes s3:// arrays (see the module doc)
+apply()
