@@ -74,9 +74,25 @@ def make_run(root, family: str, tokenizer_dir):
     return run, hf, run_cfg
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir):
+    """family -> (run dir, HF export, config), each made once per module."""
+    made: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = make_run(tmp_path_factory.mktemp(family), family, tokenizer_dir)
+        return made[family]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def exported(request, tmp_path_factory, tokenizer_dir):
-    return make_run(tmp_path_factory.mktemp(request.param), request.param, tokenizer_dir)
+def exported(request, runs):
+    return runs(request.param)
+
+
+_ONE_DEVICE: dict[str, tuple] = {}  # run dir -> our single-device results (shared by tests)
 
 
 SETTINGS = HarnessSettings(tasks=TASKS, limit=LIMIT, batch_size=4, log_samples=True,
@@ -128,9 +144,15 @@ def rolling_windows(results, lm) -> dict[int, int]:
             for s in results["samples"]["bignlp_stdlib_ppl"]}
 
 
+def ours_one_device(cfg, run, manager):
+    if str(run) not in _ONE_DEVICE:
+        _ONE_DEVICE[str(run)] = ours(cfg, run, manager, devices=jax.devices()[:1])
+    return _ONE_DEVICE[str(run)]
+
+
 def test_golden_against_the_hf_backend(exported, manager):
     run, hf, cfg = exported
-    a, lm = ours(cfg, run, manager)
+    a, lm = ours_one_device(cfg, run, manager)
     b = theirs(hf, manager)
     windows = rolling_windows(a, lm)
     for task in TASKS:
@@ -151,9 +173,9 @@ def test_golden_against_the_hf_backend(exported, manager):
     assert {T for _, T in lm.runner.shapes_scored} <= set(length_buckets(MAX_LENGTH))
 
 
-def test_sharded_mesh_equals_one_device(exported, manager):
-    run, _, cfg = exported
-    one, lm = ours(cfg, run, manager, devices=jax.devices()[:1])
+def test_sharded_mesh_equals_one_device(runs, manager):
+    run, _, cfg = runs("llama")  # GQA: the kv heads split over tensor too
+    one, lm = ours_one_device(cfg, run, manager)
     sharded_cfg = cfg.model_copy(update={"mesh": MeshConfig(data=1, fsdp=2, tensor=2)})
     four, _ = ours(sharded_cfg, run, manager, devices=jax.devices()[:4])
     windows = rolling_windows(one, lm)
@@ -200,3 +222,85 @@ def test_decode_like_the_exported_tokenizer(exported):
         if n % 3 == 0:  # runs of byte pieces, often invalid UTF-8
             ids[1:1] = rng.integers(6, 6 + 256, 5).tolist()
         assert decode_like_hf(ours_tok, ids) == theirs_tok.decode(ids, skip_special_tokens=True)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def test_cli_writes_the_harness_results_with_run_step_and_commit(runs, tmp_path, capsys):
+    run, _, _ = runs("gpt")
+    out = tmp_path / "scores" / "lm.json"
+    assert main(["lm-eval", str(run), "--tasks", "bignlp_stdlib_package", "--limit", "3",
+                 "--bootstrap-iters", "0", "--batch-size", "5", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("results", "configs", "versions", "n-shot", "config"):  # the harness's keys
+        assert key in results, key
+    assert results["run_dir"] == str(run) and results["step"] == 5
+    assert results["commit"] is None or len(results["commit"]) == 40
+    assert "acc,none" in results["results"]["bignlp_stdlib_package"]
+    assert "bignlp_stdlib_package" in capsys.readouterr().out
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No dataset download, whatever imported `datasets` earlier in the session."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+@pytest.mark.parametrize("case", ["unknown_task", "no_checkpoint", "download", "no_lm_eval"])
+def test_cli_bad_input_is_one_message_exit_2(case, runs, tmp_path, capsys, monkeypatch,
+                                             offline):
+    run, _, _ = runs("gpt")
+    tasks = "bignlp_stdlib_package"
+    if case == "unknown_task":
+        tasks, expected = "bignlp_stdlib_pakage", "did you mean bignlp_stdlib_package"
+    elif case == "no_checkpoint":
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "config.yaml").write_text((run / "config.yaml").read_text())
+        run, expected = empty, "no complete checkpoint"
+    elif case == "download":
+        tasks, expected = "lambada_openai", "cannot be downloaded"
+    else:
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "lm_eval" else real(name, *a))
+        expected = "pip install -e '.[eval]'"
+    code = main(["lm-eval", str(run), "--tasks", tasks, "--limit", "1", "--output",
+                 str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one(runs, tmp_path, cli_env, manager):
+    """fsdp 2 x tensor 2 over two processes (2 devices each): every process runs the harness on
+    the same requests; the numbers equal a one-device run (all three request types)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run, _, cfg = runs("llama")
+    out = tmp_path / "two.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
+         "--devices-per-process", "2", "--", "lm-eval", str(run), "--tasks", ",".join(TASKS),
+         "--limit", str(LIMIT), "--batch-size", "4", "--bootstrap-iters", "0", "--log-samples",
+         "--output", str(out), "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"],
+        env={**cli_env, "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    one, lm = ours_one_device(cfg, run, manager)
+    windows = rolling_windows(one, lm)
+    for task in TASKS:
+        assert_same_responses(two, one, task, windows)

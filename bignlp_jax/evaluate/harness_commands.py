@@ -35,6 +35,8 @@ def parse_tasks(text: str) -> tuple[str, ...]:
 
 def cmd_lm_eval(args) -> int:
     require_lm_eval()
+    import jax
+
     from bignlp_jax.evaluate.commands import resolve_run
     from bignlp_jax.evaluate.harness_run import (
         HarnessSettings,
@@ -58,11 +60,12 @@ def cmd_lm_eval(args) -> int:
     results = run_harness(lm, settings)
     path = write_results(results_json(results, run_dir, step), args.output or
                          run_dir / RESULTS_FILE)
-    for task, metric, value, stderr in score_table(results):
-        spread = f" ± {stderr:.4f}" if stderr is not None else ""
-        print(f"{task:32s} {metric:18s} {value:.4f}{spread}")
-    print(f"compiled scoring shapes: {sorted(lm.runner.shapes_scored)}")
-    print(f"wrote {path}")
+    if jax.process_index() == 0:
+        for task, metric, value, stderr in score_table(results):
+            spread = f" ± {stderr:.4f}" if stderr is not None else ""
+            print(f"{task:32s} {metric:18s} {value:.4f}{spread}")
+        print(f"scoring shapes compiled (rows, tokens): {sorted(lm.runner.shapes_scored)}")
+        print(f"wrote {path}")
     return 0
 
 

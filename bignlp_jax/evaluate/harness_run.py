@@ -8,6 +8,7 @@ of a multi-process job runs the harness (see harness.py); only process 0 writes 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -94,7 +95,10 @@ def code_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.lru_cache(maxsize=4)
 def task_manager(include_paths: tuple[str, ...]):
+    """The harness's task index (its own tasks, ours, `include_paths`): built once per process,
+    as indexing the harness's thousands of task files takes seconds."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(prepare_include_dirs([SHIPPED_DIR, *include_paths])))

@@ -110,6 +110,11 @@ class HarnessRunner:
         lo, hi = process_rows(self.batch_sh, rows.shape[0], rows.shape[1])
         return jax.make_array_from_process_local_data(self.batch_sh, rows[lo:hi], rows.shape)
 
+    def _replicate(self, value: np.ndarray) -> jax.Array:
+        """`value` (the same on every process) as one array replicated over the mesh."""
+        sharding = NamedSharding(self.mesh, PartitionSpec())
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
               ) -> list[tuple[float, bool]]:
         """(summed log-likelihood of the continuation, is it the greedy continuation) per pair."""
@@ -148,10 +153,6 @@ class HarnessRunner:
             raise UserError(f"lm-eval: max_gen_toks={max_new_tokens} leaves no room for a prompt "
                             f"in max_length={self.max_length} tokens\n  fix: lower the task's "
                             "max_gen_toks or raise max_length")
-        if jax.process_count() > 1:
-            raise UserError("lm-eval: generate_until tasks run in one process for now\n  fix: "
-                            "run them without launch/local.py (loglikelihood tasks shard over "
-                            "processes)")
         room = self.max_length - max_new_tokens
         fitted = [list(p)[-room:] for p in prompts]
         order = sorted(range(len(fitted)), key=lambda i: (-len(fitted[i]), fitted[i]))
@@ -161,7 +162,8 @@ class HarnessRunner:
             # sampling: each batch draws from its own stream (seed + its first slot)
             new = generate(self.model_cfg, self.params, [fitted[i] for i in chunk],
                            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed + start, eos_id=eos_id, pad_id=pad_id, overflow="error")
+                           seed=seed + start, eos_id=eos_id, pad_id=pad_id, overflow="error",
+                           place=self._replicate)
             for i, ids in zip(chunk, new):
                 out[i] = ids
         return out
