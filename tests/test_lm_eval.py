@@ -304,3 +304,56 @@ def test_two_processes_equal_one(runs, tmp_path, cli_env, manager):
     windows = rolling_windows(one, lm)
     for task in TASKS:
         assert_same_responses(two, one, task, windows)
+
+
+# --- the pipeline stage -----------------------------------------------------------------------
+
+PIPELINE_ONLY_PRETRAIN = ["finetune=null", "finetune_scratch=false", "evaluate=false",
+                          "export=null"]
+
+
+def test_pipeline_lm_eval_stage_is_fingerprinted(tmp_path):
+    from bignlp_jax.errors import UserError
+    from bignlp_jax.pipeline.fingerprint import fingerprint, upstream
+    from bignlp_jax.pipeline.spec import Pipeline
+
+    def load(*extra):
+        return Pipeline.load("pipelines/mini", [f"output_dir={tmp_path}", *extra])
+
+    plain = load()
+    assert "lm_eval" not in plain.stages()
+    p = load("lm_eval.tasks=[bignlp_stdlib_package]", "lm_eval.limit=4")
+    assert p.stages()[-1] == "lm_eval" and p.lm_eval_models() == ["finetune"]
+    assert upstream(p, "lm_eval") == ["finetune"]
+    base = fingerprint(p, "lm_eval")
+    assert fingerprint(load("lm_eval.tasks=[bignlp_stdlib_package]", "lm_eval.limit=5"),
+                       "lm_eval") != base  # its own settings
+    assert fingerprint(load("lm_eval.tasks=[bignlp_stdlib_package]", "lm_eval.limit=4",
+                            "finetune.train.steps=4"), "lm_eval") != base  # its model
+    both = load("lm_eval.models=[pretrain,finetune]")
+    assert upstream(both, "lm_eval") == ["pretrain", "finetune"]
+    with pytest.raises(UserError, match="does not train"):
+        load(*PIPELINE_ONLY_PRETRAIN, "lm_eval.models=[finetune]")
+
+
+@pytest.mark.slow
+def test_pipeline_lm_eval_stage_scores_in_the_report(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    args = ["pipeline", "pipelines/mini", f"output_dir={out}", *PIPELINE_ONLY_PRETRAIN,
+            "lm_eval.tasks=[bignlp_stdlib_package,bignlp_stdlib_ppl]", "lm_eval.limit=3",
+            "lm_eval.bootstrap_iters=0", "lm_eval.batch_size=4"]
+    assert main(args) == 0
+    scores = json.loads((out / "lm_eval" / "lm_eval.json").read_text())
+    assert scores["pretrain"]["step"] == 3
+    assert set(scores["pretrain"]["results"]) == {"bignlp_stdlib_package", "bignlp_stdlib_ppl"}
+    report = (out / "report.md").read_text()
+    assert "## Standard benchmarks (lm-evaluation-harness)" in report
+    acc = scores["pretrain"]["results"]["bignlp_stdlib_package"]["acc,none"]
+    assert f"| bignlp_stdlib_package | acc | {acc:.4f}" in report
+    assert "| bignlp_stdlib_ppl | word_perplexity |" in report
+    capsys.readouterr()
+    assert main(args) == 0  # rerun: nothing to do
+    assert "lm_eval: complete and current, skipped" in capsys.readouterr().out
+    assert main([*args[:-1], "lm_eval.batch_size=2"]) == 0  # its settings changed: it reruns
+    printed = capsys.readouterr().out
+    assert "lm_eval: stale" in printed and "pretrain: complete and current" in printed

@@ -38,14 +38,8 @@ def cmd_lm_eval(args) -> int:
     import jax
 
     from bignlp_jax.evaluate.commands import resolve_run
-    from bignlp_jax.evaluate.harness_run import (
-        HarnessSettings,
-        load_model,
-        results_json,
-        run_harness,
-        score_table,
-        write_results,
-    )
+    from bignlp_jax.evaluate.harness_results import results_json, score_table, write_results
+    from bignlp_jax.evaluate.harness_run import HarnessSettings, load_model, run_harness
 
     if args.batch_size < 1:
         raise UserError(f"lm-eval: --batch-size must be >= 1, got {args.batch_size}")

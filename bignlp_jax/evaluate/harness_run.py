@@ -8,18 +8,16 @@ of a multi-process job runs the harness (see harness.py); only process 0 writes 
 
 from __future__ import annotations
 
+import difflib
 import functools
-import json
 import logging
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
+import lm_eval
+from lm_eval.tasks import TaskManager
 
-from bignlp_jax import storage
 from bignlp_jax.checkpoint import load_params, resolve_step_dir
 from bignlp_jax.config import Config
 from bignlp_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -82,32 +80,15 @@ def load_model(cfg: Config, run_dir: Path, step: int | None, settings: HarnessSe
     return lm, int(step_dir.name) if step_dir.name.isdigit() else None
 
 
-def code_commit() -> str | None:
-    """The git commit of the bignlp_jax source that ran (None outside a git checkout)."""
-    git = shutil.which("git")
-    if git is None:
-        return None
-    try:
-        out = subprocess.run([git, "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 @functools.lru_cache(maxsize=4)
 def task_manager(include_paths: tuple[str, ...]):
     """The harness's task index (its own tasks, ours, `include_paths`): built once per process,
     as indexing the harness's thousands of task files takes seconds."""
-    from lm_eval.tasks import TaskManager
-
     return TaskManager(include_path=str(prepare_include_dirs([SHIPPED_DIR, *include_paths])))
 
 
 def check_tasks(manager, tasks: tuple[str, ...]) -> None:
     """UserError naming every task the harness does not know (with close matches)."""
-    import difflib
-
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known and not manager.match_tasks([t])]
     if unknown:
@@ -138,8 +119,6 @@ def _chain(error: BaseException | None):
 
 def run_harness(lm: BignlpLM, settings: HarnessSettings) -> dict[str, Any]:
     """The harness's results dict for `settings.tasks` evaluated with `lm`."""
-    import lm_eval
-
     manager = task_manager(settings.include_paths)
     check_tasks(manager, settings.tasks)
     try:
@@ -162,34 +141,3 @@ def run_harness(lm: BignlpLM, settings: HarnessSettings) -> dict[str, Any]:
     if results is None:  # only on ranks the harness thinks are not 0; we are always rank 0
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return dict(results)
-
-
-def results_json(results: dict[str, Any], run_dir: Path, step: int | None) -> str:
-    """The harness's results JSON (its own keys) plus run_dir, step and commit."""
-    from lm_eval.utils import handle_non_serializable
-
-    out = {**results, "run_dir": str(run_dir), "step": step, "commit": code_commit()}
-    return json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
-
-
-def write_results(text: str, output: str | Path) -> Path:
-    """Write the results file (process 0 only; the directory is created)."""
-    path = storage.path(output)
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def score_table(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
-    """(task, metric, value, stderr) rows of a results dict, in the harness's task order."""
-    rows = []
-    for task, metrics in results.get("results", {}).items():
-        for key, value in metrics.items():
-            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
-            metric, filt = key.split(",", 1)
-            stderr = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append((task, metric, float(value),
-                         float(stderr) if isinstance(stderr, (int, float)) else None))
-    return rows

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from bignlp_jax.data.embedded import LABELS, clean_examples
 from bignlp_jax.errors import UserError
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "configs" / "lm_eval"
@@ -97,8 +98,6 @@ def _first_line_split(text: str) -> tuple[str, str] | None:
 
 def build_records() -> dict[str, list[dict]]:
     """{file stem: JSONL records} of the shipped tasks (a function of the Python version)."""
-    from bignlp_jax.data.embedded import LABELS, clean_examples
-
     modules, docs = clean_examples()
     package = [{"text": e["text"], "choices": list(LABELS), "gold": LABELS.index(e["label"])}
                for e in modules["validation"][:PACKAGE_EXAMPLES]]
