@@ -215,6 +215,8 @@ def test_decode_like_the_exported_tokenizer(runs):
         ids = rng.integers(0, VOCAB, rng.integers(1, 30)).tolist()
         if n % 3 == 0:  # runs of byte pieces, often invalid UTF-8
             ids[1:1] = rng.integers(6, 6 + 256, 5).tolist()
+        if n % 5 == 0:  # ids of a model vocabulary larger than the tokenizer's
+            ids.insert(len(ids) // 2, VOCAB + n)
         assert decode_like_hf(ours_tok, ids) == theirs_tok.decode(ids, skip_special_tokens=True)
 
 

@@ -42,9 +42,10 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 
 def decode_like_hf(tokenizer: Tokenizer, ids) -> str:
-    """Text of `ids` as our exported Hugging Face tokenizer decodes it (skipping special
-    tokens): pieces with "▁" as spaces, each run of byte pieces one UTF-8 string (or one
-    U+FFFD per byte when the run is not valid UTF-8), then one leading space dropped.
+    """Text of `ids` as our exported Hugging Face tokenizer decodes it, skipping special
+    tokens and ids it does not know: pieces with U+2581 as spaces, each run of byte pieces one
+    UTF-8 string (or one U+FFFD per byte when the run is not valid UTF-8), then one leading
+    space dropped.
 
     SentencePiece's own decode differs only on invalid byte runs (it keeps their valid part),
     which a generation cut at `max_gen_toks` can end in; generated text must match the hf
@@ -62,7 +63,9 @@ def decode_like_hf(tokenizer: Tokenizer, ids) -> str:
             run.clear()
 
     for i in (int(t) for t in ids):
-        if sp.is_control(i) or sp.is_unknown(i):
+        # ids past the tokenizer (a model vocabulary padded to a multiple of 128) and special
+        # pieces are skipped, without ending a run of bytes
+        if not 0 <= i < tokenizer.vocab_size or sp.is_control(i) or sp.is_unknown(i):
             continue
         if sp.is_byte(i):
             run.append(int(sp.id_to_piece(i)[3:5], 16))  # "<0x0A>" -> 10
