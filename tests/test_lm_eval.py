@@ -353,3 +353,30 @@ def test_pipeline_lm_eval_stage_scores_in_the_report(tmp_path, capsys):
     assert main([*args[:-1], "lm_eval.batch_size=2"]) == 0  # its settings changed: it reruns
     printed = capsys.readouterr().out
     assert "lm_eval: stale" in printed and "pretrain: complete and current" in printed
+
+
+def test_generate_until_sampled_and_stop_sequences(runs):
+    """Sampled generation (a task's do_sample / temperature / top_k) follows the seed; stop
+    sequences cut the text; max_gen_toks bounds it."""
+    from lm_eval.api.instance import Instance
+
+    run, _, cfg = runs("llama")
+    lm, _ = load_model(cfg, run, None, SETTINGS)
+
+    def ask(gen_kwargs, seed=0):
+        lm.seed = seed
+        requests = [Instance("generate_until", {}, (text, gen_kwargs), i)
+                    for i, text in enumerate(["Return the value of", "Set the"])]
+        return lm.generate_until(requests)
+
+    sampled = {"do_sample": True, "temperature": 1.0, "top_k": 50, "max_gen_toks": 12,
+               "until": []}
+    first = ask(sampled)
+    assert ask(sampled) == first and ask(sampled, seed=1) != first
+    greedy = ask({"do_sample": False, "max_gen_toks": 12, "until": []})
+    assert greedy != first
+    stop = next(c for c in greedy[0][1:] if c.strip())  # a character the greedy text contains
+    cut = ask({"do_sample": False, "max_gen_toks": 12, "until": [stop]})
+    assert cut[0] == greedy[0].split(stop)[0] and stop not in cut[0]
+    short = ask({"do_sample": False, "max_gen_toks": 3, "until": []})
+    assert greedy[0].startswith(short[0]) and len(short[0]) < len(greedy[0])
