@@ -172,7 +172,11 @@ class BignlpLM(TemplateLM):
             kwargs = normalize_gen_kwargs(args[members[0]][1], DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=self._eos_text)
             max_gen_toks = int(kwargs.pop("max_gen_toks"))
-            sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0) > 0
+            # do_sample without a temperature samples at 1 (as transformers); temperature 0 is
+            # greedy whatever do_sample says (the harness warns about that combination)
+            temperature = float(kwargs.get("temperature", 1.0) or 0.0)
+            sample = bool(kwargs.get("do_sample")) and temperature > 0
+            kwargs["temperature"] = temperature
             prompts = [self._prompt(args[i][0]) for i in members]
             texts = self._generate(prompts, max_gen_toks, sample, kwargs)
             for i, text in zip(members, texts):

@@ -159,8 +159,12 @@ class HarnessRunner:
         out: list[list[int]] = [[] for _ in fitted]
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
+            # a short last batch is filled with copies of its first prompt (outputs dropped):
+            # every batch has the same number of rows, so one program per prompt bucket
+            batch = [fitted[i] for i in chunk]
+            batch += [batch[0]] * (self.batch_size - len(batch))
             # sampling: each batch draws from its own stream (seed + its first slot)
-            new = generate(self.model_cfg, self.params, [fitted[i] for i in chunk],
+            new = generate(self.model_cfg, self.params, batch,
                            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed + start, eos_id=eos_id, pad_id=pad_id, overflow="error",
                            place=self._replicate)
