@@ -31,7 +31,7 @@ EXAMPLES = """examples (from a source checkout, with the venv active: `source .v
   bignlp-jax describe configs/models/gpt3_175b.yaml --devices 512 mesh.fsdp=64 mesh.tensor=8
   bignlp-jax pipeline configs/pipelines/default.yaml     # tokenizer -> ... -> report.md
   bignlp-jax eval runs/tiny
-  bignlp-jax generate --run runs/pipeline/pretrain --prompt "def main("
+  bignlp-jax generate --run runs/pipeline_default/pretrain --prompt "def main("
   bignlp-jax export --run runs/tiny --out exported/tiny
 run `bignlp-jax COMMAND --help` for a command's options."""
 
@@ -128,7 +128,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "RUN_DIR/config_history.jsonl (default: refuse and show the diff)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("describe", help=COMMANDS["describe"][1])
+    p = sub.add_parser("describe", help=COMMANDS["describe"][1],
+                       description="Print a config's parameter count, training FLOPs per token "
+                       "and parameter + AdamW memory per device for a mesh, without allocating "
+                       "or compiling anything (`plan` compiles the step for real).",
+                       epilog="example: bignlp-jax describe configs/models/gpt3_175b.yaml "
+                       "--devices 512 mesh.fsdp=64 mesh.tensor=8")
     config_args(p)
     p.add_argument("--devices", type=int, default=None,
                    help="devices to lay the mesh over (default: the devices jax sees)")

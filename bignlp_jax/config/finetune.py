@@ -20,9 +20,11 @@ class TaskConfig(Section):
     label word's log-likelihood and picks the best. text_to_text: the target is
     `record[target_key]`; evaluation generates greedily and reports exact match and BLEU.
     chat: `record[messages_key]` is a conversation (template in tasks/chat.py), the loss on the
-    assistant turns; evaluation reports their loss and perplexity."""
+    assistant turns; evaluation reports their loss and perplexity. preference: records hold a
+    `prompt` and two answers, `record[chosen_key]` preferred over `record[rejected_key]` (strings,
+    or conversations; tasks/preference.py), trained with the `dpo` section's loss."""
 
-    type: Literal["classification", "text_to_text", "chat"] = "classification"
+    type: Literal["classification", "text_to_text", "chat", "preference"] = "classification"
     template: str = "{text}"
     label_key: str = "label"
     labels: list[str] | None = Field(
@@ -35,7 +37,12 @@ class TaskConfig(Section):
     # chat (tasks/chat.py): records hold [{role, content}, ...]; the loss counts answers only
     messages_key: str = "messages"
     chat_overflow: Literal["truncate", "refuse"] = Field(
-        "truncate", description="chat: a conversation over data.seq_len: cut its end, or stop")
+        "truncate", description="chat: a conversation over data.seq_len: cut its end, or stop; "
+        "preference: a pair over data.seq_len: cut its answers, or stop")
+    # preference (tasks/preference.py): TRL's record format
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
 
     @field_validator("labels", "label_words", mode="before")
     @classmethod
@@ -71,6 +78,29 @@ class TaskConfig(Section):
     @property
     def words(self) -> list[str]:
         return list(self.label_words or self.labels or [])
+
+
+class DpoConfig(Section):
+    """Direct preference optimisation for task.type=preference, as TRL's DPOTrainer computes it.
+
+    With log-ratios r = log p_policy(answer) - log p_reference(answer) summed over the answer's
+    tokens, and d = r_chosen - r_rejected per pair:
+    sigmoid (DPO): -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d), e = label_smoothing
+    (conservative DPO); ipo: (d' - 1 / (2 beta))^2 with d' the difference of the per-token mean
+    log-ratios; hinge: max(0, 1 - beta d). The reference is the init_from model, frozen."""
+
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5,
+                                   description="sigmoid: probability that a label is flipped")
+
+    @model_validator(mode="after")
+    def _check(self) -> DpoConfig:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(
+                f"dpo.label_smoothing={self.label_smoothing} applies to dpo.loss=sigmoid only "
+                f"(conservative DPO), not dpo.loss={self.loss}; set dpo.label_smoothing=0")
+        return self
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from bignlp_jax.config.finetune import LORA_TARGETS, LoraConfig, TaskConfig
+from bignlp_jax.config.finetune import LORA_TARGETS, DpoConfig, LoraConfig, TaskConfig
 from bignlp_jax.config.sections import (
     CheckpointConfig,
     DataConfig,
@@ -25,9 +25,9 @@ from bignlp_jax.config.sections import (
 )
 
 __all__ = [
-    "LORA_TARGETS", "CheckpointConfig", "Config", "DataConfig", "LoraConfig", "MeshConfig",
-    "MixtureEntry", "ModelConfig", "OptimizerConfig", "RunConfig", "Section", "TaskConfig",
-    "TrainConfig",
+    "LORA_TARGETS", "CheckpointConfig", "Config", "DataConfig", "DpoConfig", "LoraConfig",
+    "MeshConfig", "MixtureEntry", "ModelConfig", "OptimizerConfig", "RunConfig", "Section",
+    "TaskConfig", "TrainConfig",
 ]
 
 
@@ -42,6 +42,7 @@ class Config(Section):
     init_from: str | None = Field(None, description="checkpoint to load parameters from")
     task: TaskConfig | None = Field(None, description="finetuning task; null: language modelling")
     lora: LoraConfig = LoraConfig()
+    dpo: DpoConfig = DpoConfig()
 
     @model_validator(mode="after")
     def _check_cross(self) -> Config:
@@ -61,6 +62,10 @@ class Config(Section):
             raise ValueError(
                 "lora.rank > 0 needs init_from (the base model the adapters finetune); LoRA "
                 "on a pretraining config would train adapters on random weights")
+        if self.task is not None and self.task.type == "preference" and not self.init_from:
+            raise ValueError(
+                "task.type=preference needs init_from (the model to align, which is also the "
+                "frozen reference of the DPO loss); set init_from to a finetuned run")
         if self.lora.rank and self.model.mlp != "swiglu" and "gate" in self.lora.targets:
             raise ValueError("lora.targets has 'gate' but model.mlp=gelu has no gate projection")
         return self

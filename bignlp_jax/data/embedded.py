@@ -12,6 +12,10 @@
     package documents this?\n{text}" -> the package, "Which object's docstring is it?" -> the
     docstring's qualified name.
 
+`stdlib_preference` (preference tuning; features `prompt`, `chosen`, `rejected`, `label`)
+    Each `stdlib_modules` example as a pair (same splits): prompt "{text}\nPackage:", chosen
+    the right package, rejected another of the eight, picked by sha1(text).
+
 `stdlib_modules` (finetuning classification; features `text`, `label`, `source`)
     text = the summary (leading paragraphs, <= 400 characters) of a docstring from one of eight
     packages, label = that package's name, one of:
@@ -43,7 +47,8 @@ from bignlp_jax.data.tfds_source import open_split, text_of
 from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 
 DOCS, MODULES, CHAT = "stdlib_docs", "stdlib_modules", "stdlib_chat"
-EMBEDDED = (DOCS, MODULES, CHAT)
+PREFERENCE = "stdlib_preference"
+EMBEDDED = (DOCS, MODULES, CHAT, PREFERENCE)
 CHAT_SYSTEM = "You name the Python standard-library package that documents a text."
 VERSION = "1.0.0"
 LABELS = stdlib_corpus.LABEL_PACKAGES
@@ -90,6 +95,20 @@ def chat_examples(modules: dict[str, list[dict[str, str]]]) -> dict[str, list[di
 
     return {split: [{"messages": conversation(e), "label": e["label"]} for e in records]
             for split, records in modules.items()}
+
+
+def preference_examples(modules: dict[str, list[dict[str, str]]]
+                        ) -> dict[str, list[dict[str, str]]]:
+    """The `stdlib_preference` task: `stdlib_modules` as pairs, {split: [{prompt, chosen,
+    rejected, label}]}: the right package preferred over a wrong one."""
+
+    def pair(e: dict[str, str]) -> dict[str, str]:
+        others = [label for label in LABELS if label != e["label"]]
+        wrong = others[int(_sha1(e["text"]), 16) % len(others)]
+        return {"prompt": f"{e['text']}\nPackage:", "chosen": e["label"], "rejected": wrong,
+                "label": e["label"]}
+
+    return {split: [pair(e) for e in records] for split, records in modules.items()}
 
 
 def docs_examples(exclude: set[str]) -> dict[str, list[dict[str, str]]]:
@@ -154,7 +173,7 @@ def clean_examples() -> tuple[dict, dict]:
 
 
 def ensure_embedded(data_dir: str | Path) -> None:
-    """Build `stdlib_docs` and `stdlib_modules` under `data_dir` unless already there."""
+    """Build the embedded datasets (EMBEDDED) under `data_dir` unless already there."""
     data_dir = Path(data_dir).expanduser()
     if all(is_built(n, data_dir) for n in EMBEDDED):
         return
@@ -175,6 +194,11 @@ def ensure_embedded(data_dir: str | Path) -> None:
             write_dataset(CHAT, data_dir, _generators(chat_examples(modules)),
                           fields=("messages", "label"), version=VERSION, overwrite=True,
                           description=f"stdlib_modules as conversations ({python})")
+        if not is_built(PREFERENCE, data_dir):
+            write_dataset(PREFERENCE, data_dir, _generators(preference_examples(modules)),
+                          fields=("prompt", "chosen", "rejected", "label"), version=VERSION,
+                          overwrite=True,
+                          description=f"stdlib_modules as preference pairs ({python})")
 
 
 def embedded_tokenizer(data_dir: str | Path, vocab_size: int, model_type: str = "bpe") -> Path:

@@ -21,7 +21,7 @@ from bignlp_jax import storage
 from bignlp_jax.checkpoint import load_params, resolve_step_dir
 from bignlp_jax.config import Config, LoraConfig
 from bignlp_jax.data.tasks.formats import TaskFormat
-from bignlp_jax.data.tasks.source import open_task_split, task_format
+from bignlp_jax.data.tasks.source import make_task_source, open_task_split, task_format
 from bignlp_jax.evaluate import metrics
 from bignlp_jax.evaluate.scoring import (
     generate_targets,
@@ -79,6 +79,20 @@ def text_results(cfg, params, fmt, records) -> dict:
             "examples": shown}
 
 
+def preference_results(cfg: Config, trainer, params) -> dict:
+    """Preference tuning: the DPO loss and TRL's reward metrics (`rewards/accuracies`, ...)
+    against the frozen init_from model, means over the held-out pairs (all of them, or the
+    batches covering `task.eval_examples`)."""
+    assert cfg.task is not None  # evaluate_params sends only task configs here
+    trainer.load_reference()
+    source = make_task_source(cfg, "validation", trainer.rows)
+    B = cfg.train.global_batch_size
+    batches = None if cfg.task.eval_examples is None else -(-cfg.task.eval_examples // B)
+    found = trainer.evaluate_pairs(params, source, batches)
+    return {"split": source.name, "examples": int(found.pop("eval_pairs")),
+            **{k.removeprefix("eval_"): v for k, v in found.items()}}
+
+
 def evaluate_params(cfg: Config, trainer, params) -> dict:
     """The metrics of `params` on the held-out data of `cfg` (no files written)."""
     if cfg.task is None:
@@ -87,6 +101,8 @@ def evaluate_params(cfg: Config, trainer, params) -> dict:
                        if k.startswith("eval_loss/")}  # a data.mixture's held-out sets
         return {"loss": lm["eval_loss"], "perplexity": lm["eval_perplexity"],
                 "batches": cfg.train.eval_batches, **per_dataset}
+    if cfg.task.type == "preference":
+        return preference_results(cfg, trainer, params)
     all_records, where = open_task_split(cfg, "validation")
     records = _first(all_records, cfg.task.eval_examples)
     fmt = task_format(cfg, where)

@@ -32,6 +32,7 @@ from bignlp_jax.model.flops import flops_per_token
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.parallel.mesh import dcn_axes
 from bignlp_jax.perf.devices import DEVICES, DeviceSpec
+from bignlp_jax.train.dpo import is_preference
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.state import abstract_state
 
@@ -49,6 +50,8 @@ def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict[str, jax.ShapeD
     out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
            for k in ("tokens", "targets", "positions", "segment_ids")}
     out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    if is_preference(cfg):  # a batch of pairs: both sides' rows (train/dpo.py)
+        return {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in out.items()}
     return out
 
 

@@ -24,6 +24,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "pretrain": ("tokenizer",),
     "finetune": ("tokenizer", "pretrain"),
     "finetune_scratch": ("tokenizer",),
+    "align": ("tokenizer", "finetune"),
     "evaluate": TRAIN_STAGES,
     "export": (),  # the final training stage, added in upstream()
     "lm_eval": (),  # the training stages it evaluates, added in upstream()

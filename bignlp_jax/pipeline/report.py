@@ -173,7 +173,7 @@ def lm_eval_section(p: Pipeline, fresh: dict[str, str]) -> list[str]:
     lines = ["## Standard benchmarks (lm-evaluation-harness)", "",
              "Scored in process by `bignlp-jax lm-eval`"
              + (f", at most {limit:g} documents per task" if limit else "") + ".", "",
-             "| task | metric | " + " | ".join(LABELS[m] for m in models) + " |",
+             "| task | metric | " + " | ".join(LABELS.get(m, m) for m in models) + " |",
              "|---|---|" + "---|" * len(models)]
     for (task, metric), row in cells.items():
         lines.append(f"| {task} | {metric} | " + " | ".join(row.get(m, "") for m in models)

@@ -7,6 +7,7 @@
     pretrain:  {config: ../pretrain.yaml, train: {steps: 600}}   # config + any overrides
     finetune:  {config: ../finetune.yaml}
     finetune_scratch: true             # also finetune from random init (the baseline)
+    align:     {config: ../align.yaml}  # optional: preference tuning (DPO) of the finetuned model
     evaluate: true
     export: {format: hf, dtype: float32}
     lm_eval: {tasks: [bignlp_stdlib_package], limit: 100}   # lm-evaluation-harness tasks
@@ -15,7 +16,8 @@
 Every stage's run config is its `config` file, then the stage's other keys (any run-config
 keys, nested), then what the pipeline sets itself so stages feed each other: `run.dir`,
 `data.tokenizer` (the tokenizer stage's output), `data.data_dir`, and for finetuning `init_from`
-(the pretraining run). Command-line overrides address the pipeline file: `pretrain.train.steps=5`.
+(the pretraining run), for alignment `init_from` (the finetuning run). Command-line
+overrides address the pipeline file: `pretrain.train.steps=5`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from bignlp_jax.config.loader import (
 )
 from bignlp_jax.errors import ConfigError, UserError
 
-TRAIN_STAGES = ("pretrain", "finetune", "finetune_scratch")
+TRAIN_STAGES = ("pretrain", "finetune", "finetune_scratch", "align")
 
 
 class _Section(BaseModel):
@@ -73,7 +75,7 @@ class LmEvalStage(_Section):
 
     tasks: list[str] = Field(default_factory=lambda: ["bignlp_stdlib_package"], min_length=1)
     # training stages to evaluate (default: the final one, as exported)
-    models: list[Literal["pretrain", "finetune", "finetune_scratch"]] | None = None
+    models: list[Literal["pretrain", "finetune", "finetune_scratch", "align"]] | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -93,6 +95,7 @@ class PipelineConfig(_Section):
     pretrain: TrainStage | None = None
     finetune: TrainStage | None = None
     finetune_scratch: bool = False
+    align: TrainStage | None = None  # preference tuning (task.type=preference) after finetune
     evaluate: bool = True
     export: ExportStage | None = None
     lm_eval: LmEvalStage | None = None
@@ -136,6 +139,8 @@ class Pipeline:
             names.append("finetune")
             if s.finetune_scratch:
                 names.append("finetune_scratch")
+        if s.align is not None:
+            names.append("align")
         if s.evaluate and any(n in names for n in TRAIN_STAGES):
             names.append("evaluate")
         if s.export is not None and export_available():
@@ -171,6 +176,8 @@ class Pipeline:
 
     def final_run(self) -> str | None:
         """The stage whose model is the pipeline's result (exported, generated from)."""
+        if self.spec.align is not None:
+            return "align"
         return "finetune" if self.spec.finetune is not None else (
             "pretrain" if self.spec.pretrain is not None else None)
 
@@ -185,7 +192,8 @@ class Pipeline:
         """The resolved run config of a training stage, wired to the stages before it."""
         if stage not in TRAIN_STAGES:
             raise ValueError(f"{stage} is not a training stage")
-        train_stage = self.spec.pretrain if stage == "pretrain" else self.spec.finetune
+        train_stage = {"pretrain": self.spec.pretrain,
+                       "align": self.spec.align}.get(stage, self.spec.finetune)
         if train_stage is None:
             raise UserError(f"pipeline {self.path} has no {stage} stage")
         tree = deep_merge(load_yaml_tree(self._stage_file(train_stage)), train_stage.overrides)
@@ -196,6 +204,8 @@ class Pipeline:
             forced.setdefault("data", {})["tokenizer"] = str(self.stage_dir("tokenizer"))
         if stage == "finetune" and self.spec.pretrain is not None:
             forced["init_from"] = str(self.stage_dir("pretrain"))
+        if stage == "align" and self.spec.finetune is not None:
+            forced["init_from"] = str(self.stage_dir("finetune"))  # policy and reference
         if stage == "finetune_scratch":
             forced["init_from"] = None  # the baseline: the same finetuning from random init
             tree.pop("lora", None)  # (fully: adapters on random weights would learn nothing)
@@ -218,6 +228,15 @@ class Pipeline:
                 "finetuning starts from the pretrained parameters, so the architectures must "
                 "match\n  fix: use the same model config in both stages"
             )
+        align = configs.get("align")
+        if align is not None and (align.task is None or align.task.type != "preference"):
+            raise UserError(f"pipeline {self.path}: the align stage's config has no "
+                            "task.type=preference\n  fix: use a preference config, e.g. "
+                            "align: {config: ../align_stdlib.yaml}")
+        if align is not None and fine is not None and align.model != fine.model:
+            raise UserError(f"pipeline {self.path}: align's model differs from finetune's; "
+                            "alignment starts from the finetuned parameters\n  fix: use the "
+                            "same model config in both stages")
         if self.spec.tokenizer is not None and pre is not None and pre.data.source != "tfds":
             raise UserError(f"pipeline {self.path}: the tokenizer stage trains on the pretraining "
                             f"data, but pretrain has data.source={pre.data.source}")

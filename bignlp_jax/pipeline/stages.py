@@ -124,7 +124,8 @@ def run_tokenizer(p: Pipeline) -> str:
 
 
 def run_train(p: Pipeline, stage: str) -> str:
-    for before in ["tokenizer"] + (["pretrain"] if stage == "finetune" else []):
+    reads = {"finetune": ["pretrain"], "align": ["finetune"]}.get(stage, [])
+    for before in ["tokenizer", *reads]:
         _needs(p, stage, before)
     cfg = p.run_config(stage)
     last = train(cfg)
@@ -142,9 +143,16 @@ def run_evaluate(p: Pipeline) -> str:
     if jax.process_index() == 0:
         write_whole(p.stage_dir("evaluate") / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     _barrier("bignlp_pipeline_evaluate")
-    return ", ".join(f"{s}: " + (f"accuracy {r['accuracy']:.3f}" if "accuracy" in r
-                                 else f"perplexity {r['perplexity']:.2f}")
-                     for s, r in results.items())
+    return ", ".join(f"{s}: " + _headline(r) for s, r in results.items())
+
+
+def _headline(result: dict) -> str:
+    """The one figure of a stage's evaluation that the pipeline log shows."""
+    if "accuracy" in result:
+        return f"accuracy {result['accuracy']:.3f}"
+    if "rewards/accuracies" in result:  # preference tuning (align)
+        return f"reward accuracy {result['rewards/accuracies']:.3f}"
+    return f"perplexity {result['perplexity']:.2f}"
 
 
 def run_export(p: Pipeline) -> str:

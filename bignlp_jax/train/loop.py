@@ -33,15 +33,25 @@ from bignlp_jax.data import (
 from bignlp_jax.data.run_identity import with_store_identities
 from bignlp_jax.data.tfds_source import with_resolved_data_dir
 from bignlp_jax.errors import Preempted, UserError
+from bignlp_jax.model.lora import KEY as LORA_KEY
 from bignlp_jax.model.lora import LoraSpec
+from bignlp_jax.model.preference_loss import REWARD_METRICS
 from bignlp_jax.parallel.mesh import build_mesh, mesh_text
 from bignlp_jax.parallel.rules import rules_table
+from bignlp_jax.train.dpo import (
+    PAIRS,
+    is_preference,
+    make_dpo_eval_step,
+    make_dpo_train_step,
+    needs_reference_copy,
+    pair_means,
+)
 from bignlp_jax.train.identity import config_changes, record_config, refuse_unless_allowed
 from bignlp_jax.train.inputs import check_source_runs
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bignlp_jax.train.peak import mfu_meter
-from bignlp_jax.train.start import StateLayout, drop_metrics_after, start_state
+from bignlp_jax.train.start import StateLayout, drop_metrics_after, load_init_params, start_state
 from bignlp_jax.train.state import TrainState, init_state, state_shardings
 from bignlp_jax.train.step import batch_sharding, make_eval_step, make_train_step
 from bignlp_jax.writable import require_writable
@@ -84,12 +94,26 @@ class Trainer:
         state_sh = state_shardings(cfg.model, tx, mesh, rules, LoraSpec.from_config(cfg.lora))
         batch_sh = batch_sharding(mesh, rules)
         rows = process_rows(batch_sh, cfg.train.global_batch_size, cfg.data.seq_len)
+        # preference tuning: its own steps, with the frozen reference beside (train/dpo.py)
+        dpo = is_preference(cfg)
         return cfg_cls(
             cfg=cfg, mesh=mesh, tx=tx, state_sh=state_sh,
-            train_step=make_train_step(cfg, tx, schedule, mesh, rules, state_sh),
-            eval_step=make_eval_step(cfg, mesh, rules, state_sh.params),
+            train_step=(make_dpo_train_step if dpo else make_train_step)(
+                cfg, tx, schedule, mesh, rules, state_sh),
+            eval_step=(make_dpo_eval_step if dpo else make_eval_step)(
+                cfg, mesh, rules, state_sh.params),
             batch_sh=batch_sh, rows=rows,
         )
+
+    def load_reference(self) -> None:
+        """Preference tuning without LoRA: read the frozen reference (the init_from model)."""
+        if needs_reference_copy(self.cfg):
+            base = {k: v for k, v in self.state_sh.params.items() if k != LORA_KEY}
+            self.set_reference(load_init_params(self.cfg, base))
+
+    def set_reference(self, params) -> None:
+        self.train_step.reference = params
+        self.eval_step.reference = params
 
     def fresh_state(self) -> TrainState:
         return init_state(self.cfg.model, self.tx, self.cfg.run.seed, self.state_sh,
@@ -114,6 +138,9 @@ class Trainer:
         out, total_sum, total_count = {}, 0.0, 0.0
         for name, (source, start) in self._eval.items():
             source.set_state(start)  # every evaluation reads the same batches
+            if is_preference(self.cfg):
+                out.update(self.evaluate_pairs(params, source, num_batches))
+                continue
             loss_sum = count = 0.0
             for _ in range(num_batches):
                 batch = next(source, None)
@@ -124,8 +151,26 @@ class Trainer:
             if name:
                 out[f"eval_loss/{name}"] = loss_sum / max(count, 1.0)
             total_sum, total_count = total_sum + loss_sum, total_count + count
+        if is_preference(self.cfg):
+            return out
         loss = total_sum / max(total_count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), **out}
+
+    def evaluate_pairs(self, params, source, num_batches: int | None) -> dict[str, float]:
+        """Preference tuning: loss and TRL's reward metrics, means over the held-out pairs of
+        `num_batches` batches (None: all), prefixed `eval_`, and the number of pairs."""
+        loss_sum, sums = 0.0, None
+        for _ in range(num_batches) if num_batches is not None else iter(int, 1):
+            batch = next(source, None)
+            if batch is None:
+                break
+            s, aux = jax.device_get(self.eval_step(params, self.device_batch(batch)))
+            loss_sum += float(s)
+            sums = {k: float(v) + (sums or {}).get(k, 0.0) for k, v in aux.items()}
+        sums = sums or {PAIRS: 0.0}
+        means = pair_means(loss_sum, {k: sums.get(k, 0.0) for k in ("pairs", *REWARD_METRICS)})
+        return {**{f"eval_{k}": float(v) for k, v in means.items()},
+                "eval_pairs": sums[PAIRS]}
 
 
 def train(cfg: Config, devices=None, allow_config_change: bool = False) -> dict:
@@ -165,6 +210,7 @@ def _train(cfg: Config, devices, stop: StopRequest, allow_config_change: bool) -
     source = make_source(cfg, "train", trainer.rows)
     start = start_state(cfg, trainer.layout, source, run_dir)
     state, first = start.state, start.step
+    trainer.load_reference()  # preference tuning: the frozen init_from model (every start)
     if jax.process_index() == 0:  # after the restore: a config its checkpoints refuse is not kept
         record_config(cfg, changes, first)
     if first >= cfg.train.steps:

@@ -30,13 +30,14 @@ def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
 
 
-def loss_sums(params, batch, cfg: Config, key: jax.Array | None = None):
-    """(sum of masked token losses, number of counted tokens). key: randomness of training
-    (LoRA dropout); None for evaluation."""
+def token_losses(params, batch, cfg: Config, key: jax.Array | None = None):
+    """(per-token losses -log p(target), [B, T] float32; loss mask, [B, T] float32). key:
+    randomness of training (LoRA dropout); None for evaluation. Params without adapters run the
+    base model (the frozen reference of preference tuning, train/dpo.py)."""
     slot_index = None
     if cfg.mesh.sequence > 1:
         # Context parallelism: rows permuted once into zig-zag order (equal causal work per
-        # device); the loss is a sum over tokens, so the order does not change it.
+        # device); losses are summed over tokens, so the order does not change them.
         B, T = batch["tokens"].shape
         order = zigzag_order(T, cfg.mesh.sequence)
         batch = {k: constrain(v[:, order], ("batch", "seq")) for k, v in batch.items()}
@@ -46,16 +47,27 @@ def loss_sums(params, batch, cfg: Config, key: jax.Array | None = None):
                         kernels=model_kernels(cfg.model),
                         lora=LoraSpec.from_config(cfg.lora), lora_key=key)
     mask = batch["loss_mask"].astype(jnp.float32)
-    losses = token_cross_entropy(logits, batch["targets"])
+    return token_cross_entropy(logits, batch["targets"]), mask
+
+
+def loss_sums(params, batch, cfg: Config, key: jax.Array | None = None):
+    """(sum of masked token losses, number of counted tokens). key: randomness of training
+    (LoRA dropout); None for evaluation."""
+    losses, mask = token_losses(params, batch, cfg, key)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def _grads(params, batch, cfg: Config, key: jax.Array):
-    """Summed loss, token count and summed gradients of the trainable parameters (all, or the
-    LoRA adapters: the frozen base gets no gradient), accumulated over `train.microbatches`."""
+def _grads(params, batch, cfg: Config, key: jax.Array, sums: Callable | None = None):
+    """Summed loss, summed aux (the token count; or a dict of sums) and summed gradients of the
+    trainable parameters (all, or the LoRA adapters: the frozen base gets no gradient),
+    accumulated over `train.microbatches`. sums(params, batch, key) -> (loss sum, aux);
+    default: `loss_sums` (language modelling)."""
+    if sums is None:
+        def sums(p, b, k):
+            return loss_sums(p, b, cfg, k)
 
     def loss_of_trainable(train, batch, key):
-        return loss_sums(with_trainable(params, train), batch, cfg, key)
+        return sums(with_trainable(params, train), batch, key)
 
     grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
     train = trainable(params)
@@ -77,10 +89,13 @@ def _grads(params, batch, cfg: Config, key: jax.Array):
         mb, m = xs
         mb = jax.tree.map(lambda x: constrain(x, ("batch", "seq")), mb)
         (l, c), g = grad_fn(train, mb, jax.random.fold_in(key, m))
-        return (loss + l, count + c, jax.tree.map(jnp.add, grads, g)), None
+        return (loss + l, jax.tree.map(jnp.add, count, c), jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, train)
-    (loss, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, jnp.arange(M)))
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shape = jax.eval_shape(loss_of_trainable, train, first, key)[1]
+    no_aux = jax.tree.map(lambda _: 0.0, aux_shape)  # the token count: a scalar 0.0
+    (loss, count, grads), _ = jax.lax.scan(body, (0.0, no_aux, zeros), (micro, jnp.arange(M)))
     return loss, count, grads
 
 

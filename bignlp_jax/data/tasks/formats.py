@@ -112,6 +112,10 @@ class TaskFormat:
         """The record's training row (tasks/chat.py builds its rows another way)."""
         return make_row(*self.example(record, index), self.seq_len)
 
+    def empty(self) -> dict[str, np.ndarray]:
+        """A padding row of this format (tasks/preference.py has its own)."""
+        return empty_row(self.seq_len)
+
 
 def make_row(prompt: Sequence[int], target: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
     """One padded row (the batch format of train/step.py) with weight 1 on target tokens only."""
@@ -140,4 +144,5 @@ def empty_row(seq_len: int) -> dict[str, np.ndarray]:
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+    """[B, T] arrays from B rows (ROW_KEYS; a preference pair's rows have their own keys)."""
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

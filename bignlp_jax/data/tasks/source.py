@@ -17,7 +17,8 @@ import numpy as np
 
 from bignlp_jax.config import Config
 from bignlp_jax.data.tasks.chat import ChatFormat
-from bignlp_jax.data.tasks.formats import TaskFormat, empty_row, stack_rows
+from bignlp_jax.data.tasks.formats import TaskFormat, stack_rows
+from bignlp_jax.data.tasks.preference import PreferenceFormat
 from bignlp_jax.data.tfds_source import open_split
 from bignlp_jax.errors import UserError
 
@@ -59,7 +60,7 @@ class TaskBatches:
         for row in range(lo, hi):
             index = self.example_index(first + row)
             if index is None:
-                out.append(empty_row(self.seq_len))
+                out.append(self.fmt.empty())
             else:
                 out.append(self.fmt.row(self.records[index], index))
         self.step += 1
@@ -88,8 +89,13 @@ def task_format(cfg: Config, where: str = "task data") -> TaskFormat:
     from bignlp_jax.data.text_source import resolve_tokenizer  # grain: only when used
 
     assert cfg.task is not None, "a task format needs a config with a task: section"
-    kind = ChatFormat if cfg.task.type == "chat" else TaskFormat
-    return kind(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
+    return format_class(cfg)(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
+
+
+def format_class(cfg: Config) -> type[TaskFormat]:
+    """The TaskFormat of the config's task.type."""
+    assert cfg.task is not None, "a task format needs a config with a task: section"
+    return {"chat": ChatFormat, "preference": PreferenceFormat}.get(cfg.task.type, TaskFormat)
 
 
 def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
@@ -102,8 +108,7 @@ def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
     name, directory = text_source.dataset_name(cfg), text_source.data_dir(cfg)
     split_ = text_source.split_name(cfg, split)
     assert cfg.task is not None, "task records need a config with a task: section"
-    kind = ChatFormat if cfg.task.type == "chat" else TaskFormat
-    fmt_keys = kind(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
+    fmt_keys = format_class(cfg)(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
     records = open_split(name, directory, split_, required_keys=fmt_keys)
     return records, f"split {split_!r} of {name} in {directory}"
 
