@@ -355,6 +355,45 @@ def test_pipeline_lm_eval_stage_scores_in_the_report(tmp_path, capsys):
     assert "lm_eval: stale" in printed and "pretrain: complete and current" in printed
 
 
+def test_one_token_answers_share_a_row_and_match_hf(runs, manager):
+    """Multiple-choice answers of one token after one context are scored from one row (only
+    the last target differs): per request equal to the hf backend, the model's own next token
+    among them (is_greedy True once)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    run, hf_dir, cfg = runs("gpt")
+    lm, _ = load_model(cfg, run, None, SETTINGS)
+    def one_token(context: str, i: int) -> str | None:
+        text = lm.tok.sp.id_to_piece(int(i)).replace("\u2581", " ")
+        return text if lm._encode_pair(context, text)[1] == [i] else None
+
+    for context in ("Return the value of the", "Set the", "Called when the", "Put an item"):
+        ctx = lm.tok_encode(context)
+        best = lm.runner.generate([ctx], 1, temperature=0.0, top_k=None, top_p=None, seed=0,
+                                  eos_id=None, pad_id=0)[0][0]
+        if one_token(context, best):  # the model's next token is a whole piece of text
+            break
+    answers = [one_token(context, best)]
+    for i in range(262, VOCAB):  # past the byte pieces
+        text = one_token(context, i)
+        if text and text.startswith(" ") and text not in answers and len(answers) < 8:
+            answers.append(text)
+    assert answers[0] is not None and len(answers) == 8, answers
+    requests = [Instance("loglikelihood", {}, (context, a), n) for n, a in enumerate(answers)]
+    before = set(lm.runner.shapes_scored)
+    ours_ll = lm.loglikelihood(requests)
+    hf = get_model("hf").create_from_arg_obj({"pretrained": str(hf_dir), "dtype": "float32",
+                                              "max_length": MAX_LENGTH, "device": "cpu",
+                                              "batch_size": 3})
+    theirs_ll = hf.loglikelihood(requests)
+    assert [g for _, g in ours_ll] == [g for _, g in theirs_ll]
+    assert sum(g for _, g in ours_ll) == 1 and ours_ll[0][1]  # the model's own next token
+    for (a, _), (b, _) in zip(ours_ll, theirs_ll):
+        assert abs(a - b) <= TOL, (a, b)
+    assert len(set(lm.runner.shapes_scored) - before) <= 1  # one batch of one row
+
+
 def test_generate_until_sampled_and_stop_sequences(runs):
     """Sampled generation (a task's do_sample / temperature / top_k) follows the seed; stop
     sequences cut the text; max_gen_toks bounds it."""

@@ -66,14 +66,20 @@ def score_layout(context: Sequence[int], continuation: Sequence[int], max_length
     return whole[:-1], whole[1:], len(continuation)
 
 
-def _score_rows(model_cfg: ModelConfig, params, tokens, segment_ids, targets, counted):
-    """[B, T] rows -> (summed log p of counted targets [B], every counted target greedy [B])."""
+def _score_rows(model_cfg: ModelConfig, params, tokens, segment_ids, targets, counted,
+                is_last):
+    """[B, T] rows -> (summed log p of the counted targets before the last one [B], all of them
+    greedy [B], log p of every token at the last scored position [B, V]).
+
+    The last position is returned whole so that rows differing only in their final token (the
+    one-token answers of a multiple-choice question) are computed once (`score`)."""
     logits, _ = forward(model_cfg, params, tokens, None, segment_ids)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    greedy = jnp.argmax(logits, axis=-1) == targets  # [B, T]
+    greedy = jnp.argmax(logp, axis=-1) == targets  # [B, T]
     total = jnp.sum(jnp.where(counted, picked, 0.0), axis=-1)
-    return total, jnp.all(greedy | ~counted, axis=-1)
+    last = jnp.sum(jnp.where(is_last[..., None], logp, 0.0), axis=1)  # [B, V]
+    return total, jnp.all(greedy | ~counted, axis=-1), last
 
 
 class HarnessRunner:
@@ -94,13 +100,14 @@ class HarnessRunner:
         self.buckets = length_buckets(max_length)
         self.shapes_scored: set[tuple[int, int]] = set()  # one compiled program each
 
-        def step(params, tokens, segment_ids, targets, counted):
+        def step(params, tokens, segment_ids, targets, counted, is_last):
             with activation_sharding(mesh, rules):
-                return _score_rows(model_cfg, params, tokens, segment_ids, targets, counted)
+                return _score_rows(model_cfg, params, tokens, segment_ids, targets, counted,
+                                   is_last)
 
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._score = jax.jit(step, in_shardings=(param_sh, *[self.batch_sh] * 4),
-                              out_shardings=(replicated, replicated))
+        self._score = jax.jit(step, in_shardings=(param_sh, *[self.batch_sh] * 5),
+                              out_shardings=(replicated, replicated, replicated))
 
     def bucket(self, length: int) -> int:
         return next(b for b in self.buckets if b >= length)
@@ -117,31 +124,43 @@ class HarnessRunner:
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
               ) -> list[tuple[float, bool]]:
-        """(summed log-likelihood of the continuation, is it the greedy continuation) per pair."""
+        """(summed log-likelihood of the continuation, is it the greedy continuation) per pair.
+
+        Pairs whose model inputs are the same (all tokens but the last, and the same number
+        scored) share one row: only their last target differs, and the row returns that
+        position's whole distribution."""
         layouts = [score_layout(c, k, self.max_length) for c, k in pairs]
-        order = sorted(range(len(layouts)), key=lambda i: (-len(layouts[i][0]),
-                                                           layouts[i][0], layouts[i][1]))
+        rows: dict[tuple, list[int]] = {}  # (inputs, scored count) -> the pairs it serves
+        for i, (inputs, _, n) in enumerate(layouts):
+            rows.setdefault((tuple(inputs), n), []).append(i)
+        keys = sorted(rows, key=lambda key: (-len(key[0]), key))  # longest first, then by ids
         results: list[tuple[float, bool]] = [(0.0, False)] * len(layouts)
         B = self.batch_size
-        for start in range(0, len(order), B):
-            chunk = order[start:start + B]
-            T = self.bucket(len(layouts[chunk[0]][0]))  # sorted: the first row is the longest
+        for start in range(0, len(keys), B):
+            chunk = keys[start:start + B]
+            T = self.bucket(len(chunk[0][0]))  # sorted: the first row is the longest
             tokens = np.zeros((B, T), np.int32)
             segment_ids = np.zeros((B, T), np.int32)
             targets = np.zeros((B, T), np.int32)
-            counted = np.zeros((B, T), bool)
-            for r, i in enumerate(chunk):
-                inputs, target, n = layouts[i]
-                tokens[r, :len(inputs)] = inputs
-                segment_ids[r, :len(inputs)] = 1
-                targets[r, :len(inputs)] = target
-                counted[r, len(inputs) - n:len(inputs)] = True
+            counted = np.zeros((B, T), bool)  # scored positions before the last
+            is_last = np.zeros((B, T), bool)
+            for r, (inputs, n) in enumerate(chunk):
+                L = len(inputs)
+                tokens[r, :L] = inputs
+                segment_ids[r, :L] = 1
+                targets[r, :L] = layouts[rows[(inputs, n)][0]][1]
+                counted[r, L - n:L - 1] = True
+                is_last[r, L - 1] = True
             self.shapes_scored.add((B, T))
-            total, greedy = self._score(self.params, *map(self._place, (
-                tokens, segment_ids, targets, counted)))
-            total, greedy = np.asarray(total), np.asarray(greedy)
-            for r, i in enumerate(chunk):
-                results[i] = (float(total[r]), bool(greedy[r]))
+            total, greedy, last = (np.asarray(a) for a in self._score(
+                self.params, *map(self._place, (tokens, segment_ids, targets, counted,
+                                                is_last))))
+            best = last.argmax(axis=-1)
+            for r, key in enumerate(chunk):
+                for i in rows[key]:
+                    final = layouts[i][1][-1]  # the pair's own last target
+                    results[i] = (float(total[r]) + float(last[r, final]),
+                                  bool(greedy[r]) and int(best[r]) == final)
         return results
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
