@@ -79,7 +79,7 @@ def main() -> None:
     state = jax.tree.map(
         lambda x: jax.device_put(rng.standard_normal(x.shape, np.float32).astype(x.dtype),
                                  x.sharding)
-        if jnp.issubdtype(x.dtype, jnp.floating) else x, trainer.fresh_state())
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, trainer.layout.fresh())
     jax.block_until_ready(state)
     size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     target = trainer.layout.abstract()

@@ -49,7 +49,7 @@ def main() -> None:
     cfg = load_config(f"models/{args.model}", ["data.source=synthetic", "mesh.data=-1",
                                                 "train.global_batch_size=8", "checkpoint.keep=2"])
     trainer = Trainer.build(cfg)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     jax.block_until_ready(state)
     size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     target = abstract_state(cfg.model, trainer.tx, trainer.state_sh)

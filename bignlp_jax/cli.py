@@ -13,6 +13,7 @@ import importlib
 import sys
 import traceback
 
+from bignlp_jax import outage
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.distributed import add_arguments as add_distributed_arguments
 from bignlp_jax.parallel.peer_watch import (
@@ -86,7 +87,7 @@ def cmd_describe(args) -> int:
     import json
 
     from bignlp_jax.config import load_config
-    from bignlp_jax.model.flops import describe
+    from bignlp_jax.model.flops import describe, pipeline_text
     from bignlp_jax.parallel.mesh import MESH_AXES, dcn_axes, mesh_shape, mesh_text
 
     cfg = load_config(args.config, args.overrides)
@@ -105,6 +106,8 @@ def cmd_describe(args) -> int:
     print(f"train FLOPs / token   {info['flops_per_token']:.4g} (seq_len {info['seq_len']})")
     print(f"mesh                  {mesh_text(shape, cfg.mesh)}")
     info["dcn"] = dcn_axes(cfg.mesh)  # axes that cross slices/nodes, and over how many
+    if info["pipeline"] is not None:
+        print(f"pipeline              {pipeline_text(info['pipeline'])}")
     print(f"params / device       {info['param_bytes_per_device'] / gib:.3f} GiB (float32)")
     print(f"AdamW state / device  {info['optimizer_bytes_per_device'] / gib:.3f} GiB")
     print(f"total / device        {info['param_plus_optimizer_gib_per_device']:.3f} GiB")
@@ -210,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bignlp-jax {command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+        lost = outage.describe(e)  # not a bug: a bucket endpoint went away
+        if lost is not None:
+            print(f"bignlp-jax {command}: error: {lost}", file=sys.stderr)
+            announce_failure(lost, UserError.exit_code)
+            return UserError.exit_code
         if wait_for_lost_peer(e):  # not a bug: a peer process vanished mid-collective
             print(f"bignlp-jax {command}: error: lost a peer process during a collective",
                   file=sys.stderr)

@@ -6,21 +6,18 @@ usual mechanisms: Application Default Credentials, the AWS credential chain). Bo
 same `/`, `open`, `read_text`, `write_text`, `mkdir`, `exists`, `is_dir`, `glob` methods, so
 call sites only swap `Path(x)` for `storage.path(x)`.
 
-`check_access` probes a bucket path once, before a model is built, and turns a missing bucket,
-an unreachable endpoint, missing credentials or a permission error into one `UserError` line.
+Checking that a path can be read or written before a command starts is access.py's job.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import socket
 import tempfile
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+from bignlp_jax.client_logs import demote_client_logs
 from bignlp_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -28,7 +25,6 @@ if TYPE_CHECKING:
 
 REMOTE_SCHEMES = {"gs://": "gcsfs", "s3://": "s3fs"}
 CLOUD_EXTRA = "pip install 'bignlp-jax[cloud]'"
-PROBE_TIMEOUT_S = 10.0  # gcsfs retries a refused connection for ~30 s; say so sooner
 
 AnyPath = Union[Path, "epath.Path"]  # etils is imported at run time only for bucket paths
 
@@ -49,8 +45,8 @@ def path(p: str | os.PathLike) -> AnyPath:
     except ImportError:
         raise UserError(f"{p}: {scheme} paths need the `{module}` package\n"
                         f"  fix: {CLOUD_EXTRA}") from None
-    # gcsfs warns on every bucket it cannot classify without real credentials (emulators)
-    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    # gcsfs logs tracebacks of errors its callers handle; they go to the log at debug level
+    demote_client_logs()
     # No cached listings: other processes (and hosts) add checkpoint steps while this one runs,
     # and a stale listing would hide them. Set before epath creates (and keeps) its filesystems.
     import fsspec.config
@@ -187,121 +183,12 @@ def fetch_dir(src: str | os.PathLike) -> Path:
             if item.is_dir():
                 pending.append(item)
                 continue
-            target = local / str(item)[len(str(remote)) + 1:]
+            name = str(item)[len(str(remote)) + 1:]
+            # an object name may be anything, `../x` included: nothing is written outside `local`
+            if not name or name.startswith("/") or ".." in name.split("/"):
+                raise UserError(f"{src} holds an object named {name!r}, which leads outside it; "
+                                "refused: only files inside the folder are read")
+            target = local / name
             target.parent.mkdir(parents=True, exist_ok=True)
             copy_file(item, target)
     return local
-
-
-def _bucket(p: str) -> str:
-    return str(p).split("/")[2]
-
-
-# what the services answer when credentials exist but are refused (a wrong or expired key, a
-# signature made with the wrong secret), and gcsfs's anonymous fallback when it found none
-_REJECTED = ("invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken", "invalidclienttokenid",
-             "invalidtoken", "invalid_grant", "anonymous caller", "access key id you provided")
-_CREDENTIALS_FIX = {
-    "gs://": "`gcloud auth application-default login`, GOOGLE_APPLICATION_CREDENTIALS or the "
-             "VM's service account",
-    "s3://": "AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an instance or pod role"}
-
-
-def _explain(p: str, error: BaseException, write: bool = True) -> str:
-    """The fix line for a failed probe of bucket path `p`."""
-    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-    cause = error.__cause__  # s3fs keeps the service's error code (InvalidAccessKeyId ...) there
-    detail = f"{text} {type(cause).__name__}: {cause}" if cause is not None else text
-    bucket, scheme = _bucket(p), str(p)[:5]
-    lowered = detail.lower()
-    if any(w in lowered for w in _REJECTED):
-        return f"the credentials for {p} were refused ({text})\n  fix: {_CREDENTIALS_FIX[scheme]}"
-    if isinstance(error, FileNotFoundError) and str(error) == f"{p} does not exist":
-        return f"{p} does not exist\n  fix: check the path (a run directory written by train)"
-    if isinstance(error, FileNotFoundError) or "nosuchbucket" in lowered or "not exist" in lowered:
-        return (f"bucket {scheme}{bucket} does not exist ({text})\n"
-                f"  fix: create it, or correct the bucket name")
-    if isinstance(error, PermissionError) or any(
-            w in lowered for w in ("403", "401", "forbidden", "accessdenied", "access denied")):
-        return (f"no permission to {'write to' if write else 'read'} {p} ({text})\n"
-                "  fix: grant this identity access to the bucket (storage.objectAdmin / "
-                "s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject)")
-    if any(w in lowered for w in ("credential", "token", "nocredentials", "defaultcredentials")):
-        return f"no credentials for {p} ({text})\n  fix: {_CREDENTIALS_FIX[scheme]}"
-    return (f"cannot reach the storage service for {p} ({text})\n"
-            "  fix: check the network and the endpoint (STORAGE_EMULATOR_HOST, "
-            "AWS_ENDPOINT_URL) and that the bucket name is right")
-
-
-def _probe(p: str, write: bool, stage: list[str]) -> None:
-    import fsspec.core  # bucket paths only
-
-    if p.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
-        # gcsfs, finding no Application Default Credentials, asks the metadata server for
-        # ~15 s and then carries on anonymously; ask google-auth (its own first step) directly.
-        # Off GCE that is a file lookup and a metadata-server ping: ~0.1 s where the address is
-        # unreachable, ~3 s where the connection is refused, up to ~12 s where packets are
-        # dropped (3 tries of 3 s): check_access's time limit bounds it
-        import google.auth
-
-        stage[0] = "credentials"
-        google.auth.default()
-        stage[0] = "storage"
-    fs, key = fsspec.core.url_to_fs(str(path(p)))
-    # a listing, not exists(): exists() turns every failure (no or refused credentials, no
-    # permission) into False, which would read as "no such bucket"
-    try:
-        found = bool(fs.ls(key, detail=False))
-    except FileNotFoundError:
-        found = False
-    if not found:
-        try:
-            fs.info(_bucket(p))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"bucket {_bucket(p)} not found") from None
-        if not write:
-            raise FileNotFoundError(f"{p} does not exist")
-    if write:
-        # a write and a delete: reading alone would pass a read-only identity that cannot
-        # save; one marker per process (the processes of a multi-host run probe one directory)
-        marker = path(p) / f".bignlp_write_probe.{socket.gethostname()}.{os.getpid()}"
-        marker.write_text("ok")
-        marker.unlink()
-
-
-def check_access(p: str | os.PathLike, key: str, write: bool = True) -> None:
-    """Fail fast, in one line, if bucket path `p` (config key `key`) cannot be written (or,
-    with write=False, read).
-
-    Local paths are not probed (their errors are clear already)."""
-    if not is_remote(p):
-        return
-    path(p)  # the missing-extra error first
-    # a daemon thread: a probe stuck in gcsfs's retries must not hold the exit (an executor's
-    # worker would be joined at interpreter exit)
-    outcome: list[BaseException | None] = []
-    stage = ["storage"]  # what the probe is waiting for, should it time out
-    probe = threading.Thread(
-        target=lambda: outcome.append(_try(_probe, str(p), write, stage)), daemon=True)
-    probe.start()
-    probe.join(PROBE_TIMEOUT_S)
-    if not outcome and stage[0] == "credentials":
-        raise UserError(
-            f"{key}={p}: no credentials found in {PROBE_TIMEOUT_S:g} s (no Application Default "
-            "Credentials on disk, and no answer from a GCE metadata server)\n"
-            f"  fix: {_CREDENTIALS_FIX['gs://']}")
-    if not outcome:
-        raise UserError(
-            f"{key}={p}: no answer from the storage service in {PROBE_TIMEOUT_S:g} s\n"
-            "  fix: check the network and the endpoint (STORAGE_EMULATOR_HOST, "
-            "AWS_ENDPOINT_URL)")
-    if outcome[0] is not None:
-        raise UserError(f"{key}={p}: {_explain(str(p), outcome[0], write)}")
-
-
-def _try(fn, *args) -> BaseException | None:
-    try:
-        fn(*args)
-    except Exception as e:  # noqa: BLE001 - every failure is explained in one line
-        return e
-    return None

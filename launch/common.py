@@ -165,3 +165,10 @@ def main_wrapper(main) -> int:
     except LaunchError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing the job's files: a name too long, no permission, disk full
+        if e.filename is None:
+            raise
+        name = str(e.filename)
+        shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} chars)"
+        print(f"{Path(sys.argv[0]).name}: error: {e.strerror}: {shown}", file=sys.stderr)
+        return 2

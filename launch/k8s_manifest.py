@@ -54,6 +54,7 @@ def dns_label(text: str) -> str:
 
 
 def _check(opts: K8sOptions, stages: list[Stage]) -> None:
+    _check_names(opts)
     if opts.tpu and opts.gpus_per_node:
         raise LaunchError("choose either GPUs (--gpus-per-node) or a TPU slice (--tpu-*), not both")
     if opts.tpu and not opts.tpu_topology:
@@ -67,6 +68,48 @@ def _check(opts: K8sOptions, stages: list[Stage]) -> None:
         if len(host) > 63:
             raise LaunchError(f"pod host name {host!r} is longer than 63 characters; "
                               "choose a shorter --name")
+
+
+# Kubernetes' own name rules (apimachinery's validation), checked before anything is rendered
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"  # DNS-1123 label
+_SUBDOMAIN = rf"{_LABEL}(\.{_LABEL})*"  # DNS-1123 subdomain
+_LABEL_VALUE = r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?"
+_ENV_NAME = r"[-._a-zA-Z][-._a-zA-Z0-9]*"
+_QUANTITY = r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?"
+
+
+def _name(what: str, value: str | None, pattern: str, limit: int, example: str) -> None:
+    if value is not None and (len(value) > limit or not re.fullmatch(pattern, value)):
+        raise LaunchError(f"{what} {value!r} is not a valid Kubernetes name (at most {limit} "
+                          f"characters, e.g. {example})")
+
+
+def _check_names(opts: K8sOptions) -> None:
+    """Every name the manifest carries, in one line each, before rendering."""
+    _name("--name", opts.name, _LABEL, 63, "my-run")
+    _name("--namespace", opts.namespace, _LABEL, 63, "team-a")
+    _name("--service-account", opts.service_account, _SUBDOMAIN, 253, "trainer")
+    for key in opts.env:
+        _name("--env name", key, _ENV_NAME, 1024, "HF_HOME")
+    for key, value in opts.node_selector.items():
+        prefix, _, name = key.rpartition("/")
+        if prefix:
+            _name("--node-selector key prefix", prefix, _SUBDOMAIN, 253, "cloud.google.com")
+        _name("--node-selector key", name, rf"[A-Za-z0-9]{_LABEL_VALUE[1:-2]}?", 63, "gpu-type")
+        _name("--node-selector value", value, _LABEL_VALUE, 63, "a100")
+    for claim, mount in opts.pvcs.items():
+        _name("--pvc claim", claim, _SUBDOMAIN, 253, "data")
+        if not mount.startswith("/") or ":" in mount or re.search(r"[\x00-\x1f]", mount):
+            raise LaunchError(f"--pvc {claim}:{mount!r}: the mount path must be absolute, "
+                              "without ':' or control characters (e.g. data:/data)")
+    for what, value in (("--cpu", opts.cpu), ("--memory", opts.memory)):
+        _name(what, value, _QUANTITY, 64, "8, 500m or 64Gi")
+    for what, value in (("--tpu-accelerator", opts.tpu_accelerator),
+                        ("--tpu-topology", opts.tpu_topology)):
+        _name(what, value, _LABEL_VALUE, 63, "tpu-v5p-slice, 2x2x4")
+    if not opts.image or re.search(r"[\s\x00-\x1f]", opts.image):
+        raise LaunchError(f"--image {opts.image!r} is not an image reference (no spaces or "
+                          "control characters, e.g. ghcr.io/org/bignlp-jax:1.0)")
 
 
 def _has_coordinator(opts: K8sOptions) -> bool:
@@ -138,8 +181,11 @@ def _coordinator_job(opts: K8sOptions, stage_name: str) -> dict:
     container = {
         "name": "coordinator",
         "image": opts.image,
+        # the pod's own IP, where the workers' coordinator name leads: JAX's service has no
+        # authentication, so it listens there and not on every interface
         "command": [opts.executable, "coordinator", "--port", str(opts.port),
-                    "--processes", str(opts.nodes)],
+                    "--processes", str(opts.nodes), "--bind", "$(POD_IP)"],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [{"containerPort": opts.port, "name": "coordinator"}],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
     }
@@ -233,7 +279,24 @@ def render_jobset(stages: list[Stage], opts: K8sOptions) -> dict:
     }
 
 
+# Plain scalars that YAML 1.2's core schema or Go's YAML 1.1 parser (kubectl) reads as something
+# other than a string, where PyYAML's YAML 1.1 does not: `0o17`, `1e3`, `+1`, `.5`, `y` ... Such
+# strings are written quoted, so every reader gets the same string.
+_YAML12_NOT_STRING = re.compile(
+    r"""~|null|Null|NULL|true|True|TRUE|false|False|FALSE|y|Y|n|N"""
+    r"""|[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"""
+    r"""|[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"""
+    r"""|[-+]?\.(inf|Inf|INF)|\.nan|\.NaN|\.NAN""")
+
+
 def to_yaml(manifest: dict) -> str:
     import yaml  # here, so a Python without it gets require_modules' line, not a traceback
 
-    return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)
+    class Dumper(yaml.SafeDumper):
+        def represent_str(self, data: str):  # type: ignore[override]
+            if _YAML12_NOT_STRING.fullmatch(data):
+                return self.represent_scalar("tag:yaml.org,2002:str", data, style="'")
+            return super().represent_str(data)
+
+    Dumper.add_representer(str, Dumper.represent_str)
+    return yaml.dump(manifest, Dumper=Dumper, sort_keys=False, default_flow_style=False)

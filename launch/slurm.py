@@ -73,16 +73,27 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "job"
 
 
+# What sbatch's directive parser gives a meaning to: a backslash escapes the next character, a
+# double quote opens or closes a quoted value, `#` starts a comment, control characters end
+# or break the line. None of them can be passed through, so values holding one are refused.
+_SBATCH_SPECIAL = re.compile(r'[\\"#\x00-\x1f\x7f]')
+
+
+def _refuse_special(what: str, text: str, also: str = "") -> None:
+    found = _SBATCH_SPECIAL.search(text) or (re.search(f"[{also}]", text) if also else None)
+    if found:
+        raise LaunchError(f"{what} {text!r} contains {found.group()!r}, which sbatch's "
+                          "#SBATCH parser interprets; remove it")
+
+
 def _directive(option: str, value: str | int | None = None) -> str:
     """One `#SBATCH` line. sbatch (not a shell) reads these; it accepts double-quoted values."""
-    if any(c in option for c in "\n\r"):
-        raise LaunchError(f"#SBATCH option {option!r} contains a newline")
+    # an option is written bare: a space would split it into two arguments
+    _refuse_special("#SBATCH option", option, also=r"\s")
     if value is None:
         return f"#SBATCH {option}"
     text = str(value)
-    if any(c in text for c in '"\n\r'):
-        raise LaunchError(f"#SBATCH {option}: value {text!r} contains a double quote or newline, "
-                          "which sbatch directives cannot carry")
+    _refuse_special(f"#SBATCH {option}: value", text)
     if re.fullmatch(r"[A-Za-z0-9_./:@%+,=-]+", text):
         return f"#SBATCH {option}={text}"
     return f'#SBATCH {option}="{text}"'
@@ -92,6 +103,9 @@ def render_script(stage: Stage, opts: SlurmOptions, job_dir: Path, cli: list[str
                   index: int = 0, total: int = 1) -> str:
     """The sbatch script of one stage (a complete, self-describing file)."""
     log_dir = job_dir / "slurm"
+    if "%" in str(log_dir):  # sbatch expands %j, %x, ... in --output: the logs would go elsewhere
+        raise LaunchError(f"job directory {job_dir} contains '%', which sbatch expands in "
+                          "--output file names; choose a path without it (run.dir or --job-dir)")
     name = _safe_name(f"{opts.job_name or 'bignlp-' + job_dir.name}-{stage.name}")
     directives = [
         _directive("--job-name", name),
@@ -183,6 +197,9 @@ def submit(stages: list[Stage], opts: SlurmOptions, job_dir: Path, dry_run: bool
     Returns the job ids (dry run: placeholders, and nothing is written or submitted)."""
     cli = bignlp_jax_command(opts.executable or ("bignlp-jax" if opts.container_image else None))
     log_dir = job_dir / "slurm"
+    if "%" in str(log_dir):  # sbatch expands %j, %x, ... in --output: the logs would go elsewhere
+        raise LaunchError(f"job directory {job_dir} contains '%', which sbatch expands in "
+                          "--output file names; choose a path without it (run.dir or --job-dir)")
     job_ids: list[str] = []
     records = []
     for i, stage in enumerate(stages):

@@ -18,6 +18,7 @@ import storage_emulators
 from checkpoint_common import assert_trees_equal, config, host_params
 
 from bignlp_jax import storage
+from bignlp_jax.checkpoint import load_run_config
 from bignlp_jax.cli import main
 from bignlp_jax.train.loop import train
 
@@ -78,8 +79,10 @@ def test_export_params_into_buckets_then_read_it(runs, s3_emulator, tmp_path, ca
     model = _model(remote)
     expected = host_params(remote, model)
     gs_out = f"{remote.rsplit('/', 1)[0]}/exports/params"
+    # a synthetic-data run records no tokenizer/: the one its config names is given explicitly
+    tok = ["--tokenizer", str(load_run_config(remote).data.tokenizer)]
     for out in (gs_out, f"{storage_emulators.new_bucket('s3')}/params"):
-        assert main(["export", "--run", remote, "--format", "params", "--out", out]) == 0
+        assert main(["export", "--run", remote, "--format", "params", "--out", out, *tok]) == 0
         assert _last_json(capsys)["out"] == out
         assert_trees_equal(host_params(out, model), expected)
         assert (storage.path(out) / "tokenizer" / "tokenizer.model").is_file()
@@ -91,15 +94,17 @@ def test_export_params_into_buckets_then_read_it(runs, s3_emulator, tmp_path, ca
     generated = _last_json(capsys)
     assert main(["generate", "--run", gs_out, *PROMPT]) == 0
     assert _last_json(capsys) == generated
-    # exporting again replaces the earlier bundle
-    assert main(["export", "--run", remote, "--format", "params", "--out", gs_out]) == 0
+    # exporting again replaces the earlier bundle (asked for with --overwrite)
+    assert main(["export", "--run", remote, "--format", "params", "--out", gs_out, *tok,
+                 "--overwrite"]) == 0
     assert_trees_equal(host_params(gs_out, model), expected)
 
 
 def test_import_into_a_bucket(runs, tmp_path, capsys):
     local, remote = runs
     hf = tmp_path / "hf"
-    assert main(["export", "--run", str(local), "--format", "hf", "--out", str(hf)]) == 0
+    tok = ["--tokenizer", str(load_run_config(local).data.tokenizer)]
+    assert main(["export", "--run", str(local), "--format", "hf", "--out", str(hf), *tok]) == 0
     out = f"{remote.rsplit('/', 1)[0]}/imported"
     assert main(["import", "--from", str(hf), "--out", out]) == 0
     assert _last_json(capsys)["out"] == out
@@ -120,7 +125,8 @@ def test_two_processes_export_params_into_a_bucket(runs, cli_env):
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
          "--devices-per-process", "2", "--", "export", "--run", remote, "--format", "params",
-         "--out", out], env=cli_env, capture_output=True, text=True, timeout=600)
+         "--out", out, "--tokenizer", str(load_run_config(remote).data.tokenizer)],
+        env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[p0] {")]
     info = json.loads(summary[-1][len("[p0] "):])

@@ -94,7 +94,7 @@ def test_embedded_chat_task_finetunes_with_lora_and_evaluates(tmp_path, embedded
     from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 
     ckpt = RunCheckpointer(pre.run.dir, pre.checkpoint)
-    ckpt.save(1, trainer.fresh_state(), {}, step_meta(pre, trainer.mesh, 1))
+    ckpt.save(1, trainer.layout.fresh(), {}, step_meta(pre, trainer.mesh, 1))
     ckpt.close()
 
     cfg = load_config("finetune_stdlib_chat", [

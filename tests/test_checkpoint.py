@@ -91,7 +91,8 @@ def test_corrupt_latest_checkpoint_is_named_and_never_restarts(reference, tmp_pa
     assert losses(run) == ref_losses  # nothing was trained, nothing restarted from 0
     # the offered fix works: resume from 8, the broken step is set aside (not deleted)
     train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
-    assert (run / "checkpoints_abandoned" / "12").is_dir()
+    (aside,) = (run / "checkpoints_abandoned").glob("8.*")  # its own folder: step 8, a time
+    assert [p.name for p in aside.iterdir()] == ["12"]
     assert losses(run) == ref_losses
     # a requeued job with the same command continues from its own newer checkpoint
     train(config(run, "train.steps=13", "checkpoint.resume_from=8"))
@@ -142,7 +143,7 @@ def test_checkpoint_with_the_old_rng_leaf_still_resumes(reference, tmp_path):
     ref_dir, _, ref_params = reference
     cfg = config(tmp_path / "old", "train.steps=12")
     trainer = Trainer.build(cfg)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     old = {"step": state.step, "params": load_params(ref_dir, cfg.model, trainer.state_sh.params),
            "opt_state": state.opt_state, "rng": jnp.zeros((2,), jnp.uint32)}
     source = make_source(cfg, "train", trainer.rows)
@@ -353,12 +354,13 @@ def test_flipped_bit_is_named_and_previous_step_resumes_bitwise(reference, tmp_p
     assert "fails its checksum" in message and "checkpoint.resume_from=8" in message
     # the offered fix: resume from 8 gives exactly the uninterrupted run
     train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
-    assert (run / "checkpoints_abandoned" / "12").is_dir()
+    (aside,) = (run / "checkpoints_abandoned").glob("8.*")  # its own folder: step 8, a time
+    assert [p.name for p in aside.iterdir()] == ["12"]
     assert losses(run) == ref_losses
     assert_trees_equal(host_params(run, config(run).model), ref_params)
     # params-only readers (export, eval, init_from) refuse the damaged step too
     with pytest.raises(UserError, match=f"is damaged: .*{damaged.name}"):
-        load_params(run / "checkpoints_abandoned" / "12", config(run).model)
+        load_params(aside / "12", config(run).model)
 
 
 def test_resume_from_a_broken_step_moves_nothing(reference, tmp_path):
@@ -372,6 +374,117 @@ def test_resume_from_a_broken_step_moves_nothing(reference, tmp_path):
         train(config(run, "train.steps=12", "checkpoint.resume_from=8"))
     assert _tree(run) == before  # nothing set aside, no marker written
     assert latest_step(run) == 12
+
+
+def test_resume_from_three_times_then_a_fourth(reference, tmp_path):
+    """Each resume sets its abandoned steps aside in a folder of its own (no nesting, no
+    collision, even twice from one step within a second), and the directory stays usable."""
+    ref_dir, ref_losses, ref_params = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    aside = run / "checkpoints_abandoned"
+    seen: set = set()
+    for step, moved in ((8, ["12"]), (4, ["12", "8"]), (8, ["12"])):
+        train(config(run, "train.steps=12", f"checkpoint.resume_from={step}"))
+        assert latest_step(run) == 12
+        (newest,) = set(aside.iterdir()) - seen  # one new folder per resume
+        seen.add(newest)
+        assert newest.name.startswith(f"{step}.") and sorted(
+            p.name for p in newest.iterdir()) == sorted(moved)
+    assert len(list(aside.iterdir())) == 3  # three trajectories, three folders
+    assert sorted(str(p.relative_to(aside)).split("/", 1)[1] for p in aside.glob("*/*")) == [
+        "12", "12", "12", "8"]
+    train(config(run, "train.steps=12", "checkpoint.resume_from=4"))  # the fourth
+    assert len(list(aside.iterdir())) == 4 and losses(run) == ref_losses
+    assert_trees_equal(host_params(run, config(run).model), ref_params)
+
+
+def test_a_set_aside_failing_part_way_moves_everything_back(tmp_path, monkeypatch):
+    from bignlp_jax import storage
+    from bignlp_jax.rundir import RunDir
+    from bignlp_jax.train import resume_from
+
+    run = RunDir(tmp_path / "run")
+    for step in (4, 8, 12, 16):
+        (run.checkpoints / str(step) / "state").mkdir(parents=True)
+        (run.checkpoints / str(step) / "state" / "x").write_text(str(step))
+    before = _tree(run.path)
+    real_move, calls = storage.move, []
+
+    def failing_move(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the second step: a full disk, a permission change...
+            raise OSError(28, "No space left on device")
+        real_move(src, dst)
+
+    monkeypatch.setattr(storage, "move", failing_move)
+    plan = resume_from.plan_set_aside(run, 4, now=0.0)
+    assert plan.folder == run.abandoned / "4.19700101T000000Z"
+    with pytest.raises(UserError, match=r"could not set the steps after 4 aside.*No space "
+                                        r"left.*moved back"):
+        resume_from.carry_out(plan)
+    assert _tree(run.path) == before  # step 8 moved back, no folder left
+    monkeypatch.setattr(storage, "move", real_move)
+    resume_from.carry_out(plan)
+    again = resume_from.plan_set_aside(run, 4, now=0.0)  # same second: a folder of its own
+    assert again.folder.name == "4.19700101T000000Z.2" and again.moves == ()
+    assert sorted(p.name for p in plan.folder.iterdir()) == ["12", "16", "8"]
+
+
+def test_a_rerun_after_an_attempt_without_a_checkpoint_keeps_its_metrics(tmp_path, capsys):
+    """Two Ctrl-Cs before the first checkpoint, then a rerun: a new trajectory, and the
+    earlier attempt's metrics and events are moved aside (and the move is announced), never
+    truncated."""
+    import json
+
+    from bignlp_jax.config import save_config
+
+    run = tmp_path / "run"
+    save_config(config(run, "train.steps=2"), run / "config.yaml")  # what the attempt wrote
+    earlier = "".join(json.dumps({"step": s, "time": 0.0, "loss": 5.5}) + "\n"
+                      for s in range(1, 21))
+    (run / "metrics.jsonl").write_text(earlier)
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out").write_bytes(b"\x00events")
+    train(config(run, "train.steps=2"))
+    (kept,) = (run / "earlier_attempts").iterdir()
+    assert (kept / "metrics.jsonl").read_text() == earlier  # every byte, not cut to one line
+    assert (kept / "tensorboard" / "events.out").read_bytes() == b"\x00events"
+    assert sorted(losses(run)) == [1, 2] and 5.5 not in losses(run).values()
+    assert f"20 logged line(s) of an earlier attempt without a checkpoint; kept in {kept}" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["train.global_batch_size=12"], "cannot be split over the 8 data-parallel devices"),
+    (["mesh.data=3"], "mesh"),
+    (["model.hidden=32", "init_from=REF"], "expects \\(256, 32\\)"),
+])
+def test_a_start_that_fails_its_checks_leaves_the_run_dir_as_it_was(reference, tmp_path, extra,
+                                                                    problem):
+    ref_dir, _, _ = reference
+    user = tmp_path / "user"  # a run dir that holds the user's files (an earlier attempt)
+    user.mkdir()
+    (user / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (user / "notes.txt").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    extra = [e.replace("REF", str(ref_dir)) for e in extra]
+    # (init_from is refused after the ~10 s state set-up: one dir is enough to show it)
+    for run in (tmp_path / "new" / "run", user)[:1 if "init_from" in extra[-1] else 2]:
+        with pytest.raises(UserError, match=problem):
+            train(config(run, "train.steps=2", *extra))
+    assert not (tmp_path / "new").exists()  # not even the parent was left behind
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before
+    assert sorted(user.iterdir()) == [user / "metrics.jsonl", user / "notes.txt"]
+
+
+def test_a_refused_tfds_start_makes_no_tokenizer_folder(tmp_path, embedded_data_dir):
+    run = tmp_path / "run"
+    cfg = config(run, "data.source=tfds", f"data.data_dir={embedded_data_dir}",
+                 "model.vocab_size=1024", "train.global_batch_size=12", "train.steps=1")
+    with pytest.raises(UserError, match="cannot be split"):
+        train(cfg)
+    assert not run.exists()
 
 
 def test_half_deleted_step_is_not_complete(reference, tmp_path):

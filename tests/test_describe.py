@@ -58,7 +58,8 @@ def test_describe_needs_no_devices_for_175b(capsys):
 
 
 @pytest.mark.parametrize("preset, published", [("llama3_8b", 8_030_261_248),
-                                               ("llama3_70b", 70_553_706_496)])
+                                               ("llama3_70b", 70_553_706_496),
+                                               ("llama3_405b", 405_853_388_800)])
 def test_llama3_presets_have_the_published_parameter_counts(preset, published, capsys):
     # Meta's model cards round these to 8.03B and 70.6B; the exact counts are the sums of the
     # tensors in the released safetensors files.

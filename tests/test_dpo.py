@@ -279,7 +279,7 @@ def base_run(tmp_path_factory, embedded_data_dir):
     pre = load_config(None, [f"run.dir={run_dir}", *SMALL, "data.source=synthetic"])
     trainer = Trainer.build(pre)
     ckpt = RunCheckpointer(pre.run.dir, pre.checkpoint)
-    ckpt.save(1, trainer.fresh_state(), {}, step_meta(pre, trainer.mesh, 1))
+    ckpt.save(1, trainer.layout.fresh(), {}, step_meta(pre, trainer.mesh, 1))
     ckpt.close()
     return run_dir, embedded_data_dir
 

@@ -248,9 +248,9 @@ def test_export_never_replaces_a_directory_that_is_not_an_export(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not an earlier export"):
+    with pytest.raises(UserError, match="no export of ours wrote"):
         export_hf(random_params(cfg), cfg, precious)
-    with pytest.raises(UserError, match="not an earlier export"):
+    with pytest.raises(UserError, match="no export of ours wrote"):
         save_params_bundle(random_params(cfg), Config(model=cfg, data=DataConfig(seq_len=32)),
                            precious)
     assert [p.name for p in precious.iterdir()] == ["notes.txt"]

@@ -169,7 +169,7 @@ def pretrained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrained") / "pre"
     cfg = load_config(None, [f"run.dir={run_dir}", *SMALL, "run.seed=7", "data.source=synthetic"])
     trainer = Trainer.build(cfg)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
     checkpointer.save(cfg.train.steps, state, {}, step_meta(cfg, trainer.mesh, cfg.train.steps))
     checkpointer.close()

@@ -60,13 +60,17 @@ def test_finetune_without_its_pretraining_run_says_to_run_the_pretraining(tmp_pa
 
 
 def test_object_storage_paths_are_left_to_the_storage_layer(tmp_path, monkeypatch):
-    """The local checks skip bucket paths (no network here; the run identity of a bucket run is
-    read through the storage layer, tested against the GCS emulator in test_storage.py)."""
+    """The local checks skip bucket paths: they get the bucket probe instead (no network
+    here; the run identity of a bucket run is read through the storage layer, tested against
+    the GCS emulator in test_storage.py)."""
+    from bignlp_jax import access
     from bignlp_jax.train.inputs import check_source_runs
-    from bignlp_jax.writable import require_writable
 
     monkeypatch.chdir(tmp_path)
-    require_writable("gs://bucket/runs/a", "run.dir", "run.dir=DIR")
+    probed = []  # the bucket probe (network) is stood in for: only which probe runs matters
+    monkeypatch.setattr(access, "_check_bucket", lambda *args: probed.append(args))
+    access.check_path("gs://bucket/runs/a", "run.dir")
+    assert probed == [("gs://bucket/runs/a", "run.dir", True)]
     cfg = load_config("tiny", ["run.dir=gs://bucket/runs/a", "init_from=gs://bucket/runs/p"])
     check_source_runs(cfg)
     assert list(tmp_path.iterdir()) == []  # no local gs:/bucket/... directories made

@@ -54,7 +54,9 @@ def test_gpu_chain():
         pod = spec["template"]["spec"]
         [container] = pod["containers"]
         assert container["command"] == ["bignlp-jax", "coordinator", "--port", "8476",
-                                        "--processes", "4"]
+                                        "--processes", "4", "--bind", "$(POD_IP)"]
+        assert container["env"] == [{"name": "POD_IP", "valueFrom": {
+            "fieldRef": {"fieldPath": "status.podIP"}}}]  # the pod's IP, not every interface
         assert "nvidia.com/gpu" not in str(pod)  # no GPU taken from the workers
         away = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
         assert away[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == {
@@ -225,11 +227,16 @@ def pod_process(container: dict, index: int, port: int, cli_env: dict) -> subpro
     env = {**cli_env, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     for item in container.get("env", []):
-        value = item.get("value", str(index))  # valueFrom: the pod's completion index
+        # valueFrom: the pod's IP (loopback here) or its completion index
+        ip = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
+        value = item.get("value", "127.0.0.1" if ip else str(index))
         env[item["name"]] = re.sub(r"^[a-z0-9.-]+:", "127.0.0.1:", value) \
             if item["name"] == "BIGNLP_COORDINATOR" else value
     assert container["command"][0] == "bignlp-jax"
-    return subprocess.Popen([*bignlp_cmd(), *container["command"][1:]], env=env,
+    # Kubernetes expands $(NAME) in a command from the container's env
+    command = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a)
+               for a in container["command"][1:]]
+    return subprocess.Popen([*bignlp_cmd(), *command], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -253,7 +260,7 @@ def test_rendered_coordinator_and_workers_train_together(tmp_path, cli_env):
     coordinator = pod_process(pod, 0, port, cli_env)
     procs = []
     try:
-        assert "listening on [::]:" in coordinator.stdout.readline()
+        assert "listening on 127.0.0.1:" in coordinator.stdout.readline()
         procs = [pod_process(worker, i, port, cli_env) for i in range(2)]
         outs = [p.communicate(timeout=300)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs

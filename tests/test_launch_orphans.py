@@ -137,10 +137,11 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
     coordinator = None
     if service == "external":
         coordinator = subprocess.Popen(
-            [*bignlp_cmd(), "coordinator", "--port", port, "--processes", "2",
+            [*bignlp_cmd(), "coordinator", "--bind", "127.0.0.1", "--port", port,
+             "--processes", "2",
              "--heartbeat-timeout", "10"], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
-        assert "listening on [::]:" + port in coordinator.stdout.readline()
+        assert "listening on 127.0.0.1:" + port in coordinator.stdout.readline()
     procs = [subprocess.Popen([sys.executable, "-c", PEER, port, str(i), doing, service],
                               env=env, stdout=logs[i], stderr=subprocess.STDOUT,
                               start_new_session=True) for i in range(2)]

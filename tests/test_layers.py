@@ -21,8 +21,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bignlp_jax"
 # plan) drives the train step, so it sits with the other commands above train/.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("storage", "writable"),  # the path layer (local, gs://, s3://) and the writability probe
+    # the path layer (local, gs://, s3://), the one path check, the rule that keeps files
+    # named inside an input folder inside it, and the ledger of what we wrote (owned)
+    ("storage", "access", "containment", "owned", "client_logs", "outage"),
     ("config",),
+    ("rundir",),  # a run directory's files and its recorded config (rundir.py)
     ("parallel", "model", "data", "hf"),
     ("train", "checkpoint"),
     ("evaluate", "infer", "export", "perf"),

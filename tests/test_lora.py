@@ -91,7 +91,7 @@ def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrained")
     cfg = tiny_config(tmp, "run.seed=7", llama=True)
     trainer = Trainer.build(cfg)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     checkpointer = RunCheckpointer(cfg.run.dir, cfg.checkpoint)
     checkpointer.save(cfg.train.steps, state, {}, step_meta(cfg, trainer.mesh, cfg.train.steps))
     checkpointer.close()

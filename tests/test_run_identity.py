@@ -10,7 +10,8 @@ import yaml
 from helpers import tiny_config
 
 from bignlp_jax.errors import ConfigError
-from bignlp_jax.train.identity import HISTORY_FILE, read_history
+from bignlp_jax.rundir import HISTORY_FILE
+from bignlp_jax.train.identity import read_history
 from bignlp_jax.train.loop import train
 from bignlp_jax.train.metrics import read_metrics
 

@@ -21,7 +21,7 @@ LOSS_RTOL = 2e-5
 
 def run_losses(cfg, devices, steps=3):
     trainer = Trainer.build(cfg, devices)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     from bignlp_jax.data import make_source
 
     source = make_source(cfg, "train", trainer.rows)
@@ -50,9 +50,9 @@ def test_sharded_losses_match_single_device(tmp_path, reference, mesh):
     # parameters live where the default rules put them
     params = state.params
     qkv = params["blocks"]["attn"]["qkv"]  # [layers, embed, kv_heads, G+2, head_dim]
-    assert qkv.sharding.spec == P(None, "fsdp", "tensor", None, None)
+    assert qkv.sharding.spec == P("stage", "fsdp", "tensor", None, None)
     assert params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
-    assert params["blocks"]["mlp"]["wo"].sharding.spec == P(None, "tensor", "fsdp")
+    assert params["blocks"]["mlp"]["wo"].sharding.spec == P("stage", "tensor", "fsdp")
     assert params["final_norm"]["scale"].sharding.spec == P(None)
     # and really are split: each device holds 1/(fsdp*tensor) of the qkv weight
     shard = qkv.addressable_shards[0].data
@@ -63,7 +63,7 @@ def test_sharded_losses_match_single_device(tmp_path, reference, mesh):
 
 
 def test_mesh_must_fit_devices():
-    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 2)
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (1, 2, 2, 1, 2)
     with pytest.raises(UserError, match=r"= 6 devices, but 8 are available"):
         mesh_shape(MeshConfig(data=3, fsdp=2, tensor=1), 8)
     with pytest.raises(UserError, match="does not divide the 8 available"):

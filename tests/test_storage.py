@@ -23,7 +23,7 @@ import storage_emulators
 from checkpoint_common import assert_trees_equal, config, host_params, losses
 from conftest import bignlp_cmd
 
-from bignlp_jax import storage
+from bignlp_jax import access, storage
 from bignlp_jax.checkpoint import latest_step, load_params, load_run_config
 from bignlp_jax.errors import REQUEUE_EXIT_CODE, UserError
 from bignlp_jax.train.loop import train
@@ -124,11 +124,54 @@ def test_unreachable_endpoint_is_one_line(cli_env):
     assert time.monotonic() - started < 60
 
 
+def test_error_kinds_come_from_types_and_codes_not_message_text(tmp_path):
+    import botocore.exceptions
+    import google.auth.exceptions
+    from gcsfs.retry import HttpError
+
+    def client_error(code: str) -> PermissionError:
+        error = PermissionError("x")
+        error.__cause__ = botocore.exceptions.ClientError({"Error": {"Code": code}}, "PutObject")
+        return error
+
+    kind = access.error_kind
+    assert kind(client_error("SignatureDoesNotMatch"), "s3://") == "refused"
+    assert kind(client_error("AccessDenied"), "s3://") == "permission"
+    assert kind(botocore.exceptions.NoCredentialsError(), "s3://") == "no_credentials"
+    assert kind(google.auth.exceptions.DefaultCredentialsError("x"), "gs://") == "no_credentials"
+    assert kind(google.auth.exceptions.RefreshError("x"), "gs://") == "refused"
+    assert kind(HttpError({"code": 401, "message": "x"}), "gs://") == "refused"
+    assert kind(OSError("Forbidden: b/run"), "gs://") == "permission"  # gcsfs's 403
+    assert kind(access.PathMissing("gs://b/x"), "gs://") == "path_missing"
+    assert kind(FileNotFoundError("b"), "gs://") == "bucket_missing"
+    # words in a message decide nothing: a proxy's "token bucket" note is no credentials problem
+    assert kind(ConnectionRefusedError(111, "token bucket exhausted"), "gs://") == "unreachable"
+    assert kind(PermissionError("refresh token expired"), "s3://") == "permission"
+    assert access.explain("gs://b/r", ConnectionResetError("no token"), True).startswith(
+        "cannot reach the storage service for gs://b/r")
+
+
+def test_local_path_check_reads_writes_and_free_space(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=rf"^run.dir {blocker}/run is not writable: Not a "
+                                        rf"directory \(errno 20\) at {blocker}\n"
+                                        r"  fix: .*run.dir=DIR"):
+        access.check_path(blocker / "run", "run.dir")
+    with pytest.raises(UserError, match=r"^--out .*/new/out: no space left on the device "
+                                        r"\(ENOSPC\): about .* needed, .* free\n"
+                                        r"  fix: free space .*--out DIR"):
+        access.check_path(tmp_path / "new" / "out", "--out", fix="--out DIR", free_bytes=2**62)
+    access.check_path(tmp_path / "new" / "out", "--out", free_bytes=1)
+    access.check_path(tmp_path / "missing", "init_from", write=False)  # its reader names it
+    assert sorted(tmp_path.iterdir()) == [blocker]  # no probe left anything behind
+
+
 def test_local_paths_are_untouched(tmp_path):
     assert type(storage.path(tmp_path)) is type(tmp_path)
     assert storage.absolute("rel").is_absolute()
-    storage.check_access(tmp_path / "x", "run.dir")  # local paths are not probed
-    assert not (tmp_path / "x").exists()
+    access.check_path(tmp_path / "x", "run.dir")  # a local probe leaves nothing behind
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -155,10 +198,12 @@ def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, ca
     from_bucket = load_init_params(config(tmp_path / "fresh", f"init_from={run}"),
                                    default_shardings(model))
     assert_trees_equal(jax.tree.map(np.asarray, from_bucket), host_params(run, model))
-    # a second export to the same --out replaces the earlier one; a foreign prefix is refused
-    assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 0
+    # a second export to the same --out replaces the earlier one with --overwrite; a foreign
+    # prefix is refused even then
+    assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 2
+    assert main(["export", "--run", run, "--format", "hf", "--out", hf, "--overwrite"]) == 0
     (storage.path(bucket) / "other" / "notes.txt").write_text("keep me")
-    assert main(["export", "--run", run, "--format", "hf",
+    assert main(["export", "--run", run, "--format", "hf", "--overwrite",
                  "--out", f"{bucket}/other"]) == 2
     assert (storage.path(bucket) / "other" / "notes.txt").read_text() == "keep me"
 
@@ -255,7 +300,8 @@ def test_resume_from_an_older_step_in_a_bucket(scheme, request):
     train(config(run, "train.steps=4", "checkpoint.every_steps=2"))
     first = losses(run)
     train(config(run, "train.steps=4", "checkpoint.every_steps=2", "checkpoint.resume_from=2"))
-    assert latest_step(f"{run}/checkpoints_abandoned") == 4  # the newer step was set aside
+    (aside,) = storage.path(f"{run}/checkpoints_abandoned").iterdir()  # one per resume
+    assert aside.name.startswith("2.") and latest_step(aside) == 4  # the newer step, set aside
     assert losses(run) == first  # steps 3-4 trained again, bitwise the same
     # the checksums written with each step are checked on a bucket too: a changed object is
     # named when the params are read
@@ -298,9 +344,9 @@ def test_denied_write_and_missing_credentials_are_one_line(s3_auth_emulator, fre
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", auth["key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", auth["secret"])
     # the user may list and read but not s3:PutObject: reading is fine, writing is refused
-    storage.check_access(f"{auth['bucket']}/existing", "init_from", write=False)
+    access.check_path(f"{auth['bucket']}/existing", "init_from", write=False)
     with pytest.raises(UserError) as denied:
-        storage.check_access(run, "run.dir")
+        access.check_path(run, "run.dir")
     assert str(denied.value).startswith(
         f"run.dir={run}: no permission to write to {run} (PermissionError: Access Denied)\n"
         "  fix: grant this identity access")
@@ -315,7 +361,7 @@ def test_denied_write_and_missing_credentials_are_one_line(s3_auth_emulator, fre
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     fresh_s3_clients()  # the cached clients hold the user's keys
     with pytest.raises(UserError) as missing:
-        storage.check_access(run, "run.dir")
+        access.check_path(run, "run.dir")
     assert str(missing.value) == (
         f"run.dir={run}: no credentials for {run} (NoCredentialsError: Unable to locate "
         "credentials)\n  fix: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an "
@@ -363,9 +409,9 @@ def test_a_credential_lookup_that_hangs_is_named(monkeypatch):
     import google.auth
 
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
-    monkeypatch.setattr(storage, "PROBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(access, "PROBE_TIMEOUT_S", 0.3)
     monkeypatch.setattr(google.auth, "default", lambda *a, **k: time.sleep(3))
     with pytest.raises(UserError, match=r"^run.dir=gs://b/run: no credentials found in 0.3 s "
                                         r"\(no Application Default Credentials on disk.*\n"
                                         r"  fix: `gcloud auth application-default login`"):
-        storage.check_access("gs://b/run", "run.dir")
+        access.check_path("gs://b/run", "run.dir")

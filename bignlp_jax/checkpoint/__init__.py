@@ -13,6 +13,7 @@ from bignlp_jax.checkpoint.paths import (
     latest_step,
     load_run_config,
     resolve_step_dir,
+    run_root,
 )
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "load_params",
     "load_run_config",
     "resolve_step_dir",
+    "run_root",
 ]
 
 # once, before any save or restore: Orbax reads and writes s3:// arrays with it (see the module)

@@ -2,7 +2,7 @@
 
 Three moments:
 - before the model is built, the run directory and the checkpoints directory are probed with a
-  small file (`bignlp_jax.writable.require_writable`: a read-only mount or a missing permission
+  small file (`bignlp_jax.access.check_path`: a read-only mount or a missing permission
   shows at once, not after minutes of compiling and training);
 - before each save, `check_space` compares the free space with the size of the step (the
   previous step's size on disk, else the state's bytes), so a full disk stops the run with the
@@ -18,22 +18,15 @@ import inspect
 import logging
 import os
 import re
-import shutil
 import sys
 import threading
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.access import STORAGE_ERRNOS as STORAGE_ERRORS
+from bignlp_jax.access import free_space
 from bignlp_jax.errors import UserError
 
-# errors that mean "this storage cannot take the checkpoint" (not a bug of ours)
-STORAGE_ERRORS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EROFS: "the file system is read-only",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
 # TensorStore reports the OS error inside a message: `... [os_error_code='28']`
 _TS_ERRNO = re.compile(r"os_error_code='?(\d+)")
 # margin on top of the estimated step size: Orbax's metadata and TensorStore's write slack
@@ -57,7 +50,7 @@ def size_on_disk(directory: Path) -> int:
 
 
 def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
+    return free_space(path)
 
 
 def _size(num_bytes: float) -> str:

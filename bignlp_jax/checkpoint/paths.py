@@ -1,9 +1,7 @@
 """Where checkpoints live, and which of them are complete: plain file-system reads, no devices.
 
-Layout of a run directory:
+Layout of a checkpoints directory (RUN_DIR/checkpoints/, see rundir.py for the run dir):
 
-    RUN_DIR/config.yaml                  resolved config (written at the start of `train`)
-    RUN_DIR/metrics.jsonl
     RUN_DIR/checkpoints/<step>/state     params, opt_state, step (Orbax PyTree, sharded)
     RUN_DIR/checkpoints/<step>/data      data iterator state, one JSON file per process
     RUN_DIR/checkpoints/<step>/meta      config, tokenizer reference, mesh and process count
@@ -25,11 +23,11 @@ import orbax.checkpoint as ocp
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import integrity
-from bignlp_jax.config import load_config
 from bignlp_jax.config.loader import validate
+from bignlp_jax.containment import check_tree
 from bignlp_jax.errors import UserError
+from bignlp_jax.rundir import CHECKPOINTS, RunDir
 
-CHECKPOINTS = "checkpoints"
 STATE, DATA, META = "state", "data", "meta"
 SHARD_INDEX = "shards.json"  # the local tier's list of its shard files (shard_files.py)
 # the file that indexes a step's arrays: Orbax's PyTree metadata, or the local tier's list
@@ -37,7 +35,7 @@ STATE_INDEXES = ("_METADATA", SHARD_INDEX)
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    return storage.path(run_dir) / CHECKPOINTS
+    return RunDir(run_dir).checkpoints
 
 
 def complete_steps(ckpt_dir: str | Path) -> list[int]:
@@ -84,6 +82,7 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
     if _is_step_dir(path):
         if step is not None and path.name.isdigit() and int(path.name) != step:
             raise UserError(f"{path} is the checkpoint of step {path.name}, not step {step}")
+        check_tree(path, run_root(path))  # a symlink out of the run is refused before reading
         return path
     ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     if not ckpt_dir.is_dir():
@@ -104,27 +103,34 @@ def resolve_step_dir(path: str | Path, step: int | None = None) -> Path:
             f"no complete checkpoint of step {step} in {ckpt_dir}; complete steps: "
             f"{', '.join(map(str, steps))}"
         )
+    check_tree(ckpt_dir / str(step), run_root(ckpt_dir))
     return ckpt_dir / str(step)
 
 
+def run_root(path: str | Path) -> Path:
+    """The run directory of a run dir, its checkpoints dir or one of its step dirs."""
+    path = storage.path(path)
+    if path.name == CHECKPOINTS:
+        return path.parent
+    if _is_step_dir(path) and path.parent.name == CHECKPOINTS:
+        return path.parent.parent
+    return path
+
+
 def load_run_config(run_dir: str | Path):
-    """The resolved `Config` a run was trained with (RUN_DIR/config.yaml, else the newest
+    """The resolved `Config` a run was trained with (its recorded config, else the newest
     checkpoint's copy). Accepts a run dir, its checkpoints dir or a step dir."""
     run_dir = storage.path(run_dir)
-    candidates = [run_dir]
-    if run_dir.name == CHECKPOINTS:
-        candidates.append(run_dir.parent)
-    elif _is_step_dir(run_dir) and run_dir.parent.name == CHECKPOINTS:
-        candidates.append(run_dir.parent.parent)
-    for candidate in candidates:
-        if (candidate / "config.yaml").is_file():
-            return load_config(candidate / "config.yaml")
+    for candidate in dict.fromkeys([run_dir, run_root(run_dir)]):
+        recorded = RunDir(candidate).recorded_config()  # a symlink out of the run is refused
+        if recorded is not None:
+            return recorded
     try:
         step_dir = resolve_step_dir(run_dir)
     except UserError:
         raise UserError(
-            f"no config.yaml in {run_dir} and no checkpoint to read one from; is it a run "
-            "directory written by `bignlp-jax train`?"
+            f"no {RunDir(run_dir).config_file.name} in {run_dir} and no checkpoint to read one "
+            "from; is it a run directory written by `bignlp-jax train`?"
         ) from None
     meta = json.loads((step_dir / META / "metadata").read_text(encoding="utf-8"))
     return validate(meta["config"])

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bignlp_jax.data.store import chunks as store_chunks
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -38,9 +40,15 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        # A token store verified while the run starts stops at once, not after hashing it all.
+        store_chunks.set_stop_hook(self._signal_name)
         return self
 
+    def _signal_name(self) -> str | None:
+        return None if self.signal is None else signal.Signals(self.signal).name
+
     def __exit__(self, *exc) -> None:
+        store_chunks.set_stop_hook(None)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -98,6 +98,15 @@ class MeshConfig(Section):
     # Two-level mesh: how many slices/nodes (joined by DCN) the data and fsdp axes span.
     dcn_data: int = Field(1, ge=1, description="slices/nodes the data axis spans")
     dcn_fsdp: int = Field(1, ge=1, description="slices/nodes the fsdp axis spans")
+    # Pipeline parallelism (model/pipeline.py): the layer stack is split into stage x dcn_stage
+    # stages; `stage` of them inside a slice/node, times `dcn_stage` slices/nodes.
+    stage: int = Field(1, ge=1, description="pipeline stages inside a slice/node")
+    dcn_stage: int = Field(1, ge=1, description="slices/nodes the pipeline stages span")
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages in all: mesh.stage x mesh.dcn_stage."""
+        return self.stage * self.dcn_stage
 
     @model_validator(mode="after")
     def _check_sizes(self) -> MeshConfig:
@@ -147,6 +156,11 @@ class DataConfig(Section):
     stores: dict[str, str] | None = Field(
         None, description="{dataset/split: token store identity} read by the run; null: filled "
         "in at the start and saved in run.dir/config.yaml; set: other data is refused")
+    store: str | None = Field(
+        None, description="a token store folder built by `data tokenize --input ... --out` "
+        "(local, gs://, s3://): the training split reads it instead of a TFDS dataset")
+    eval_store: str | None = Field(
+        None, description="with data.store: the store of the held-out split (data.eval_split)")
 
     @model_validator(mode="after")
     def _check_mixture(self) -> DataConfig:
@@ -154,6 +168,11 @@ class DataConfig(Section):
                                          not self.mixture):
             raise ValueError("data.mixture needs data.source=tfds, at least one dataset and "
                              "data.tfds_name=null (the mixture names the datasets)")
+        if self.store is not None and (self.source != "tfds" or self.mixture is not None):
+            raise ValueError("data.store needs data.source=tfds and no data.mixture (it is the "
+                             "one dataset of the run)")
+        if self.eval_store is not None and self.store is None:
+            raise ValueError("data.eval_store needs data.store (the training store)")
         for name, entry in (self.mixture or {}).items():
             if isinstance(entry, (int, float)) and not entry > 0:
                 raise ValueError(f"data.mixture.{name}: weight {entry} must be > 0")
@@ -194,6 +213,16 @@ class TrainConfig(Section):
     steps: int = Field(100, ge=1)
     global_batch_size: int = Field(8, ge=1)
     microbatches: int = Field(1, ge=1, description="gradient accumulation steps per train step")
+    # Pipeline schedule (mesh.stage x mesh.dcn_stage > 1): each train.microbatches slice of the
+    # batch streams through the stages as this many microbatches
+    pipeline_microbatches: int | None = Field(
+        None, ge=1, description="microbatches per pipelined step; null: 2 x the stages")
+    pipeline_repeats: int = Field(
+        1, ge=1, description="1: GPipe; R > 1: circular, each stage holds R groups of layers")
+    pipeline_fsdp_gather: Literal["step", "microbatch"] = Field(
+        "step", description="with stages, gather fsdp-sharded weights once per step (a stage's "
+        "layers whole in memory) or layer by layer for every microbatch (less memory, R*M x "
+        "the bytes)")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="0: no periodic evaluation")
     eval_batches: int = Field(4, ge=1)
@@ -254,4 +283,15 @@ class RunConfig(Section):
     dir: str = "runs/default"
     seed: int = 0
     name: str = "run"
+
+    @field_validator("dir")
+    @classmethod
+    def _fits_a_file_system(cls, value: str) -> str:
+        # Linux's limits (NAME_MAX, PATH_MAX): refused here in one line, not by the first mkdir
+        longest = max((len(part.encode()) for part in value.split("/")), default=0)
+        if longest > 255 or len(value.encode()) > 4095:
+            raise ValueError(f"run.dir: a path of {len(value.encode())} bytes with a "
+                             f"{longest}-byte name; file systems allow 4095 and 255: choose a "
+                             "shorter one")
+        return value
 

@@ -35,13 +35,15 @@ def make_eval_sources(cfg: Config, rows: tuple[int, int]) -> dict[str, BatchSour
     return {"": make_source(cfg, "validation", rows)}
 
 
-def record_run_data(cfg: Config, run_dir) -> None:
+def record_run_data(cfg: Config, run_dir, locked: bool = True) -> None:
     """At the start of a run: check the tokenizer against the model (UserError giving both
-    vocabulary sizes) and copy it into RUN_DIR/tokenizer/. Nothing to do for synthetic data."""
+    vocabulary sizes) and copy it into the run's tokenizer folder; `locked` (a run with
+    trained state) refuses another tokenizer than the recorded one. Nothing to do for
+    synthetic data."""
     if cfg.data.source == "tfds":
         from bignlp_jax.data.text_source import record_tokenizer  # grain, tfds: when used
 
-        record_tokenizer(cfg, run_dir)
+        record_tokenizer(cfg, run_dir, locked)
 
 
 __all__ = ["BatchSource", "SyntheticSource", "global_batch", "make_eval_sources", "make_source",

@@ -117,6 +117,6 @@ def publish_store(staged: Path, remote: storage.AnyPath, manifest: str) -> None:
         (remote / manifest).unlink()
     if remote.exists():
         storage.rmtree(remote)
-    files = sorted(f for f in staged.iterdir() if f.is_file())
-    for file in sorted(files, key=lambda f: f.name == manifest):  # the manifest last
-        storage.copy_file(file, remote / file.name)
+    files = sorted(f for f in staged.rglob("*") if f.is_file())  # shards: in their folders
+    for file in sorted(files, key=lambda f: f == staged / manifest):  # the manifest last
+        storage.copy_file(file, remote.joinpath(*file.relative_to(staged).parts))

@@ -24,21 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.access import check_path
 from bignlp_jax.config import Config
 from bignlp_jax.data import embedded
 from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store.shards import ShardedStore
 from bignlp_jax.data.store_batches import StoreBatches
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, split_size
 from bignlp_jax.data.token_build import build_store
 from bignlp_jax.data.token_store import (
     MANIFEST,
     StoreSpec,
-    TokenStore,
     dataset_identity,
     store_dir,
 )
 from bignlp_jax.data.tokenizer import MODEL_FILE, Tokenizer, load_tokenizer
 from bignlp_jax.errors import UserError
+from bignlp_jax.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def dataset_entries(cfg: Config) -> list[DatasetEntry]:
 
 
 def dataset_name(cfg: Config) -> str:
+    if cfg.data.store is not None and not cfg.data.tfds_name:
+        return "store"  # a store built from raw files: no TFDS dataset
     if not cfg.data.tfds_name:
         raise UserError("data.source=tfds needs data.tfds_name (e.g. stdlib_docs, or the name "
                         "given to `bignlp-jax data prepare --name`)")
@@ -89,7 +93,7 @@ def data_dir(cfg: Config) -> storage.AnyPath:
 @functools.cache
 def _probe_bucket(bucket: str) -> None:
     """A missing bucket, an unreachable endpoint, missing credentials: one line, once."""
-    storage.check_access(bucket, "data.data_dir", write=False)
+    check_path(bucket, "data.data_dir", write=False)
 
 
 def _names(cfg: Config) -> list[str]:
@@ -152,10 +156,14 @@ def split_name(cfg: Config, split: str) -> str:
 
 
 def open_store(cfg: Config, name: str, split: str, text_key: str,
-               build: bool = True) -> TokenStore:
+               build: bool = True) -> ShardedStore:
     """The token store of `split` of dataset `name` with the config's tokenizer, built on first
     use (with data.workers processes) unless `build` is False. A store in a bucket is never
-    built here: every host of a run would build it; `data tokenize` builds it once."""
+    built here: every host of a run would build it; `data tokenize` builds it once.
+    With data.store, the training split (and with data.eval_store the held-out one) is read
+    from that store."""
+    if cfg.data.store is not None:
+        return _given_store(cfg, split)
     directory = data_dir(cfg)
     remote = storage.is_remote(directory)
     if remote:  # records are not read: their count is in dataset_info.json
@@ -176,7 +184,22 @@ def open_store(cfg: Config, name: str, split: str, text_key: str,
             raise UserError(f"split {split!r} of {name} in {directory} has no records: "
                             "nothing to train or evaluate on")
         build_store(spec, count, tokenizer.vocab_size, max(1, cfg.data.workers))
-    return TokenStore(path, sha, spec.rebuild_command())
+    return ShardedStore(path, sha, spec.rebuild_command())
+
+
+def _given_store(cfg: Config, split: str) -> ShardedStore:
+    d = cfg.data
+    path = d.store if split == d.split else d.eval_store if split == d.eval_split else None
+    if path is None:
+        raise UserError(f"data.store is set but split {split!r} has no store: a held-out stream "
+                        "needs data.eval_store\n  fix: set data.eval_store=STORE (built with "
+                        "`data tokenize --input ... --out STORE`), or train.eval_every=0")
+    tokenizer = resolve_tokenizer(cfg)
+    if storage.is_remote(path):
+        _probe_bucket(str(path)[:5] + str(path).split("/")[2])
+    rebuild = (f"bignlp-jax data tokenize --name {dataset_name(cfg)} --input 'FILES' --out "
+               f"{path} --tokenizer {tokenizer.model_path}")
+    return ShardedStore(os.path.expanduser(path), tokenizer.describe()["model_sha256"], rebuild)
 
 
 def make_text_source(cfg: Config, split: str, rows: tuple[int, int]) -> StoreBatches:
@@ -224,21 +247,21 @@ def store_identities(cfg: Config) -> dict[str, str]:
     return out
 
 
-def record_tokenizer(cfg: Config, run_dir: str | Path) -> Path | None:
-    """Check the tokenizer against the model and copy it into RUN_DIR/tokenizer/.
+def record_tokenizer(cfg: Config, run_dir: str | Path, locked: bool = True) -> Path | None:
+    """Check the tokenizer against the model and copy it into the run's tokenizer folder.
 
-    A run that already has checkpoints must keep its tokenizer: resuming with another one would
-    silently change what every token id means.
+    `locked`: the run holds trained state (train/identity.py decides) and must keep its
+    tokenizer: resuming with another one would silently change what every token id means.
     """
     if cfg.data.source != "tfds":
         return None
     tokenizer = resolve_tokenizer(cfg)
-    out = storage.path(run_dir) / "tokenizer"
+    out = RunDir(run_dir).tokenizer
     if (out / MODEL_FILE).is_file():
         recorded = load_tokenizer(out).describe()
         if recorded == tokenizer.describe():
             return out
-        if (storage.path(run_dir) / "checkpoints").is_dir():
+        if locked:
             raise UserError(
                 f"run {run_dir} was trained with tokenizer {recorded['model_sha256'][:12]} "
                 f"(vocab {recorded['vocab_size']}) but the config now uses "

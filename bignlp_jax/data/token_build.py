@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import itertools
-import json
 import multiprocessing
 import os
 import shutil
@@ -29,16 +28,14 @@ import numpy as np
 
 from bignlp_jax import storage
 from bignlp_jax.data.remote_store import publish_store
+from bignlp_jax.data.store.shard_files import finish_shard, split_into_shards
 from bignlp_jax.data.tfds_source import local_dataset_dir
 from bignlp_jax.data.token_store import (
-    FORMAT,
     MANIFEST,
-    OFFSETS,
     TOKENS,
     VERIFIED,
     StoreSpec,
     dataset_identity,
-    sha256_file,
     store_dir,
 )
 
@@ -83,7 +80,8 @@ def _encode_range(args: tuple) -> tuple[int, int]:
 
 
 def build_store(spec: StoreSpec, num_records: int, vocab_size: int, workers: int = 1,
-                overwrite: bool = False, log=print) -> storage.AnyPath:
+                overwrite: bool = False, log=print,
+                shard_tokens: int | None = None) -> storage.AnyPath:
     """Tokenize the split into its store (atomically) unless it is there; returns its path.
 
     Processes sharing the data dir (the hosts of a run, a `data tokenize` beside a training
@@ -96,8 +94,9 @@ def build_store(spec: StoreSpec, num_records: int, vocab_size: int, workers: int
         staging = Path(tempfile.mkdtemp(prefix="bignlp-store-"))
         try:
             local = _build(spec, identity, staging / final.name, num_records, vocab_size,
-                           workers, log, str(local_dataset_dir(spec.name, spec.data_dir)))
-            (local / VERIFIED).unlink()  # size/mtime stamps of local files: nothing remote
+                           workers, log, str(local_dataset_dir(spec.name, spec.data_dir)),
+                           shard_tokens)
+            (local / VERIFIED).unlink(missing_ok=True)  # stamps of local files: not remote
             publish_store(local, final, MANIFEST)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -109,11 +108,11 @@ def build_store(spec: StoreSpec, num_records: int, vocab_size: int, workers: int
         if (final / MANIFEST).is_file() and not overwrite:
             return final
         return _build(spec, identity, Path(final), num_records, vocab_size, workers, log,
-                      spec.data_dir)
+                      spec.data_dir, shard_tokens)
 
 
 def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_size: int,
-           workers: int, log, records_dir: str) -> Path:
+           workers: int, log, records_dir: str, shard_tokens: int | None = None) -> Path:
     """Build the store in `final` (local), reading the records from `records_dir`."""
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a build that was interrupted
@@ -142,11 +141,14 @@ def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_
                 os.remove(job[7])
                 os.remove(f"{job[7]}.len")
         seconds = time.perf_counter() - start
-        manifest = _finish(tmp, lengths, {
-            "dataset": spec.name, "split": spec.split, "text_key": spec.text_key,
-            "dataset_identity": identity, "tokenizer_sha256": spec.tokenizer_sha256,
-            "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "workers": workers,
-            "build_seconds": round(seconds, 3)})
+        info = {"dataset": spec.name, "split": spec.split, "text_key": spec.text_key,
+                "dataset_identity": identity, "tokenizer_sha256": spec.tokenizer_sha256,
+                "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "workers": workers,
+                "build_seconds": round(seconds, 3)}
+        if shard_tokens:
+            manifest = split_into_shards(tmp, lengths, info, shard_tokens)
+        else:
+            manifest = finish_shard(tmp, lengths, info)
         assert sum(r[1] for r in results) == manifest["tokens"]
         storage.install_dir(tmp, final)
     finally:
@@ -158,33 +160,22 @@ def _build(spec: StoreSpec, identity: str, final: Path, num_records: int, vocab_
     return final
 
 
-def _finish(tmp: Path, lengths: np.ndarray, info: dict) -> dict:
-    """Write offsets.npy and, last, the manifest (with both files' sha256) into `tmp`."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    np.save(tmp / OFFSETS, offsets)
-    manifest = {"format": FORMAT, **info, "documents": int(len(lengths)),
-                "tokens": int(offsets[-1]),
-                "sha256": {TOKENS: sha256_file(tmp / TOKENS), OFFSETS: sha256_file(tmp / OFFSETS)}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    # the files were just hashed: the first open need not hash them again
-    stamp = {name: [(tmp / name).stat().st_size, (tmp / name).stat().st_mtime_ns, digest]
-             for name, digest in manifest["sha256"].items()}
-    (tmp / VERIFIED).write_text(json.dumps(stamp))
-    return manifest
-
-
 def write_store(path: str | Path, documents: list, *, dataset: str, split: str,
-                tokenizer_sha256: str, vocab_size: int) -> Path:
-    """A store of already tokenized documents (each <s> ids </s>), written atomically."""
+                tokenizer_sha256: str, vocab_size: int, shard_tokens: int | None = None) -> Path:
+    """A store of already tokenized documents (each <s> ids </s>), written atomically; in
+    shards of at most `shard_tokens` tokens if given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     np.concatenate([np.asarray(d, dtype) for d in documents]).tofile(tmp / TOKENS)
-    _finish(tmp, np.asarray([len(d) for d in documents], np.int64), {
-        "dataset": dataset, "split": split, "text_key": None, "dataset_identity": None,
-        "tokenizer_sha256": tokenizer_sha256, "vocab_size": vocab_size,
-        "dtype": np.dtype(dtype).name})
+    info = {"dataset": dataset, "split": split, "text_key": None, "dataset_identity": None,
+            "tokenizer_sha256": tokenizer_sha256, "vocab_size": vocab_size,
+            "dtype": np.dtype(dtype).name}
+    lengths = np.asarray([len(d) for d in documents], np.int64)
+    if shard_tokens:
+        split_into_shards(tmp, lengths, info, shard_tokens)
+    else:
+        finish_shard(tmp, lengths, info)
     os.replace(tmp, path)
     return path

@@ -5,14 +5,19 @@ Layout of a store directory (DATA_DIR/token_stores/NAME/SPLIT-TOKENIZERSHA[:16]-
     tokens.bin     every document as <s> ids </s>, back to back (uint16, or uint32 for
                    vocabularies over 65,536 pieces)
     offsets.npy    int64 [documents + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
-    manifest.json  tokenizer sha256, dataset identity, counts, sha256 of both files; written last
-    verified.json  (size, mtime, sha256) of the files when their sha256 was last checked
+    manifest.json  tokenizer sha256, dataset identity, counts, sha256 of both files and the
+                   crc32 of every chunk of tokens.bin; written last
+    verified.json  (size, mtime, sha256) of the files when their sha256 was last checked (only
+                   stores without chunk checksums)
 
-This module names and opens stores (`token_build.py` writes them). Opening checks the manifest
-(tokenizer, format), the file sizes and the offsets; the sha256 of the files is checked when a
-file's size or mtime differs from `verified.json`, so later opens of a large store cost
-O(documents), not O(tokens). A damaged store is one message naming the file and the command
-that rebuilds it.
+This module names and opens stores (`token_build.py` writes them); a store may also be a set of
+such stores, its shards (`store/shards.py`). Opening checks the manifest (tokenizer, format, the
+files it names: only the two above, inside the store's folder), the file sizes, the offsets and
+their sha256, so it costs O(documents), not O(tokens). The tokens are checked chunk by chunk as a
+process first reads them (`store/chunks.py`): crc32 and ids below the vocabulary size. A store
+written before chunk checksums existed has its tokens' sha256 checked when the file's size or
+mtime differs from `verified.json`. A damaged store is one message naming the file and the
+command that rebuilds it.
 
 A store in a bucket (gs://, s3://: `data.data_dir` there) is opened the same way, but its
 tokens are read by byte ranges as batches need them (`remote_store.RemoteTokens`), never
@@ -34,6 +39,7 @@ import numpy as np
 
 from bignlp_jax import storage
 from bignlp_jax.data.remote_store import RemoteTokens
+from bignlp_jax.data.store.chunks import ChunkChecker, check_stop
 from bignlp_jax.errors import UserError
 
 FORMAT = "bignlp_token_store/1"
@@ -79,9 +85,11 @@ def store_dir(spec: StoreSpec, identity: str) -> storage.AnyPath:
 
 
 def sha256_file(path: storage.AnyPath) -> str:
+    """sha256 of a file, read in 16 MiB blocks; a stop request (SIGTERM) ends it promptly."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 24):
+            check_stop(f"verifying token store file {path}")
             h.update(block)
     return h.hexdigest()
 
@@ -94,38 +102,65 @@ class TokenStore:
                  rebuild: str = "bignlp-jax data tokenize ...", verify_tokens: bool = False):
         self.path = storage.path(path)
         self.remote = storage.is_remote(path)
-        self.manifest = _read_manifest(self.path, rebuild)
+        self.rebuild = rebuild
+        self.manifest = read_manifest(self.path, rebuild, (FORMAT,))
         ours = self.manifest.get("tokenizer_sha256")
         if tokenizer_sha256 is not None and ours != tokenizer_sha256:
-            raise UserError(
-                f"token store {self.path} was made with tokenizer sha256 {ours} but this run's "
-                f"tokenizer has sha256 {tokenizer_sha256}; it is never read with another one\n"
-                f"  fix: build the store for this tokenizer: {rebuild}")
+            self._refuse_tokenizer(self.path, ours, tokenizer_sha256, rebuild)
         self.tokens: np.ndarray | RemoteTokens
+        self.checker: ChunkChecker | None = None
         if self.remote:
+            # a bucket's objects carry their own checksums; reading whole chunks to check
+            # them would defeat reading by byte ranges
             self.offsets = _verify_remote(self.path, self.manifest, rebuild, verify_tokens)
             self.tokens = RemoteTokens(str(self.path / TOKENS), self.manifest["dtype"],
                                        int(self.manifest["tokens"]), rebuild)
         else:
+            _contained(self.path, rebuild)
             _verify_files(self.path, self.manifest, rebuild)
             self.tokens = np.memmap(self.path / TOKENS, dtype=self.manifest["dtype"], mode="r")
             self.offsets = np.load(self.path / OFFSETS, mmap_mode="r")
+            chunks = self.manifest.get("chunks")
+            if chunks is not None:
+                self.checker = ChunkChecker(str(self.path / TOKENS), chunks["crc32"],
+                                            int(chunks["tokens"]),
+                                            int(self.manifest["vocab_size"]), rebuild)
+                if verify_tokens:
+                    self.checker.check_all(self.tokens, f"verifying token store {self.path}")
         self.identity = hashlib.sha256(
             json.dumps(self.manifest["sha256"], sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def _refuse_tokenizer(path, ours: str | None, theirs: str, rebuild: str):
+        raise UserError(
+            f"token store {path} was made with tokenizer sha256 {ours} but this run's "
+            f"tokenizer has sha256 {theirs}; it is never read with another one\n"
+            f"  fix: build the store for this tokenizer: {rebuild}")
 
     def pairs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens[idx], tokens[idx + 1]): the inputs and targets at token positions `idx`
         (from a bucket: one round of ranged reads)."""
         if isinstance(self.tokens, RemoteTokens):
-            return self.tokens.pairs(idx)
+            inputs, targets = self.tokens.pairs(idx)
+            if inputs.size and max(int(inputs.max()), int(targets.max())) >= self.vocab_size:
+                raise _corrupt(self.path / TOKENS, "corrupt (a token id is not below the "
+                               f"vocabulary size {self.vocab_size})", self.rebuild)
+            return inputs, targets
+        if self.checker is not None:
+            self.checker.check_positions(self.tokens, np.asarray(idx).ravel())
         return self.tokens[idx], self.tokens[idx + 1]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
 
     def __getstate__(self) -> dict:
         # Grain worker processes get the path, not a copy of the mapped arrays.
-        return {"path": str(self.path)}
+        return {"path": str(self.path), "rebuild": self.rebuild}
 
     def __setstate__(self, state: dict) -> None:
-        type(self).__init__(self, state["path"])
+        type(self).__init__(self, state["path"], rebuild=state.get("rebuild", "bignlp-jax data "
+                                                                              "tokenize ..."))
 
     @property
     def num_documents(self) -> int:
@@ -144,7 +179,9 @@ def _corrupt(path: storage.AnyPath, problem: str, rebuild: str) -> UserError:
                      f"  fix: rebuild it: {rebuild}")
 
 
-def _read_manifest(path: storage.AnyPath, rebuild: str) -> dict:
+def read_manifest(path: storage.AnyPath, rebuild: str, formats: tuple[str, ...]) -> dict:
+    """The manifest of the store at `path`, if its format is one of `formats`; a shard's
+    manifest may name only the store's own two files."""
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
@@ -153,9 +190,31 @@ def _read_manifest(path: storage.AnyPath, rebuild: str) -> dict:
                         f"  fix: build it: {rebuild}") from None
     except (OSError, ValueError) as e:  # a bucket: also permission and network errors
         raise _corrupt(file, f"unreadable ({type(e).__name__})", rebuild) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _corrupt(file, f"not a {FORMAT} manifest", rebuild)
+    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
+        raise _corrupt(file, f"not a {' or '.join(formats)} manifest", rebuild)
+    if manifest["format"] == FORMAT:
+        if (manifest.get("dtype") not in ("uint16", "uint32")
+                or not all(isinstance(manifest.get(k), int) and manifest[k] >= 0
+                           for k in ("documents", "tokens", "vocab_size"))):
+            raise _corrupt(file, "corrupt (its dtype or counts are not valid)", rebuild)
+        named = manifest.get("sha256")
+        if not isinstance(named, dict) or sorted(named) != sorted((TOKENS, OFFSETS)):
+            names = sorted(named) if isinstance(named, dict) else named
+            raise UserError(f"token store manifest {file} names the files {names!r}; a store "
+                            f"holds exactly {TOKENS} and {OFFSETS} in its own folder, nothing "
+                            f"else is read\n  fix: rebuild it: {rebuild}")
     return manifest
+
+
+def _contained(path: Path, rebuild: str) -> None:
+    """The store's files must lie in its folder: a symlink out of it is refused, not read."""
+    root = Path(path).resolve()
+    for name in (TOKENS, OFFSETS):
+        target = (Path(path) / name).resolve()
+        if target.parent != root:
+            raise UserError(f"token store file {Path(path) / name} leads outside its folder "
+                            f"{root} (to {target}); a store's files are read only inside it\n"
+                            f"  fix: rebuild it: {rebuild}")
 
 
 def _check_tokens_size(path: storage.AnyPath, m: dict, rebuild: str) -> None:
@@ -180,27 +239,51 @@ def _verify_remote(path: storage.AnyPath, m: dict, rebuild: str, tokens: bool) -
     _check_tokens_size(path, m, rebuild)
     try:
         data = (path / OFFSETS).read_bytes()
-        offsets = np.load(io.BytesIO(data))
     except FileNotFoundError:
         raise _corrupt(path / OFFSETS, "missing", rebuild) from None
     except (OSError, ValueError) as e:
         raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
-    _check_offsets(path, offsets, m, rebuild)
+    # the bytes first: a damaged header is never parsed
     if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
         raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
+    offsets = np.load(io.BytesIO(data))
+    _check_offsets(path, offsets, m, rebuild)
     if tokens and sha256_file(path / TOKENS) != m["sha256"][TOKENS]:
         raise _corrupt(path / TOKENS, "corrupt (sha256 differs from its manifest)", rebuild)
     return offsets
 
 
+def _check_chunk_table(path: Path, m: dict, rebuild: str) -> None:
+    chunks = m["chunks"]
+    try:
+        size, crcs = int(chunks["tokens"]), chunks["crc32"]
+        ok = size > 0 and isinstance(crcs, list) and len(crcs) == -(-int(m["tokens"]) // size)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise _corrupt(path / MANIFEST, "inconsistent (its chunk checksums do not cover "
+                       f"{TOKENS})", rebuild)
+
+
 def _verify_files(path: Path, m: dict, rebuild: str) -> None:
-    """Sizes and offsets always; sha256 once per (size, mtime) of each file."""
+    """Sizes, offsets and the offsets' sha256 always; the tokens chunk by chunk as they are
+    read, or (a store without chunk checksums) their sha256 once per (size, mtime)."""
     _check_tokens_size(path, m, rebuild)
+    if m.get("chunks") is not None:  # the offsets' bytes first: a damaged header is not parsed
+        _check_chunk_table(path, m, rebuild)
+        try:
+            data = (path / OFFSETS).read_bytes()
+        except OSError as e:
+            raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
+        if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
+            raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
     try:
         offsets = np.load(path / OFFSETS, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - numpy raises SyntaxError, TokenError, ... on a bad header
         raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
     _check_offsets(path, offsets, m, rebuild)
+    if m.get("chunks") is not None:
+        return  # the tokens are checked chunk by chunk as they are read
     stamp_file = path / VERIFIED
     try:
         stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}

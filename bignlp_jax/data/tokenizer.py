@@ -31,7 +31,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from bignlp_jax import storage
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
+from bignlp_jax.rundir import TOKENIZER, RunDir
 
 MODEL_FILE = "tokenizer.model"
 JSON_FILE = "tokenizer.json"
@@ -107,12 +109,15 @@ class Tokenizer:
 def find_model_file(path: str | Path) -> Path:
     """The `.model` file for a path: the file itself, a tokenizer dir, or a run dir."""
     p = storage.path(os.path.expanduser(path))
-    for candidate in (p, p / MODEL_FILE, p / "tokenizer" / MODEL_FILE):
+    # a run directory's tokenizer/ may not lead outside the run (a symlink from elsewhere)
+    run_tokenizer = (contained(p, f"{TOKENIZER}/{MODEL_FILE}") if p.is_dir()
+                     else RunDir(p).tokenizer)
+    for candidate in (p, p / MODEL_FILE, run_tokenizer):
         if candidate.is_file():
             return candidate
     raise UserError(
         f"no SentencePiece tokenizer at {p}\n"
-        f"  looked for: {p} (a .model file), {p / MODEL_FILE}, {p / 'tokenizer' / MODEL_FILE}\n"
+        f"  looked for: {p} (a .model file), {p / MODEL_FILE}, {RunDir(p).tokenizer / MODEL_FILE}\n"
         "  fix: train one with `bignlp-jax tokenizer train --input FILES --vocab-size N --out DIR`"
     )
 

@@ -12,13 +12,16 @@ from bignlp_jax import storage
 
 
 def resolve_run(target: str, overrides: list[str]):
-    """(config, run dir) from a run directory (its config.yaml) or a config file (run.dir)."""
+    """(config, run dir) from a run directory (its recorded config) or a config file
+    (run.dir)."""
     from bignlp_jax.config import load_config
+    from bignlp_jax.rundir import CONFIG_FILE, RunDir, holds_run
 
     path = storage.path(target)
     if path.is_dir():
-        if (path / "config.yaml").is_file():
-            return load_config(path / "config.yaml", overrides), path
+        recorded = RunDir(path).recorded_config(overrides)
+        if recorded is not None:
+            return recorded, path
         from bignlp_jax.checkpoint import load_run_config
         from bignlp_jax.config.loader import apply_overrides, validate
 
@@ -32,10 +35,10 @@ def resolve_run(target: str, overrides: list[str]):
             resolve_config_path(target)  # a config name such as `tiny` is fine
         except UserError:
             parent = path.parent if str(path.parent) not in ("", ".") else Path("runs")
-            runs = sorted(str(d) for d in parent.glob("*") if (d / "config.yaml").is_file())
+            runs = sorted(str(d) for d in parent.glob("*") if holds_run(d))
             raise UserError(
                 f"no run directory {target} (and no config of that name)\n  fix: pass a run "
-                "directory written by `bignlp-jax train` (it holds config.yaml and "
+                f"directory written by `bignlp-jax train` (it holds {CONFIG_FILE} and "
                 "checkpoints/)" + (f", e.g. {', '.join(runs[:5])}" if runs else "")
                 + ", or a config file whose run.dir to evaluate") from None
     cfg = load_config(target, overrides)

@@ -29,6 +29,7 @@ from bignlp_jax.evaluate.scoring import (
     make_score_fn,
     target_nll,
 )
+from bignlp_jax.rundir import RunDir
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.metrics import MetricsLogger
 
@@ -145,7 +146,7 @@ def evaluate_run(cfg: Config, run_dir: str | Path | None = None, step: int | Non
 def _drop_eval_lines(run_dir: Path, step: int) -> None:
     """Remove earlier `bignlp-jax eval` lines (they carry eval_seconds) for `step` from
     metrics.jsonl; training lines stay. Atomic: the old or the new file, never half."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_file
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

@@ -32,9 +32,11 @@ from bignlp_jax.config import Config, save_config
 from bignlp_jax.hf.gather import check_on_writer
 from bignlp_jax.hf.tokenizer import resolve_tokenizer
 from bignlp_jax.hf.weights import check_out_dir, export_dtype
+from bignlp_jax.owned import check_replaceable, seal
+from bignlp_jax.rundir import CONFIG_FILE
 
 Params = dict[str, Any]
-MARKER = "config.yaml"
+MARKER = CONFIG_FILE
 
 
 def _sync(name: str) -> None:
@@ -48,7 +50,8 @@ def _partial_dir(out_dir: Path) -> Path:
 
 
 def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step: int = 0,
-                       dtype: str | None = None, tokenizer: Any = None) -> Path:
+                       dtype: str | None = None, tokenizer: Any = None,
+                       overwrite: bool = False) -> Path:
     """Write a params-only bundle (all processes must call this).
 
     `dtype` (float32/bfloat16) casts the saved params; readers cast back to the model's float32
@@ -57,14 +60,14 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
         target = export_dtype(dtype)
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target), p))(params)
     if storage.is_remote(out_dir):
-        return _save_to_bucket(params, cfg, str(out_dir), step, tokenizer)
+        return _save_to_bucket(params, cfg, str(out_dir), step, tokenizer, overwrite)
     out_dir = Path(out_dir)
     tmp = _partial_dir(out_dir)
     tok = None
 
     def check() -> None:  # on process 0 only: the output and tokenizer paths may be local to it
         nonlocal tok
-        check_out_dir(out_dir, MARKER)
+        check_out_dir(out_dir, overwrite)
         if tokenizer is not None:
             tok = resolve_tokenizer(tokenizer)
 
@@ -85,6 +88,7 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
             "data": data, "init_from": None,
             "run": cfg.run.model_copy(update={"dir": str(out_dir.resolve())})})
         save_config(bundle_cfg, tmp / MARKER)
+        seal(tmp)  # the ledger of what we wrote: a later --overwrite replaces exactly that
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -101,18 +105,17 @@ def _bundle_config(cfg: Config, out_dir: str, tokenizer_saved: bool) -> Config:
 
 
 def _save_to_bucket(params: Params, cfg: Config, out_dir: str, step: int,
-                    tokenizer: Any) -> storage.AnyPath:
+                    tokenizer: Any, overwrite: bool) -> storage.AnyPath:
     """`save_params_bundle` for a bucket OUT: no rename there, so written in place, marker last."""
     out = storage.path(out_dir)
     tok = None
 
     def check() -> None:
         nonlocal tok
-        check_out_dir(out, MARKER)
+        if check_replaceable(out, overwrite):  # exactly an earlier bundle, and --overwrite
+            storage.rmtree(out)
         if tokenizer is not None:
             tok = resolve_tokenizer(tokenizer)
-        if out.exists():  # an earlier bundle (check_out_dir refuses anything else)
-            storage.rmtree(out)
 
     check_on_writer(check)
     _sync("bignlp_jax bundle start")
@@ -125,5 +128,6 @@ def _save_to_bucket(params: Params, cfg: Config, out_dir: str, step: int,
         if tok is not None:
             tok.save(out / "tokenizer")
         save_config(_bundle_config(cfg, out_dir.rstrip("/"), tok is not None), out / MARKER)
+        seal(out)
     _sync("bignlp_jax bundle done")
     return out

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.access import check_path
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
-from bignlp_jax.writable import require_writable
+from bignlp_jax.owned import LEDGER, check_replaceable
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
@@ -33,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a LoRA run: fold the adapters into the weights (W + alpha/rank * BA)")
     p.add_argument("--out", required=True, help="output directory (created; must be writable)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory to export with the weights (default: the run "
+                        "directory's own tokenizer/; nothing outside the run is read unless "
+                        "named here)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (only one that holds exactly the "
+                        "files an export of ours wrote; anything else is never replaced)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="hf: split the weights into files of at most this size "
                         "(e.g. 2GB; default: 5GB)")
@@ -45,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source", required=True, help="Hugging Face model directory")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--dtype", default="float32", help="saved dtype: float32 (default) or bfloat16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier import or export in --out (never other files)")
     p.set_defaults(func=cmd_import)
 
 
@@ -65,17 +76,25 @@ def run_shardings(cfg):
         return None
 
 
-def run_tokenizer(run: Path, cfg) -> Path | None:
-    """The run's tokenizer: RUN_DIR/tokenizer (copied there by training), else data.tokenizer."""
-    for candidate in (run / "tokenizer", run.parent / "tokenizer", run.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.model").is_file():
-            return candidate
-    if cfg.data.tokenizer:
-        if not storage.path(cfg.data.tokenizer).exists():
-            print(f"warning: the run's tokenizer {cfg.data.tokenizer} does not exist; exporting "
-                  "without tokenizer files", file=sys.stderr)
-            return None
-        return storage.path(cfg.data.tokenizer)
+def run_tokenizer(run: Path, cfg, given: str | None = None) -> Path | None:
+    """The tokenizer to export: `given` (--tokenizer), else the run's own (RUN_DIR/tokenizer/,
+    copied there by training), else None.
+
+    Nothing else outside the run directory is read: `data.tokenizer` in its config.yaml may
+    name any file, and a run directory can come from anyone."""
+    from bignlp_jax.checkpoint import run_root
+
+    if given is not None:
+        return storage.path(given)  # the user's own choice
+    root = run_root(run)
+    for name in ("tokenizer/tokenizer.json", "tokenizer"):
+        contained(root, name)  # a symlink out of the run directory is refused
+    if contained(root, "tokenizer/tokenizer.model").is_file():
+        return root / "tokenizer"
+    if cfg.data.tokenizer:  # e.g. a run on synthetic data, which records no tokenizer
+        raise UserError(f"{root} holds no tokenizer/ but its config.yaml names data.tokenizer="
+                        f"{cfg.data.tokenizer}, outside the run directory, which export does "
+                        "not read on a run's word; fix: pass --tokenizer DIR to export that one")
     return None
 
 
@@ -86,11 +105,12 @@ def cmd_export(args) -> int:
     from bignlp_jax.hf.weights import export_dtype, export_hf
 
     export_dtype(args.dtype)  # refuse before reading anything
-    if not storage.is_remote(args.out):
-        # the output is written beside --out and renamed into place: its parent must be writable
-        require_writable(Path(args.out).absolute().parent,
-                         f"--out {args.out}: its parent directory", "--out DIR")
-    storage.check_access(args.out, "--out")  # a bucket: before any weights are read
+    # before any weights are read; a local output is written beside --out and renamed into
+    # place: its parent must be writable
+    check_path(args.out if storage.is_remote(args.out) else Path(args.out).absolute().parent,
+               "--out", what=f"--out {args.out}: its parent directory", fix="--out DIR")
+    if storage.is_remote(args.out):  # a bucket: before any weights are read (a local --out is
+        check_replaceable(args.out, args.overwrite)  # checked by its writer process alone)
     run = storage.path(args.run)
     cfg = load_run_config(run)
     if args.format == "hf":
@@ -105,26 +125,26 @@ def cmd_export(args) -> int:
         raise UserError(f"{run} is a LoRA run: its weights are the base plus adapters\n"
                         f"  fix: add --merge for merged --format {args.format} weights, or use "
                         "--format peft for the adapters alone")
+    tokenizer = run_tokenizer(run, cfg, args.tokenizer)  # refused before any weights are read
     params = load_params(step_dir, cfg.model, shardings=run_shardings(cfg), lora=cfg.lora,
                          merged=args.format != "peft")
-    tokenizer = run_tokenizer(run, cfg)
     if args.format == "peft":
         from bignlp_jax.export.peft import export_peft
 
         out = export_peft(params["lora"], cfg.model, cfg.lora, storage.staging_dir(args.out),
-                          args.dtype)
-        out = storage.publish(out, args.out, "adapter_config.json")  # bucket --out: upload
+                          args.dtype, overwrite=args.overwrite)
+        out = storage.publish(out, args.out, LEDGER)  # bucket --out: upload
     elif args.format == "hf":
         out = export_hf(params, cfg.model, storage.staging_dir(args.out), args.dtype, tokenizer,
-                        args.max_shard_size)
-        out = storage.publish(out, args.out, "config.json")  # bucket --out: upload the files
+                        args.max_shard_size, overwrite=args.overwrite)
+        out = storage.publish(out, args.out, LEDGER)  # bucket --out: upload the files
     else:  # merged weights: the bundle is a plain model (no init_from, no adapters)
         from bignlp_jax.config import LoraConfig
 
         if lora:
             cfg = cfg.model_copy(update={"lora": LoraConfig(), "init_from": None})
         out = save_params_bundle(params, cfg, args.out, step=step, dtype=args.dtype,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, overwrite=args.overwrite)
     import jax
 
     embedding = params["embed"]["embedding"]
@@ -139,10 +159,11 @@ def _hf_tokenizer(source: Path):
     """The Hugging Face model's SentencePiece tokenizer, if it has one we can load."""
     from bignlp_jax.data.tokenizer import load_tokenizer
 
-    if not (source / "tokenizer.model").is_file():
+    model = contained(source, "tokenizer.model")  # a symlink out of the folder is refused
+    if not model.is_file():
         return None
     try:
-        return load_tokenizer(source / "tokenizer.model")
+        return load_tokenizer(model)
     except UserError:
         return None
 
@@ -154,12 +175,16 @@ def cmd_import(args) -> int:
     from bignlp_jax.config import Config, DataConfig, RunConfig
     from bignlp_jax.export.bundle import save_params_bundle
     from bignlp_jax.hf.weights import export_dtype, hf_model_config, load_hf_params
+    from bignlp_jax.rundir import RunDir
 
     export_dtype(args.dtype)
     if jax.process_count() > 1:
         raise UserError("`bignlp-jax import` runs as one process; start it without "
                         "--num-processes / a multi-process launcher")
-    storage.check_access(args.out, "--out")  # a bucket: before the model is read
+    if storage.is_remote(args.out):  # before the model is read; a local --out is checked by
+        check_path(args.out, "--out", fix="--out DIR")  # its writer, so a refused import
+        # opens nothing outside the model folder
+    check_replaceable(args.out, args.overwrite)
     source = storage.fetch_dir(args.source)  # safetensors needs local files: a bucket is copied
     model_cfg = hf_model_config(source)
     params = load_hf_params(source, model_cfg, shardings=default_shardings(model_cfg))
@@ -167,10 +192,11 @@ def cmd_import(args) -> int:
     cfg = Config(model=model_cfg, data=DataConfig(seq_len=seq_len),
                  run=RunConfig(dir=str(args.out), name=model_cfg.name))
     tokenizer = _hf_tokenizer(source)
-    out = save_params_bundle(params, cfg, args.out, dtype=args.dtype, tokenizer=tokenizer)
+    out = save_params_bundle(params, cfg, args.out, dtype=args.dtype, tokenizer=tokenizer,
+                             overwrite=args.overwrite)
     print(f"imported {source} ({model_cfg.family}, {model_cfg.num_layers} layers, hidden "
           f"{model_cfg.hidden}) into {out}; finetune with init_from={out} and the model.* "
-          f"fields of {out / 'config.yaml'}", file=sys.stderr)
+          f"fields of {RunDir(out).config_file}", file=sys.stderr)
     print(json.dumps({"out": str(out), "model": model_cfg.model_dump(),
                       "tokenizer": tokenizer is not None}))
     return 0

@@ -59,7 +59,7 @@ def peft_config(lora: LoraConfig, base_model: str | None = None) -> dict[str, An
 
 
 def export_peft(adapters: dict[str, Any], model_cfg: ModelConfig, lora: LoraConfig,
-                out_dir: str | Path, dtype: str = "float32") -> Path:
+                out_dir: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the adapters of a LoRA run as a peft adapter directory; returns its path."""
     if model_cfg.family != "llama":
         raise UserError(f"--format peft needs a Llama model (model.family={model_cfg.family}: "
@@ -68,7 +68,7 @@ def export_peft(adapters: dict[str, Any], model_cfg: ModelConfig, lora: LoraConf
     out_dir = Path(out_dir)
     if jax.process_index() != 0:
         return out_dir
-    check_out_dir(out_dir, "adapter_config.json")
+    check_out_dir(out_dir, overwrite)
     tensors = peft_tensors(adapters, dtype)
     tmp = prepare_out_dir(out_dir)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

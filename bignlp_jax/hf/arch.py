@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bignlp_jax.config import ModelConfig
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
@@ -87,7 +88,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str, special_ids: dict[str, int | None
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+    path = contained(hf_dir, "config.json")
     if not path.is_file():
         raise UserError(f"no config.json in {hf_dir}: expected a Hugging Face model directory "
                         "(save_pretrained output)")

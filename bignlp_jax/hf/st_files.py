@@ -25,12 +25,14 @@ import numpy as np
 from jax.numpy import bfloat16  # ml_dtypes' bfloat16, which numpy arrays can hold
 from safetensors import safe_open
 
+from bignlp_jax.containment import contained
 from bignlp_jax.errors import UserError
 
 DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(bfloat16),
           "F16": np.dtype(np.float16)}
 TAGS = {v: k for k, v in DTYPES.items()}
 INDEX = ".safetensors.index.json"
+_WEIGHT_FILE = re.compile(r"[^/\\\0]+\.safetensors")  # a file name, no folder part
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 
 
@@ -135,16 +137,31 @@ class ShardedWriter:
         return [self.out_dir / self.file_name(i) for i in range(len(self.files))]
 
 
+def _weight_files(index: Path) -> list[str]:
+    """The weight files an index names: plain `*.safetensors` names in its own folder, the only
+    files the format defines (a path, absolute or relative, is refused before anything opens)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{index} is not a safetensors index (JSON with a `weight_map` of tensor "
+                        "name -> file name)") from None
+    for name in sorted(names, key=str):
+        if not isinstance(name, str) or not _WEIGHT_FILE.fullmatch(name):
+            raise UserError(f"{index} names {name!r}: not a weight file of its folder (expected "
+                            f"a plain *.safetensors name in {index.parent}); refused")
+    return sorted(names)
+
+
 class SafetensorsDir:
     """The tensors of a directory's `<prefix>.safetensors` or sharded files with an index."""
 
     def __init__(self, directory: str | Path, prefix: str = "model"):
         self.directory = Path(directory)
-        single = self.directory / f"{prefix}.safetensors"
-        index = self.directory / f"{prefix}{INDEX}"
+        single = contained(self.directory, f"{prefix}.safetensors")
+        index = contained(self.directory, f"{prefix}{INDEX}")
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _weight_files(index)
         elif single.is_file():
             files = [single.name]
         else:
@@ -155,7 +172,7 @@ class SafetensorsDir:
         self._stack = ExitStack()
         self._where: dict[str, safe_open] = {}
         for name in files:
-            path = self.directory / name
+            path = contained(self.directory, name, named_by=index)
             if not path.is_file():
                 raise UserError(f"{index} lists {name}, which does not exist")
             handle = self._stack.enter_context(safe_open(str(path), framework="numpy"))

@@ -36,6 +36,7 @@ from bignlp_jax.hf.layout import Entry, hf_layout, layer_shape, tensor_order
 from bignlp_jax.hf.st_files import DTYPES, SafetensorsDir, ShardedWriter, Spec, parse_size
 from bignlp_jax.hf.tokenizer import resolve_tokenizer, write_hf_tokenizer
 from bignlp_jax.model import abstract_params
+from bignlp_jax.owned import check_replaceable, seal
 
 __all__ = ["EXPORT_DTYPES", "export_hf", "hf_model_config", "load_hf_params"]
 
@@ -100,12 +101,10 @@ def hf_specs(cfg: ModelConfig, dtype: np.dtype) -> list[Spec]:
     return specs
 
 
-def check_out_dir(out_dir: Path, marker: str) -> None:
-    """An existing `out_dir` may be replaced only if it holds an earlier export (`marker`
-    exists), so a mistyped --out never deletes someone's files."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
-        raise UserError(f"{out_dir} exists and is not an earlier export (no {marker}); "
-                        "choose an empty or new --out directory")
+def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """An existing `out_dir` may be replaced only if it holds exactly an earlier export of ours
+    and `overwrite` is set (owned.py), so a mistyped --out never deletes someone's files."""
+    check_replaceable(out_dir, overwrite)
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -116,6 +115,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 
 def finish_out_dir(tmp: Path, out_dir: Path) -> None:
+    seal(tmp)  # the ledger of what we wrote: the next export may replace exactly that
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -123,7 +123,7 @@ def finish_out_dir(tmp: Path, out_dir: Path) -> None:
 
 def export_hf(params: Params, model_cfg: ModelConfig, out_dir: str | Path,
               dtype: str = "float32", tokenizer: Any = None,
-              max_shard_size: str | int = DEFAULT_MAX_SHARD) -> Path:
+              max_shard_size: str | int = DEFAULT_MAX_SHARD, overwrite: bool = False) -> Path:
     """Write `params` as a Hugging Face model directory (all processes must call this).
 
     Tensors are gathered and written one at a time (a stacked parameter one layer at a time),
@@ -139,7 +139,7 @@ def export_hf(params: Params, model_cfg: ModelConfig, out_dir: str | Path,
 
     def check() -> None:  # on process 0 only: the output and tokenizer paths may be local to it
         nonlocal tok
-        check_out_dir(out_dir, "config.json")
+        check_out_dir(out_dir, overwrite)
         tok = resolve_tokenizer(tokenizer) if tokenizer is not None else None
         if tok is not None and tok.vocab_size > model_cfg.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size "

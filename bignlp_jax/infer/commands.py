@@ -11,11 +11,13 @@ import json
 
 def cmd_generate(args) -> int:
     from bignlp_jax.checkpoint import load_params, load_run_config
+    from bignlp_jax.containment import contained
     from bignlp_jax.data.tokenizer import load_tokenizer
     from bignlp_jax.errors import UserError
     from bignlp_jax.infer.generate import generate
 
     cfg = load_run_config(args.run)
+    contained(args.run, "tokenizer")  # a run's tokenizer/ leading outside it is refused
     try:
         tokenizer = load_tokenizer(args.run)
     except UserError:

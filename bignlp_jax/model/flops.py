@@ -21,6 +21,7 @@ import jax
 from bignlp_jax.config import Config, ModelConfig
 from bignlp_jax.model.functional import abstract_params, count_params, param_axes
 from bignlp_jax.model.lora import LoraSpec, adapter_axes, adapter_shapes
+from bignlp_jax.model.pipeline import PipelineSpec
 from bignlp_jax.parallel.rules import logical_to_spec, rules_table
 
 # AdamW keeps two float32 moments per parameter.
@@ -51,8 +52,8 @@ def shard_factor(shape, axes, rules, mesh_shape: dict[str, int]) -> int:
         if mesh_axes is None:
             continue
         for a in (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes:
-            if size % mesh_shape[a] == 0:
-                factor *= mesh_shape[a]
+            if size % mesh_shape.get(a, 1) == 0:  # an axis the shape leaves out has size 1
+                factor *= mesh_shape.get(a, 1)
     return factor
 
 
@@ -71,6 +72,28 @@ def _bytes_per_device(shapes, axes, rules_name: str, mesh_shape: dict[str, int],
         math.prod(s.shape) * bytes_per_param / shard_factor(s.shape, a, rules, mesh_shape)
         for s, a in zip(leaves, axis_leaves)
     )
+
+
+def pipeline_split(cfg: Config) -> dict | None:
+    """How the layers split into pipeline stages, and the schedule's bubble (None: no stages).
+    Layer counts that do not split evenly are reported as such (training refuses them)."""
+    S, R = cfg.mesh.stages, cfg.train.pipeline_repeats
+    if S == 1:
+        return None
+    M = cfg.train.pipeline_microbatches or 2 * S
+    L = cfg.model.num_layers
+    return {"stages": S, "repeats": R, "microbatches": M,
+            "layers_per_stage": L / S, "layers_per_group": L / (S * R),
+            "even": L % (S * R) == 0, "bubble": PipelineSpec(S, M, R).bubble}
+
+
+def pipeline_text(split: dict) -> str:
+    """'4 stages x 2 repeats of 8 layers (16 per stage), 8 microbatches: bubble 15.8%'."""
+    group = split["layers_per_group"]
+    size = f"{group:g} layers" if split["even"] else f"{group:.2f} layers (NOT EVEN)"
+    return (f"{split['stages']} stages x {split['repeats']} repeat(s) of {size} "
+            f"({split['layers_per_stage']:g} per stage), {split['microbatches']} microbatches:"
+            f" bubble (S-1)/(R*M+S-1) = {split['bubble']:.1%}")
 
 
 def describe(cfg: Config, mesh_shape: dict[str, int]) -> dict:
@@ -98,4 +121,5 @@ def describe(cfg: Config, mesh_shape: dict[str, int]) -> dict:
         "param_bytes_per_device": params_bytes,
         "optimizer_bytes_per_device": optimizer_bytes,
         "param_plus_optimizer_gib_per_device": (params_bytes + optimizer_bytes) / 2**30,
+        "pipeline": pipeline_split(cfg),
     }

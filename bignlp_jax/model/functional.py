@@ -19,6 +19,7 @@ from bignlp_jax.config import ModelConfig
 from bignlp_jax.model.kernels import REFERENCE, Kernels, select_kernels
 from bignlp_jax.model.lora import KEY as LORA_KEY
 from bignlp_jax.model.lora import LoraSpec
+from bignlp_jax.model.pipeline import PipelineSpec
 from bignlp_jax.model.transformer import Transformer
 from bignlp_jax.parallel.rules import MeshAxes, sharding_for
 
@@ -84,11 +85,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, shardings: Params | None = Non
 
 def forward(cfg: ModelConfig, params: Params, tokens, positions=None, segment_ids=None, *,
             cache=None, cache_index=None, slot_index=None, kernels: Kernels | None = None,
-            lora: LoraSpec | None = None, lora_key: jax.Array | None = None):
+            lora: LoraSpec | None = None, lora_key: jax.Array | None = None,
+            pipeline: PipelineSpec | None = None):
     """Run the model on `params` (pure function; call it inside jit). kernels: default
     `model_kernels(cfg)`; tests pass others (the reference, another backend's choice).
     Adapters under params["lora"] run beside their projections (`lora` says how; lora_key:
-    adapter dropout, training only)."""
+    adapter dropout, training only). pipeline: run the layers as pipeline stages."""
     adapters = None
     if LORA_KEY in params:
         if lora is None:
@@ -97,7 +99,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, positions=None, segment_id
         adapters = (lora, params.pop(LORA_KEY), lora_key)
     model = nnx.merge(graphdef(cfg, kernels), params)
     return model(tokens, positions, segment_ids, cache=cache, cache_index=cache_index,
-                 slot_index=slot_index, lora=adapters)
+                 slot_index=slot_index, lora=adapters, pipeline=pipeline)
 
 
 def count_params(params_or_shapes: Params) -> int:

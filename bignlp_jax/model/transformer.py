@@ -3,6 +3,7 @@
 The blocks' parameters are stacked on a leading `layers` axis and run with `jax.lax.scan`, so
 compile time does not grow with depth; `model.remat` wraps the scanned body in `jax.checkpoint`,
 and `model.scan_unroll=0` unrolls the scan into straight-line code (faster for shallow models).
+With a `PipelineSpec` the same layers run through the pipeline schedule instead (pipeline.py).
 Which kernel runs each op is fixed when the model is built (`kernels`, see kernels.py).
 """
 
@@ -23,6 +24,7 @@ from bignlp_jax.model.kernels import REFERENCE, Kernels
 from bignlp_jax.model.layers import MLP, Attention, Embed, Norm, param
 from bignlp_jax.model.lora import LayerLora, LoraSpec
 from bignlp_jax.model.matmul import project
+from bignlp_jax.model.pipeline import PipelineSpec, run_pipeline
 from bignlp_jax.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -81,7 +83,8 @@ class Transformer(nnx.Module):
                              ) if not cfg.tie_embeddings else None
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, cache_index=None,
-                 slot_index=None, lora: tuple[LoraSpec, dict, jax.Array | None] | None = None):
+                 slot_index=None, lora: tuple[LoraSpec, dict, jax.Array | None] | None = None,
+                 pipeline: PipelineSpec | None = None):
         """tokens [B,T] -> (logits [B,T,V] float32, new cache or None).
 
         positions: RoPE / learned positions (restart at 0 in each packed document);
@@ -89,7 +92,8 @@ class Transformer(nnx.Module):
         cache: dict(k, v [L,B,S,K,H], segment_ids [B,S]) for incremental decoding; the T new
         tokens occupy slots cache_index .. cache_index+T-1. slot_index [B,T]: each token's slot
         when the row arrives permuted; under context parallelism it must be `zigzag_order`.
-        lora: (spec, adapters stacked over layers, dropout key or None), see model/lora.py."""
+        lora: (spec, adapters stacked over layers, dropout key or None), see model/lora.py.
+        pipeline: run the layers as pipeline stages (training and scoring; no cache)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
@@ -137,13 +141,51 @@ class Transformer(nnx.Module):
                                  layer_lora)
             return x, (None if new_cache is None else (new_cache[0], new_cache[1], new_cache[2]))
 
+        if pipeline is not None and pipeline.stages > 1 and cache is None:
+            x = self._pipelined(x, stacked, lora_xs, (rope, segment_ids, q_index), pipeline,
+                                graphdef, spec if lora is not None else None)
+            return self._head(x, restore), None
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         kv = None if cache is None else (cache["k"], cache["v"])
         unroll = cfg.scan_unroll or cfg.num_layers  # 0: the whole stack, straight-line code
         x, new_kv = jax.lax.scan(layer, x, (stacked, kv, lora_xs),
                                  unroll=min(unroll, cfg.num_layers))
+        logits = self._head(x, restore)
+        new_cache = None
+        if cache is not None:
+            # every layer wrote the same segment ids; keep the first layer's copy
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": new_kv[2][0]}
+        return logits, new_cache
 
+    def _pipelined(self, x, stacked, lora_xs, rows, pipeline: PipelineSpec, graphdef,
+                   lora_spec: LoraSpec | None):
+        """The layer stack as pipeline stages: one layer of `run_pipeline` is a block (and its
+        adapters) on one microbatch, its per-row inputs (rotary tables, segment and query ids)
+        cut into microbatches with the activations."""
+        cfg = self.cfg
+        # the blocks' logical axes (layers first) lay out the gathered weights; adapters and
+        # dropout keys are left to XLA
+        block_axes = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(stacked)),
+                                  is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))
+        block_state = nnx.to_pure_dict(stacked)
+
+        def layer(x, xs, row):
+            state, layer_lora = xs
+            rope, segment_ids, q_index = row
+            block = nnx.merge(graphdef, state)
+            if layer_lora is not None:
+                layer_lora = LayerLora(lora_spec, *layer_lora)
+            return block(x, rope, segment_ids, q_index, None, None, layer_lora)[0]
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        lora_axes = None if lora_xs is None else jax.tree.map(lambda _: None, lora_xs)
+        return run_pipeline(layer, x, (block_state, lora_xs), (block_axes, lora_axes), rows,
+                            pipeline, REMAT_POLICIES.get(cfg.remat))
+
+    def _head(self, x, restore):
+        """Final norm and LM head: [B, T, D] -> logits [B, T, V] float32."""
         x = self.final_norm(x)
         if self.lm_head is None:
             logits = self.embed.attend(x)
@@ -152,12 +194,7 @@ class Transformer(nnx.Module):
                              float32_out=True)
         if restore is not None:
             logits = logits[:, restore]
-        logits = constrain(logits, ("batch", "seq", "act_vocab"))
-        new_cache = None
-        if cache is not None:
-            # every layer wrote the same segment ids; keep the first layer's copy
-            new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": new_kv[2][0]}
-        return logits, new_cache
+        return constrain(logits, ("batch", "seq", "act_vocab"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:

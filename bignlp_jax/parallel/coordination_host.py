@@ -199,8 +199,10 @@ def register(subparsers) -> None:
                     "--coordination-service external and --coordinator pointing here.")
     p.add_argument("--port", type=int, required=True, help="port to listen on")
     p.add_argument("--processes", type=int, required=True, help="processes in the job")
-    p.add_argument("--bind", default="[::]",
-                   help="address to listen on (default [::], every interface)")
+    p.add_argument("--bind", default=None,
+                   help="address to listen on (default: this host's name, the address the "
+                        "processes' --coordinator names; [::] is every interface, and JAX's "
+                        "service has no authentication)")
     # the same options as before the sub-command; not given, they keep what was given there
     p.add_argument("--heartbeat-timeout", type=float, default=argparse.SUPPRESS,
                    metavar="SECONDS", help="a process silent this long is lost (default 60; "
@@ -233,6 +235,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if args.processes < 1 or not 0 < args.port < 65536:
         raise CoordinatorError(f"coordinator: --processes {args.processes} must be at least 1 "
                                f"and --port {args.port} in 1..65535")
+    if args.bind is None:
+        args.bind = socket.gethostname()
+    if ":" in args.bind and not args.bind.startswith("["):
+        args.bind = f"[{args.bind}]"  # a bare IPv6 address (a pod's IP)
     _check_port_free(args.bind, args.port)  # jaxlib crashes (SIGSEGV) on a taken port
     heartbeat = args.heartbeat_timeout or HEARTBEAT_TIMEOUT
     linger = int(math.ceil(heartbeat))

@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "multi-process options (normally detected from SLURM / Kubernetes / GKE TPU)")
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="address of process 0's coordinator (env BIGNLP_COORDINATOR)")
+    g.add_argument("--coordinator-bind", metavar="HOST",
+                   help="address process 0's coordination service listens on (default: the "
+                        "host of --coordinator, where the other processes reach it; JAX's "
+                        "service has no authentication, so [::] exposes it to the network)")
     g.add_argument("--num-processes", type=int, metavar="N",
                    help="processes in the job (env BIGNLP_NUM_PROCESSES)")
     g.add_argument("--process-id", type=int, metavar="I",
@@ -118,9 +122,20 @@ def service_in_helper(jaxlib_module, linger: float,
     return None
 
 
+def bind_address(coordinator: str, bind: str | None = None) -> str:
+    """Where process 0's service listens: `bind` (default: the coordinator's own host, the
+    address the other processes use) on the coordinator's port. JAX's default, `[::]`, is every
+    interface, and its service answers anyone who connects."""
+    host, port = coordinator.rsplit(":", 1)
+    host = bind or host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # a bare IPv6 address
+    return f"{host}:{port}"
+
+
 def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str = "",
                heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-               shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
+               shutdown_timeout: float = SHUTDOWN_TIMEOUT, bind: str | None = None) -> None:
     """Join the job's processes; exits with a readable message if that takes too long."""
     import jax  # the layout is detected (and flags checked) before jax is loaded
     from jax._src import distributed as jax_distributed  # jax: after the layout is known
@@ -167,6 +182,7 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
                 initialization_timeout=jax_timeout,
                 heartbeat_timeout_seconds=heartbeat,
                 shutdown_timeout_seconds=shutdown,
+                coordinator_bind_address=bind_address(layout.coordinator, bind),
             )
     except (RuntimeError, ValueError) as e:
         hint = ""
@@ -211,5 +227,6 @@ def maybe_initialize(args: argparse.Namespace | None = None) -> Layout | None:
 
     initialize(layout, timeout("init_timeout", INIT_TIMEOUT), getattr(args, "command", "") or "",
                heartbeat_timeout=timeout("heartbeat_timeout", HEARTBEAT_TIMEOUT),
-               shutdown_timeout=timeout("shutdown_timeout", SHUTDOWN_TIMEOUT))
+               shutdown_timeout=timeout("shutdown_timeout", SHUTDOWN_TIMEOUT),
+               bind=getattr(args, "coordinator_bind", None))
     return layout

@@ -1,10 +1,14 @@
-"""Build the device mesh (`data`, `fsdp`, `sequence`, `tensor`) from `mesh.*` and check it fits.
+"""Build the device mesh (`stage`, `data`, `fsdp`, `sequence`, `tensor`) from `mesh.*` and check
+it fits.
 
 Two levels: `mesh.dcn_data` and `mesh.dcn_fsdp` split the data and fsdp axes between slices
 (TPU) or nodes/processes (GPU, CPU) joined by the slower network (DCN / InfiniBand); everything
 else stays inside one slice on the fast interconnect (ICI / NVLink). The device order then comes
 from `mesh_utils.create_hybrid_device_mesh`, so that only data and fsdp collectives cross DCN.
 `sequence` and `tensor` are innermost: they talk most often (every layer) and stay on ICI.
+`stage` (pipeline stages) is outermost: it sends one activation per microbatch, the least
+traffic of all, and `mesh.dcn_stage` puts that split across slices/nodes (the stage axis has
+mesh.stage x mesh.dcn_stage devices).
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from jax.sharding import AxisType, Mesh
 from bignlp_jax.config import MeshConfig
 from bignlp_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-DCN_AXES = {"data": "dcn_data", "fsdp": "dcn_fsdp"}  # mesh axis -> its DCN split's config key
+MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")
+# mesh axis -> its DCN split's config key
+DCN_AXES = {"stage": "dcn_stage", "data": "dcn_data", "fsdp": "dcn_fsdp"}
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
-    """Resolve -1 and check that data * fsdp * sequence * tensor equals the device count."""
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "sequence": cfg.sequence, "tensor": cfg.tensor}
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int, int]:
+    """Resolve -1 and check that stages * data * fsdp * sequence * tensor equals the device
+    count (in MESH_AXES order)."""
+    sizes = {"stage": cfg.stages, "data": cfg.data, "fsdp": cfg.fsdp, "sequence": cfg.sequence,
+             "tensor": cfg.tensor}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [k for k, v in sizes.items() if v == -1]
     if fill:
@@ -53,7 +60,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
                 f"mesh.{key}={dcn} does not divide mesh.{axis}={sizes[axis]}: the DCN split "
                 f"cuts the {axis} axis into {dcn} groups of equal size\n"
                 f"  fix: make mesh.{axis} a multiple of {dcn}")
-    return sizes["data"], sizes["fsdp"], sizes["sequence"], sizes["tensor"]
+    return (sizes["stage"], sizes["data"], sizes["fsdp"], sizes["sequence"], sizes["tensor"])
 
 
 def dcn_shape(cfg: MeshConfig) -> tuple[int, ...]:
@@ -81,9 +88,10 @@ def build_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     if len(granules) != math.prod(dcn):
         what, many = ("TPU slice", "TPU slices") if by_slice else ("process", "processes")
         raise UserError(
-            f"mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)} must equal the number of "
-            f"{many} ({len(granules)}): each DCN group is one {what}\n"
-            f"  fix: set mesh.dcn_data / mesh.dcn_fsdp so their product is {len(granules)}")
+            f"mesh.dcn_stage x mesh.dcn_data x mesh.dcn_fsdp = {math.prod(dcn)} must equal the "
+            f"number of {many} ({len(granules)}): each DCN group is one {what}\n"
+            f"  fix: set mesh.dcn_stage / mesh.dcn_data / mesh.dcn_fsdp so their product is "
+            f"{len(granules)}")
     ici = tuple(s // d for s, d in zip(shape, dcn))
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
     return Mesh(array, MESH_AXES, axis_types=axis_types)
@@ -96,7 +104,8 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def mesh_text(shape: dict[str, int], cfg: MeshConfig) -> str:
     """'data=4 (2 over DCN) x fsdp=8 x sequence=1 x tensor=8': sizes, and the DCN split of each
-    axis that crosses slices/nodes (the rest of every axis stays on the fast interconnect)."""
+    axis that crosses slices/nodes (the rest of every axis stays on the fast interconnect).
+    The stage axis is named only when there is more than one stage."""
     dcn = dcn_axes(cfg)
     return " x ".join(f"{a}={shape[a]}" + (f" ({dcn[a]} over DCN)" if a in dcn else "")
-                      for a in MESH_AXES)
+                      for a in MESH_AXES if a != "stage" or shape.get(a, 1) > 1)

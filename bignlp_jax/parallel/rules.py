@@ -2,9 +2,10 @@
 
 Model code names the axes of every parameter and activation (`embed`, `mlp`, `heads`, ...); it
 never sees the mesh. A rules table per strategy maps those names onto the mesh axes
-`data`, `fsdp`, `sequence` and `tensor`. Parameters use the plain names; activations use
-`act_*` names so that, e.g., FSDP can shard a weight's `embed` axis while activations keep
-`embed` whole.
+`stage`, `data`, `fsdp`, `sequence` and `tensor`. Parameters use the plain names; activations
+use `act_*` names so that, e.g., FSDP can shard a weight's `embed` axis while activations keep
+`embed` whole. The stacked layers' `layers` axis is split over `stage` (pipeline parallelism,
+model/pipeline.py); with one stage that is no split at all.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ RULES: dict[str, dict[str, MeshAxes]] = {
         "kv_heads": "tensor",
         "head_dim": None,
         "vocab": "tensor",
-        "layers": None,
+        "layers": "stage",
+        "act_stage": "stage",
         "norm": None,
         "act_embed": None,
         "act_mlp": "tensor",
@@ -42,8 +44,12 @@ RULES: dict[str, dict[str, MeshAxes]] = {
         "act_vocab": "tensor",
     },
     # Every parameter on every device; only the batch is split.
-    "replicated": {"batch": ("data", "fsdp"), "seq": "sequence"},
+    # (Pipeline stages still hold only their own layers.)
+    "replicated": {"batch": ("data", "fsdp"), "seq": "sequence", "layers": "stage",
+                   "act_stage": "stage"},
 }
+# Mesh axes that split weights only to store them (ZeRO-3): `constrain_gathered` undoes them.
+STORAGE_AXES = ("fsdp",)
 
 
 def rules_table(name: str) -> dict[str, MeshAxes]:
@@ -111,6 +117,35 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def constrain_gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`constrain`, but whole over the storage-only axes (fsdp): where a weight is gathered."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    gathered = {name: _without(mesh_axes, STORAGE_AXES) for name, mesh_axes in rules.items()}
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes,
+                                                                                   gathered)))
+
+
+def _without(mesh_axes: MeshAxes, drop: Sequence[str]) -> MeshAxes:
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+    kept = tuple(a for a in names if a not in drop)
+    return kept or None
+
+
+def stage_vmap(fn):
+    """`jax.vmap(fn)` over a leading pipeline-stage axis: constraints inside `fn` gain the mesh
+    axis that `act_stage` maps to on that axis, so each stage's devices keep their own slice."""
+    active = _ACTIVE.get()
+    mesh_axis = None
+    if active is not None:
+        mesh, rules = active
+        named = rules.get("act_stage")
+        mesh_axis = named if isinstance(named, str) and named in mesh.shape else None
+    return jax.vmap(fn, spmd_axis_name=mesh_axis)
 
 
 def split_axis(logical: str) -> tuple[str, int] | None:

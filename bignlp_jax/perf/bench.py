@@ -57,7 +57,7 @@ class StepTimer:
 
         self.cfg = cfg
         self.trainer = Trainer.build(cfg)
-        self.state = self.trainer.fresh_state()
+        self.state = self.trainer.layout.fresh()
         self.source = make_source(cfg, "train", self.trainer.rows)
         batch = self.trainer.device_batch(next(self.source))
         start = time.perf_counter()

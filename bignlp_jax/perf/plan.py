@@ -10,7 +10,8 @@ temporaries are an estimate for the real accelerator, not a promise.
 
 Estimated step time = compute + communication, no overlap assumed (so it is pessimistic):
   compute = model FLOPs per device (PaLM formula, x4/3 when the forward is recomputed under
-            `remat=full`) / the device's peak;
+            `remat=full`) / the device's peak, divided by 1 - the pipeline bubble
+            (S-1)/(R*M+S-1) with pipeline stages (idle stages compute on nothing useful);
   comm    = bytes of every collective in the compiled program (loop bodies counted once per
             trip) / the device's link bandwidth (slower across hosts when a group spans hosts).
 """
@@ -28,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from bignlp_jax.config import Config
-from bignlp_jax.model.flops import flops_per_token
+from bignlp_jax.model.flops import flops_per_token, pipeline_split
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.parallel.mesh import dcn_axes
 from bignlp_jax.perf.devices import DEVICES, DeviceSpec
@@ -244,7 +245,8 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     # which physical device sits where, so compile on a one-level mesh of the same shape and
     # count the bytes along the axes that would cross DCN.
     trainer = Trainer.build(cfg.model_copy(update={"mesh": cfg.mesh.model_copy(
-        update={"dcn_data": 1, "dcn_fsdp": 1})}), devices)
+        update={"dcn_data": 1, "dcn_fsdp": 1, "stage": cfg.mesh.stages, "dcn_stage": 1})}),
+        devices)
     state = abstract_state(cfg.model, trainer.tx, trainer.state_sh,
                            LoraSpec.from_config(cfg.lora))
     batch = abstract_batch(cfg, trainer.batch_sh)
@@ -265,8 +267,10 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
     n = trainer.mesh.size
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     recompute = 4 / 3 if cfg.model.remat == "full" else 1.0
+    pipeline = pipeline_split(cfg)
+    bubble = pipeline["bubble"] if pipeline else 0.0
     compute_s = flops_per_token(cfg.model, cfg.data.seq_len) * tokens * recompute / n / (
-        spec.peak_tflops * 1e12)
+        spec.peak_tflops * 1e12) / (1 - bubble)
     fast = sum(comm[k] for k in COLLECTIVES) - comm["cross_host"]  # by_axis: the same split
     comm_s = fast / (spec.link_gbps * 1e9) + comm["cross_host"] / (spec.cross_host_gbps * 1e9)
     gib = 2**30
@@ -288,6 +292,7 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
         "compute_s": compute_s,
         "comm_s": comm_s,
         "est_step_s": compute_s + comm_s,
-        "est_mfu": compute_s / recompute / (compute_s + comm_s),
+        "est_mfu": compute_s * (1 - bubble) / recompute / (compute_s + comm_s),
+        "pipeline": pipeline,
         "compile_s": compile_s,
     }

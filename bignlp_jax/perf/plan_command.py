@@ -15,6 +15,9 @@ import subprocess
 import sys
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.perf.budget_command import add_arguments as add_budget_arguments
+from bignlp_jax.perf.budget_command import cmd_budget
+from bignlp_jax.perf.devices import DEVICES as DEVICE_KINDS
 from bignlp_jax.perf.plan_search import (
     REMATS,
     _mesh_text,
@@ -73,14 +76,25 @@ def _axis_text(comm: dict) -> str:
         comm.get("by_axis", {}).items(), key=lambda kv: -kv[1])) + " GiB"
 
 
+def _shape(plan: dict) -> dict[str, int]:
+    """A compiled plan's mesh sizes, DCN splits and pipeline repeats (what `_mesh_text` shows)."""
+    repeats = plan["pipeline"]["repeats"] if plan.get("pipeline") else 1
+    return {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()},
+            "repeats": repeats}
+
+
 def _print_plan(cfg, plan: dict, analytic: float) -> None:
     from bignlp_jax.perf.plan import COLLECTIVES
 
     gib = 2**30
     compiled_static = plan["param_bytes_per_device"] + plan["optimizer_bytes_per_device"]
-    shape = {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()}}
+    shape = _shape(plan)
     print(f"mesh d x f x seq x t        {_mesh_text(shape)} ({plan['devices']} devices),"
           f" remat={plan['remat']}")
+    if plan.get("pipeline"):
+        from bignlp_jax.model.flops import pipeline_text
+
+        print(f"pipeline                    {pipeline_text(plan['pipeline'])}")
     print(f"parameters / device         {plan['param_bytes_per_device'] / gib:10.3f} GiB")
     print(f"optimizer state / device    {plan['optimizer_bytes_per_device'] / gib:10.3f} GiB")
     print(f"temporaries / device        {plan['temp_bytes_per_device'] / gib:10.3f} GiB")
@@ -103,6 +117,15 @@ def _print_plan(cfg, plan: dict, analytic: float) -> None:
 
 
 def cmd_plan(args) -> int:
+    if args.budget:
+        return cmd_budget(args)
+    if args.config is None or args.devices is None:
+        raise UserError("plan needs a CONFIG and --devices N (or --budget, see plan --help)")
+    if args.device not in DEVICE_KINDS:
+        raise UserError(f"--device {args.device!r} is not a device kind we know; use one of "
+                        f"{', '.join(sorted(DEVICE_KINDS))}")
+    args.time_budget = 480.0 if args.time_budget is None else args.time_budget
+    args.max_compiles = 8 if args.max_compiles is None else args.max_compiles
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
     if not _has_devices(args.devices):
@@ -138,7 +161,7 @@ def cmd_plan(args) -> int:
         print(f"{'mesh d x f x seq x t':>28} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
               f"{'est s/step':>10} {'est MFU':>8}  collective GiB/device by mesh axis")
         for r in [*fitting, *too_big]:
-            shape = {**r["mesh"], **{f"dcn_{k}": v for k, v in r["dcn"].items()}}
+            shape = _shape(r)
             tail = (f" {r['est_step_s']:10.3f} {r['est_mfu']:8.1%}" if r["fits"]
                     else "  does not fit       ")
             print(f"{_mesh_text(shape):>28} {r['remat']:>5} {r['microbatches']:>5} "
@@ -150,23 +173,24 @@ def cmd_plan(args) -> int:
 
 
 def register(subparsers) -> None:
-    from bignlp_jax.perf.devices import DEVICES
-
     p = subparsers.add_parser(
         "plan", help="compile the train step ahead of time for N devices: memory, mesh search")
-    p.add_argument("config", help="YAML config (path, or name under configs/)")
+    p.add_argument("config", nargs="?", help="YAML config (path, or name under configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=64")
-    p.add_argument("--devices", type=int, required=True, help="number of devices to plan for")
-    p.add_argument("--device", choices=sorted(DEVICES), default="h100",
-                   help="accelerator whose peak, memory and links the estimate uses "
+    p.add_argument("--devices", type=int, default=None, help="number of devices to plan for")
+    p.add_argument("--device", default="h100",
+                   help=f"accelerator whose peak, memory and links the estimate uses: "
+                        f"{', '.join(sorted(DEVICE_KINDS))} (--budget also: cpu, this host) "
                         "(default: h100)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory per device in GiB (default: the --device's)")
     p.add_argument("--search", action="store_true",
                    help="try mesh shapes and remat policies; rank those that fit")
-    p.add_argument("--time-budget", type=float, default=480.0,
-                   help="seconds of compiling allowed for --search (default 480)")
-    p.add_argument("--max-compiles", type=int, default=8,
-                   help="most candidates --search compiles (default 8)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of compiling allowed for --search (default 480; with "
+                        "--budget 240)")
+    p.add_argument("--max-compiles", type=int, default=None,
+                   help="most candidates --search compiles (default 8; with --budget 3)")
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
+    add_budget_arguments(p)
     p.set_defaults(func=cmd_plan)

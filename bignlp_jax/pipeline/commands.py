@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bignlp_jax import storage
-from bignlp_jax.writable import require_writable
+from bignlp_jax.access import check_path
+from bignlp_jax.owned import claim
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
@@ -30,12 +30,15 @@ def cmd_pipeline(args) -> int:
     import jax
 
     from bignlp_jax.errors import UserError
-    from bignlp_jax.pipeline.report import write_report
+    from bignlp_jax.pipeline.report import PLOT_FILE, REPORT_FILE, write_report
     from bignlp_jax.pipeline.stages import execute
-    from bignlp_jax.pipeline.state import freshness, read_state, why_stale
+    from bignlp_jax.pipeline.state import STALE_DIR, STATE_FILE, freshness, read_state, why_stale
 
-    require_writable(pipeline.out, "the pipeline's output_dir", "output_dir=DIR")
-    storage.check_access(pipeline.out, "output_dir")  # a bucket: write + delete of a marker
+    # before any stage: a local dir gets a probe file, a bucket a marker written and deleted
+    check_path(pipeline.out, "output_dir", what="the pipeline's output_dir")
+    # what the pipeline writes at the top of output_dir: refused if the user's files are there
+    claim(pipeline.out, [*stages, REPORT_FILE, PLOT_FILE, STATE_FILE, f"{STATE_FILE}.tmp",
+                         STALE_DIR], "output_dir", record=jax.process_index() == 0)
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")

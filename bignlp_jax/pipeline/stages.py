@@ -29,6 +29,7 @@ from bignlp_jax.errors import UserError
 from bignlp_jax.evaluate.harness_results import results_json, score_table
 from bignlp_jax.evaluate.run import evaluate_run
 from bignlp_jax.hf.weights import export_hf
+from bignlp_jax.owned import LEDGER
 from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints, upstream
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
 from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported for report.py
@@ -42,6 +43,7 @@ from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported 
     why_stale,
     write_whole,
 )
+from bignlp_jax.rundir import RunDir
 from bignlp_jax.train.loop import train
 
 LM_EVAL_FILE = "lm_eval.json"  # the lm_eval stage's scores, in OUT/lm_eval/
@@ -161,11 +163,12 @@ def run_export(p: Pipeline) -> str:
     _needs(p, "export", source)
     cfg = p.run_config(source)
     params = load_params(p.stage_dir(source), cfg.model, lora=cfg.lora)
-    run_tok = p.stage_dir(source) / "tokenizer"
+    run_tok = RunDir(p.stage_dir(source)).tokenizer
     tokenizer = run_tok if run_tok.is_dir() else None
     staged = storage.staging_dir(p.stage_dir("export"))  # a bucket: written here, uploaded
-    out = export_hf(params, cfg.model, staged, p.spec.export.dtype, tokenizer)
-    out = storage.publish(out, p.stage_dir("export"), "config.json")
+    # the stage's own directory: an earlier export of ours is replaced, nothing else
+    out = export_hf(params, cfg.model, staged, p.spec.export.dtype, tokenizer, overwrite=True)
+    out = storage.publish(out, p.stage_dir("export"), LEDGER)
     return f"{source} model as Hugging Face {p.spec.export.dtype} in {out}"
 
 

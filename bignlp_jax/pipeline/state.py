@@ -22,7 +22,8 @@ from bignlp_jax import storage
 from bignlp_jax.checkpoint import latest_step
 from bignlp_jax.pipeline.fingerprint import fingerprint, input_fingerprints
 from bignlp_jax.pipeline.spec import TRAIN_STAGES, Pipeline
-from bignlp_jax.train.identity import CONFIG_FILE, compare
+from bignlp_jax.rundir import RunDir
+from bignlp_jax.train.identity import compare
 
 STATE_FILE = "pipeline.json"
 RESULTS_FILE = "results.json"
@@ -84,7 +85,7 @@ def why_stale(p: Pipeline, stage: str, state: dict | None = None) -> str:
     if entry.get("fingerprint") is None:
         return "made before this pipeline recorded fingerprints"
     reasons = []
-    if stage in TRAIN_STAGES and (p.stage_dir(stage) / CONFIG_FILE).is_file():
+    if stage in TRAIN_STAGES and RunDir(p.stage_dir(stage)).is_run():
         changes = _config_changes(p, stage)
         shown = [f"{k}: {a} -> {b}" for k, (a, b) in {**changes.resumable,
                                                       **changes.other}.items()]
@@ -98,9 +99,7 @@ def why_stale(p: Pipeline, stage: str, state: dict | None = None) -> str:
 
 
 def _config_changes(p: Pipeline, stage: str):
-    import yaml  # only when a stage's config is compared
-
-    old = yaml.safe_load((p.stage_dir(stage) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    old = RunDir(p.stage_dir(stage)).recorded_tree() or {}
     return compare(old, p.run_config(stage), p.stage_dir(stage))
 
 
@@ -108,7 +107,7 @@ def can_resume(p: Pipeline, stage: str) -> bool:
     """A stale training stage may continue in place (not start over) when its inputs are the
     same, every config change is one a resume allows (train/identity.py), and it has not
     already gone past the new `train.steps`."""
-    if stage not in TRAIN_STAGES or not (p.stage_dir(stage) / CONFIG_FILE).is_file():
+    if stage not in TRAIN_STAGES or not RunDir(p.stage_dir(stage)).is_run():
         return False
     entry = read_state(p)["stages"].get(stage, {})
     if entry.get("inputs") != input_fingerprints(p, stage):

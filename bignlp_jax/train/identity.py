@@ -1,35 +1,34 @@
 """A run's config is its identity: a rerun in the same run.dir must not silently change it.
 
-`RUN_DIR/config.yaml` holds the config the run was trained with. A rerun compares its own
-resolved config with it, key by key:
+The run's recorded config (rundir.py) holds the config the run was trained with, including
+the token stores its data resolved to (`data.stores`, data/run_identity.py). A rerun compares
+its own resolved config with it, key by key:
 - keys in RESUMABLE_KEYS (how long, how often to log/evaluate/save, how many checkpoints to
   keep) may change: the training trajectory up to the resumed step is the same whatever they
   say, so the new values apply and the change is recorded;
 - any other change (learning rate, model, data, seed...) would make the run a mixture of two
   configs, so it is refused with a diff, unless the caller allows it explicitly
   (`bignlp-jax train ... --allow-config-change`, `train(cfg, allow_config_change=True)`).
-Every applied change is appended to RUN_DIR/config_history.jsonl with the step it took effect,
-and only then is config.yaml rewritten: it always shows the config now in force, and the
-history says how it got there.
+Other token stores (another tokenizer, another version of the dataset) are such a change too.
+Only a run that has checkpoints (`has_checkpoints`: a complete step) is protected; a run dir
+without one holds no trained state to mix with.
+Every applied change is appended to the run's config history with the step it took effect,
+and only then is the recorded config rewritten: it always shows the config now in force, and
+the history says how it got there.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bignlp_jax import storage
-from bignlp_jax.checkpoint.paths import checkpoints_dir, complete_steps
-from bignlp_jax.config import Config, save_config
+from bignlp_jax.checkpoint.paths import complete_steps
+from bignlp_jax.config import Config
 from bignlp_jax.errors import ConfigError
-
-CONFIG_FILE = "config.yaml"
-HISTORY_FILE = "config_history.jsonl"
+from bignlp_jax.rundir import RunDir, as_run_dir
 
 # Keys that change how long the run goes and how it reports and saves, never the maths of the
 # steps already taken. (train.steps also sets the LR schedule's length: extending a run is still
@@ -49,6 +48,8 @@ RESUMABLE_KEYS = frozenset({
     # how the same maths is laid out and scheduled: the loss is a token sum over the same
     # global batch whatever the split, so only float rounding can differ
     "train.microbatches", "model.remat", "model.scan_unroll", "model.attention",
+    # the pipeline schedule
+    "train.pipeline_microbatches", "train.pipeline_repeats", "train.pipeline_fsdp_gather",
     # which implementation of the same op runs (model/kernels.py): tested equal to the reference
     "model.kernels", "model.kernel_projection", "model.kernel_attention",
 })
@@ -56,10 +57,17 @@ RESUMABLE_KEYS = frozenset({
 # reshards), e.g. a job requeued onto fewer nodes.
 RESUMABLE_PREFIXES = ("mesh.",)
 # Keys a run fills in at start from the others (the token stores its data resolves to,
-# data/run_identity.py, which checks them itself; the absolute data dir): a config that leaves
+# data/run_identity.py; the absolute data dir): a config that leaves
 # them unset asks for "whatever the rest resolves to", and a run recorded before they were
 # filled in says nothing about them; neither is a change.
 DERIVED_KEYS = ("data.stores", "data.data_dir")
+STORES_KEY = "data.stores"
+
+
+def has_checkpoints(run: RunDir) -> bool:
+    """Whether the run holds trained state: a complete checkpoint step (an empty or
+    half-written checkpoints folder does not count). The one definition every check uses."""
+    return bool(complete_steps(run.checkpoints))
 
 
 def is_resumable(key: str) -> bool:
@@ -122,19 +130,14 @@ def compare(old_tree: dict[str, Any], new: Config, run_dir: Path) -> ConfigChang
     return changes
 
 
-def config_changes(cfg: Config, run_dir: str | Path) -> ConfigChanges:
-    """Compare `cfg` with RUN_DIR/config.yaml (no changes when the run is new)."""
-    run_dir = storage.path(run_dir)  # a bucket too (storage.py)
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return ConfigChanges(run_dir)
-    try:
-        old_tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read this run's config {path}: {e}\n"
-                          "  fix: restore the file, or use a new run.dir") from e
-    changes = compare(old_tree, cfg, run_dir)
-    changes.has_checkpoints = bool(complete_steps(checkpoints_dir(run_dir)))
+def config_changes(cfg: Config, run_dir: str | Path | RunDir) -> ConfigChanges:
+    """Compare `cfg` with the run's recorded config (no changes when the run is new)."""
+    run = as_run_dir(run_dir)  # a bucket too (storage.py)
+    old_tree = run.recorded_tree()
+    if old_tree is None:
+        return ConfigChanges(run.path)
+    changes = compare(old_tree, cfg, run.path)
+    changes.has_checkpoints = has_checkpoints(run)
     return changes
 
 
@@ -142,42 +145,49 @@ def _show(value: Any) -> str:
     return value if value == _ABSENT else json.dumps(value)
 
 
+def _stores(changes: dict[str, tuple[Any, Any]], side: int) -> str:
+    return ", ".join(f"{k.removeprefix(STORES_KEY + '.')} {str(v[side])[:16]}"
+                     for k, v in sorted(changes.items()) if v[side] != _ABSENT)
+
+
 def refuse_unless_allowed(changes: ConfigChanges, allow: bool) -> None:
     """ConfigError with a diff of old -> new values when non-resumable keys changed in a run
-    that has checkpoints, unless `allow`."""
+    that has checkpoints, unless `allow`. Other token stores are named as other data."""
     if allow or not changes.other or not changes.has_checkpoints:
         return
+    run = RunDir(changes.run_dir)
+    allow_fix = ("--allow-config-change (library: train(cfg, allow_config_change=True)) to "
+                 f"continue this run with the new values (recorded in {run.history_file.name})")
+    stores = {k: v for k, v in changes.other.items()
+              if k == STORES_KEY or k.startswith(STORES_KEY + ".")}
+    if stores:
+        raise ConfigError(
+            f"run {changes.run_dir} was trained on token stores {_stores(stores, 0)} (its "
+            f"{run.config_file.name}), but this config reads {_stores(stores, 1)}: other data "
+            "(another tokenizer or dataset)\n"
+            "  fix: use the run's data (data.data_dir, data.tokenizer), or a new run.dir, or "
+            f"pass {allow_fix}")
     diff = "\n".join(f"  {k}: {_show(a)} (run) -> {_show(b)} (now)"
                      for k, (a, b) in changes.other.items())
     raise ConfigError(
         f"run.dir={changes.run_dir} holds a run trained with a different config "
-        f"({changes.run_dir / CONFIG_FILE}); resuming it would mix two configs:\n{diff}\n"
+        f"({run.config_file}); resuming it would mix two configs:\n{diff}\n"
         "  fix: put the run's values back, or give a new run.dir for a new run, or pass "
-        "--allow-config-change (library: train(cfg, allow_config_change=True)) to continue "
-        f"this run with the new values (recorded in {HISTORY_FILE})"
+        + allow_fix
     )
 
 
-def record_config(cfg: Config, changes: ConfigChanges, step: int) -> None:
-    """Write config.yaml for the run; append what changed and from which step to the history
-    first, so the file is never rewritten without a trace. Call on process 0 only."""
+def record_config(cfg: Config, changes: ConfigChanges, step: int,
+                  run: RunDir | None = None) -> None:
+    """Write the run's config; append what changed and from which step to the history first,
+    so the config is never rewritten without a trace. Call on process 0 only."""
+    run = run if run is not None else RunDir(changes.run_dir)
     if changes:
-        entry = {"time": time.time(), "step": step,
-                 "changes": {k: {"old": a, "new": b}
-                             for k, (a, b) in {**changes.resumable, **changes.other}.items()}}
-        history, line = changes.run_dir / HISTORY_FILE, json.dumps(entry) + "\n"
-        if storage.is_remote(history):  # a bucket object cannot be appended to: rewrite it
-            before = history.read_text(encoding="utf-8") if history.exists() else ""
-            history.write_text(before + line, encoding="utf-8")
-        else:
-            with history.open("a", encoding="utf-8") as f:
-                f.write(line)
-    save_config(cfg, changes.run_dir / CONFIG_FILE)
+        run.append_history(step, {k: {"old": a, "new": b}
+                                  for k, (a, b) in {**changes.resumable, **changes.other}.items()})
+    run.write_config(cfg)
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
-    """The entries of RUN_DIR/config_history.jsonl, oldest first ([] if none)."""
-    path = storage.path(run_dir) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    """The entries of the run's config history, oldest first ([] if none)."""
+    return RunDir(run_dir).history()

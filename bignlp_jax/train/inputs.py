@@ -14,7 +14,7 @@ import yaml
 from bignlp_jax.config import Config
 from bignlp_jax.config.loader import CONFIG_ROOT
 from bignlp_jax.errors import UserError
-from bignlp_jax.train.start import HF_PREFIX
+from bignlp_jax.train.init_from import HF_PREFIX
 
 
 def configs_writing(run_dir: Path) -> list[Path]:

@@ -7,7 +7,7 @@ its RAM disk, a kill in the middle of a save). A local step at least as new as t
 wins (same trajectory, faster to read); otherwise the durable step is used, with a warning that
 names the newer local step(s) that could not be used and why.
 
-A local step is trusted only in a run that already exists (RUN_DIR/config.yaml): a run dir
+A local step is trusted only in a run that already exists (a recorded config, rundir.py): a run dir
 deleted and started again must not resume from the old run's RAM disk. Local steps newer than
 where the run starts are deleted on every process (loop.py) before the first local save.
 """
@@ -20,10 +20,10 @@ from typing import Any
 
 import jax
 
-from bignlp_jax import storage
 from bignlp_jax.checkpoint import complete_steps, local_tier
 from bignlp_jax.checkpoint.manager import restore_data_state
 from bignlp_jax.config import Config
+from bignlp_jax.rundir import RunDir
 
 
 def _say(message: str) -> None:
@@ -47,7 +47,7 @@ def local_step_dir(cfg: Config, run_dir: Path, target, durable: Path | None, pen
         return None
     root = local_tier.tier_root(cfg.checkpoint.local_dir, run_dir)
     fingerprint = local_tier.layout_fingerprint(target)
-    existing = (storage.path(run_dir) / "config.yaml").is_file()
+    existing = RunDir(run_dir).is_run()
     mine = local_tier.own_steps(root, fingerprint) if existing else []
     per_process = local_tier.gather_steps(mine)
     common = local_tier.agreed(per_process)

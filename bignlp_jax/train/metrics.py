@@ -17,6 +17,7 @@ import jax
 from tqdm import tqdm
 
 from bignlp_jax import storage
+from bignlp_jax.rundir import RunDir
 
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "eval_loss")
 # A bucket run dir is also flushed at a log step once this long has passed since the last flush,
@@ -28,7 +29,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
                  enabled: bool | None = None, progress: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = storage.path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics_file
         self._tb: Any = None
         self._bar: Any = None
         # A bucket object cannot be appended to: lines wait in memory and `flush` (called at
@@ -46,7 +47,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-        tb_dir = storage.path(run_dir) / "tensorboard"
+        tb_dir = RunDir(run_dir).tensorboard
         if self._remote:
             self._tb_local, self._tb_remote = Path(tempfile.mkdtemp(prefix="bignlp-tb-")), tb_dir
             tb_dir = self._tb_local
@@ -128,7 +129,7 @@ def _plain(value):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = storage.path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_file
     if not path.exists():
         return []
     return [{k: _number(v) for k, v in json.loads(line).items()}

@@ -16,10 +16,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bignlp_jax.config import Config
+from bignlp_jax.errors import UserError
 from bignlp_jax.model import forward, model_kernels
 from bignlp_jax.model.context_attention import zigzag_order
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.model.loss import token_cross_entropy
+from bignlp_jax.model.pipeline import PipelineSpec
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
 from bignlp_jax.train.state import TrainState, trainable, with_trainable
 
@@ -28,6 +30,39 @@ BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 def batch_sharding(mesh: Mesh, rules: dict[str, MeshAxes]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
+    """The pipeline schedule of `cfg` (None with one stage), checked against the model and the
+    batch: raises UserError naming the keys and the values that would work."""
+    S, R = cfg.mesh.stages, cfg.train.pipeline_repeats
+    if S == 1:
+        return None
+    M = cfg.train.pipeline_microbatches or 2 * S
+    L = cfg.model.num_layers
+    stages = (f"mesh.stage x mesh.dcn_stage = {cfg.mesh.stage} x {cfg.mesh.dcn_stage} = {S} "
+              f"stages")
+    if L % (S * R):
+        valid = [d for d in range(1, L + 1) if L % d == 0]
+        raise UserError(
+            f"model.num_layers={L} does not split into {stages} x train.pipeline_repeats={R}: "
+            f"every stage runs the same number of layers; stages x repeats must divide {L} "
+            f"(one of {', '.join(map(str, valid))})")
+    if R > 1 and M < S:
+        raise UserError(
+            f"train.pipeline_microbatches={M} is fewer than the {S} stages "
+            f"({stages}): the circular schedule (train.pipeline_repeats={R}) feeds each "
+            f"microbatch back to stage 0, which needs train.pipeline_microbatches >= {S}")
+    rows = cfg.train.global_batch_size // cfg.train.microbatches
+    if rows % (M * data_parallel):
+        valid = [m for m in range(1, rows + 1) if rows % (m * data_parallel) == 0]
+        raise UserError(
+            f"train.pipeline_microbatches={M} does not divide the per-step batch of {rows} rows "
+            f"(train.global_batch_size={cfg.train.global_batch_size} / train.microbatches="
+            f"{cfg.train.microbatches}) into microbatches of a multiple of {data_parallel} "
+            f"rows (the data-parallel devices, mesh.data x mesh.fsdp); valid: "
+            f"{', '.join(map(str, valid)) or 'none: change the batch'}")
+    return PipelineSpec(S, M, R, gather_once=cfg.train.pipeline_fsdp_gather == "step")
 
 
 def token_losses(params, batch, cfg: Config, key: jax.Array | None = None):
@@ -45,7 +80,8 @@ def token_losses(params, batch, cfg: Config, key: jax.Array | None = None):
     logits, _ = forward(cfg.model, params, batch["tokens"], batch["positions"],
                         batch["segment_ids"], slot_index=slot_index,
                         kernels=model_kernels(cfg.model),
-                        lora=LoraSpec.from_config(cfg.lora), lora_key=key)
+                        lora=LoraSpec.from_config(cfg.lora), lora_key=key,
+                        pipeline=pipeline_spec(cfg))
     mask = batch["loss_mask"].astype(jnp.float32)
     return token_cross_entropy(logits, batch["targets"]), mask
 

@@ -1,0 +1,1 @@
+"""Token stores at scale: shards and their manifest, chunk checksums, raw-file and Ray builds."""

@@ -1,0 +1,146 @@
+"""Pipeline parallelism over the scanned layer stack: GPipe and circular schedules, SPMD.
+
+The stacked layers [L, ...] are cut into S stages x R repeats of K = L / (S*R) layers: group
+g = r*S + s (layers g*K .. g*K+K-1) runs on stage s in repeat r, so with R > 1 each stage holds
+R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe. A batch is cut
+into M microbatches; in iteration t stage s works on pass p = t - s (microbatch p % M of repeat
+p // M) when 0 <= p < R*M, and idles otherwise, so one step takes R*M + S - 1 iterations of
+which S - 1 are the fill and drain bubble: a fraction (S-1)/(R*M+S-1) of the time.
+
+Why SPMD in one program (the design of MaxText and Praxis) rather than one program per stage
+(Megatron, torchtitan): every iteration is the same computation on every stage, written once as a
+`vmap` over the stage axis of the weights and of a [S, mb, T, D] activation buffer, both sharded
+over the `stage` mesh axis, so XLA gives each stage's devices their own slice; handing each
+stage's output to the next stage is a `jnp.roll` of that buffer along the stage axis, which XLA
+lowers to one collective-permute per iteration. Everything else (the optimizer, checkpoints,
+gradient accumulation, the other mesh axes) is unchanged: one `jax.jit`, one set of global
+arrays, and autodiff gives the backward schedule. The cost is that idle stages compute on
+garbage in the bubble instead of sleeping, which is the same wall time.
+
+Memory: each iteration (a stage's K layers on one microbatch) is rematerialised under the model's
+remat policy (`jax.checkpoint` around the stage), on top of the per-layer policy inside it. The
+weights are gathered over the fsdp axis once per step, before the iteration loop, not once per
+microbatch: a stage's K*R layers sit unsharded over fsdp (still split over stage and tensor) for
+the whole step, which pays with many stages and costs memory with few
+(`train.pipeline_fsdp_gather=microbatch` gathers layer by layer in every iteration instead, as
+without stages: R*M times the all-gather bytes, one layer's weights whole at a time). Their
+gradients are
+summed over fsdp inside the loop: the compiled program all-reduces each layer's gradient once
+per iteration (XLA keeps the loop's gradient accumulator summed), so those bytes grow with M
+(benchmarks/pipeline_bubble.py measures them).
+
+The checkpoint keeps the canonical layer order [L, ...], split contiguously over stages, so a
+run resumes under any stage or repeat count. For R = 1 that is exactly the schedule's layout;
+for R > 1 stage s needs groups s, s+S, ..., so XLA moves the weights between stages once per
+step (and their gradients back), whatever M is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bignlp_jax.parallel.rules import constrain, constrain_gathered, stage_vmap
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """S stages, M microbatches per step and R repeats (1: GPipe, more: circular).
+    gather_once: gather the fsdp-sharded weights once per step (else layer by layer in every
+    iteration, as without stages: R*M times the bytes, a layer's weights in memory at a time)."""
+
+    stages: int
+    microbatches: int
+    repeats: int = 1
+    gather_once: bool = True
+
+    @property
+    def iterations(self) -> int:
+        return self.repeats * self.microbatches + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        """The idle fraction of a step: (S-1) / (R*M + S-1)."""
+        return (self.stages - 1) / self.iterations
+
+
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+    return PipelineSpec(stages, microbatches, repeats).bubble
+
+
+def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, row_xs: Any,
+                 spec: PipelineSpec, remat_policy=None) -> jax.Array:
+    """Apply the L stacked layers to x [B, T, D] through the schedule of `spec`.
+
+    layer(x, layer_params, rows) -> x runs one layer on one microbatch x [mb, T, D]; layer_xs
+    holds every layer's inputs stacked on a leading [L] axis (weights, adapters, keys) and
+    layer_axes their logical axis names (None: leave a leaf's sharding to XLA); row_xs holds
+    per-row inputs with a leading [B] axis (rotary tables, segment ids, query positions).
+    remat_policy: a `jax.checkpoint` policy for one stage iteration (None: keep everything)."""
+    S, M, R = spec.stages, spec.microbatches, spec.repeats
+    L = jax.tree.leaves(layer_xs)[0].shape[0]
+    K = L // (S * R)
+    B = x.shape[0]
+    mb = B // M
+
+    def split(a):  # [B, ...] -> [M, mb, ...]; microbatch m takes rows m, m+M, ... (as
+        # train.microbatches does) so each data-parallel device holds a share of every one
+        return a.reshape(mb, M, *a.shape[1:]).swapaxes(0, 1)
+
+    rows = jax.tree.map(lambda a: split(jnp.asarray(a)), row_xs)
+
+    def regroup(a, axes):  # [L, ...] -> [R, S, K, ...]: group r*S + s at [r, s]
+        a = a.reshape(R, S, K, *a.shape[1:])
+        if axes is None:
+            return a
+        # stage s keeps its groups; gathered over fsdp here, once per step (see the docstring)
+        laid_out = constrain_gathered if spec.gather_once else constrain
+        return laid_out(a, (None, "layers", None, *axes[1:]))
+
+    # layer_axes matches layer_xs down to its leaves (a tuple of names, or None, per array)
+    weights = jax.tree.map(regroup, layer_xs, layer_axes)
+
+    def stage(w, h, r):
+        """One stage's K layers on one microbatch: w [K, ...], h [mb, T, D]."""
+        def body(h, w_layer):
+            return layer(h, w_layer, r), None
+
+        return jax.lax.scan(body, h, w)[0]
+
+    if remat_policy is not None:
+        stage = jax.checkpoint(stage, policy=remat_policy, prevent_cse=False)
+    run_stages = stage_vmap(stage)
+    act = ("act_stage", "batch", "seq", "act_embed")
+    stage_ids = jnp.arange(S)
+
+    def iteration(carry, t):
+        state, buffer = carry
+        # Stage 0 takes microbatch t % M: fresh inputs in the first repeat, the last stage's
+        # output of the previous repeat after (written M - S + 1 >= 1 iterations earlier).
+        state = state.at[0].set(buffer[t % M])
+        state = constrain(state, act)
+        passes = t - stage_ids  # [S]
+        repeat = jnp.clip(passes // M, 0, R - 1)
+        if R == 1:
+            w_t = jax.tree.map(lambda a: a[0], weights)
+        else:  # each stage picks its own repeat's layers (a local slice)
+            w_t = jax.vmap(lambda w, r: jax.tree.map(lambda a: a[r], w), in_axes=(1, 0))(
+                weights, repeat)
+        rows_t = jax.tree.map(lambda a: a[passes % M], rows)  # [S, mb, ...]
+        out = constrain(run_stages(w_t, state, rows_t), act)
+        # The last stage's result for microbatch (t - S + 1) % M; before t = S-1 it is the
+        # fill's garbage and the buffer keeps what it holds.
+        m_out = (t - (S - 1)) % M
+        done = jnp.where(t >= S - 1, out[S - 1], buffer[m_out])
+        buffer = jax.lax.dynamic_update_index_in_dim(buffer, done, m_out, 0)
+        # stage s's output becomes stage s+1's input: a collective-permute over `stage`
+        return (jnp.roll(out, 1, axis=0), buffer), None
+
+    state = constrain(jnp.zeros((S, mb, *x.shape[1:]), x.dtype), act)
+    buffer = split(x)
+    (_, buffer), _ = jax.lax.scan(iteration, (state, buffer), jnp.arange(spec.iterations))
+    return buffer.swapaxes(0, 1).reshape(B, *x.shape[1:])
