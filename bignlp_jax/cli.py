@@ -46,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("bignlp_jax.data.commands", "prepare TFDS datasets, tokenize them, time the loader"),
     "eval": ("bignlp_jax.evaluate.commands",
              "evaluate a run's checkpoint on held-out data -> eval.json"),
+    "lm-eval": ("bignlp_jax.evaluate.harness_commands",
+                "run lm-evaluation-harness tasks on a run's checkpoint -> lm_eval.json"),
     "generate": ("bignlp_jax.infer.commands", "continue text prompts with a trained run"),
     "pipeline": ("bignlp_jax.pipeline.commands",
                  "tokenizer -> pretrain -> finetune -> evaluate -> export"),

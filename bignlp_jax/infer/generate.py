@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from bignlp_jax.config import ModelConfig
 from bignlp_jax.errors import UserError
@@ -156,13 +157,14 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, bucket: int = PROMPT_BUC
 def generate(model_cfg: ModelConfig, params: dict[str, Any], prompt_ids: list[list[int]],
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None, *,
-             overflow: str = "truncate", pad_id: int = 0) -> list[list[int]]:
+             overflow: str = "truncate", pad_id: int = 0, place=None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens.
 
     temperature 0 is greedy decoding; otherwise tokens are sampled (top_k / top_p filtering
     optional) from a stream fixed by `seed`. A row stops at `eos_id` (not included in its
     output). Prompts too long for the context are cut from the left, or rejected with
-    overflow="error"."""
+    overflow="error". place: puts each host input where `params` live (a multi-process mesh
+    takes only global arrays: e.g. replicated over it); default: as given."""
     if temperature < 0:
         raise UserError(f"generate: temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model_cfg.vocab_size:
@@ -170,14 +172,19 @@ def generate(model_cfg: ModelConfig, params: dict[str, Any], prompt_ids: list[li
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"generate: top_p must be in (0, 1], got {top_p}")
     prompts = prepare_prompts(prompt_ids, max_new_tokens, model_cfg.max_seq_len, overflow)
-    tokens, positions, segment_ids = left_pad(prompts, pad_id)
     greedy = temperature == 0.0
+    host = (*left_pad(prompts, pad_id), jax.random.key_data(jax.random.key(seed)),
+            np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
+            np.int32(-1 if eos_id is None else eos_id))
+    tokens, positions, segment_ids, key, temperature_, top_p_, eos = (
+        host if place is None else tuple(place(np.asarray(a)) for a in host))
     out, lengths = _generate(
-        params, tokens, positions, segment_ids, jax.random.key(seed),
-        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
-        jnp.int32(-1 if eos_id is None else eos_id), cfg=model_cfg,
+        params, tokens, positions, segment_ids, jax.random.wrap_key_data(key),
+        temperature_, top_p_, eos, cfg=model_cfg,
         max_new_tokens=max_new_tokens, greedy=greedy, top_k=None if greedy else top_k,
         use_top_p=not greedy and top_p is not None and top_p < 1.0,
     )
+    if place is not None:  # the outputs may be spread over processes: every one gets all rows
+        out, lengths = (multihost_utils.process_allgather(a, tiled=True) for a in (out, lengths))
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[b, : lengths[b]].tolist() for b in range(len(prompts))]

@@ -42,6 +42,8 @@ def cmd_pipeline(args) -> int:
     pipeline.enable_compilation_cache()
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")
+    if pipeline.spec.lm_eval is not None and "lm_eval" not in stages:
+        print("[pipeline] lm_eval: left out (lm-eval is not installed: pip install -e '.[eval]')")
     if args.stage is not None:
         if args.stage not in stages:
             raise UserError(f"pipeline {pipeline.path} has no stage {args.stage!r}; its stages: "
@@ -62,7 +64,7 @@ def cmd_pipeline(args) -> int:
     for stage in todo:
         execute(pipeline, stage)
     # the report needs the evaluation; after a lone earlier stage there is nothing to say yet
-    if jax.process_index() == 0 and ("evaluate" in todo or "export" in todo):
+    if jax.process_index() == 0 and {"evaluate", "export", "lm_eval"} & set(todo):
         text = write_report(pipeline)
         print("\n" + text)
     return 0

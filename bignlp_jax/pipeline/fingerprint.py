@@ -27,6 +27,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "align": ("tokenizer", "finetune"),
     "evaluate": TRAIN_STAGES,
     "export": (),  # the final training stage, added in upstream()
+    "lm_eval": (),  # the training stages it evaluates, added in upstream()
 }
 
 
@@ -35,6 +36,8 @@ def upstream(p: Pipeline, stage: str) -> list[str]:
     names = list(UPSTREAM[stage])
     if stage == "export" and (final := p.final_run()) is not None:
         names.append(final)
+    if stage == "lm_eval":
+        names += p.lm_eval_models()
     present = p.stages()
     return [s for s in names if s in present]
 
@@ -55,6 +58,9 @@ def own_settings(p: Pipeline, stage: str) -> dict[str, Any]:
     if stage == "export":
         assert p.spec.export is not None  # an export stage exists only with its section
         return p.spec.export.model_dump(mode="json")
+    if stage == "lm_eval":
+        assert p.spec.lm_eval is not None  # an lm_eval stage exists only with its section
+        return p.spec.lm_eval.model_dump(mode="json")
     raise ValueError(f"unknown pipeline stage {stage!r}")
 
 

@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 
 from bignlp_jax import storage
+from bignlp_jax.evaluate.harness_results import score_table
 from bignlp_jax.pipeline.spec import Pipeline
-from bignlp_jax.pipeline.stages import read_results
+from bignlp_jax.pipeline.stages import read_lm_eval, read_results
 from bignlp_jax.pipeline.state import freshness, read_state
 from bignlp_jax.train.metrics import read_metrics
 
@@ -134,6 +135,8 @@ def build_report(p: Pipeline) -> str:
                              f"{r.get('bleu', 0.0):.2f} | {r['perplexity']:.2f} |")
         lines.append("")
 
+    lines += lm_eval_section(p, fresh)
+
     lines += ["## Stages", "", "| stage | status | wall time | note |", "|---|---|---|---|"]
     for stage in stages:
         entry = state.get(stage, {})
@@ -149,7 +152,33 @@ def build_report(p: Pipeline) -> str:
         lines.append(f"- {stage}: {p.stage_dir(stage)}")
     if p.spec.export is not None and "export" not in stages:
         lines.append("- export: left out (bignlp_jax.hf.weights is not available in this install)")
+    if p.spec.lm_eval is not None and "lm_eval" not in stages:
+        lines.append("- lm_eval: left out (lm-eval is not installed: pip install -e '.[eval]')")
     return "\n".join(lines) + "\n"
+
+
+def lm_eval_section(p: Pipeline, fresh: dict[str, str]) -> list[str]:
+    """A table of the lm_eval stage's scores: one row per task and metric, one column per model
+    (value ± the harness's stderr where it gives one)."""
+    scores = read_lm_eval(p) if fresh.get("lm_eval") == "current" else None
+    if not scores:
+        return []
+    models = [m for m in p.lm_eval_models() if m in scores]
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for model in models:
+        for task, metric, value, stderr in score_table(scores[model]):
+            spread = f" ± {stderr:.4f}" if stderr is not None else ""
+            cells.setdefault((task, metric), {})[model] = f"{value:.4f}{spread}"
+    limit = p.spec.lm_eval.limit if p.spec.lm_eval is not None else None
+    lines = ["## Standard benchmarks (lm-evaluation-harness)", "",
+             "Scored in process by `bignlp-jax lm-eval`"
+             + (f", at most {limit:g} documents per task" if limit else "") + ".", "",
+             "| task | metric | " + " | ".join(LABELS.get(m, m) for m in models) + " |",
+             "|---|---|" + "---|" * len(models)]
+    for (task, metric), row in cells.items():
+        lines.append(f"| {task} | {metric} | " + " | ".join(row.get(m, "") for m in models)
+                     + " |")
+    return lines + [""]
 
 
 def write_report(p: Pipeline) -> str:

@@ -10,6 +10,7 @@
     align:     {config: ../align.yaml}  # optional: preference tuning (DPO) of the finetuned model
     evaluate: true
     export: {format: hf, dtype: float32}
+    lm_eval: {tasks: [bignlp_stdlib_package], limit: 100}   # lm-evaluation-harness tasks
     compilation_cache: jax_cache       # XLA programs reused across stages (null: off)
 
 Every stage's run config is its `config` file, then the stage's other keys (any run-config
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bignlp_jax import storage
 from bignlp_jax.config import Config
@@ -67,6 +68,25 @@ class ExportStage(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+class LmEvalStage(_Section):
+    """lm-evaluation-harness tasks (`bignlp-jax lm-eval`) on trained models of the pipeline;
+    the scores go into report.md. Needs the eval extra (`pip install -e '.[eval]'`); without
+    it the stage is left out and the report says so."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["bignlp_stdlib_package"], min_length=1)
+    # training stages to evaluate (default: the final one, as exported)
+    models: list[Literal["pretrain", "finetune", "finetune_scratch", "align"]] | None = None
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_length: int | None = Field(None, ge=2)
+    # directories of extra task YAMLs, relative to the pipeline file
+    include_paths: list[str] = Field(default_factory=list)
+    add_bos_token: bool | None = None
+    bootstrap_iters: int = Field(1000, ge=0)
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     name: str = "pipeline"
     output_dir: str = "runs/pipeline"
@@ -78,6 +98,7 @@ class PipelineConfig(_Section):
     align: TrainStage | None = None  # preference tuning (task.type=preference) after finetune
     evaluate: bool = True
     export: ExportStage | None = None
+    lm_eval: LmEvalStage | None = None
     # XLA's persistent compilation cache: finetune_scratch, evaluation and reruns reuse the
     # programs compiled by earlier stages (same shapes, same HLO). Relative to output_dir.
     compilation_cache: str | None = "jax_cache"
@@ -124,7 +145,18 @@ class Pipeline:
             names.append("evaluate")
         if s.export is not None and export_available():
             names.append("export")
+        if s.lm_eval is not None and lm_eval_available() and self.lm_eval_models():
+            names.append("lm_eval")
         return names
+
+    def lm_eval_models(self) -> list[str]:
+        """The training stages the lm_eval stage evaluates."""
+        if self.spec.lm_eval is None:
+            return []
+        if self.spec.lm_eval.models is not None:
+            return list(self.spec.lm_eval.models)
+        final = self.final_run()
+        return [final] if final is not None else []
 
     def stage_dir(self, stage: str) -> storage.AnyPath:
         return self.out / stage
@@ -214,10 +246,23 @@ class Pipeline:
                         ("has no data.tfds_name", "set pretrain.data.tfds_name"))
             raise UserError(f"pipeline {self.path}: the tokenizer stage trains on pretrain's "
                             f"data.tfds_name, but pretrain {has}\n  fix: {fix}")
+        if self.spec.lm_eval is not None:
+            trained = [st for st in self.stages() if st in TRAIN_STAGES]
+            missing = [m for m in self.lm_eval_models() if m not in trained]
+            if missing or not self.lm_eval_models():
+                raise UserError(f"pipeline {self.path}: lm_eval evaluates "
+                                f"{', '.join(missing) or 'the final trained model'}, which this "
+                                f"pipeline does not train\n  fix: set lm_eval.models to some of "
+                                f"{', '.join(trained) or '(none: add a training stage)'}")
         if self.spec.export is not None and self.final_run() is None:
             raise UserError(f"pipeline {self.path}: the export stage exports the trained model, "
                             "but the pipeline has no pretrain or finetune stage\n  fix: add "
                             "one, or set export: null")
+
+
+def lm_eval_available() -> bool:
+    """Whether lm-evaluation-harness (the eval extra) is installed."""
+    return importlib.util.find_spec("lm_eval") is not None
 
 
 def export_available() -> bool:

@@ -26,6 +26,7 @@ from bignlp_jax.data import embedded
 from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
 from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 from bignlp_jax.errors import UserError
+from bignlp_jax.evaluate.harness_results import results_json, score_table
 from bignlp_jax.evaluate.run import evaluate_run
 from bignlp_jax.hf.weights import export_hf
 from bignlp_jax.owned import LEDGER
@@ -44,6 +45,8 @@ from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported 
 )
 from bignlp_jax.rundir import RunDir
 from bignlp_jax.train.loop import train
+
+LM_EVAL_FILE = "lm_eval.json"  # the lm_eval stage's scores, in OUT/lm_eval/
 
 
 def _barrier(name: str) -> None:
@@ -66,11 +69,23 @@ def is_done(p: Pipeline, stage: str) -> bool:
         return all(results.get(s, {}).get("step") == step for s, step in wanted.items())
     if stage == "export":
         return (out / "config.json").is_file()
+    if stage == "lm_eval":
+        scores = read_lm_eval(p)
+        return scores is not None and all(
+            scores.get(m, {}).get("step") == p.run_config(m).train.steps
+            for m in p.lm_eval_models())
     raise UserError(f"unknown pipeline stage {stage!r}; stages: {', '.join(p.stages())}")
 
 
 def read_results(p: Pipeline) -> dict | None:
     path = p.stage_dir("evaluate") / RESULTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_lm_eval(p: Pipeline) -> dict | None:
+    """{trained stage: the harness's results JSON (+ run_dir, step, commit)} of the lm_eval
+    stage, or None before it ran."""
+    path = p.stage_dir("lm_eval") / LM_EVAL_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -157,6 +172,35 @@ def run_export(p: Pipeline) -> str:
     return f"{source} model as Hugging Face {p.spec.export.dtype} in {out}"
 
 
+def run_lm_eval(p: Pipeline) -> str:
+    """lm-evaluation-harness tasks on each model of `lm_eval.models`, into
+    OUT/lm_eval/lm_eval.json."""
+    # the eval extra is optional: imported only when the stage runs (stages() leaves the stage
+    # out when lm_eval is not installed)
+    from bignlp_jax.evaluate.harness_run import HarnessSettings, load_model, run_harness
+
+    spec = p.spec.lm_eval
+    assert spec is not None  # the stage exists only with its section
+    settings = HarnessSettings(
+        tasks=tuple(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
+        batch_size=spec.batch_size, max_length=spec.max_length,
+        add_bos_token=spec.add_bos_token, bootstrap_iters=spec.bootstrap_iters, seed=spec.seed,
+        include_paths=tuple(str(p.path.parent / d) for d in spec.include_paths))
+    scores, notes = {}, []
+    for stage in p.lm_eval_models():
+        _needs(p, "lm_eval", stage)
+        lm, step = load_model(p.run_config(stage), p.stage_dir(stage), None, settings)
+        results = run_harness(lm, settings)
+        scores[stage] = json.loads(results_json(results, p.stage_dir(stage), step))
+        notes += [f"{stage} {task} {metric} {value:.4f}"
+                  for task, metric, value, _ in score_table(results)][:2]
+    if jax.process_index() == 0:
+        write_whole(p.stage_dir("lm_eval") / LM_EVAL_FILE,
+                    json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    _barrier("bignlp_pipeline_lm_eval")
+    return ", ".join(notes)
+
+
 def run_stage(p: Pipeline, stage: str) -> str:
     if stage == "tokenizer":
         return run_tokenizer(p)
@@ -166,6 +210,8 @@ def run_stage(p: Pipeline, stage: str) -> str:
         return run_evaluate(p)
     if stage == "export":
         return run_export(p)
+    if stage == "lm_eval":
+        return run_lm_eval(p)
     raise UserError(f"unknown pipeline stage {stage!r}; stages: {', '.join(p.stages())}")
 
 
