@@ -31,15 +31,14 @@ def cmd_pipeline(args) -> int:
 
     from bignlp_jax.errors import UserError
     from bignlp_jax.pipeline.report import PLOT_FILE, REPORT_FILE, write_report
-    from bignlp_jax.pipeline.stages import execute
+    from bignlp_jax.pipeline.stages import check_inputs, execute
     from bignlp_jax.pipeline.state import STALE_DIR, STATE_FILE, freshness, read_state, why_stale
 
     # before any stage: a local dir gets a probe file, a bucket a marker written and deleted
     check_path(pipeline.out, "output_dir", what="the pipeline's output_dir")
     # what the pipeline writes at the top of output_dir: refused if the user's files are there
-    claim(pipeline.out, [*stages, REPORT_FILE, PLOT_FILE, STATE_FILE, f"{STATE_FILE}.tmp",
-                         STALE_DIR], "output_dir", record=jax.process_index() == 0)
-    pipeline.enable_compilation_cache()
+    ours = [*stages, REPORT_FILE, PLOT_FILE, STATE_FILE, f"{STATE_FILE}.tmp", STALE_DIR]
+    claim(pipeline.out, ours, "output_dir", record=False)
     if pipeline.spec.export is not None and "export" not in stages:
         print("[pipeline] export: left out (bignlp_jax.hf.weights is not available)")
     if pipeline.spec.lm_eval is not None and "lm_eval" not in stages:
@@ -48,6 +47,7 @@ def cmd_pipeline(args) -> int:
         if args.stage not in stages:
             raise UserError(f"pipeline {pipeline.path} has no stage {args.stage!r}; its stages: "
                             f"{', '.join(stages)}")
+        check_inputs(pipeline, args.stage)  # a refused stage leaves output_dir as it was
         todo = [args.stage]
     else:
         todo = stages
@@ -61,6 +61,8 @@ def cmd_pipeline(args) -> int:
                 f"from other settings or inputs:\n{listed}\n  fix: run without --refuse-stale "
                 "to redo them (old outputs are moved to "
                 f"{pipeline.out / 'stale'}), or put the old settings back")
+    claim(pipeline.out, ours, "output_dir", record=jax.process_index() == 0)
+    pipeline.enable_compilation_cache()
     for stage in todo:
         execute(pipeline, stage)
     # the report needs the evaluation; after a lone earlier stage there is nothing to say yet

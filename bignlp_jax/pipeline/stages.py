@@ -215,6 +215,15 @@ def run_stage(p: Pipeline, stage: str) -> str:
     raise UserError(f"unknown pipeline stage {stage!r}; stages: {', '.join(p.stages())}")
 
 
+def check_inputs(p: Pipeline, stage: str) -> None:
+    """Refuse (UserError naming the stage to run first) a stage to run whose inputs are
+    missing; a stage that is complete and current needs nothing."""
+    if freshness(p, stage) == "current" and is_done(p, stage):
+        return
+    for before in upstream(p, stage):
+        _needs(p, stage, before)
+
+
 def execute(p: Pipeline, stage: str, log=print) -> bool:
     """Run one stage unless it is done; True if it ran. Under a multi-process launch every
     process runs the stage; only process 0 logs (and `record` writes only there)."""
@@ -225,8 +234,7 @@ def execute(p: Pipeline, stage: str, log=print) -> bool:
         say(f"[pipeline] {stage}: complete and current, skipped ({p.stage_dir(stage)})")
         record(p, stage, "skipped", 0.0)
         return False
-    for before in upstream(p, stage):  # refuse before moving or recording anything
-        _needs(p, stage, before)
+    check_inputs(p, stage)  # refuse before moving or recording anything
     if fresh == "stale":
         reason = why_stale(p, stage)
         if can_resume(p, stage):
