@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ZipIterDataset
 
-from bignlp_jax.data.tfds_source import text_of
+from bignlp_jax.data.tfds.source import text_of
 from bignlp_jax.errors import UserError
 
 Encoder = Callable[[dict], dict[str, np.ndarray]]

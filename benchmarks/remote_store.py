@@ -46,11 +46,11 @@ def main() -> None:
 
     from bignlp_jax import storage
     from bignlp_jax.config import load_config
-    from bignlp_jax.data import remote_store
-    from bignlp_jax.data.sample_index import SampleIndex
-    from bignlp_jax.data.store_batches import StoreBatches
+    from bignlp_jax.data.store import remote as remote_store
+    from bignlp_jax.data.store.batches import StoreBatches
+    from bignlp_jax.data.store.sample_index import SampleIndex
+    from bignlp_jax.data.store.token_store import MANIFEST, TokenStore
     from bignlp_jax.data.text_source import open_store
-    from bignlp_jax.data.token_store import MANIFEST, TokenStore
 
     data_dir = tempfile.mkdtemp(prefix="bignlp-bench-data-")
     cfg = load_config("tiny", [f"data.data_dir={data_dir}", "model.vocab_size=1024"])

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bignlp_jax.data.store.chunks import CHUNK_TOKENS  # noqa: E402
 from bignlp_jax.data.store.shard_files import write_sharded_manifest  # noqa: E402
 from bignlp_jax.data.store.shards import shard_entry  # noqa: E402
-from bignlp_jax.data.token_store import FORMAT, MANIFEST, OFFSETS, TOKENS  # noqa: E402
+from bignlp_jax.data.store.token_store import FORMAT, MANIFEST, OFFSETS, TOKENS  # noqa: E402
 
 
 def make(root: Path, shards: int, docs: int) -> None:
@@ -74,9 +74,9 @@ def rss_mib() -> float:
 
 
 def measure(root: Path, step: int, rows: int) -> dict:
-    from bignlp_jax.data.sample_index import SampleIndex
+    from bignlp_jax.data.store.batches import StoreBatches
+    from bignlp_jax.data.store.sample_index import SampleIndex
     from bignlp_jax.data.store.shards import ShardedStore
-    from bignlp_jax.data.store_batches import StoreBatches
 
     before = rss_mib()
     tracemalloc.start()

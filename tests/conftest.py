@@ -61,8 +61,8 @@ def bignlp_cmd(*args: str) -> list[str]:
 def embedded_data_dir() -> Path:
     """The default data dir (in this session's cache) with the embedded corpora and the
     default 1024-piece tokenizer built."""
-    from bignlp_jax.data.embedded import embedded_tokenizer
-    from bignlp_jax.data.tfds_source import default_data_dir
+    from bignlp_jax.data.corpora.embedded import embedded_tokenizer
+    from bignlp_jax.data.tfds.source import default_data_dir
 
     data_dir = default_data_dir()
     embedded_tokenizer(data_dir, 1024)

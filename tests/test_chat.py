@@ -81,7 +81,7 @@ def test_embedded_chat_task_finetunes_with_lora_and_evaluates(tmp_path, embedded
     import numpy as np
 
     from bignlp_jax.config import load_config
-    from bignlp_jax.data.embedded import CHAT_SYSTEM
+    from bignlp_jax.data.corpora.embedded import CHAT_SYSTEM
     from bignlp_jax.data.tasks.source import make_task_source, open_task_split
     from bignlp_jax.evaluate.run import evaluate_run
     from bignlp_jax.train.loop import Trainer, train
@@ -115,8 +115,8 @@ def test_embedded_chat_task_finetunes_with_lora_and_evaluates(tmp_path, embedded
 def test_data_prepare_jsonl_keeps_messages(tmp_path):
     """`data prepare --format jsonl --text-key messages` stores the conversation (as JSON text)
     and the chat format reads it back into the same row."""
-    from bignlp_jax.data.local_files import prepare_local
-    from bignlp_jax.data.tfds_source import open_split
+    from bignlp_jax.data.tfds.local_files import prepare_local
+    from bignlp_jax.data.tfds.source import open_split
 
     full = CONVERSATION["messages"]
     lines = [json.dumps({"messages": m, "id": i}) for i, m in enumerate([full, full[1:], full[3:]])]

@@ -208,7 +208,7 @@ def test_restore_onto_other_mesh(reference, tmp_path, mesh):
 
 
 def test_nan_stops_without_saving_the_bad_state(reference, tmp_path, monkeypatch):
-    from bignlp_jax.data.synthetic import SyntheticSource
+    from bignlp_jax.data.corpora.synthetic import SyntheticSource
 
     original = SyntheticSource.__next__
 
@@ -509,7 +509,7 @@ def test_sigterm_during_the_last_step_finishes_the_run(reference, tmp_path, monk
     requeue a job that is done."""
     import os
 
-    from bignlp_jax.data.synthetic import SyntheticSource
+    from bignlp_jax.data.corpora.synthetic import SyntheticSource
 
     ref_dir, _, _ = reference
     run = tmp_path / "run"
@@ -577,7 +577,7 @@ def test_read_only_checkpoint_dir_stops_at_once(tmp_path, mounted):
 
 
 def test_nan_soon_after_a_restore_names_the_checkpoint(reference, tmp_path, monkeypatch):
-    from bignlp_jax.data.synthetic import SyntheticSource
+    from bignlp_jax.data.corpora.synthetic import SyntheticSource
 
     ref_dir, _, _ = reference
     run = tmp_path / "run"
@@ -601,7 +601,7 @@ def test_checkpoint_dir_turning_read_only_mid_run_stops_in_seconds(reference, tm
                                                                     monkeypatch, mounted):
     from bignlp_jax.checkpoint import complete_steps
     from bignlp_jax.checkpoint.fs_probe import CheckpointWriteError
-    from bignlp_jax.data.synthetic import SyntheticSource
+    from bignlp_jax.data.corpora.synthetic import SyntheticSource
 
     run = tmp_path / "run"
     ckpt = mounted(run / "checkpoints", "size=16m")  # no open files there between saves

@@ -10,12 +10,12 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from bignlp_jax.data import embedded
-from bignlp_jax.data.tfds_source import open_split, text_of
+from bignlp_jax.data.corpora import embedded
+from bignlp_jax.data.tfds.source import open_split, text_of
 
 DIGEST = """
 import hashlib, json
-from bignlp_jax.data import embedded
+from bignlp_jax.data.corpora import embedded
 modules, docs = embedded.clean_examples()
 print(hashlib.sha256(json.dumps([modules, docs], sort_keys=True).encode()).hexdigest())
 """
@@ -54,7 +54,7 @@ def test_module_task_labels_and_splits(embedded_data_dir):
     held_out = {e["text"] for e in validation}
     sample = [text_of(docs[i], "text") for i in range(len(docs))]
     assert len(sample) > 2000
-    from bignlp_jax.data.stdlib_corpus import summary
+    from bignlp_jax.data.corpora.stdlib_corpus import summary
 
     assert not any(summary(t) in held_out for t in sample)
     info_file = embedded_data_dir / "stdlib_docs" / "1.0.0" / "dataset_info.json"

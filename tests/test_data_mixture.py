@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from bignlp_jax.data.mixture import MixturePlan
-from bignlp_jax.data.sample_index import SampleIndex
-from bignlp_jax.data.store_batches import StoreBatches
-from bignlp_jax.data.token_build import write_store
-from bignlp_jax.data.token_store import TokenStore
+from bignlp_jax.data.store.batches import StoreBatches
+from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.mixture import MixturePlan
+from bignlp_jax.data.store.sample_index import SampleIndex
+from bignlp_jax.data.store.token_store import TokenStore
 from bignlp_jax.errors import UserError
 
 B, T = 8, 16

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from bignlp_jax.data.sample_index import SampleIndex
-from bignlp_jax.data.store_batches import StoreBatches
-from bignlp_jax.data.token_build import write_store
-from bignlp_jax.data.token_store import TokenStore
+from bignlp_jax.data.store.batches import StoreBatches
+from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.sample_index import SampleIndex
+from bignlp_jax.data.store.token_store import TokenStore
 from bignlp_jax.errors import UserError
 
 BOS, EOS = 1, 2
@@ -104,7 +104,7 @@ def test_epoch_packs_every_document_once_with_segments_and_positions(store):
 
 
 def test_index_cache_is_reused_and_independent_of_row_length(store, monkeypatch):
-    from bignlp_jax.data import sample_index
+    from bignlp_jax.data.store import sample_index
 
     monkeypatch.setattr(sample_index, "CACHE_MIN_DOCUMENTS", 1)
     a = SampleIndex(store, T, seed=9)

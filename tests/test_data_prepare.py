@@ -7,8 +7,8 @@ import pytest
 
 from bignlp_jax.cli import main
 from bignlp_jax.config import load_config
-from bignlp_jax.data.local_files import prepare_local
-from bignlp_jax.data.tfds_source import open_split, text_of
+from bignlp_jax.data.tfds.local_files import prepare_local
+from bignlp_jax.data.tfds.source import open_split, text_of
 from bignlp_jax.errors import UserError
 
 

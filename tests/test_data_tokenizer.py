@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from bignlp_jax.cli import main
-from bignlp_jax.data import stdlib_corpus
+from bignlp_jax.data.corpora import stdlib_corpus
 from bignlp_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from bignlp_jax.errors import UserError
 

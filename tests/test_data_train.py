@@ -7,7 +7,7 @@ import pytest
 
 from bignlp_jax.checkpoint import load_run_config
 from bignlp_jax.config import load_config
-from bignlp_jax.data import embedded
+from bignlp_jax.data.corpora import embedded
 from bignlp_jax.data.tokenizer import load_tokenizer
 from bignlp_jax.train.loop import train
 

@@ -399,7 +399,7 @@ def test_data_prepare_keeps_pairs_and_refuses_bad_ones(tmp_path, capsys):
     conversational pairs (as JSON text) and the rows read back are those of the records; a
     record without `chosen` is one line, exit 2."""
     from bignlp_jax.cli import main
-    from bignlp_jax.data.tfds_source import open_split
+    from bignlp_jax.data.tfds.source import open_split
 
     lines = [json.dumps({**TEXT_PAIR, "id": 0}), json.dumps({"prompt": "", **CHAT_PAIR})]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

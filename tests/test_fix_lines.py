@@ -34,7 +34,7 @@ def test_plan_that_does_not_fit_suggests_search_devices_and_remat(capsys):
 
 
 def test_binary_input_file_is_called_binary_not_latin1(tmp_path):
-    from bignlp_jax.data.local_files import _decode
+    from bignlp_jax.data.tfds.local_files import _decode
 
     with pytest.raises(UserError) as err:
         _decode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff", tmp_path / "x.txt")

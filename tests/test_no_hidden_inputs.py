@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from bignlp_jax.config import load_config
-from bignlp_jax.data.tfds_source import default_data_dir, with_resolved_data_dir
+from bignlp_jax.data.tfds.source import default_data_dir, with_resolved_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Where this process sits in a multi-process job, as torchrun and JAX pass it: the coordinator

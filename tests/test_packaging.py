@@ -39,7 +39,7 @@ def _bleu(tmp_path):
 
 
 def _parquet(tmp_path):
-    from bignlp_jax.data.local_files import read_documents
+    from bignlp_jax.data.tfds.local_files import read_documents
 
     (tmp_path / "x.parquet").write_bytes(b"")
     return list(read_documents(tmp_path / "x.parquet", "parquet", ("text",)))

@@ -273,7 +273,7 @@ def test_tokenizer_saved_to_and_loaded_from_a_bucket(s3_bucket, gcs_bucket, tmp_
 
 def test_data_prepare_into_a_bucket(gcs_bucket, tmp_path, capsys):
     from bignlp_jax.cli import main
-    from bignlp_jax.data.tfds_source import open_split
+    from bignlp_jax.data.tfds.source import open_split
 
     paragraphs = [f"paragraph {i} " + "word " * (i % 5) for i in range(20)]
     (tmp_path / "part.txt").write_text("\n\n".join(paragraphs) + "\n")

@@ -19,12 +19,12 @@ from checkpoint_common import config, losses
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import load_run_config
 from bignlp_jax.cli import main
-from bignlp_jax.data import remote_store
-from bignlp_jax.data.sample_index import SampleIndex
-from bignlp_jax.data.store_batches import StoreBatches
-from bignlp_jax.data.tfds_source import open_split
-from bignlp_jax.data.token_build import write_store
-from bignlp_jax.data.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.data.store import remote as remote_store
+from bignlp_jax.data.store.batches import StoreBatches
+from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.sample_index import SampleIndex
+from bignlp_jax.data.store.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.data.tfds.source import open_split
 from bignlp_jax.errors import UserError
 from bignlp_jax.train.loop import train
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from bignlp_jax.checkpoint.preemption import StopRequest
-from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store.batches import StoreBatches
+from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.sample_index import SampleIndex
 from bignlp_jax.data.store.shard_files import write_sharded_manifest
 from bignlp_jax.data.store.shards import ShardedStore, shard_entry
-from bignlp_jax.data.store_batches import StoreBatches
-from bignlp_jax.data.token_build import write_store
-from bignlp_jax.data.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.data.store.token_store import MANIFEST, TOKENS, TokenStore
 from bignlp_jax.errors import Preempted, UserError
 
 T = 16

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from bignlp_jax.cli import main
-from bignlp_jax.data import token_build, token_store
-from bignlp_jax.data.token_build import write_store
-from bignlp_jax.data.token_store import MANIFEST, OFFSETS, TOKENS, TokenStore
+from bignlp_jax.data.store import build as token_build
+from bignlp_jax.data.store import token_store
+from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.token_store import MANIFEST, OFFSETS, TOKENS, TokenStore
 from bignlp_jax.errors import UserError
 
 DOCS = [np.array([2, *range(10, 10 + n), 3]) for n in (5, 0, 17, 3)]
@@ -58,7 +59,7 @@ def test_damaged_store_names_the_file_and_the_rebuild_command(tmp_path, damage):
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, embedded_data_dir,
                                                                monkeypatch):
-    from bignlp_jax.data.tfds_source import open_split
+    from bignlp_jax.data.tfds.source import open_split
     from bignlp_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(embedded_data_dir / "tokenizers" / "stdlib_docs_bpe_1024")

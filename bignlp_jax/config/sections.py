@@ -142,7 +142,7 @@ class DataConfig(Section):
     source: Literal["synthetic", "tfds"] = "synthetic"
     seq_len: int = Field(128, ge=2)
     # TFDS ArrayRecord datasets (read without TensorFlow through tfds.data_source); documents are
-    # tokenized once into a token store, packed into seq_len rows by index (data/store_batches.py)
+    # tokenized once into a token store, packed into seq_len rows by index (data/store/batches.py)
     tfds_name: str | None = Field(None, description="e.g. stdlib_docs (embedded), c4/en, my_corpus")
     data_dir: str | None = Field(
         None, description="null: ~/.cache/bignlp_jax/datasets ($XDG_CACHE_HOME/bignlp_jax/"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bignlp_jax.config import Config
 from bignlp_jax.data.batches import BatchSource, global_batch, process_rows
-from bignlp_jax.data.synthetic import SyntheticSource
+from bignlp_jax.data.corpora.synthetic import SyntheticSource
 
 
 def make_source(cfg: Config, split: str, rows: tuple[int, int]) -> BatchSource:

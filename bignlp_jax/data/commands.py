@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from bignlp_jax import storage
-from bignlp_jax.data import store_commands
+from bignlp_jax.data.store import commands as store_commands
 from bignlp_jax.errors import UserError
 
 # Function-level imports: a command loads its package only when run (a fast `--help`).
@@ -20,9 +20,9 @@ def _csv(value: str) -> list[str]:
 
 def training_texts(args) -> tuple[list[str], str]:
     """Texts to train a tokenizer on, and a description of where they came from."""
-    from bignlp_jax.data import embedded
-    from bignlp_jax.data.local_files import expand_inputs, iter_documents
-    from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
+    from bignlp_jax.data.corpora import embedded
+    from bignlp_jax.data.tfds.local_files import expand_inputs, iter_documents
+    from bignlp_jax.data.tfds.source import open_split, resolve_data_dir, text_of
 
     limit = args.max_documents
     as_dataset = args.data_dir is not None or (
@@ -62,8 +62,8 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from bignlp_jax.data.local_files import prepare_local
-    from bignlp_jax.data.tfds_source import resolve_data_dir
+    from bignlp_jax.data.tfds.local_files import prepare_local
+    from bignlp_jax.data.tfds.source import resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir)
     remote = storage.path(data_dir) / args.name
@@ -90,8 +90,8 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_embedded(args) -> int:
-    from bignlp_jax.data import embedded
-    from bignlp_jax.data.tfds_source import open_split, resolve_data_dir
+    from bignlp_jax.data.corpora import embedded
+    from bignlp_jax.data.tfds.source import open_split, resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir)
     embedded.ensure_embedded(data_dir)
@@ -106,7 +106,7 @@ def cmd_data_embedded(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from bignlp_jax.data.local_files import FORMATS, TEXT_UNITS
+    from bignlp_jax.data.tfds.local_files import FORMATS, TEXT_UNITS
     from bignlp_jax.data.tokenizer import MODEL_TYPES
 
     tok = sub.add_parser("tokenizer", help="train SentencePiece tokenizers")

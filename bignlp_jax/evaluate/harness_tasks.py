@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from bignlp_jax.data.embedded import LABELS, clean_examples
+from bignlp_jax.data.corpora.embedded import LABELS, clean_examples
 from bignlp_jax.errors import UserError
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "configs" / "lm_eval"

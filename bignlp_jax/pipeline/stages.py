@@ -22,8 +22,8 @@ from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import is_complete, load_params
-from bignlp_jax.data import embedded
-from bignlp_jax.data.tfds_source import open_split, resolve_data_dir, text_of
+from bignlp_jax.data.corpora import embedded
+from bignlp_jax.data.tfds.source import open_split, resolve_data_dir, text_of
 from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 from bignlp_jax.errors import UserError
 from bignlp_jax.evaluate.harness_results import results_json, score_table

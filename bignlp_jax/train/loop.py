@@ -19,7 +19,7 @@ from bignlp_jax.checkpoint.paths import complete_steps
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.config import Config
 from bignlp_jax.data import BatchSource, make_source
-from bignlp_jax.data.tfds_source import with_resolved_data_dir
+from bignlp_jax.data.tfds.source import with_resolved_data_dir
 from bignlp_jax.errors import Preempted, UserError
 from bignlp_jax.parallel.mesh import mesh_text
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from bignlp_jax import storage
-from bignlp_jax.data.local_files import EXTENSIONS, FORMATS, _field
+from bignlp_jax.data.tfds.local_files import EXTENSIONS, FORMATS, _field
 from bignlp_jax.errors import UserError
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")

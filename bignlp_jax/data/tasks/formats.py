@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from bignlp_jax.config.schema import TaskConfig
-from bignlp_jax.data.tfds_source import text_of
+from bignlp_jax.data.tfds.source import text_of
 from bignlp_jax.errors import UserError
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")

@@ -27,7 +27,7 @@ import numpy as np
 
 from bignlp_jax.data.tasks.chat import ChatFormat
 from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row
-from bignlp_jax.data.tfds_source import text_of
+from bignlp_jax.data.tfds.source import text_of
 from bignlp_jax.errors import UserError
 
 SIDES = ("chosen", "rejected")

@@ -19,7 +19,7 @@ from bignlp_jax.config import Config
 from bignlp_jax.data.tasks.chat import ChatFormat
 from bignlp_jax.data.tasks.formats import TaskFormat, stack_rows
 from bignlp_jax.data.tasks.preference import PreferenceFormat
-from bignlp_jax.data.tfds_source import open_split
+from bignlp_jax.data.tfds.source import open_split
 from bignlp_jax.errors import UserError
 
 STATE_VERSION = 1

@@ -33,7 +33,7 @@ import os
 import numpy as np
 
 from bignlp_jax.data.store.shards import ShardedStore
-from bignlp_jax.data.token_store import TokenStore
+from bignlp_jax.data.store.token_store import TokenStore
 
 log = logging.getLogger(__name__)
 # Epoch arrays are cached on disk only for shards this large: below it a permutation costs

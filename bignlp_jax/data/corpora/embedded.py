@@ -41,9 +41,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from bignlp_jax.data import stdlib_corpus
-from bignlp_jax.data.tfds_builder import write_dataset
-from bignlp_jax.data.tfds_source import open_split, text_of
+from bignlp_jax.data.corpora import stdlib_corpus
+from bignlp_jax.data.tfds.builder import write_dataset
+from bignlp_jax.data.tfds.source import open_split, text_of
 from bignlp_jax.data.tokenizer import MODEL_FILE, train_tokenizer
 
 DOCS, MODULES, CHAT = "stdlib_docs", "stdlib_modules", "stdlib_chat"
@@ -164,7 +164,7 @@ def clean_examples() -> tuple[dict, dict]:
     """`examples()` computed in a fresh interpreter. In a process that has imported other
     libraries the stdlib is not pristine (transformers adds logging.Logger.warning_advice, torch
     wraps inspect.getfile), and the corpus must not depend on what was imported before."""
-    code = ("import json; from bignlp_jax.data import embedded; "
+    code = ("import json; from bignlp_jax.data.corpora import embedded; "
             "print(json.dumps(embedded.examples()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "0"}).stdout

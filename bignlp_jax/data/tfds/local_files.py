@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bignlp_jax.data.tfds_builder import check_name, write_dataset
+from bignlp_jax.data.tfds.builder import check_name, write_dataset
 from bignlp_jax.errors import UserError
 
 FORMATS = ("text", "jsonl", "parquet")

@@ -18,8 +18,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from bignlp_jax.data.mixture import MixturePlan
-from bignlp_jax.data.sample_index import SampleIndex
+from bignlp_jax.data.store.mixture import MixturePlan
+from bignlp_jax.data.store.sample_index import SampleIndex
 from bignlp_jax.errors import UserError
 
 STATE_VERSION = 2

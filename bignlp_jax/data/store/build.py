@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax import storage
-from bignlp_jax.data.remote_store import publish_store
+from bignlp_jax.data.store.remote import publish_store
 from bignlp_jax.data.store.shard_files import finish_shard, split_into_shards
-from bignlp_jax.data.tfds_source import local_dataset_dir
-from bignlp_jax.data.token_store import (
+from bignlp_jax.data.store.token_store import (
     MANIFEST,
     TOKENS,
     VERIFIED,
@@ -38,6 +37,7 @@ from bignlp_jax.data.token_store import (
     dataset_identity,
     store_dir,
 )
+from bignlp_jax.data.tfds.source import local_dataset_dir
 
 # Records per encode call: big enough to amortise the call, small enough to stream.
 _CHUNK = 1024
@@ -62,7 +62,7 @@ def _encode_range(args: tuple) -> tuple[int, int]:
     """Worker: tokenize records [lo, hi) into `part` (tokens) and `part`.len (int64 lengths)."""
     name, data_dir, split, text_key, tokenizer_path, lo, hi, part, dtype = args
     # a spawned worker process: imports what it needs itself (tfds is slow to import)
-    from bignlp_jax.data.tfds_source import open_split, text_of
+    from bignlp_jax.data.tfds.source import open_split, text_of
     from bignlp_jax.data.tokenizer import load_tokenizer
 
     source = open_split(name, data_dir, split)

@@ -24,11 +24,11 @@ def cmd_data_tokenize(args) -> int:
                         "to tokenize the prepared dataset --name")
     from bignlp_jax import storage
     from bignlp_jax.access import check_path
-    from bignlp_jax.data import embedded
+    from bignlp_jax.data.corpora import embedded
+    from bignlp_jax.data.store.build import build_store
     from bignlp_jax.data.store.shards import ShardedStore
-    from bignlp_jax.data.tfds_source import resolve_data_dir, split_size
-    from bignlp_jax.data.token_build import build_store
-    from bignlp_jax.data.token_store import MANIFEST, StoreSpec, dataset_identity, store_dir
+    from bignlp_jax.data.store.token_store import MANIFEST, StoreSpec, dataset_identity, store_dir
+    from bignlp_jax.data.tfds.source import resolve_data_dir, split_size
     from bignlp_jax.data.tokenizer import load_tokenizer
 
     data_dir = resolve_data_dir(args.data_dir)

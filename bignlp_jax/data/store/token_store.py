@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax import storage
-from bignlp_jax.data.remote_store import RemoteTokens
 from bignlp_jax.data.store.chunks import ChunkChecker, check_stop
+from bignlp_jax.data.store.remote import RemoteTokens
 from bignlp_jax.errors import UserError
 
 FORMAT = "bignlp_token_store/1"

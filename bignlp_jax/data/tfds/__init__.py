@@ -1,0 +1,1 @@
+"""TFDS datasets in ArrayRecord format: build from records or local files, read."""
