@@ -297,7 +297,7 @@ def test_raw_files_build_a_store_a_run_reads_with_data_store(tmp_path, embedded_
     expected = SampleIndex(ShardedStore(store), 32, cfg.run.seed).rows(np.arange(8))
     np.testing.assert_array_equal(next(source)["tokens"], expected["tokens"])
     recorded = with_store_identities(cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"eval_every": 0})}), tmp_path / "run")
+        update={"eval_every": 0})}))
     assert recorded.data.stores == {"store/train": ShardedStore(store).identity}
     with pytest.raises(UserError, match="a held-out stream needs data.eval_store"):
         make_source(cfg, "validation", (0, 8))
