@@ -102,11 +102,11 @@ def _check_names(opts: K8sOptions) -> None:
         if not mount.startswith("/") or ":" in mount or re.search(r"[\x00-\x1f]", mount):
             raise LaunchError(f"--pvc {claim}:{mount!r}: the mount path must be absolute, "
                               "without ':' or control characters (e.g. data:/data)")
-    for what, value in (("--cpu", opts.cpu), ("--memory", opts.memory)):
-        _name(what, value, _QUANTITY, 64, "8, 500m or 64Gi")
-    for what, value in (("--tpu-accelerator", opts.tpu_accelerator),
+    for what, quantity in (("--cpu", opts.cpu), ("--memory", opts.memory)):
+        _name(what, quantity, _QUANTITY, 64, "8, 500m or 64Gi")
+    for what, label in (("--tpu-accelerator", opts.tpu_accelerator),
                         ("--tpu-topology", opts.tpu_topology)):
-        _name(what, value, _LABEL_VALUE, 63, "tpu-v5p-slice, 2x2x4")
+        _name(what, label, _LABEL_VALUE, 63, "tpu-v5p-slice, 2x2x4")
     if not opts.image or re.search(r"[\s\x00-\x1f]", opts.image):
         raise LaunchError(f"--image {opts.image!r} is not an image reference (no spaces or "
                           "control characters, e.g. ghcr.io/org/bignlp-jax:1.0)")
@@ -118,7 +118,8 @@ def _has_coordinator(opts: K8sOptions) -> bool:
 
 
 def _env(opts: K8sOptions, stage_name: str) -> list[dict]:
-    env = [{"name": k, "value": str(v)} for k, v in sorted(opts.env.items())]
+    env: list[dict[str, object]] = [{"name": k, "value": str(v)}
+                                    for k, v in sorted(opts.env.items())]
     if _has_coordinator(opts):
         coordinator = f"{opts.name}-{stage_name}-{COORDINATOR}-0-0.{opts.name}:{opts.port}"
         env += [
@@ -134,7 +135,7 @@ def _env(opts: K8sOptions, stage_name: str) -> list[dict]:
 def _pod_spec(opts: K8sOptions, stage: Stage, stage_name: str) -> dict:
     limits: dict[str, object] = {}
     requests: dict[str, object] = {}
-    node_selector = dict(opts.node_selector)
+    node_selector: dict[str, str | None] = dict(opts.node_selector)
     if opts.gpus_per_node:
         limits["nvidia.com/gpu"] = opts.gpus_per_node
     if opts.tpu:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import io
 import os
 import re
 import signal
@@ -97,7 +98,9 @@ def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None
     progress bars do not pile up into one endless line)."""
     out = sys.stdout.buffer
     pending = b""
-    while chunk := proc.stdout.read1(65536):
+    stream = proc.stdout
+    assert isinstance(stream, io.BufferedReader)  # started with stdout=PIPE, binary
+    while chunk := stream.read1(65536):
         lines = re.split(rb"(?<=[\n\r])", pending + chunk)
         pending = lines.pop()
         with lock:

@@ -94,7 +94,7 @@ def storage_errno(error: BaseException) -> int | None:
     return None
 
 
-def save_failure(error: BaseException, step: int, directory: Path,
+def save_failure(error: BaseException, step: int | None, directory: Path,
                  needed: int | None) -> CheckpointWriteError | None:
     """A one-line error for a save that failed on storage, or None if it is something else
     (then it is a bug or an unexpected failure and keeps its traceback)."""

@@ -175,6 +175,7 @@ class Transformer(nnx.Module):
             rope, segment_ids, q_index = row
             block = nnx.merge(graphdef, state)
             if layer_lora is not None:
+                assert lora_spec is not None  # adapters come with their spec
                 layer_lora = LayerLora(lora_spec, *layer_lora)
             return block(x, rope, segment_ids, q_index, None, None, layer_lora)[0]
 

@@ -29,7 +29,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
             step = jnp.asarray(step)
             if cfg.boundaries is not None:
                 passed = jnp.sum(step >= boundaries)
-            else:
+            else:  # the config requires boundaries or decay_every for a step schedule
+                assert cfg.decay_every is not None
                 passed = jnp.maximum(step - warmup, 0) // cfg.decay_every
             return cfg.lr * cfg.gamma ** passed.astype(jnp.float32)
 
