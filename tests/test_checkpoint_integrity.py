@@ -6,6 +6,7 @@ runs the random campaign)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 
@@ -15,6 +16,7 @@ from checkpoint_common import cli_overrides, config, subprocess_env
 from conftest import bignlp_cmd
 
 from bignlp_jax.checkpoint import integrity
+from bignlp_jax.checkpoint.manager import RunCheckpointer
 from bignlp_jax.errors import UserError
 from bignlp_jax.train.loop import Trainer, train
 from bignlp_jax.train.start import restore_checkpoint
@@ -134,3 +136,23 @@ def test_a_bug_in_our_restore_code_exits_1_and_a_flipped_bit_exits_2(run, tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "data/process_0-of-1.json fails its checksum" in err and "resume_from=2" in err
+
+
+def test_a_damaged_step_metadata_file_logs_at_debug_only(run, tmp_path, caplog):
+    """Orbax's `_CHECKPOINT_METADATA` (never read by a restore, outside the checksums): a
+    damaged copy resumes, and Orbax's "Failed to read Metadata file" ERROR is a DEBUG record."""
+    run_dir, layout = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    step_dir = copy / "checkpoints" / "4"
+    (step_dir / "_CHECKPOINT_METADATA").write_bytes(b"\xff\xfe not utf-8")
+    with caplog.at_level(logging.DEBUG, logger="absl"):
+        restore_checkpoint(layout, step_dir)
+        RunCheckpointer(copy, config(copy).checkpoint).steps()
+    damaged = [r for r in caplog.records if "Failed to read Metadata file" in r.getMessage()]
+    assert damaged, [r.getMessage() for r in caplog.records]  # Orbax did complain
+    assert {r.levelno for r in damaged} == {logging.DEBUG}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        RunCheckpointer(copy, config(copy).checkpoint).steps()
+    assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]

@@ -45,6 +45,7 @@ from bignlp_jax.checkpoint import fs_probe, integrity, shard_files
 from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave, read_meta
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, complete_steps
 from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint, is_read_error
+from bignlp_jax.checkpoint.step_metadata_log import quiet_step_metadata
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
 
@@ -132,6 +133,7 @@ class LocalCheckpointer:
             create=True,
         )
         fs_probe.quiet_storage_errors()
+        quiet_step_metadata()
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={STATE: shard_files.ShardFilesHandler(), DATA: ProcessJsonHandler(),

@@ -27,6 +27,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_pol
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import fs_probe, integrity
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir, complete_steps
+from bignlp_jax.checkpoint.step_metadata_log import quiet_step_metadata
 from bignlp_jax.compat import orbax as orbax_compat
 from bignlp_jax.config import CheckpointConfig
 from bignlp_jax.errors import UserError
@@ -167,6 +168,7 @@ class RunCheckpointer:
         self.failed = False
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save
         fs_probe.quiet_storage_errors()
+        quiet_step_metadata()
         state_saver = saving_state_handler()
         state_saver.on_write_failure = self._write_failed
         self.manager = ocp.CheckpointManager(
