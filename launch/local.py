@@ -93,11 +93,50 @@ def start_coordination_service(cmd: list[str], processes: int, port: int,
     return service
 
 
+# Gloo (the CPU collectives of a multi-process jax job) prints a note to stdout from C++ for
+# every communicator it connects, with no log level to turn it off: 8 lines for 2 processes
+# that say everything went as expected. The launcher cuts them out of each process's output;
+# a whole note whose peer count is short of the expected count (a real connection problem),
+# and any line with other text after a note, are kept.
+_GLOO = b"[Gloo] Rank "
+_GLOO_CONNECTED = re.compile(rb"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                             rb"Expected number of connected peer ranks is : (\d+)")
+# the note's pieces: two threads' notes (one per communicator) reach the pipe interleaved
+_GLOO_PIECES = re.compile(rb"\[Gloo\] Rank | is connected to | peer ranks\. "
+                          rb"|Expected number of connected peer ranks is : |\d+")
+
+
+class GlooNotes:
+    """Cuts Gloo's all-connected notes out of one process's output, line by line."""
+
+    def __init__(self) -> None:
+        self.owed = 0  # notes begun on a cut line whose end (a count and a newline) is still due
+
+    def __call__(self, line: bytes) -> bytes | None:
+        """The line without its notes; None when nothing else was on it (a progress bar may
+        share its line: stdout and stderr go down one pipe)."""
+        body = line.rstrip(b"\r\n")
+        if self.owed and body.strip().isdigit():  # the count that ends an interleaved note
+            self.owed -= 1
+            return None
+        start = body.find(_GLOO)
+        if start < 0:
+            return line
+        notes = body[start:]
+        if (_GLOO_PIECES.sub(b"", notes).strip()
+                or any(m.group(1) != m.group(2) for m in _GLOO_CONNECTED.finditer(notes))):
+            return line
+        self.owed += max(notes.count(_GLOO) - line.endswith(b"\n"), 0)
+        head = body[:start]
+        return head + line[len(body):] if head.strip() else None
+
+
 def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None:
     """Copy a child's output to ours, one prefixed line at a time (`\\r` ends a line too, so
-    progress bars do not pile up into one endless line)."""
+    progress bars do not pile up into one endless line), without Gloo's connection notes."""
     out = sys.stdout.buffer
     pending = b""
+    without_gloo_notes = GlooNotes()
     stream = proc.stdout
     assert isinstance(stream, io.BufferedReader)  # started with stdout=PIPE, binary
     while chunk := stream.read1(65536):
@@ -105,11 +144,13 @@ def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None
         pending = lines.pop()
         with lock:
             for line in lines:
-                out.write(prefix + line.rstrip(b"\r\n") + b"\n")
+                kept = without_gloo_notes(line)
+                if kept is not None:
+                    out.write(prefix + kept.rstrip(b"\r\n") + b"\n")
             out.flush()
-    if pending:
+    if pending and (kept := without_gloo_notes(pending)) is not None:
         with lock:
-            out.write(prefix + pending + b"\n")
+            out.write(prefix + kept + b"\n")
             out.flush()
 
 

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+sys.path.insert(0, str(REPO))  # launch/ is not an installed package
+from launch.local import GlooNotes  # noqa: E402
+
 pytestmark = pytest.mark.multiprocess
 
 LOCAL = str(REPO / "launch" / "local.py")
@@ -36,8 +39,12 @@ def test_two_processes_match_one_process(tmp_path, cli_env):
         env=cli_env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
-    # every line is labelled with its process, and the processes really were joined
-    assert "[p0] " in proc.stdout and "[p1] " in proc.stdout
+    # process 0's lines are labelled, and the processes really were joined (process 1 says
+    # nothing: its only lines were Gloo's connection notes, now cut)
+    assert "[p0] " in proc.stdout and "local.py: process 1 (pid" in proc.stdout
+    assert "joined process 0 of 2" in proc.stdout and "4 devices in all" in proc.stdout
+    assert "done: step 4 of 4" in proc.stdout
+    assert "[Gloo]" not in proc.stdout  # Gloo's connection notes are cut
     assert not (tmp_path / "multi" / "metrics.jsonl.p1").exists()
 
     import jax
@@ -51,6 +58,26 @@ def test_two_processes_match_one_process(tmp_path, cli_env):
     assert sorted(multi) == [1, 2, 3, 4]
     np.testing.assert_allclose([multi[s] for s in sorted(multi)],
                                [single[s] for s in sorted(single)], rtol=2e-5)
+
+
+def test_gloo_connection_notes_are_cut_unless_a_peer_is_missing():
+    note = (b"[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer "
+            b"ranks is : 3")
+    short = note.replace(b"connected to 3", b"connected to 2")
+    bar = b"  0%|          | 0/2 [00:00<?, ?step/s]"
+    cut = GlooNotes()
+    assert cut(note + b"\n") is None
+    assert cut(short + b"\n") == short + b"\n"
+    assert cut(bar + note + b"\n") == bar + b"\n"
+    assert cut(note + b" and more\n") == note + b" and more\n"
+    # two threads' notes interleaved (as seen from a 2-process run): the second one's count
+    # and newline come on the next line, which goes too; a later line of digits stays
+    mixed = (b"[Gloo] Rank 1[Gloo] Rank  is connected to 03 is connected to  peer ranks. "
+             b"3Expected number of connected peer ranks is :  peer ranks. 3Expected number "
+             b"of connected peer ranks is : \n")
+    cut = GlooNotes()
+    assert [cut(line) for line in (bar + mixed, b"3\n", b"done\n", b"3\n")] == [
+        bar + b"\n", None, b"done\n", b"3\n"]
 
 
 @pytest.mark.slow
