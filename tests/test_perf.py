@@ -288,3 +288,16 @@ def test_search_space_has_sequence_and_dcn_splits(tmp_path):
     h100 = DEVICES["h100"]
     assert analytic_step_s(cfg, shape, "full", h100, across) > analytic_step_s(
         cfg, shape, "full", h100, inside)
+
+
+@pytest.mark.slow
+def test_plan_output_has_no_xla_rematerialization_warnings(cli_env):
+    """A 2x2 data x fsdp mesh makes XLA's SPMD partitioner warn "Involuntary full
+    rematerialization" from C++; plan's output keeps its own table and drops those lines."""
+    env = {k: v for k, v in cli_env.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        bignlp_cmd("plan", "configs/tiny.yaml", "mesh.data=2", "mesh.fsdp=2", "--devices", "4"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mesh d x f x seq x t        2x2x1x1 (4 devices)" in proc.stdout, proc.stdout
+    assert "Involuntary full rematerialization" not in proc.stdout + proc.stderr

@@ -38,6 +38,12 @@ __all__ = [
 # Function-level imports: jax may be imported only after the re-exec gives the process its devices.
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's simulated CPU devices
+# XLA's SPMD partitioner logs a C++ WARNING ("Involuntary full rematerialization", a few per
+# compiled mesh) where it reshards inefficiently. plan compiles candidate meshes only to measure
+# them: that cost already shows in their memory and collective figures, and the user cannot act
+# on the line. Level 2 drops XLA's C++ INFO and WARNING records of the plan process only and keeps
+# its ERROR and FATAL ones; a TF_CPP_MIN_LOG_LEVEL the user set wins. Read when jax initialises.
+XLA_LOG_LEVEL = ("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _child_argv(args) -> list[str]:
@@ -59,6 +65,7 @@ def _reexec(args) -> int:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={args.devices}"])
     env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault(*XLA_LOG_LEVEL)
     return subprocess.run(_child_argv(args), env=env).returncode
 
 
@@ -130,6 +137,8 @@ def cmd_plan(args) -> int:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
     if not _has_devices(args.devices):
         return _reexec(args)
+    if "jax" not in sys.modules:  # devices set up by the caller: not too late for the level
+        os.environ.setdefault(*XLA_LOG_LEVEL)
 
     import jax
 
