@@ -106,12 +106,13 @@ def _check_local(path: Path, what: str, fix_key: str, write: bool,
         ) from e
     if free is not None and free_bytes is not None and free < free_bytes:
         raise UserError(
-            f"{what} {path}: {STORAGE_ERRNOS[errno.ENOSPC]} (ENOSPC): about {_size(free_bytes)} "
-            f"needed, {_size(free)} free\n"
+            f"{what} {path}: {STORAGE_ERRNOS[errno.ENOSPC]} (ENOSPC): about "
+            f"{size_text(free_bytes)} needed, {size_text(free)} free\n"
             f"  fix: free space (or raise the quota), or give another directory ({fix_key})")
 
 
-def _size(num_bytes: float) -> str:
+def size_text(num_bytes: float) -> str:
+    """A byte count for a message: `1.5 GiB`."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if abs(num_bytes) < 1024 or unit == "TiB":
             return f"{num_bytes:.4g} {unit}"

@@ -16,14 +16,20 @@ CLIENT_LOGGERS = ("gcsfs", "gcsfs.credentials", "gcsfs.core", "s3fs", "fsspec", 
                   "aiohttp.internal", "google.auth._default", "botocore.credentials")
 
 
+def to_debug(record: logging.LogRecord) -> bool:
+    """Make a record a DEBUG one, for a filter to return: False (drop it) where its logger
+    does not show DEBUG."""
+    # a handler does not check the logger's level again (one with level NOTSET, as
+    # basicConfig installs, prints whatever reaches it): drop what DEBUG would not show
+    if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+        return False
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
+
+
 class _ToDebug(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        # a handler does not check the logger's level again (one with level NOTSET, as
-        # basicConfig installs, prints whatever reaches it): drop what DEBUG would not show
-        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-            return False
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        return to_debug(record)
 
 
 _FILTER = _ToDebug()

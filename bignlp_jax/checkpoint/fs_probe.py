@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bignlp_jax import storage
 from bignlp_jax.access import STORAGE_ERRNOS as STORAGE_ERRORS
-from bignlp_jax.access import free_space
+from bignlp_jax.access import free_space, size_text
 from bignlp_jax.errors import UserError
 
 # TensorStore reports the OS error inside a message: `... [os_error_code='28']`
@@ -53,14 +53,6 @@ def free_bytes(path: Path) -> int:
     return free_space(path)
 
 
-def _size(num_bytes: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if abs(num_bytes) < 1024 or unit == "TiB":
-            return f"{num_bytes:.4g} {unit}"
-        num_bytes /= 1024
-    raise AssertionError("unreachable")
-
-
 def check_space(directory: Path, step: int, needed: int) -> None:
     """Refuse to start saving `step` into `directory` when less than `needed` bytes (plus a
     margin) are free; the earlier checkpoints stay as they are. (A bucket has no free space
@@ -72,8 +64,8 @@ def check_space(directory: Path, step: int, needed: int) -> None:
     if have < want:
         raise CheckpointWriteError(
             f"cannot save checkpoint step {step} in {directory}: {STORAGE_ERRORS[errno.ENOSPC]} "
-            f"(ENOSPC): the step needs about {_size(want)} and {_size(have)} are free (short by "
-            f"{_size(want - have)}); earlier checkpoints are intact\n"
+            f"(ENOSPC): the step needs about {size_text(want)} and {size_text(have)} are free "
+            f"(short by {size_text(want - have)}); earlier checkpoints are intact\n"
             "  fix: free space (or raise the quota) and run the same command again: it "
             "resumes from the last checkpoint"
         )
@@ -105,7 +97,7 @@ def save_failure(error: BaseException, step: int | None, directory: Path,
     if code == errno.ENOSPC and needed:
         try:
             free = free_bytes(directory)
-            detail += f": the step needs about {_size(needed)}, {_size(free)} are free"
+            detail += f": the step needs about {size_text(needed)}, {size_text(free)} are free"
         except OSError:
             pass
     return CheckpointWriteError(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from pathlib import PurePath
 
+from bignlp_jax.client_logs import to_debug
+
 STEP_METADATA = "_CHECKPOINT_METADATA"
 MESSAGES = ("Failed to read Metadata file", "Failed to json parse Metadata file")
 
@@ -24,11 +26,7 @@ class _StepMetadataToDebug(logging.Filter):
         args = record.args if isinstance(record.args, tuple) else ()
         if not args or PurePath(str(args[0])).name != STEP_METADATA:
             return True
-        # a handler does not check the logger's level again: drop what DEBUG would not show
-        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
-            return False
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        return to_debug(record)
 
 
 _FILTER = _StepMetadataToDebug()
