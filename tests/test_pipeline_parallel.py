@@ -138,6 +138,7 @@ def test_describe_prints_the_stage_split_and_bubble(capsys):
 
 def test_plan_search_tries_stages_repeats_and_dcn_stage():
     from bignlp_jax.config import load_config
+    from bignlp_jax.errors import ConfigError
     from bignlp_jax.perf.plan_search import analytic_step_s, dcn_candidates, mesh_candidates
 
     cfg = load_config("models/llama3_405b.yaml")
@@ -150,6 +151,13 @@ def test_plan_search_tries_stages_repeats_and_dcn_stage():
     small = load_config("tiny.yaml", ["model.num_layers=8", "train.global_batch_size=64"])
     by = {(s.get("stage", 1), s.get("repeats", 1)) for s in mesh_candidates(small, 8)}
     assert {(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1)} <= by
+    # stages never come with context parallelism, which the config refuses beside them
+    assert not [s for s in mesh_candidates(small, 8) if s.get("stage", 1) > 1
+                and s["sequence"] > 1]
+    assert any(s["sequence"] > 1 for s in mesh_candidates(small, 8))
+    with pytest.raises(ConfigError, match="2 pipeline stages cannot be combined with "
+                                         "mesh.sequence=2; fix: set mesh.sequence=1"):
+        load_config("tiny.yaml", ["mesh.stage=2", "mesh.sequence=2"])
     # the bubble is idle compute: more microbatch slots per stage, a smaller estimate
     one = {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
     from bignlp_jax.parallel.devices import DEVICES

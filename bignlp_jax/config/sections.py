@@ -124,6 +124,13 @@ class MeshConfig(Section):
         fills = [k for k, v in sizes.items() if v == -1]
         if len(fills) > 1:
             raise ValueError(f"only one mesh axis may be -1, got {', '.join(fills)}")
+        if self.stages > 1 and self.sequence > 1:
+            # the pipelined layer loop (model/pipeline.py) does not run context-parallel
+            # attention's shard_map inside its stages
+            raise ValueError(
+                f"mesh.stage x mesh.dcn_stage = {self.stages} pipeline stages cannot be combined "
+                f"with mesh.sequence={self.sequence}; fix: set mesh.sequence=1 or "
+                "mesh.stage=1 mesh.dcn_stage=1")
         return self
 
 

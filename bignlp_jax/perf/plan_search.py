@@ -57,8 +57,10 @@ def mesh_candidates(cfg, n: int) -> list[dict[str, int]]:
             if n % stage or m.num_layers % (stage * repeats):
                 continue
             pipeline = {"stage": stage, "repeats": repeats} if stage > 1 else {}
+            # stages run without context parallelism (the config refuses the pair)
             out += [{**pipeline, **shape} for shape in _inner_candidates(cfg, n // stage)
-                    if cfg.train.global_batch_size % (
+                    if (stage == 1 or shape["sequence"] == 1)
+                    and cfg.train.global_batch_size % (
                         shape["data"] * shape["fsdp"] * _pipeline(pipeline)[1]) == 0]
     return out
 
