@@ -192,7 +192,8 @@ class StorageWatch:
                      "again: it resumes from the last complete checkpoint")
             code, prefix = 2, "bignlp-jax: error: "
         quiet_outage_tracebacks()
-        print(prefix + line, file=sys.stderr, flush=True)
+        # on a line of its own: a progress bar may be drawn on the current one
+        print("\n" + prefix + line, file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             self.announce(line, code)
         with contextlib.suppress(Exception):
