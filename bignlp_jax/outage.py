@@ -4,6 +4,9 @@ When a bucket's endpoint stops answering, gcsfs, s3fs and aiohttp retry and then
 own connection errors from deep inside a save or a read. That is not a bug of ours: `describe`
 recognises such an error anywhere in an exception's chain and names the endpoint, the
 operation of ours that was running, and the last error, for the CLI to print (exit 2).
+`StorageWatch` bounds how long our waits on storage may last while the endpoint is unreachable
+(checkpoint.storage_deadline_s), and `quiet_outage_tracebacks` keeps the library threads'
+copies of the same error out of sight (at debug level).
 """
 
 from __future__ import annotations

@@ -16,14 +16,16 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import checkpoint_common
 import pytest
 import storage_emulators
-from checkpoint_common import cache_env, cli_overrides, subprocess_env  # noqa: F401 (fixture)
+from checkpoint_common import cli_overrides, subprocess_env
 from conftest import bignlp_cmd
 
 from bignlp_jax import outage
 from bignlp_jax.errors import REQUEUE_EXIT_CODE
 
+cache_env = checkpoint_common.cache_env  # the compile cache, on for this module
 DEADLINE_S = 5  # the test's deadline: the design's bound, far under the 90 s it must end in
 
 
@@ -47,9 +49,10 @@ def test_watch_stops_after_the_deadline_with_the_local_step_or_not(monkeypatch):
         exits: list[int] = []
         done = threading.Event()
         said: list[tuple[str, int]] = []
-        watch = outage.StorageWatch(0.2, safe_step=lambda s=safe: s,
-                                    announce=lambda line, c: said.append((line, c)),
-                                    exit_fn=lambda c: (exits.append(c), done.set()))
+        watch = outage.StorageWatch(
+            0.2, safe_step=lambda s=safe: s,
+            announce=lambda line, c, said=said: said.append((line, c)),
+            exit_fn=lambda c, exits=exits, done=done: (exits.append(c), done.set()))
         with watch.waiting("saving checkpoint step 4", "gs://bucket/run/checkpoints"):
             assert done.wait(10)
         watch.close()
