@@ -183,3 +183,15 @@ def test_emulator_killed_mid_save_with_a_local_step_requeues(own_gcs, cache_env,
     assert len(lines) <= 5 and "Traceback" not in err, err[-3000:]
     assert "in the local tier" in lines[-1]
     assert any(Path(tmp_path / "local").rglob("meta"))  # the step it names is there
+
+
+def test_storage_deadline_key():
+    from bignlp_jax.config import load_config
+    from bignlp_jax.errors import ConfigError
+
+    assert load_config("tiny", []).checkpoint.storage_deadline_s == 60
+    assert load_config("tiny", ["checkpoint.storage_deadline_s=2.5"]).checkpoint \
+        .storage_deadline_s == 2.5
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match="storage_deadline_s"):
+            load_config("tiny", [f"checkpoint.storage_deadline_s={bad}"])
