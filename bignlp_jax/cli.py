@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
         lost = outage.describe(e)  # not a bug: a bucket endpoint went away
         if lost is not None:
+            outage.quiet_outage_tracebacks()  # Orbax's threads may still raise the same error
             print(f"bignlp-jax {command}: error: {lost}", file=sys.stderr)
             announce_failure(lost, UserError.exit_code)
             return UserError.exit_code

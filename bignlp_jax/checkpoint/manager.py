@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
-from bignlp_jax import storage
+from bignlp_jax import outage, storage
 from bignlp_jax.checkpoint import fs_probe, integrity
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, checkpoints_dir, complete_steps
 from bignlp_jax.checkpoint.step_metadata_log import quiet_step_metadata
@@ -166,6 +166,7 @@ class RunCheckpointer:
             create=True,
         )
         self.failed = False
+        self.durable_step: int | None = None  # the newest step known durable (set in `wait`)
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the newest save
         fs_probe.quiet_storage_errors()
         quiet_step_metadata()
@@ -176,6 +177,7 @@ class RunCheckpointer:
             item_handlers={STATE: state_saver, DATA: ProcessJsonHandler(),
                            META: ocp.JsonCheckpointHandler()},
         )
+        self.durable_step = max(self.manager.all_steps(), default=None)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -184,6 +186,10 @@ class RunCheckpointer:
         """Start saving `step` (returns once the arrays are off the devices); False if the step
         already exists (e.g. a run resumed at its final step). A storage failure (full disk,
         read-only, quota, permission) raises CheckpointWriteError naming step, path and error."""
+        with outage.bounded(f"saving checkpoint step {step}", self.directory):
+            return self._save(step, state, data_state, meta)
+
+    def _save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
         if step in self.manager.all_steps():
             return False
         self.wait()  # the previous save (Orbax waits for it anyway): its failure surfaces here
@@ -201,8 +207,12 @@ class RunCheckpointer:
 
     def wait(self) -> None:
         """Block until every started save is durable (committed by all processes)."""
-        with self._storage_errors():
+        operation = (f"the save of checkpoint step {self._pending[0]}" if self._pending
+                     else "a checkpoint save")
+        with outage.bounded(operation, self.directory), self._storage_errors():
             self.manager.wait_until_finished()
+        if self._pending is not None:
+            self.durable_step = max(self.durable_step or 0, self._pending[0])
 
     def close(self) -> None:
         try:

@@ -272,6 +272,10 @@ class CheckpointConfig(Section):
     local_every_steps: int = Field(
         0, ge=0, description="save to local_dir every N steps (0: only when stopping)")
     local_keep: int = Field(2, ge=1, description="newest local steps kept")
+    storage_deadline_s: float = Field(
+        60.0, gt=0, description="a bucket endpoint unreachable this long while we wait on it "
+        "(checkpoint save, metrics flush, token-store read) stops the run: exit 2, or 75 when "
+        "the local tier holds a step at least as new as the last durable one")
 
     @field_validator("resume_from", mode="before")
     @classmethod

@@ -37,7 +37,7 @@ RESUMABLE_KEYS = frozenset({
     "train.steps", "train.max_time", "train.log_every", "train.eval_every",
     "train.eval_batches",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_every",
-    "checkpoint.async_save",
+    "checkpoint.async_save", "checkpoint.storage_deadline_s",
     "checkpoint.resume_from",  # which of this run's checkpoints to continue from
     # the local tier is a cache of the same trajectory: moving it (a requeue onto other nodes)
     # or changing its cadence only changes where a resume may start, never what it restores

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
+from bignlp_jax import outage
 from bignlp_jax.checkpoint import local_tier
 from bignlp_jax.checkpoint.manager import RunCheckpointer, step_meta
 from bignlp_jax.checkpoint.paths import complete_steps
@@ -20,8 +22,9 @@ from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.config import Config
 from bignlp_jax.data import BatchSource, make_source
 from bignlp_jax.data.tfds.source import with_resolved_data_dir
-from bignlp_jax.errors import Preempted, UserError
+from bignlp_jax.errors import REQUEUE_EXIT_CODE, Preempted, UserError
 from bignlp_jax.parallel.mesh import mesh_text
+from bignlp_jax.parallel.peer_watch import announce_failure
 from bignlp_jax.train.metrics import MetricsLogger, read_metrics
 from bignlp_jax.train.peak import mfu_meter
 from bignlp_jax.train.preflight import Checked, preflight
@@ -78,6 +81,37 @@ def _loop(checked: Checked, trainer: Trainer, source: BatchSource, start: Start,
     state, first = start.state, start.step
     checkpointer = RunCheckpointer(run_dir, cfg.checkpoint)
     local = _local_checkpointer(cfg, run_dir, state, first)
+    watch = outage.StorageWatch(cfg.checkpoint.storage_deadline_s,
+                                safe_step=_safe_elsewhere(checkpointer, local),
+                                requeue_code=REQUEUE_EXIT_CODE, announce=announce_failure)
+    outage.StorageWatch.current = watch
+    try:
+        return _steps(checked, trainer, source, start, stop, checkpointer, local)
+    finally:
+        watch.close()
+
+
+def _safe_elsewhere(checkpointer: RunCheckpointer, local: local_tier.LocalCheckpointer | None
+                    ) -> Callable[[], str | None]:
+    """For the storage watch: the local tier's newest complete step, if it is at least as new
+    as the newest durable one (a rerun resumes from it), said as text; else None."""
+
+    def safe() -> str | None:
+        if local is None:
+            return None
+        held = complete_steps(local.directory)
+        if held and held[-1] >= (checkpointer.durable_step or 0):
+            return f"step {held[-1]} in the local tier ({local.directory / str(held[-1])})"
+        return None
+
+    return safe
+
+
+def _steps(checked: Checked, trainer: Trainer, source: BatchSource, start: Start,
+           stop: StopRequest, checkpointer: RunCheckpointer,
+           local: local_tier.LocalCheckpointer | None) -> dict:
+    cfg, run_dir = checked.cfg, checked.run.path
+    state, first = start.state, start.step
     logger = MetricsLogger(run_dir, cfg.train.steps, first)
     logger.message(f"{start.origin}; training steps {first + 1}..{cfg.train.steps} on mesh "
                    f"{mesh_text(dict(trainer.mesh.shape), cfg.mesh)}")

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from bignlp_jax import storage
+from bignlp_jax import outage, storage
 from bignlp_jax.rundir import RunDir
 
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "eval_loss")
@@ -86,6 +86,10 @@ class MetricsLogger:
         each line as it comes)."""
         if not (self.enabled and self._remote):
             return
+        with outage.bounded("writing metrics.jsonl", self.path):
+            self._flush()
+
+    def _flush(self) -> None:
         self._tb.flush()
         if self._pending:
             if self._written is None:  # a resumed run: what earlier runs logged

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bignlp_jax import storage
+from bignlp_jax import outage, storage
 from bignlp_jax.errors import UserError
 
 # Ranges closer than this many bytes are fetched as one: reading up to 64 KiB more (under 1 ms
@@ -59,8 +59,9 @@ class RemoteTokens:
         size = self.dtype.itemsize
         fs = self._filesystem()
         try:
-            blobs = fs.cat_ranges([self._key] * len(starts), (starts * size).tolist(),
-                                  (ends * size).tolist())
+            with outage.bounded("reading the token store", self.url):
+                blobs = fs.cat_ranges([self._key] * len(starts), (starts * size).tolist(),
+                                      (ends * size).tolist())
         except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, network
             raise self._unreadable(e) from None
         for blob, a, b in zip(blobs, starts, ends):
