@@ -209,7 +209,8 @@ def test_lora_resume_is_exact_and_exports(tmp_path, pretrained):
     def export(fmt, out, merge=False):
         return cmd_export(argparse.Namespace(run=str(straight.run.dir), step=None, format=fmt,
                                              out=str(tmp_path / out), dtype="float32",
-                                             max_shard_size="5GB", merge=merge))
+                                             max_shard_size="5GB", merge=merge,
+                                             overwrite=False, tokenizer=None))
 
     with pytest.raises(UserError, match="is a LoRA run"):
         export("hf", "unmerged")

@@ -20,7 +20,7 @@ STEPS = 3
 def _run(cfg, devices) -> tuple[list[float], dict]:
     trainer = Trainer.build(cfg, devices)
     source = make_source(cfg, "train", trainer.rows)
-    state = trainer.fresh_state()
+    state = trainer.layout.fresh()
     losses = []
     for _ in range(STEPS):
         state, metrics = trainer.train_step(state, trainer.device_batch(next(source)))
