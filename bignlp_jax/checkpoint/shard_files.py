@@ -18,14 +18,12 @@ CPU: one copy from the page cache, where Orbax's reader makes three (TensorStore
 the `np.zeros` shard it fills, and the device buffer `device_put` copies it into). A resume
 sums each file's checksum from those same bytes as they arrive: no separate verify read.
 
-Why not Orbax for this tier: with Orbax's own reader the 126M train state (1,434 MiB,
-uncompressed, /dev/shm, one CPU device) restored in 1.8-3.5 s against 3.3-7.2 s for the durable
-tier, about 2x where issue 15 asks 3x. Its options did not move it (4 interleaved rounds on the
-loaded 2-core machine, 2026-12-01): default 1.5-2.6 s; TensorStore `file_io_concurrency` 2 /
-`data_copy_concurrency` 2: 1.5-1.7 s; 8 / 4: 1.9-3.6 s; `data_copy_concurrency` 1: 1.6-1.7 s;
-plain zarr instead of OCDBT: 1.5-2.5 s (`restore_concurrent_gb` only throttles beyond 96 GB
-in flight). The time is the copies and the fresh memory each one faults in. These files restore
-in 0.5-1.1 s with their checksums verified (RESULTS.md, "Local fast tier vs durable tier").
+Why not Orbax for this tier: with Orbax's own reader the local tier restored only about 2x
+faster than the durable one, and none of its options (TensorStore's file_io / data_copy
+concurrency, plain zarr instead of OCDBT, restore_concurrent_gb) moved it: the time is the
+copies and the fresh memory each one faults in. These files restore several times faster with
+their checksums verified (benchmarks/RESULTS.md, "Local fast tier vs durable tier", has the
+measurements).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The elementwise glue between the matmuls: split qkv, RoPE's rotation, SwiGLU.
 
 Plain formulas, gradients by autodiff. Hand-written backward passes for all three (one
-concatenate instead of autodiff's zero-padded full-size arrays) were removed on 2026-12-01: the
+concatenate instead of autodiff's zero-padded full-size arrays) were removed: the
 kernel ablation in benchmarks/RESULTS.md measured no gain above 3% from them.
 """
 

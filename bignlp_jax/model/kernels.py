@@ -11,7 +11,7 @@ tests always run. An optimised kernel sits beside it under its own name and is u
 
 A kernel is kept only
 while `benchmarks/kernel_ablation.py` shows it pays (>= 3%) on a backend where `auto` uses it;
-the measurements are in benchmarks/RESULTS.md. Removed that way (2026-12-01): the hand-written
+the measurements are in benchmarks/RESULTS.md. Removed that way: the hand-written
 backward passes of the qkv split, RoPE and SwiGLU, and of the cross-entropy. Layers receive the
 resolved `Kernels` as an explicit argument and never look at the backend themselves.
 """

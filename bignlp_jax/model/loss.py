@@ -1,8 +1,8 @@
 """Per-token cross-entropy, the training loss: logsumexp minus the target logit, in float32.
 
 Gradients by autodiff. A hand-written gradient (softmax - onehot in one elementwise pass, instead
-of autodiff's scatter of the target term into a zeroed [B, T, V] buffer) was removed on
-2026-12-01: the kernel ablation in benchmarks/RESULTS.md measured no gain above 3% from it.
+of autodiff's scatter of the target term into a zeroed [B, T, V] buffer) was removed:
+the kernel ablation in benchmarks/RESULTS.md measured no gain above 3% from it.
 """
 
 from __future__ import annotations
