@@ -11,7 +11,6 @@ import bz2
 import glob
 import gzip
 import io
-import json
 import lzma
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from bignlp_jax import storage
-from bignlp_jax.data.tfds.local_files import EXTENSIONS, FORMATS, _field
+from bignlp_jax.data.tfds.local_files import EXTENSIONS, FORMATS, _field, json_record
 from bignlp_jax.errors import UserError
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -114,13 +113,7 @@ def read_texts(url: str, text_key: str = "text", fmt: str | None = None,
 
 
 def _json_text(line: str, text_key: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where} is not valid JSON: {e.msg}") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{where} holds a JSON {type(record).__name__}, expected an object")
-    return _field(record, text_key, where)
+    return _field(json_record(line, where), text_key, where)
 
 
 def _parquet(url: str, stream: IO[bytes], text_key: str) -> Iterator[str]:

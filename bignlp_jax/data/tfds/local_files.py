@@ -74,6 +74,17 @@ def _field(record: dict, key: str, where: str) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def json_record(line: str, where: str) -> dict:
+    """One JSON-lines record (an object), or a UserError naming `where` (file:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON: {e.msg}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where} holds a JSON {type(record).__name__}, expected an object")
+    return record
+
+
 def read_documents(path: Path, fmt: str, fields: Sequence[str],
                    text_unit: str = "file") -> Iterator[dict[str, str]]:
     """Documents of one file: {field: str} for each of `fields` (fields[0] is the text)."""
@@ -94,12 +105,7 @@ def read_documents(path: Path, fmt: str, fields: Sequence[str],
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where} holds a JSON {type(record).__name__}, expected an object")
+            record = json_record(line, where)
             yield {k: _field(record, k, where) for k in fields}
     elif fmt == "parquet":
         try:
