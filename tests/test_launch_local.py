@@ -1,7 +1,6 @@
 """launch/local.py: several local processes joined by jax.distributed train exactly like one
 process with the same devices, and one failed process fails the whole job quickly."""
 
-import json
 import os
 import re
 import signal
@@ -9,10 +8,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from checkpoint_common import losses
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # launch/ is not an installed package
@@ -21,11 +20,6 @@ from launch.local import GlooNotes  # noqa: E402
 pytestmark = pytest.mark.multiprocess
 
 LOCAL = str(REPO / "launch" / "local.py")
-
-
-def read_losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
 def test_two_processes_match_one_process(tmp_path, cli_env):
@@ -54,7 +48,7 @@ def test_two_processes_match_one_process(tmp_path, cli_env):
     cfg = load_config("tiny", [f"run.dir={tmp_path / 'single'}", *overrides])
     train(cfg, devices=jax.devices()[:4])  # the same 4 devices, one process
 
-    multi, single = read_losses(tmp_path / "multi"), read_losses(tmp_path / "single")
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert sorted(multi) == [1, 2, 3, 4]
     np.testing.assert_allclose([multi[s] for s in sorted(multi)],
                                [single[s] for s in sorted(single)], rtol=2e-5)
@@ -102,7 +96,7 @@ def test_two_level_mesh_over_two_processes_matches_one_process(tmp_path, cli_env
 
     cfg = load_config("tiny", [f"run.dir={tmp_path / 'single'}", *overrides])
     train(cfg, devices=jax.devices()[:4])
-    multi, single = read_losses(tmp_path / "multi"), read_losses(tmp_path / "single")
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert sorted(multi) == [1, 2, 3]
     np.testing.assert_allclose([multi[s] for s in sorted(multi)],
                                [single[s] for s in sorted(single)], rtol=2e-5)

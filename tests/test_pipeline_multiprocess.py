@@ -1,23 +1,17 @@
 """Pipeline stages across processes: mesh.dcn_stage=2 puts each stage in its own process (one
 DCN granule each); two processes of two devices train like one process with the same four."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from checkpoint_common import losses
 from conftest import REPO
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 LOCAL = str(REPO / "launch" / "local.py")
-
-
-def read_losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
 def test_stages_over_two_processes_match_one_process(tmp_path, cli_env):
@@ -39,7 +33,7 @@ def test_stages_over_two_processes_match_one_process(tmp_path, cli_env):
 
     cfg = load_config("tiny", [f"run.dir={tmp_path / 'single'}", *overrides, "mesh.stage=2"])
     train(cfg, devices=jax.devices()[:4])
-    multi, single = read_losses(tmp_path / "multi"), read_losses(tmp_path / "single")
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert sorted(multi) == [1, 2, 3]
     np.testing.assert_allclose([multi[s] for s in sorted(multi)],
                                [single[s] for s in sorted(single)], rtol=2e-5)
