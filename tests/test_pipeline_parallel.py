@@ -96,6 +96,42 @@ def test_pipelined_loss_and_gradients_match_one_device(tmp_path, reference, case
     assert qkv.addressable_shards[0].data.shape[0] == 8 // cfg.mesh.stages
 
 
+UNEVEN = {
+    # 7 layers on 4 stages: groups of 2 slots, the last stage 1 layer + 1 identity slot;
+    # 4 stages do not divide the stack, so it is stored split over fsdp x stage along `embed`
+    "7-layers-stage4-fsdp2": (7, ("mesh.stage=4", "mesh.data=1", "mesh.fsdp=2")),
+    # 10 layers on 2 stages x 2 repeats: groups of 3 slots, the last two 2 layers + 1 identity
+    # slot; stored split over the stages along `layers`
+    "10-layers-stage2-repeats2": (10, ("mesh.stage=2", "mesh.data=2", "mesh.tensor=2",
+                                       "train.pipeline_repeats=2")),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if i else c
+                                  for i, c in enumerate(UNEVEN)])
+def test_uneven_stage_split_matches_one_device(tmp_path, case):
+    """Identity slots fill the groups the layers do not: losses and gradients equal one
+    device's, and each device stores 1/(stage x fsdp x tensor) of a layer weight."""
+    layers, overrides = UNEVEN[case]
+    shape = (f"model.num_layers={layers}", "train.global_batch_size=16")
+    ref_loss, ref_grads, _ = loss_and_grads(
+        tiny_config(tmp_path / "ref", "mesh.data=1", *shape, llama=True), jax.devices()[:1])
+    cfg = tiny_config(tmp_path, *shape, *overrides, llama=True)
+    loss, grads, state = loss_and_grads(cfg, jax.devices())
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        g, r = np.asarray(g), np.asarray(r)
+        err = float(np.linalg.norm(g - r) / np.linalg.norm(r))
+        assert err < RTOL, (jax.tree_util.keystr(path), err)
+    wo = state.params["blocks"]["mlp"]["wo"]  # [layers, mlp, embed]
+    if layers % cfg.mesh.stages:
+        assert wo.sharding.spec[0] is None and "stage" in wo.sharding.spec[2]
+    else:
+        assert wo.sharding.spec[0] == "stage"
+    split = cfg.mesh.stages * cfg.mesh.fsdp * cfg.mesh.tensor
+    assert wo.addressable_shards[0].data.size * split == wo.size
+
+
 def test_bubble_formula():
     assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
     assert PipelineSpec(4, 8, 2).bubble == pytest.approx(3 / 19)
@@ -103,9 +139,11 @@ def test_bubble_formula():
 
 
 @pytest.mark.parametrize("overrides, message", [
+    # 6 groups of 2 slots for 8 layers: 4 identity slots, two whole groups idle
     (("mesh.stage=2", "train.pipeline_repeats=3"),
      "model.num_layers=8 does not split into mesh.stage x mesh.dcn_stage = 2 x 1 = 2 stages x "
-     "train.pipeline_repeats=3: .* must divide 8 \\(one of 1, 2, 4, 8\\)"),
+     "train.pipeline_repeats=3: groups of 2 layer slots would leave 4 identity slots, a whole "
+     "group's worth or more; stages x repeats must be one of 1, 2, 3, 4, 8$"),
     (("mesh.stage=2", "train.pipeline_microbatches=3"),
      "train.pipeline_microbatches=3 does not divide the per-step batch of 16 rows .* valid: 1, "
      "2, 4"),

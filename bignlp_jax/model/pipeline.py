@@ -1,8 +1,8 @@
 """Pipeline parallelism over the scanned layer stack: GPipe and circular schedules, SPMD.
 
-The stacked layers [L, ...] are cut into S stages x R repeats of K = L / (S*R) layers: group
-g = r*S + s (layers g*K .. g*K+K-1) runs on stage s in repeat r, so with R > 1 each stage holds
-R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe. A batch is cut
+The stacked layers [L, ...] are cut into S stages x R repeats of K = ceil(L / (S*R)) layer
+slots: group g = r*S + s (the next K layers in order) runs on stage s in repeat r, so with R > 1
+each stage holds R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe. A batch is cut
 into M microbatches; in iteration t stage s works on pass p = t - s (microbatch p % M of repeat
 p // M) when 0 <= p < R*M, and idles otherwise, so one step takes R*M + S - 1 iterations of
 which S - 1 are the fill and drain bubble: a fraction (S-1)/(R*M+S-1) of the time.
@@ -29,10 +29,27 @@ summed over fsdp inside the loop: the compiled program all-reduces each layer's 
 per iteration (XLA keeps the loop's gradient accumulator summed), so those bytes grow with M
 (benchmarks/pipeline_bubble.py measures them).
 
-The checkpoint keeps the canonical layer order [L, ...], split contiguously over stages, so a
-run resumes under any stage or repeat count. For R = 1 that is exactly the schedule's layout;
-for R > 1 stage s needs groups s, s+S, ..., so XLA moves the weights between stages once per
-step (and their gradients back), whatever M is.
+Uneven splits (L not a multiple of S*R, e.g. Llama 3 405B's 126 layers on 8 stages): the
+schedule runs S*R*K slots, and the P = S*R*K - L slots no layer fills are identity slots, the last
+slot of each of the last P groups (`group_layers`; 126 on 8 stages: 16 x 6 then 15 x 2). Inside
+the pipeline only, the regrouped weights get zeros in those slots and the slot computes
+`where(valid, layer(h), h)`: exactly the identity whatever the block, and no gradient reaches
+the zeros (which are dropped anyway when the gradient is cut back to [L]). Every stage runs its K
+slots in lock step, so an identity slot costs a layer's time whichever stage holds it: the waste
+is P / L extra layer compute, placed where the code is simplest. (Megatron and Llama 3 take the
+layer off the first and last stages because those also run the embedding and the loss; here the
+embedding and the head run outside the pipeline on every stage, so no stage is heavier.) A split
+with P >= K (a whole group's worth of slots idle: fewer groups would hold the layers) is refused
+by the train step's configuration check.
+
+The checkpoint keeps the canonical layer order [L, ...] so a run resumes under any stage or
+repeat count. When S divides L it is stored split contiguously over stages: for R = 1 and no
+padding that is exactly the schedule's layout; otherwise (R > 1, or identity slots) XLA moves
+the weights between stages once per step (and their gradients back), whatever M is. When S does
+not divide L the stack cannot be split over `stage` along its layers (a sharded dimension must
+divide evenly), so the rules table (parallel/rules.py) stores it split over `stage` along the
+weights' `embed` dimension instead, with fsdp: storage per device stays the same, and the
+regrouping gathers it over `stage` and splits it by groups, the same all-to-all-sized move.
 """
 
 from __future__ import annotations
@@ -72,6 +89,30 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
     return PipelineSpec(stages, microbatches, repeats).bubble
 
 
+def group_layers(num_layers: int, stages: int, repeats: int = 1) -> tuple[int, ...]:
+    """Real layers in each of the S*R groups (group r*S + s runs on stage s in repeat r), in
+    layer order: K = ceil(L / (S*R)) slots per group, the last P = S*R*K - L groups one short
+    (their last slot is an identity slot). P < S*R always, so one slot per group suffices."""
+    groups = stages * repeats
+    K = -(-num_layers // groups)
+    P = groups * K - num_layers
+    return tuple(K - (g >= groups - P) for g in range(groups))
+
+
+def _pad_groups(a: jax.Array, counts: tuple[int, ...], K: int) -> jax.Array:
+    """[L, ...] -> [len(counts) * K, ...]: each group's layers, then its identity slots (zeros;
+    a non-float leaf such as a dropout key repeats layer 0, unused)."""
+    pieces, start = [], 0
+    for c in counts:
+        pieces.append(a[start:start + c])
+        if c < K:
+            filler = a[:1] if not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(
+                a[:1])
+            pieces += [filler] * (K - c)
+        start += c
+    return jnp.concatenate(pieces)
+
+
 def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, row_xs: Any,
                  spec: PipelineSpec, remat_policy=None) -> jax.Array:
     """Apply the L stacked layers to x [B, T, D] through the schedule of `spec`.
@@ -83,7 +124,9 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
     remat_policy: a `jax.checkpoint` policy for one stage iteration (None: keep everything)."""
     S, M, R = spec.stages, spec.microbatches, spec.repeats
     L = jax.tree.leaves(layer_xs)[0].shape[0]
-    K = L // (S * R)
+    counts = group_layers(L, S, R)
+    K = max(counts)
+    padded = sum(counts) < S * R * K  # identity slots (see the docstring)
     B = x.shape[0]
     mb = B // M
 
@@ -94,22 +137,32 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
     rows = jax.tree.map(lambda a: split(jnp.asarray(a)), row_xs)
 
     def regroup(a, axes):  # [L, ...] -> [R, S, K, ...]: group r*S + s at [r, s]
+        if padded:
+            a = _pad_groups(a, counts, K)
         a = a.reshape(R, S, K, *a.shape[1:])
         if axes is None:
             return a
-        # stage s keeps its groups; gathered over fsdp here, once per step (see the docstring)
+        # stage s keeps its groups (whatever `layers` maps to in storage); gathered over fsdp
+        # here, once per step (see the docstring)
         laid_out = constrain_gathered if spec.gather_once else constrain
-        return laid_out(a, (None, "layers", None, *axes[1:]))
+        return laid_out(a, (None, "pipeline_stage", None, *axes[1:]))
 
     # layer_axes matches layer_xs down to its leaves (a tuple of names, or None, per array)
     weights = jax.tree.map(regroup, layer_xs, layer_axes)
+    if padded:  # which slots hold a layer: [R, S, K], a constant
+        valid = jnp.asarray([[slot < c for slot in range(K)] for c in counts]).reshape(R, S, K)
+        weights = (weights, valid)
 
     def stage(w, h, r):
         """One stage's K layers on one microbatch: w [K, ...], h [mb, T, D]."""
         def body(h, w_layer):
             return layer(h, w_layer, r), None
 
-        return jax.lax.scan(body, h, w)[0]
+        def body_with_identity_slots(h, xs):
+            w_layer, valid_slot = xs
+            return jnp.where(valid_slot, layer(h, w_layer, r), h), None
+
+        return jax.lax.scan(body_with_identity_slots if padded else body, h, w)[0]
 
     if remat_policy is not None:
         stage = jax.checkpoint(stage, policy=remat_policy, prevent_cse=False)

@@ -42,12 +42,14 @@ def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
     L = cfg.model.num_layers
     stages = (f"mesh.stage x mesh.dcn_stage = {cfg.mesh.stage} x {cfg.mesh.dcn_stage} = {S} "
               f"stages")
-    if L % (S * R):
-        valid = [d for d in range(1, L + 1) if L % d == 0]
+    if _idle_group(L, S * R):
+        valid = [n for n in range(1, L + 1) if not _idle_group(L, n)]
+        K = -(-L // (S * R))
         raise UserError(
             f"model.num_layers={L} does not split into {stages} x train.pipeline_repeats={R}: "
-            f"every stage runs the same number of layers; stages x repeats must divide {L} "
-            f"(one of {', '.join(map(str, valid))})")
+            f"groups of {K} layer slots would leave {S * R * K - L} identity slots, a whole "
+            f"group's worth or more; stages x repeats must be one of "
+            f"{', '.join(map(str, valid))}")
     if R > 1 and M < S:
         raise UserError(
             f"train.pipeline_microbatches={M} is fewer than the {S} stages "
@@ -63,6 +65,13 @@ def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
             f"rows (the data-parallel devices, mesh.data x mesh.fsdp); valid: "
             f"{', '.join(map(str, valid)) or 'none: change the batch'}")
     return PipelineSpec(S, M, R, gather_once=cfg.train.pipeline_fsdp_gather == "step")
+
+
+def _idle_group(layers: int, groups: int) -> bool:
+    """Whether `groups` pipeline groups of K = ceil(layers / groups) slots leave K or more
+    identity slots (model/pipeline.py): the layers would fit in fewer groups, one idle."""
+    K = -(-layers // groups)
+    return groups * K - layers >= K
 
 
 def token_losses(params, batch, cfg: Config, key: jax.Array | None = None):
