@@ -173,6 +173,20 @@ def test_describe_prints_the_stage_split_and_bubble(capsys):
     # the layer stack's parameters and moments are split over the two stages too
     assert info["param_bytes_per_device"] < 4 * 405_853_388_800 / 512 / 1.9
 
+    # 126 layers on 8 stages: groups of 16 slots, the last two stages 15 layers + 1 identity
+    assert cli.main(["describe", "models/llama3_405b.yaml", "--devices", "1024",
+                     "mesh.stage=8", "mesh.fsdp=16", "mesh.tensor=8"]) == 0
+    out = capsys.readouterr().out
+    assert "8 stages x 1 repeat(s) of 16 layer slots (16,16,16,16,16,16,15,15 layers per " \
+           "stage; 2 identity slots: 1.6% extra layer compute), 16 microbatches: bubble " \
+           "(S-1)/(R*M+S-1) = 30.4%" in out  # 7 / (16 + 7)
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["pipeline"]["layers_per_stage"] == [16] * 6 + [15] * 2
+    # stored whole along `layers` but split over stage x fsdp along `embed`: 1/1024 of every
+    # weight per device, except the 2 x 126 + 1 norms' scales, which no rule splits
+    norms = (2 * 126 + 1) * 16384
+    assert info["param_bytes_per_device"] == 4 * ((405_853_388_800 - norms) / 1024 + norms)
+
 
 def test_plan_search_tries_stages_repeats_and_dcn_stage():
     from bignlp_jax.config import load_config
