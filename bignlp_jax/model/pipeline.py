@@ -2,10 +2,10 @@
 
 The stacked layers [L, ...] are cut into S stages x R repeats of K = ceil(L / (S*R)) layer
 slots: group g = r*S + s (the next K layers in order) runs on stage s in repeat r, so with R > 1
-each stage holds R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe. A batch is cut
-into M microbatches; in iteration t stage s works on pass p = t - s (microbatch p % M of repeat
-p // M) when 0 <= p < R*M, and idles otherwise, so one step takes R*M + S - 1 iterations of
-which S - 1 are the fill and drain bubble: a fraction (S-1)/(R*M+S-1) of the time.
+each stage holds R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe.
+A batch is cut into M microbatches; in iteration t stage s works on pass p = t - s (microbatch
+p % M of repeat p // M) when 0 <= p < R*M, and idles otherwise, so one step takes R*M + S - 1
+iterations of which S - 1 are the fill and drain bubble: a fraction (S-1)/(R*M+S-1) of the time.
 
 Why SPMD in one program (the design of MaxText and Praxis) rather than one program per stage
 (Megatron, torchtitan): every iteration is the same computation on every stage, written once as a

@@ -146,7 +146,8 @@ def constrain_gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    gathered = {name: _without(mesh_axes, STORAGE_AXES) for name, mesh_axes in rules.items()}
+    gathered: dict[str, MeshAxes] = {name: _without(mesh_axes, STORAGE_AXES)
+                                     for name, mesh_axes in rules.items()}
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes,
                                                                                    gathered)))
 
