@@ -13,7 +13,7 @@ import pytest
 from helpers import tiny_config
 
 from bignlp_jax.errors import UserError
-from bignlp_jax.model.pipeline import PipelineSpec, bubble_fraction
+from bignlp_jax.model.pipeline import PipelineSpec, bubble_fraction, group_layers, split_fits
 from bignlp_jax.parallel.rules import activation_sharding, rules_table
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.step import _grads, pipeline_spec
@@ -130,6 +130,15 @@ def test_uneven_stage_split_matches_one_device(tmp_path, case):
         assert wo.sharding.spec[0] == "stage"
     split = cfg.mesh.stages * cfg.mesh.fsdp * cfg.mesh.tensor
     assert wo.addressable_shards[0].data.size * split == wo.size
+
+
+def test_uneven_split_layout():
+    # the last P groups are one layer short; with R > 1 they are the last repeat's
+    assert group_layers(126, 8) == (16,) * 6 + (15,) * 2
+    assert group_layers(10, 2, 2) == (3, 3, 2, 2)
+    assert group_layers(8, 4) == (2,) * 4
+    # 8 layers in 5, 6 or 7 groups of 2 slots: 2, 4, 6 identity slots, a whole group or more
+    assert [n for n in range(1, 9) if split_fits(8, n)] == [1, 2, 3, 4, 8]
 
 
 def test_bubble_formula():

@@ -40,7 +40,7 @@ is P / L extra layer compute, placed where the code is simplest. (Megatron and L
 layer off the first and last stages because those also run the embedding and the loss; here the
 embedding and the head run outside the pipeline on every stage, so no stage is heavier.) A split
 with P >= K (a whole group's worth of slots idle: fewer groups would hold the layers) is refused
-by the train step's configuration check.
+by the train step's configuration check (`split_fits`).
 
 The checkpoint keeps the canonical layer order [L, ...] so a run resumes under any stage or
 repeat count. When S divides L it is stored split contiguously over stages: for R = 1 and no
@@ -97,6 +97,13 @@ def group_layers(num_layers: int, stages: int, repeats: int = 1) -> tuple[int, .
     K = -(-num_layers // groups)
     P = groups * K - num_layers
     return tuple(K - (g >= groups - P) for g in range(groups))
+
+
+def split_fits(num_layers: int, groups: int) -> bool:
+    """Whether `groups` groups of K = ceil(L / groups) slots leave fewer than K identity slots;
+    K or more would fit the layers in fewer groups, a group's worth of compute idle."""
+    K = -(-num_layers // groups)
+    return groups * K - num_layers < K
 
 
 def _pad_groups(a: jax.Array, counts: tuple[int, ...], K: int) -> jax.Array:

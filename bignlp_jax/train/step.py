@@ -21,7 +21,7 @@ from bignlp_jax.model import forward, model_kernels
 from bignlp_jax.model.context_attention import zigzag_order
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.model.loss import token_cross_entropy
-from bignlp_jax.model.pipeline import PipelineSpec
+from bignlp_jax.model.pipeline import PipelineSpec, split_fits
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
 from bignlp_jax.train.state import TrainState, trainable, with_trainable
 
@@ -42,8 +42,8 @@ def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
     L = cfg.model.num_layers
     stages = (f"mesh.stage x mesh.dcn_stage = {cfg.mesh.stage} x {cfg.mesh.dcn_stage} = {S} "
               f"stages")
-    if _idle_group(L, S * R):
-        valid = [n for n in range(1, L + 1) if not _idle_group(L, n)]
+    if not split_fits(L, S * R):
+        valid = [n for n in range(1, L + 1) if split_fits(L, n)]
         K = -(-L // (S * R))
         raise UserError(
             f"model.num_layers={L} does not split into {stages} x train.pipeline_repeats={R}: "
@@ -65,13 +65,6 @@ def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
             f"rows (the data-parallel devices, mesh.data x mesh.fsdp); valid: "
             f"{', '.join(map(str, valid)) or 'none: change the batch'}")
     return PipelineSpec(S, M, R, gather_once=cfg.train.pipeline_fsdp_gather == "step")
-
-
-def _idle_group(layers: int, groups: int) -> bool:
-    """Whether `groups` pipeline groups of K = ceil(layers / groups) slots leave K or more
-    identity slots (model/pipeline.py): the layers would fit in fewer groups, one idle."""
-    K = -(-layers // groups)
-    return groups * K - layers >= K
 
 
 def token_losses(params, batch, cfg: Config, key: jax.Array | None = None):
