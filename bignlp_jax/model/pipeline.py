@@ -23,11 +23,16 @@ weights are gathered over the fsdp axis once per step, before the iteration loop
 microbatch: a stage's K*R layers sit unsharded over fsdp (still split over stage and tensor) for
 the whole step, which pays with many stages and costs memory with few
 (`train.pipeline_fsdp_gather=microbatch` gathers layer by layer in every iteration instead, as
-without stages: R*M times the all-gather bytes, one layer's weights whole at a time). Their
-gradients are
-summed over fsdp inside the loop: the compiled program all-reduces each layer's gradient once
-per iteration (XLA keeps the loop's gradient accumulator summed), so those bytes grow with M
-(benchmarks/pipeline_bubble.py measures them).
+without stages: R*M times the all-gather bytes, one layer's weights whole at a time).
+
+Their gradients are summed over the data-parallel devices once per step too. Gathered weights
+shared by every replica (data x fsdp) would make XLA keep the loop's gradient accumulator summed,
+all-reducing each layer's gradient in every iteration (bytes growing with M). So the gathered
+weights are broadcast to one copy per replica, [R, S, n, K, ...] split over data x fsdp along n
+(each device still holds one copy), and the stage runs under a second `vmap` over n
+(`replica_vmap`), each replica on its own rows: each device accumulates its own copy's gradient
+in the loop, and the sum over n (the broadcast's transpose) happens once, after it
+(benchmarks/pipeline_bubble.py measures the fsdp bytes, flat in M).
 
 Uneven splits (L not a multiple of S*R, e.g. Llama 3 405B's 126 layers on 8 stages): the
 schedule runs S*R*K slots, and the P = S*R*K - L slots no layer fills are identity slots, the last
@@ -61,7 +66,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bignlp_jax.parallel.rules import constrain, constrain_gathered, stage_vmap
+from bignlp_jax.parallel.rules import (
+    batch_replicas,
+    constrain,
+    constrain_gathered,
+    replica_vmap,
+    stage_vmap,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +165,24 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
         laid_out = constrain_gathered if spec.gather_once else constrain
         return laid_out(a, (None, "pipeline_stage", None, *axes[1:]))
 
+    _, n = batch_replicas()
+    if not spec.gather_once or mb % n:
+        n = 1
+
+    def per_replica(a, axes):  # [R, S, K, ...] -> [R, S, n, K, ...]: one copy per replica
+        if n == 1:
+            return a
+        a = jnp.broadcast_to(a[:, :, None], (R, S, n, *a.shape[2:]))
+        if axes is None:
+            return a
+        return constrain(a, (None, "pipeline_stage", "batch", None, *axes[1:]))
+
     # layer_axes matches layer_xs down to its leaves (a tuple of names, or None, per array)
-    weights = jax.tree.map(regroup, layer_xs, layer_axes)
+    weights = jax.tree.map(lambda a, axes: per_replica(regroup(a, axes), axes), layer_xs,
+                           layer_axes)
     if padded:  # which slots hold a layer: [R, S, K], a constant
         valid = jnp.asarray([[slot < c for slot in range(K)] for c in counts]).reshape(R, S, K)
-        weights = (weights, valid)
+        weights = (weights, per_replica(valid, None))
 
     def stage(w, h, r):
         """One stage's K layers on one microbatch: w [K, ...], h [mb, T, D]."""
@@ -173,7 +197,17 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
 
     if remat_policy is not None:
         stage = jax.checkpoint(stage, policy=remat_policy, prevent_cse=False)
-    run_stages = stage_vmap(stage)
+    if n == 1:
+        run_stages = stage_vmap(stage)
+    else:
+        per_device = stage_vmap(replica_vmap(stage))
+
+        def run_stages(w, h, r):  # rows [S, mb, ...] -> [S, n, mb / n, ...] and back
+            def cut(a):
+                return a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:])
+
+            out = per_device(w, cut(h), jax.tree.map(cut, r))
+            return out.reshape(h.shape)
     act = ("act_stage", "batch", "seq", "act_embed")
     stage_ids = jnp.arange(S)
 

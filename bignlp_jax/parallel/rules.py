@@ -170,6 +170,38 @@ def stage_vmap(fn):
     return jax.vmap(fn, spmd_axis_name=mesh_axis)
 
 
+def batch_replicas() -> tuple[tuple[str, ...], int]:
+    """(mesh axes, device count) that the active rules split the batch over: the data-parallel
+    replicas; ((), 1) outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return (), 1
+    mesh, rules = active
+    axes = tuple(a for a in _without(rules.get("batch"), ()) or () if mesh.shape.get(a, 1) > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return axes, n
+
+
+def replica_vmap(fn):
+    """`jax.vmap(fn)` over a leading axis with one entry per data-parallel replica (the mesh
+    axes of `batch_replicas`): each call of `fn` sees one replica's rows, so constraints inside
+    keep the batch whole, and the vmapped axis carries the split."""
+    active = _ACTIVE.get()
+    axes, n = batch_replicas()
+    if active is None or n == 1:
+        return jax.vmap(fn)
+    mesh, rules = active
+    inner = {**rules, "batch": None}
+
+    def per_replica(*args):
+        with activation_sharding(mesh, inner):
+            return fn(*args)
+
+    return jax.vmap(per_replica, spmd_axis_name=axes)
+
+
 def split_axis(logical: str) -> tuple[str, int] | None:
     """(mesh axis, size) when the active rules split the logical axis over one mesh axis of
     more than one device; None outside `activation_sharding` or when it is not split."""
