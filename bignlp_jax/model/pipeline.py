@@ -185,7 +185,8 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
         weights = (weights, per_replica(valid, None))
 
     def stage(w, h, r):
-        """One stage's K layers on one microbatch: w [K, ...], h [mb, T, D]."""
+        """One stage's K layers on one microbatch (or one replica's rows of it): w [K, ...],
+        h [rows, T, D]."""
         def body(h, w_layer):
             return layer(h, w_layer, r), None
 
