@@ -8,7 +8,7 @@ from helpers import tiny_config
 
 from bignlp_jax.config import load_config
 from bignlp_jax.parallel.devices import DEVICES
-from bignlp_jax.perf.plan_memory import layers_per_stage, memory_terms
+from bignlp_jax.perf.plan_memory import layer_params, layers_per_stage, memory_terms
 from bignlp_jax.perf.plan_search import rank, search
 from bignlp_jax.perf.plan_space import mesh_candidates, schedules
 
@@ -38,6 +38,7 @@ def test_405b_on_1024_h100s_needs_per_microbatch_gathers(ranked405b):
     assert [c.est_step_s for c in queue] == sorted(c.est_step_s for c in queue)
     assert any(c.shape.get("dcn_stage") == 2 for c in queue)  # stages across hosts
     assert f"stage 2 M{queue[0].pipeline_microbatches} gather/microbatch" in queue[0].text()
+    assert not [s for s in skipped if s["mesh"]["fsdp"] == 1 and s["gather"] != "step"]
     too_big = {(s["mesh"].get("stage", 1), s["gather"]) for s in skipped}
     assert {(1, "step"), (2, "step")} <= too_big
     step = [int(s["why"].split("~")[1].split()[0]) for s in skipped
@@ -69,6 +70,15 @@ def test_memory_terms_follow_gather_microbatches_and_remat(llama405b):
     saved = {r: memory_terms(llama405b, shape, r, 4, 4, "microbatch")["saved"]
              for r in ("none", "dots", "full")}
     assert saved["none"] > saved["dots"] > saved["full"]
+    # without fsdp a stage's weights are all at hand, whichever the gather setting
+    unsharded = {**shape, "data": 64, "fsdp": 1}
+    assert memory_terms(llama405b, unsharded, "full", 4, 4, "microbatch")["weights"] == \
+        memory_terms(llama405b, unsharded, "full", 4, 4, "step")["weights"]
+    # repeats: each iteration's slice of layers is kept for the backward pass
+    circular = memory_terms(llama405b, {**shape, "repeats": 3}, "full", 4, 4, "microbatch")
+    layer_shard = layer_params(llama405b.model) * 4 / (8 * 64)  # float32 over tensor x fsdp
+    iterations, layers = 3 * 4 + 2 - 1, 63 // 3
+    assert circular["pipeline"] - layerwise["pipeline"] >= iterations * layers * layer_shard
     # a split that does not come out even pads: 126 layers over 8 stages hold 16 each
     assert layers_per_stage(126, 8, 1) == 16 and layers_per_stage(126, 2, 1) == 63
 

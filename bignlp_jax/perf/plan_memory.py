@@ -7,14 +7,15 @@ minutes to compile), so this estimate decides which ones it compiles first. Term
             gradient the size of the parameters;
   weights   fsdp-gathered working copies of the layer weights. Layer by layer (no stages, or
             stages with `train.pipeline_fsdp_gather=microbatch`) a few layers' float32 weights
-            split over tensor live at once; with stages and `pipeline_fsdp_gather=step` a
-            stage's layers sit whole over fsdp for the step, as float32 weights, their cast, the
-            gradient and its accumulator (STEP_GATHER_COPIES);
+            split over tensor live at once; with stages and `pipeline_fsdp_gather=step` (or
+            no fsdp) a stage's layers sit whole over fsdp for the step, as float32 weights,
+            their cast, the gradient and its accumulator (STEP_GATHER_COPIES);
   saved     what each of the stage's layers keeps for the backward pass, per token a device
             runs at once, by remat policy;
   working   one layer's forward and backward temporaries and the logits, per token;
   pipeline  the stage inputs kept per iteration of the schedule (R*M+S-1 of them) and the
-            buffer of M microbatches.
+            buffer of M microbatches; with repeats, the slice of layers each iteration picks
+            by index, which the backward pass keeps per iteration too.
 
 "Tokens a device runs at once" are the rows of one gradient-accumulation microbatch
 (`train.microbatches`), cut again into `train.pipeline_microbatches` with stages, over the
@@ -89,16 +90,20 @@ def memory_terms(cfg, shape: dict[str, int], remat: str, microbatches: int = 1,
     static = analytic_bytes(cfg, shape) if static is None else static
     layer_f32 = layer_params(m) * 4 / t  # one layer's float32 weights, split over tensor
     per_stage = layers_per_stage(m.num_layers, S, R)
-    if S > 1 and gather == "step":
+    f = shape["fsdp"]
+    whole = S > 1 and (gather == "step" or f == 1)  # a stage's weights at hand for the step
+    if whole:
         weights = STEP_GATHER_COPIES * per_stage * layer_f32
     else:
-        weights = GATHERED_COPIES[shape["fsdp"] > 1] * layer_f32
+        weights = GATHERED_COPIES[f > 1] * layer_f32
     tokens = tokens_at_once(cfg, shape, microbatches, M)
     a, b = SAVED_PER_TOKEN[remat]
     saved = per_stage * tokens * D * (a + b / t)
     wa, wb = WORKING_PER_TOKEN
     working = tokens * (D * (wa + wb / t) + 4 * m.vocab_size / t)
     pipeline = (R * M + S - 1 + M) * tokens * D * ACTIVATION_BYTES if S > 1 else 0.0
+    if R > 1:  # each iteration picks its repeat's layers by index: the backward keeps the slice
+        pipeline += (R * M + S - 1) * per_stage / R * layer_f32 / (1 if whole else f)
     terms = {"static": static * 4 / 3, "weights": weights, "saved": saved,
              "working": working, "pipeline": pipeline}
     return {**terms, "total": sum(terms.values())}

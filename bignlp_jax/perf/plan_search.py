@@ -5,9 +5,10 @@ gradient-accumulation and pipeline microbatches, `pipeline_fsdp_gather`) are est
 analytically, memory (plan_memory.py) and step time (`analytic_step_s`); those whose memory
 fits are ordered by step time and compiled one by one within `--time-budget` and
 `--max-compiles`; the ones that fit are ranked by the compiled estimate of step time (`plan.py`).
-After each compile the search scales the remaining candidates' memory by the worst
-compiled / analytic ratio seen so far and compiles next the fastest one that still fits, so a
-wrong guess moves the search to smaller candidates instead of repeating the mistake.
+After each compile the search scales the memory of the remaining candidates of the same kind
+(remat policy, stages, repeats, gather) by the worst compiled / analytic ratio seen for that
+kind and compiles next the fastest one that still fits, so a wrong guess moves the search to
+smaller candidates instead of repeating the mistake.
 Candidates that differ only in their DCN split compile to the same program (`compile_plan`
 compiles a one-level mesh of the same shape), so only the best-ranked split is compiled.
 
@@ -57,6 +58,11 @@ class Candidate:
     pipeline_microbatches: int | None
     gather: str
     memory: float  # analytic bytes per device
+
+    def kind(self) -> tuple:
+        """What the analytic memory model treats alike: its errors are shared within a kind."""
+        staged = self.shape.get("stage", 1) > 1
+        return self.remat, staged, self.shape.get("repeats", 1) > 1, staged and self.gather
 
     def program(self) -> tuple:
         """What the compiled program depends on (not the DCN split)."""
@@ -128,7 +134,9 @@ def rank(cfg, n: int, spec, memory_gb: float) -> tuple[list[Candidate], list[dic
         static = analytic_bytes(cfg, shape)
         plans = schedules(cfg, shape)
         for remat in REMATS:
-            for gather in GATHERS if shape.get("stage", 1) > 1 else ("step",):
+            # without stages or without fsdp, when to gather makes no difference
+            staged = shape.get("stage", 1) > 1 and shape["fsdp"] > 1
+            for gather in GATHERS if staged else ("step",):
                 sized = [(memory_terms(cfg, shape, remat, k, M, gather, static)["total"], k, M)
                          for k, M in plans]
                 fitting = sorted((analytic_step_s(cfg, shape, remat, spec, None, k, M, gather),
@@ -162,14 +170,13 @@ def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: i
     log(f"{len(queue)} candidates fit analytically ({len(skipped)} too large); compiling the "
         f"fastest by the analytic estimate")
     results: list[dict[str, Any]] = []
-    ratios: list[float] = []  # compiled / analytic memory of each compile
+    ratios: dict[tuple, float] = {}  # kind -> worst compiled / analytic memory so far
     start = time.perf_counter()
     while queue and len(results) < max_compiles and time.perf_counter() - start <= budget_s:
-        scale = max(ratios, default=1.0)
-        # the fastest whose memory, corrected by what the compiles so far showed, still fits
-        # (none: the smallest, the likeliest to fit)
-        pick = next((c for c in queue if c.memory * scale <= limit), None) or min(
-            queue, key=lambda c: c.memory)
+        # the fastest whose memory, corrected by what the compiles of its kind showed, still
+        # fits (none: the smallest, the likeliest to fit)
+        pick = next((c for c in queue if c.memory * ratios.get(c.kind(), 1.0) <= limit),
+                    None) or min(queue, key=lambda c: c.memory)
         queue.remove(pick)
         log(f"compiling mesh {pick.text()} remat={pick.remat} microbatches="
             f"{pick.microbatches} (analytic {pick.memory / 2**30:.1f} GiB/device)")
@@ -177,7 +184,8 @@ def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: i
                                pick.pipeline_microbatches, pick.gather)
         plan = compile_plan(trial, spec=spec, memory_gb=memory_gb)
         plan["analytic_bytes_per_device"] = pick.memory
-        ratios.append(plan["total_bytes_per_device"] / pick.memory)
+        ratio = plan["total_bytes_per_device"] / pick.memory
+        ratios[pick.kind()] = max(ratio, ratios.get(pick.kind(), ratio))
         log(f"  -> {plan['total_gib_per_device']:.1f} GiB/device "
             f"({'fits' if plan['fits'] else 'does not fit'}), est {plan['est_step_s']:.2f}s/step,"
             f" compiled in {plan['compile_s']:.0f}s")
