@@ -67,6 +67,9 @@ def test_memory_terms_follow_gather_microbatches_and_remat(llama405b):
     finer = memory_terms(llama405b, shape, "full", 4, 8, "microbatch")
     assert finer["saved"] == pytest.approx(layerwise["saved"] / 2)
     assert finer["total"] < layerwise["total"]
+    # remat=none checkpoints no stage iteration: all R*M+S-1 iterations' activations stay
+    none = [memory_terms(llama405b, shape, "none", 4, M, "microbatch")["saved"] for M in (4, 8)]
+    assert none[1] / none[0] == pytest.approx((8 + 1) / (4 + 1) / 2)
     saved = {r: memory_terms(llama405b, shape, r, 4, 4, "microbatch")["saved"]
              for r in ("none", "dots", "full")}
     assert saved["none"] > saved["dots"] > saved["full"]

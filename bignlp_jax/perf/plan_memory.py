@@ -10,8 +10,10 @@ minutes to compile), so this estimate decides which ones it compiles first. Term
             split over tensor live at once; with stages and `pipeline_fsdp_gather=step` (or
             no fsdp) a stage's layers sit whole over fsdp for the step, as float32 weights,
             their cast, the gradient and its accumulator (STEP_GATHER_COPIES);
-  saved     what each of the stage's layers keeps for the backward pass, per token a device
-            runs at once, by remat policy;
+  saved     what each layer keeps for the backward pass, per token a device runs at once, by
+            remat policy: for the whole stack without stages; with stages, for one iteration's
+            layers (the backward recomputes them iteration by iteration) or, with remat=none,
+            for every iteration's;
   working   one layer's forward and backward temporaries and the logits, per token;
   pipeline  the stage inputs kept per iteration of the schedule (R*M+S-1 of them) and the
             buffer of M microbatches; with repeats, the slice of layers each iteration picks
@@ -98,7 +100,12 @@ def memory_terms(cfg, shape: dict[str, int], remat: str, microbatches: int = 1,
         weights = GATHERED_COPIES[f > 1] * layer_f32
     tokens = tokens_at_once(cfg, shape, microbatches, M)
     a, b = SAVED_PER_TOKEN[remat]
-    saved = per_stage * tokens * D * (a + b / t)
+    # One stage iteration runs per_stage / R layers. Under a remat policy the iteration is
+    # checkpointed: the backward pass recomputes one iteration's layers at a time. Without one
+    # every iteration's activations stay until the backward pass.
+    iterations = R * M + S - 1 if S > 1 else 1
+    kept = per_stage / R * (iterations if remat == "none" else 1)
+    saved = kept * tokens * D * (a + b / t)
     wa, wb = WORKING_PER_TOKEN
     working = tokens * (D * (wa + wb / t) + 4 * m.vocab_size / t)
     pipeline = (R * M + S - 1 + M) * tokens * D * ACTIVATION_BYTES if S > 1 else 0.0

@@ -6,7 +6,7 @@ analytically, memory (plan_memory.py) and step time (`analytic_step_s`); those w
 fits are ordered by step time and compiled one by one within `--time-budget` and
 `--max-compiles`; the ones that fit are ranked by the compiled estimate of step time (`plan.py`).
 After each compile the search scales the memory of the remaining candidates of the same kind
-(remat policy, stages, repeats, gather) by the worst compiled / analytic ratio seen for that
+(stages, repeats, gather, remat none or not) by the worst compiled / analytic ratio seen for that
 kind and compiles next the fastest one that still fits, so a wrong guess moves the search to
 smaller candidates instead of repeating the mistake.
 Candidates that differ only in their DCN split compile to the same program (`compile_plan`
@@ -60,9 +60,11 @@ class Candidate:
     memory: float  # analytic bytes per device
 
     def kind(self) -> tuple:
-        """What the analytic memory model treats alike: its errors are shared within a kind."""
+        """What the analytic memory model treats alike, so that its errors are shared within a
+        kind: stages or none, repeats, the gather mode, and whether anything is recomputed."""
         staged = self.shape.get("stage", 1) > 1
-        return self.remat, staged, self.shape.get("repeats", 1) > 1, staged and self.gather
+        return (self.remat == "none", staged, self.shape.get("repeats", 1) > 1,
+                staged and self.gather)
 
     def program(self) -> tuple:
         """What the compiled program depends on (not the DCN split)."""
