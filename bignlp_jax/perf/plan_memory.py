@@ -108,9 +108,9 @@ def memory_terms(cfg, shape: dict[str, int], remat: str, microbatches: int = 1,
     saved = kept * tokens * D * (a + b / t)
     wa, wb = WORKING_PER_TOKEN
     working = tokens * (D * (wa + wb / t) + 4 * m.vocab_size / t)
-    pipeline = (R * M + S - 1 + M) * tokens * D * ACTIVATION_BYTES if S > 1 else 0.0
+    pipeline = (iterations + M) * tokens * D * ACTIVATION_BYTES if S > 1 else 0.0
     if R > 1:  # each iteration picks its repeat's layers by index: the backward keeps the slice
-        pipeline += (R * M + S - 1) * per_stage / R * layer_f32 / (1 if whole else f)
+        pipeline += iterations * per_stage / R * layer_f32 / (1 if whole else f)
     terms = {"static": static * 4 / 3, "weights": weights, "saved": saved,
              "working": working, "pipeline": pipeline}
     return {**terms, "total": sum(terms.values())}
