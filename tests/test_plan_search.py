@@ -156,3 +156,20 @@ def test_analytic_memory_orders_gathers_as_the_compiler_does(tmp_path):
     assert measured["step"] > measured["microbatch"]
     for gather in analytic:  # and each estimate near its compiled figure
         assert 0.6 < analytic[gather] / measured[gather] < 1.6
+
+
+def test_compile_corrections_are_shared_within_a_kind_of_candidate():
+    """A compiled/analytic ratio carries to candidates the estimate models alike: dots and full
+    remat share one (both checkpoint each stage iteration), remat=none, no stages, repeats and
+    the gather mode each make another kind."""
+    from bignlp_jax.perf.plan_search import Candidate
+
+    base = {"stage": 2, "repeats": 1, "data": 1, "fsdp": 64, "sequence": 1, "tensor": 8}
+
+    def kind(shape=base, remat="full", gather="microbatch"):
+        return Candidate(1.0, shape, remat, 1, 4, gather, 1.0).kind()
+
+    assert kind(remat="dots") == kind()
+    others = [kind(remat="none"), kind(gather="step"), kind({**base, "repeats": 2}),
+              kind({**base, "stage": 1}, gather="step")]
+    assert len({kind(), *others}) == 5
