@@ -33,6 +33,9 @@ from __future__ import annotations
 import functools
 import math
 
+# Function-level imports: plan_command.py imports this module (through plan_search.py) before
+# its re-exec gives the process its devices, and jax may be imported only after that.
+
 # Layer-by-layer fsdp gathering keeps about this many layers' float32 weights (split over
 # tensor) alive at once: the gathered weights, their cast, the layer's gradient before its
 # reduce-scatter, and the next layer's prefetch; fewer without fsdp (nothing to gather).
