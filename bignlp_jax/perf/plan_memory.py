@@ -17,7 +17,17 @@ minutes to compile), so this estimate decides which ones it compiles first. Term
   working   one layer's forward and backward temporaries and the logits, per token;
   pipeline  the stage inputs kept per iteration of the schedule (R*M+S-1 of them) and the
             buffer of M microbatches; with repeats, the slice of layers each iteration picks
-            by index, which the backward pass keeps per iteration too.
+            by index, which the backward pass keeps per iteration too; and when the stored
+            stack is not already in the schedule's layout (`regroup_moves`), the stage's share
+            of it regrouped, weights and gradient, as float32 over fsdp.
+
+A split that does not come out even (126 layers on 8 stages) runs K = ceil(L / (S*R)) layer
+slots per group on every stage, identity slots included (model/pipeline.py): they hold zero
+weights that are gathered, and activations that are kept, like a layer's, so every per-stage
+term counts slots, not layers. Parameters and moments are stored with the rules of
+`parallel/rules.py::rules_for` (`describe` uses the same table): with stages that do not divide
+the layers the stack is split over fsdp x stage along `embed` instead of over stage along
+`layers`, the same bytes per device.
 
 "Tokens a device runs at once" are the rows of one gradient-accumulation microbatch
 (`train.microbatches`), cut again into `train.pipeline_microbatches` with stages, over the
@@ -74,6 +84,13 @@ def layers_per_stage(num_layers: int, stages: int, repeats: int) -> int:
     return math.ceil(num_layers / (stages * repeats)) * repeats
 
 
+def regroup_moves(num_layers: int, stages: int, repeats: int) -> bool:
+    """Whether the stored layer stack must move between stages to reach the schedule's groups
+    (model/pipeline.py): with repeats, or stages that do not divide the layers; a plain even
+    GPipe split is stored in the schedule's layout."""
+    return stages > 1 and (repeats > 1 or num_layers % stages != 0)
+
+
 def tokens_at_once(cfg, shape: dict[str, int], microbatches: int,
                    pipeline_microbatches: int) -> float:
     """Tokens one device runs forward and backward at once (see the module docstring)."""
@@ -114,6 +131,8 @@ def memory_terms(cfg, shape: dict[str, int], remat: str, microbatches: int = 1,
     pipeline = (iterations + M) * tokens * D * ACTIVATION_BYTES if S > 1 else 0.0
     if R > 1:  # each iteration picks its repeat's layers by index: the backward keeps the slice
         pipeline += iterations * per_stage / R * layer_f32 / (1 if whole else f)
+    if regroup_moves(m.num_layers, S, R):  # the stage's slots in the group layout, and their
+        pipeline += 2 * per_stage * layer_f32 / f  # gradient before it is cut back to [L]
     terms = {"static": static * 4 / 3, "weights": weights, "saved": saved,
              "working": working, "pipeline": pipeline}
     return {**terms, "total": sum(terms.values())}

@@ -16,10 +16,14 @@ DCN splits: with more devices than one host (or TPU slice) joins by the fast lin
 the DCN granules; sequence x tensor must fit inside one host (they talk every layer), and the
 host count is split between the stage, data and fsdp axes (`mesh.dcn_stage` x `mesh.dcn_data`
 x `mesh.dcn_fsdp`). The analytic order counts the pipeline bubble (S-1)/(R*M+S-1) as idle
-compute, the activations handed between stages as `stage` traffic, and the fsdp gathers as
-often as the schedule makes them (once per gradient-accumulation microbatch; with
-`pipeline_fsdp_gather=microbatch` once per pipeline iteration); the compiled estimate counts the
-collectives XLA emits for them.
+compute, an uneven split's identity slots as compute (every stage runs ceil(L/(S*R)) slots per
+repeat), the activations handed between stages and the regrouping of the stored layer stack
+into the schedule's groups as `stage` traffic, and the fsdp traffic as often as the schedule
+makes it: layer by layer (no stages, or `pipeline_fsdp_gather=microbatch`) gathers and gradient
+reductions in every microbatch, with stages in every pipeline iteration; with stages and
+`pipeline_fsdp_gather=step` one gather of a stage's weights and one sum of their gradient over
+fsdp per gradient-accumulation microbatch. The compiled estimate counts the collectives XLA
+emits for them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import dataclasses
 import time
 from typing import Any
 
-from bignlp_jax.perf.plan_memory import analytic_bytes, memory_terms
+from bignlp_jax.perf.plan_memory import (
+    analytic_bytes,
+    layer_params,
+    layers_per_stage,
+    memory_terms,
+    regroup_moves,
+)
 from bignlp_jax.perf.plan_space import (
     GATHERS,
     REMATS,
@@ -82,7 +92,6 @@ def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
     """A rough step time used only to order candidates before compiling them: compute at peak
     plus each axis's traffic at its link's bandwidth (DCN for the axes split over hosts)."""
     from bignlp_jax.model.flops import flops_per_token
-    from bignlp_jax.model.functional import abstract_params, count_params
 
     m = cfg.model
     n = mesh_devices(shape)
@@ -92,29 +101,43 @@ def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
     M = (pipeline_microbatches or 2 * S) if S > 1 else 1
     iterations = R * M + S - 1
     bubble = (S - 1) / iterations
+    # every stage runs its K*R layer slots in lock step, identity slots of an uneven split
+    # included (the head's share of the compute is scaled with them: ~1% of it)
+    slots = layers_per_stage(m.num_layers, S, R)
     compute = flops_per_token(m, cfg.data.seq_len) * tokens * recompute / n / (
-        spec.peak_tflops * 1e12) / (1 - bubble)
-    params = count_params(abstract_params(m)) / shape["tensor"] / S
+        spec.peak_tflops * 1e12) / (1 - bubble) * slots * S / m.num_layers
+    tables = m.vocab_size * m.hidden * (1 if m.tie_embeddings else 2)
+    params = (slots * layer_params(m) + tables / S) / shape["tensor"]  # one stage's, per device
     d, f, s, t = shape["data"], shape["fsdp"], shape.get("sequence", 1), shape["tensor"]
     act_bytes = 2 if m.dtype != "float32" else 4
-    # fsdp: weights gathered for the forward, the backward (and the recomputed forward) of
-    # every microbatch, or once per step for a stage with gather=step; the gradient is reduced
-    # per microbatch, and with stages per pipeline iteration (XLA sums it inside the loop)
-    layerwise = S == 1 or gather == "microbatch"
-    gathers = (3 if remat == "full" else 2) * microbatches * (
-        iterations if S > 1 and layerwise else 1)
-    reduces = microbatches * (iterations if S > 1 else 1)
-    comm = {"fsdp": (gathers * params * act_bytes + reduces * params * 4) * (f - 1) / f,
+    if S > 1 and gather == "step":
+        # a stage's float32 weights gathered once per gradient-accumulation microbatch and
+        # held through the schedule; each device accumulates its replica's gradient in the
+        # loop and the sum over fsdp runs once, after it (model/pipeline.py)
+        fsdp = microbatches * params * (4 + 4)
+    else:
+        # layer by layer: gathered for the forward, the backward (and the recomputed forward)
+        # of every microbatch, with stages in every pipeline iteration; the gradient reduced
+        # per microbatch, with stages per iteration (XLA sums it inside the loop)
+        passes = microbatches * (iterations if S > 1 else 1)
+        fsdp = passes * params * ((3 if remat == "full" else 2) * act_bytes + 4)
+    comm = {"fsdp": fsdp * (f - 1) / f,
             "data": 2 * params / f * 4 * (d - 1) / d}  # all-reduce of the gradient shard
     rows = cfg.train.global_batch_size / (d * f)
     tokens = rows * cfg.data.seq_len / s  # per device
-    comm["tensor"] = 8 * m.num_layers / S * tokens * m.hidden * act_bytes * (t - 1) / t
+    comm["tensor"] = 8 * slots * tokens * m.hidden * act_bytes * (t - 1) / t
     # pipeline: one microbatch's activations to the next stage per iteration, forward and
     # backward (each stage's devices hold its rows whole over tensor)
     comm["stage"] = 2 * iterations * tokens / M * m.hidden * act_bytes if S > 1 else 0.0
+    if regroup_moves(m.num_layers, S, R):
+        # the stored stack regrouped into the schedule's groups for every gradient-accumulation
+        # microbatch and the gradient moved back once per step: (S-1)/S of each device's
+        # float32 share crosses `stage` (benchmarks/RESULTS.md, uneven stage split)
+        comm["stage"] += (microbatches + 1) * m.num_layers * layer_params(m) * 4 / (
+            t * f * S) * (S - 1) / S
     # context parallelism: K and V gathered per layer (forward, recompute) and dK/dV scattered
     kv = 2 * m.kv_heads * m.dim_per_head / t
-    comm["sequence"] = (3 if remat == "full" else 2) * m.num_layers / S * tokens * s * kv * \
+    comm["sequence"] = (3 if remat == "full" else 2) * slots * tokens * s * kv * \
         act_bytes * (s - 1) / s
     if dcn is None:  # no DCN split known: every axis at the slower link once past one host
         slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
