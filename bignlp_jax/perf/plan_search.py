@@ -50,8 +50,8 @@ from bignlp_jax.perf.plan_space import (
     with_candidate,
 )
 
-__all__ = ["REMATS", "Candidate", "analytic_bytes", "analytic_step_s", "dcn_candidates",
-           "mesh_candidates", "microbatch_choices", "rank", "search"]
+__all__ = ["REMATS", "Candidate", "analytic_bytes", "analytic_step_s", "axis_bytes",
+           "dcn_candidates", "mesh_candidates", "microbatch_choices", "rank", "search"]
 
 # Function-level imports: plan_command.py imports this module before its re-exec gives the
 # process its devices, and jax may be imported only after that.
@@ -90,22 +90,43 @@ def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
                     dcn: dict[str, int] | None = None, microbatches: int = 1,
                     pipeline_microbatches: int | None = None, gather: str = "step") -> float:
     """A rough step time used only to order candidates before compiling them: compute at peak
-    plus each axis's traffic at its link's bandwidth (DCN for the axes split over hosts)."""
+    plus each axis's traffic (`axis_bytes`) at its link's bandwidth (DCN for the axes split
+    over hosts)."""
     from bignlp_jax.model.flops import flops_per_token
 
     m = cfg.model
     n = mesh_devices(shape)
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len
     recompute = 4 / 3 if remat == "full" else 1.0
     S, R = shape.get("stage", 1), shape.get("repeats", 1)
     M = (pipeline_microbatches or 2 * S) if S > 1 else 1
-    iterations = R * M + S - 1
-    bubble = (S - 1) / iterations
+    bubble = (S - 1) / (R * M + S - 1)
     # every stage runs its K*R layer slots in lock step, identity slots of an uneven split
     # included (the head's share of the compute is scaled with them: ~1% of it)
     slots = layers_per_stage(m.num_layers, S, R)
-    compute = flops_per_token(m, cfg.data.seq_len) * tokens * recompute / n / (
-        spec.peak_tflops * 1e12) / (1 - bubble) * slots * S / m.num_layers
+    compute = flops_per_token(m, cfg.data.seq_len) * cfg.train.global_batch_size * \
+        cfg.data.seq_len * recompute / n / (spec.peak_tflops * 1e12) / (1 - bubble) * \
+        slots * S / m.num_layers
+    comm = axis_bytes(cfg, shape, remat, microbatches, pipeline_microbatches, gather)
+    if dcn is None:  # no DCN split known: every axis at the slower link once past one host
+        slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
+        return compute + sum(comm.values()) / (slow * 1e9)
+    crossing = {"data": dcn["dcn_data"] > 1, "fsdp": dcn["dcn_fsdp"] > 1,
+                "stage": dcn.get("dcn_stage", 1) > 1}
+    return compute + sum(
+        v / ((spec.cross_host_gbps if crossing.get(a) else spec.link_gbps) * 1e9)
+        for a, v in comm.items())
+
+
+def axis_bytes(cfg, shape: dict[str, int], remat: str, microbatches: int = 1,
+               pipeline_microbatches: int | None = None,
+               gather: str = "step") -> dict[str, float]:
+    """Bytes each device sends per step along each mesh axis, analytically (see the module
+    docstring for what is counted)."""
+    m = cfg.model
+    S, R = shape.get("stage", 1), shape.get("repeats", 1)
+    M = (pipeline_microbatches or 2 * S) if S > 1 else 1
+    iterations = R * M + S - 1
+    slots = layers_per_stage(m.num_layers, S, R)
     tables = m.vocab_size * m.hidden * (1 if m.tie_embeddings else 2)
     params = (slots * layer_params(m) + tables / S) / shape["tensor"]  # one stage's, per device
     d, f, s, t = shape["data"], shape["fsdp"], shape.get("sequence", 1), shape["tensor"]
@@ -139,14 +160,7 @@ def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
     kv = 2 * m.kv_heads * m.dim_per_head / t
     comm["sequence"] = (3 if remat == "full" else 2) * slots * tokens * s * kv * \
         act_bytes * (s - 1) / s
-    if dcn is None:  # no DCN split known: every axis at the slower link once past one host
-        slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
-        return compute + sum(comm.values()) / (slow * 1e9)
-    crossing = {"data": dcn["dcn_data"] > 1, "fsdp": dcn["dcn_fsdp"] > 1,
-                "stage": dcn.get("dcn_stage", 1) > 1}
-    return compute + sum(
-        v / ((spec.cross_host_gbps if crossing.get(a) else spec.link_gbps) * 1e9)
-        for a, v in comm.items())
+    return comm
 
 
 def rank(cfg, n: int, spec, memory_gb: float) -> tuple[list[Candidate], list[dict]]:
