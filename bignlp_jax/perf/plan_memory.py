@@ -8,8 +8,8 @@ minutes to compile), so this estimate decides which ones it compiles first. Term
   weights   fsdp-gathered working copies of the layer weights. Layer by layer (no stages, or
             stages with `train.pipeline_fsdp_gather=microbatch`) a few layers' float32 weights
             split over tensor live at once; with stages and `pipeline_fsdp_gather=step` (or
-            no fsdp) a stage's layers sit whole over fsdp for the step, as float32 weights,
-            their cast, the gradient and its accumulator (STEP_GATHER_COPIES);
+            no fsdp) a stage's layer slots sit whole over fsdp for the step, as float32
+            weights, their cast, the gradient and its accumulator (STEP_GATHER_COPIES);
   saved     what each layer keeps for the backward pass, per token a device runs at once, by
             remat policy: for the whole stack without stages; with stages, for one iteration's
             layers (the backward recomputes them iteration by iteration) or, with remat=none,
