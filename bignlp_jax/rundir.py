@@ -11,6 +11,8 @@
     RUN_DIR/resume_from.json        which `checkpoint.resume_from` was applied already
     RUN_DIR/tokenizer/              the tokenizer the run was trained with
     RUN_DIR/earlier_attempts/       metrics of starts that never saved a checkpoint, kept
+    RUN_DIR/eval.json               the latest `eval` results (evaluate/run.py)
+    RUN_DIR/lm_eval.json            the latest `lm-eval` results (evaluate/harness_commands.py)
 
 Every other module asks this one for these paths; `config.yaml` is parsed once per `RunDir`
 (and the parse follows the module's own writes), so two readers cannot disagree on it.
@@ -40,6 +42,8 @@ ABANDONED = "checkpoints_abandoned"
 RESUME_MARKER = "resume_from.json"
 TOKENIZER = "tokenizer"
 EARLIER_ATTEMPTS = "earlier_attempts"
+EVAL_FILE = "eval.json"
+LM_EVAL_FILE = "lm_eval.json"
 
 
 class RunDir:
