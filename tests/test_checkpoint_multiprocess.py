@@ -170,15 +170,15 @@ def test_load_params_shares_the_verification_and_all_processes_agree(tmp_path, c
 # only: the other process writes fine).
 ONE_FAILS = """
 import errno, sys
-from bignlp_jax.checkpoint import integrity
+from bignlp_jax.checkpoint import checksum_writer
 if sys.argv[1] == sys.argv[sys.argv.index("--process-id") + 1]:
-    original, calls = integrity.write_process_sums, []
+    original, calls = checksum_writer.write_process_sums, []
     def failing(state_dir, process_index):
         calls.append(state_dir)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(state_dir))
         return original(state_dir, process_index)
-    integrity.write_process_sums = failing
+    checksum_writer.write_process_sums = failing
 from bignlp_jax.cli import main
 sys.exit(main(sys.argv[2:]))
 """
