@@ -29,14 +29,10 @@ from bignlp_jax.config import Config
 from bignlp_jax.data.corpora import embedded
 from bignlp_jax.data.store.batches import StoreBatches
 from bignlp_jax.data.store.build import build_store
+from bignlp_jax.data.store.manifest import MANIFEST
 from bignlp_jax.data.store.sample_index import SampleIndex
 from bignlp_jax.data.store.shards import ShardedStore
-from bignlp_jax.data.store.token_store import (
-    MANIFEST,
-    StoreSpec,
-    dataset_identity,
-    store_dir,
-)
+from bignlp_jax.data.store.token_store import StoreSpec, dataset_identity, store_dir
 from bignlp_jax.data.tfds.source import open_split, resolve_data_dir, split_size
 from bignlp_jax.data.tokenizer import MODEL_FILE, Tokenizer, load_tokenizer
 from bignlp_jax.errors import UserError

@@ -26,8 +26,9 @@ def cmd_data_tokenize(args) -> int:
     from bignlp_jax.access import check_path
     from bignlp_jax.data.corpora import embedded
     from bignlp_jax.data.store.build import build_store
+    from bignlp_jax.data.store.manifest import MANIFEST
     from bignlp_jax.data.store.shards import ShardedStore
-    from bignlp_jax.data.store.token_store import MANIFEST, StoreSpec, dataset_identity, store_dir
+    from bignlp_jax.data.store.token_store import StoreSpec, dataset_identity, store_dir
     from bignlp_jax.data.tfds.source import resolve_data_dir, split_size
     from bignlp_jax.data.tokenizer import load_tokenizer
 
