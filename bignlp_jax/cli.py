@@ -67,13 +67,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
-def config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG",
-                   help="YAML config (path, or name under configs/, e.g. tiny)")
-    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. train.steps=10 mesh.fsdp=4 (default: none)")
-
-
 def cmd_train(args) -> int:
     from bignlp_jax.config import load_config
     from bignlp_jax.train.loop import train
@@ -117,6 +110,8 @@ def cmd_describe(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """This module's own commands: train and describe."""
+    from bignlp_jax.config.loader import add_config_arguments
+
     p = sub.add_parser("train", help=COMMANDS["train"][1],
                        usage="%(prog)s CONFIG [KEY=VALUE ...] [--allow-config-change]\n"
                        "  e.g. bignlp-jax train tiny train.steps=50",
@@ -124,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "e.g. tiny) plus dotted overrides. Rerunning the same command resumes "
                        "the run in run.dir.",
                        epilog="example: bignlp-jax train tiny train.steps=200 run.dir=runs/mine")
-    config_args(p)
+    add_config_arguments(p, "train.steps=10 mesh.fsdp=4")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the run's config.yaml in keys "
                         "other than steps/time/cadence; the change is recorded in "
@@ -137,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "or compiling anything (`plan` compiles the step for real).",
                        epilog="example: bignlp-jax describe configs/models/gpt3_175b.yaml "
                        "--devices 512 mesh.fsdp=64 mesh.tensor=8")
-    config_args(p)
+    add_config_arguments(p, "train.steps=10 mesh.fsdp=4")
     p.add_argument("--devices", type=int, default=None,
                    help="devices to lay the mesh over (default: the devices jax sees)")
     p.set_defaults(func=cmd_describe)

@@ -7,6 +7,7 @@ this module only turns its errors into one message a person can act on.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import importlib.resources
@@ -25,6 +26,15 @@ from bignlp_jax.errors import ConfigError
 # The presets ship inside the package (bignlp_jax/configs links to the top-level configs/ in a
 # clone, and is a plain folder in a wheel), so names such as `tiny` work from any install.
 CONFIG_ROOT = Path(str(importlib.resources.files("bignlp_jax") / "configs"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """`CONFIG [KEY=VALUE ...]`, the positional arguments of every command that runs
+    `load_config(args.config, args.overrides)`; `example`: overrides that suit the command."""
+    parser.add_argument("config", metavar="CONFIG",
+                        help="YAML config (path, or name under configs/, e.g. tiny)")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"dotted overrides, e.g. {example} (default: none)")
 
 
 def resolve_config_path(path: str | Path) -> Path:

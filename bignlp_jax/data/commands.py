@@ -139,6 +139,7 @@ def cmd_data_bench(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from bignlp_jax.config.loader import add_config_arguments
     from bignlp_jax.data.tfds.local_files import FORMATS, TEXT_UNITS
     from bignlp_jax.data.tokenizer import MODEL_TYPES
 
@@ -195,8 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     store_commands.register(data_sub)
 
     p = data_sub.add_parser("bench", help="time the data loader alone (last line: JSON)")
-    p.add_argument("config", help="run config (path, or name under configs/, e.g. tiny)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    add_config_arguments(p, "data.workers=4")
     p.add_argument("--steps", type=int, default=20, help="batches to time (default 20)")
     p.add_argument("--start-step", type=int, default=0,
                    help="first batch to read (time to the first batch of a resumed run)")
