@@ -47,14 +47,14 @@ def training_texts(args) -> tuple[list[str], str]:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from bignlp_jax.data.tokenizer import train_tokenizer
+    from bignlp_jax.data.tokenizer import JSON_FILE, train_tokenizer
 
     texts, origin = training_texts(args)
     tokenizer = train_tokenizer(texts, args.out, args.vocab_size, args.model_type)
     info = tokenizer.describe()
     info["trained_on"] = origin
     # The provenance goes into the JSON written next to the model as well.
-    (Path(args.out) / "tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
+    (Path(args.out) / JSON_FILE).write_text(json.dumps(info, indent=2) + "\n")
     print(f"tokenizer ({info['model_type']}, {info['vocab_size']} pieces) trained on {origin}")
     print(f"  written to {args.out}; use it with data.tokenizer={args.out} "
           f"model.vocab_size={info['vocab_size']}")
