@@ -30,6 +30,9 @@ def test_a_section_override_takes_that_section_of_a_config_file():
     assert cfg.model.family == "llama" and cfg.model.use_bias is False
     tiny = load_config("tiny")
     assert (cfg.train, cfg.data, cfg.run) == (tiny.train, tiny.data, tiny.run)
+    # a mapping sets keys of the section, never resets the rest of it to the defaults
+    assert load_config("tiny", ["model={num_layers: 3}"]).model == tiny.model.model_copy(
+        update={"num_layers": 3})
 
 
 def test_public_keys_exist():

@@ -115,7 +115,8 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str],
     """Apply `a.b.c=value` strings; values are parsed as YAML scalars/lists (`3`, `1e-4`,
     `[1,2]`). `SECTION=FILE` (e.g. `model=models/tiny_llama.yaml`) replaces a whole section
     with that config file's section first; dotted keys then apply on top of it, wherever they
-    stand on the command line (`model.hidden=128 model=FILE` keeps hidden=128). `sections`:
+    stand on the command line (`model.hidden=128 model=FILE` keeps hidden=128); a mapping
+    given to a section sets its keys (`model={hidden: 128}` = `model.hidden=128`). `sections`:
     the keys that are sections (default: those of a run's `Config`)."""
     tree = copy.deepcopy(tree)
     sections = SECTIONS if sections is None else sections
@@ -126,6 +127,11 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str],
             tree[key] = section_from_file(key, str(value))
     for key, value in parsed:
         if key in from_files:
+            continue
+        if key in sections and isinstance(value, dict) and isinstance(tree.get(key), dict):
+            # `model={num_layers: 3}` sets those keys, as a `defaults:` file would; replacing
+            # the section would silently reset every other key of it to its default
+            tree[key] = deep_merge(tree[key], value)
             continue
         node = tree
         parts = key.split(".")
