@@ -46,6 +46,7 @@ def reference(tmp_path_factory, cache_env):
     return run_dir, losses(run_dir), host_params(run_dir, cfg.model)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(reference, tmp_path):
     ref_dir, ref_losses, ref_params = reference
     assert latest_step(ref_dir) == 12 and is_complete(ref_dir, config(ref_dir, "train.steps=12"))
@@ -64,6 +65,7 @@ def test_resume_is_bitwise_exact(reference, tmp_path):
     assert (run / "checkpoints" / "12" / "data" / "process_0-of-1.json").is_file()
 
 
+@pytest.mark.slow
 def test_max_time_stops_with_checkpoint_and_resumes_exactly(reference, tmp_path):
     _, ref_losses, ref_params = reference
     run = tmp_path / "run"
@@ -376,6 +378,7 @@ def test_resume_from_a_broken_step_moves_nothing(reference, tmp_path):
     assert latest_step(run) == 12
 
 
+@pytest.mark.slow
 def test_resume_from_three_times_then_a_fourth(reference, tmp_path):
     """Each resume sets its abandoned steps aside in a folder of its own (no nesting, no
     collision, even twice from one step within a second), and the directory stays usable."""

@@ -50,6 +50,7 @@ def run_attention(mesh_cfg, n, q, k, v, seg):
     return [np.asarray(x)[:, back] for x in (out, *grads)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_context_attention_equals_reference(packed):
     q, k, v, seg = packed_inputs(packed=packed)
@@ -134,6 +135,7 @@ def one_device(tmp_path_factory):
     return loss_and_grads(cfg, jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [(2, 1, 4, 1), (1, 2, 2, 2)], ids=["d2s4", "f2s2t2"])
 def test_context_parallel_loss_and_gradients_match_one_device(tmp_path, one_device, mesh):
     from helpers import tiny_config
@@ -152,6 +154,7 @@ def test_context_parallel_loss_and_gradients_match_one_device(tmp_path, one_devi
         assert err <= RTOL, (jax.tree_util.keystr(path), err)
 
 
+@pytest.mark.slow
 def test_forward_in_slot_order_under_context_parallelism(tmp_path):
     """A caller that does not permute (scoring, evaluation) gets slot-order logits equal to
     one device's."""

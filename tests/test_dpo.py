@@ -230,6 +230,7 @@ def our_losses(cfg, policy, reference):
             for v, (loss, means, grads) in zip(VARIANTS, results)}
 
 
+@pytest.mark.slow
 def test_loss_rewards_and_gradient_match_trl(golden_models, trl_trainer):
     """sigmoid, conservative sigmoid, ipo and hinge: the loss and TRL's reward metrics within
     1e-5 relative, the gradient w.r.t. layer 0's q projection within 1e-4 of its scale."""

@@ -93,6 +93,7 @@ def test_cli_export_hf_loads_in_transformers_with_our_tokenizer(tmp_path, run_di
     assert generation["eos_token_id"] == ours.eos_id
 
 
+@pytest.mark.slow
 def test_cli_generate_equals_transformers_generate(tmp_path, run_dir, capsys):
     path, cfg, params = run_dir
     out = tmp_path / "hf"
@@ -111,6 +112,7 @@ def test_cli_generate_equals_transformers_generate(tmp_path, run_dir, capsys):
     assert ours["output"] == load_tokenizer(path).decode(new)
 
 
+@pytest.mark.slow
 def test_params_bundle_and_import_give_back_the_params(tmp_path, run_dir):
     path, cfg, params = run_dir
     bundle = tmp_path / "bundle"

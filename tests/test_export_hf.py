@@ -94,6 +94,7 @@ def tokens_for(cfg, rows=2, length=17, seed=0):
     return np.random.RandomState(seed).randint(0, cfg.vocab_size, (rows, length)).astype(np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_golden_logits_and_greedy_generation(tmp_path, variant):
     from bignlp_jax.infer.generate import generate
@@ -202,6 +203,7 @@ def test_layout_round_trips_without_loss_for_odd_shapes():
             assert np.array_equal(back, one), entry.path
 
 
+@pytest.mark.slow
 def test_import_llama3_family_model(tmp_path):
     """A transformers LlamaForCausalLM with Llama 3's settings (8 kv heads shared by 4 query
     heads each, RoPE theta 500000, eps 1e-5, the 128256-token vocabulary, untied) at a small

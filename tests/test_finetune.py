@@ -56,6 +56,7 @@ def test_rows_weight_only_the_target():
     assert len(long_prompt) + 2 == 12 + 1 and long_prompt[-1] == 3
 
 
+@pytest.mark.slow
 def test_loss_counts_target_tokens_only():
     from bignlp_jax.train.step import loss_sums
 
@@ -176,6 +177,7 @@ def pretrained(tmp_path_factory):
     return run_dir, state.params
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_pretrained_params(tmp_path, pretrained):
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer

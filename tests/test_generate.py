@@ -40,6 +40,7 @@ def greedy_by_recompute(cfg, params, prompt, steps):
     return seq[len(prompt):]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, ROPE], ids=["gpt", "llama"])
 def test_greedy_cache_equals_recompute(cfg):
     params = params_for(cfg)
@@ -59,6 +60,7 @@ def test_stops_at_eos():
         assert row_cut == (row_full[: row_full.index(eos)] if eos in row_full else row_full)
 
 
+@pytest.mark.slow
 def test_sampling_reproducible_per_seed():
     params = params_for(CFG)
     kw = {"max_new_tokens": NEW, "temperature": 1.0, "top_k": 20, "top_p": 0.9}

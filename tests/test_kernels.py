@@ -94,6 +94,7 @@ PRIME_LLAMA = ("model.vocab_size=127", "model.hidden=30", "model.num_heads=6",
                "model.max_seq_len=256", "data.seq_len=256")
 
 
+@pytest.mark.slow
 def test_whole_model_loss_and_grads_match_on_every_kernel_path(tmp_path):
     # Llama (RoPE, SwiGLU, GQA, untied head) with rows of 256, so the blocked attention kernel
     # skips blocks. GPT's extra ops (biases, GELU, the tied head) have no optimised kernels

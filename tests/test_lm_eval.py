@@ -150,6 +150,7 @@ def ours_one_device(cfg, run, manager):
     return _ONE_DEVICE[str(run)]
 
 
+@pytest.mark.slow
 def test_golden_against_the_hf_backend(exported, manager):
     run, hf, cfg = exported
     a, lm = ours_one_device(cfg, run, manager)

@@ -22,6 +22,7 @@ def _tokens():
     return jax.random.randint(jax.random.key(3), (2, 12), 0, 128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("llama", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_zero_b_gives_base_logits_and_merge_matches(tmp_path, llama):
     cfg = tiny_config(tmp_path, llama=llama).model
@@ -126,6 +127,7 @@ def test_lora_trains_adapters_only(tmp_path, pretrained):
 
 
 # -- export: merged Hugging Face weights and a peft adapter, checked with peft itself ----------
+@pytest.mark.slow
 @pytest.mark.required
 def test_peft_adapter_golden(tmp_path):
     """Our peft export loaded by `peft.PeftModel.from_pretrained` on our HF export of the base

@@ -12,6 +12,7 @@ from bignlp_jax.train.loop import train
 FAMILIES = [False, True]  # gpt-style, llama-style (GQA, RoPE, SwiGLU, untied)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("llama", FAMILIES, ids=["gpt", "llama"])
 def test_packed_logits_equal_each_sequence_alone(tmp_path, llama):
     cfg = tiny_config(tmp_path, llama=llama).model
@@ -41,6 +42,7 @@ def test_packed_logits_equal_each_sequence_alone(tmp_path, llama):
         start += len(doc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("llama", FAMILIES, ids=["gpt", "llama"])
 def test_kv_cache_matches_full_forward(tmp_path, llama):
     cfg = tiny_config(tmp_path, llama=llama).model
@@ -58,6 +60,7 @@ def test_kv_cache_matches_full_forward(tmp_path, llama):
         np.testing.assert_allclose(np.asarray(step_logits)[:, 0], full[:, i], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_policies_do_not_change_gradients(tmp_path):
     from bignlp_jax.data import SyntheticSource
     from bignlp_jax.train.step import loss_sums

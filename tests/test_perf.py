@@ -63,6 +63,7 @@ def test_one_accelerator_table_serves_mfu_and_plan(device_kind, name):
     assert table_peak(device_kind) == (DEVICES[name].peak_tflops if name else None)
 
 
+@pytest.mark.slow
 def test_bench_prints_json_with_every_field(cli_env, tmp_path):
     proc = subprocess.run(
         bignlp_cmd("bench", "configs/tiny.yaml", f"run.dir={tmp_path}", "--steps", "2",
@@ -158,6 +159,7 @@ def test_search_ranks_fitting_meshes(tmp_path):
         assert plan["devices"] == 8 and plan["fits"]
 
 
+@pytest.mark.slow
 def test_unrolled_layers_match_scanned(tmp_path):
     from bignlp_jax.data import SyntheticSource
     from bignlp_jax.model import init_params

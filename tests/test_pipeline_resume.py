@@ -67,3 +67,16 @@ def test_generate_and_export_from_a_pipelined_checkpoint(runs, tmp_path):
     assert cli.main(["export", "--run", str(half / "run"), "--out", str(out)]) == 0
     index = json.loads((out / "config.json").read_text())
     assert index["num_hidden_layers"] == 8
+
+
+def test_resume_between_an_uneven_and_an_even_split(tmp_path):
+    """10 layers: 4 stages split them unevenly (3,3,2,2 with two identity slots; stored split
+    over `embed`, the stages do not divide the stack), 2 stages evenly (stored split over
+    `layers`). A run saved with 4 stages resumes with 2 and matches the uninterrupted run."""
+    ten = ("model.num_layers=10", "mesh.data=-1")
+    run(tmp_path / "whole", *ten, "mesh.stage=2", "train.steps=4")
+    run(tmp_path / "resumed", *ten, "mesh.stage=4", "train.steps=2")
+    run(tmp_path / "resumed", *ten, "mesh.stage=2", "train.steps=4")
+    expected, resumed = losses(tmp_path / "whole" / "run"), losses(tmp_path / "resumed" / "run")
+    np.testing.assert_allclose([resumed[s] for s in (1, 2, 3, 4)],
+                               [expected[s] for s in (1, 2, 3, 4)], rtol=RTOL)

@@ -63,6 +63,7 @@ def test_rerun_refuses_other_config_then_records_an_allowed_change(tmp_path, cap
     assert saved_lr(run) == 0.001
 
 
+@pytest.mark.slow
 def test_cli_refuses_config_change_with_exit_2_and_allows_it_with_the_flag(tmp_path, capsys):
     from helpers import TINY_MODEL
 

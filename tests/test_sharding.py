@@ -38,7 +38,9 @@ def reference(tmp_path_factory):
     return run_losses(cfg, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
+# one mesh in the fast tier, every mesh in the full suite
+@pytest.mark.parametrize("mesh", [m if m == (2, 2, 2) else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in MESHES], ids=lambda m: "x".join(map(str, m)))
 def test_sharded_losses_match_single_device(tmp_path, reference, mesh):
     d, f, t = mesh
     cfg = tiny_config(tmp_path, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", *GQA,

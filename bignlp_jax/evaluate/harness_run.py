@@ -27,7 +27,7 @@ from bignlp_jax.evaluate.harness_runner import HarnessRunner
 from bignlp_jax.evaluate.harness_tasks import SHIPPED_DIR, prepare_include_dirs
 from bignlp_jax.model import param_shardings
 from bignlp_jax.parallel.mesh import build_mesh
-from bignlp_jax.parallel.rules import rules_table
+from bignlp_jax.parallel.rules import rules_for
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def load_model(cfg: Config, run_dir: Path, step: int | None, settings: HarnessSe
         raise UserError(f"lm-eval: the tokenizer has {tokenizer.vocab_size} pieces but the model "
                         f"only {cfg.model.vocab_size} (model.vocab_size)")
     mesh = build_mesh(cfg.mesh, devices)
-    rules = rules_table(cfg.mesh.rules)
+    rules = rules_for(cfg)
     shardings = param_shardings(cfg.model, mesh, rules)
     params = load_params(step_dir, cfg.model, shardings, lora=cfg.lora)
     max_length = settings.max_length or min(cfg.data.seq_len, cfg.model.max_seq_len)

@@ -20,7 +20,7 @@ from bignlp_jax.data.tasks.formats import ROW_KEYS, TaskFormat, empty_row, make_
 from bignlp_jax.infer.generate import generate
 from bignlp_jax.model import forward
 from bignlp_jax.model.loss import token_cross_entropy
-from bignlp_jax.parallel.rules import activation_sharding, rules_table
+from bignlp_jax.parallel.rules import activation_sharding, rules_for
 
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # local rows -> [global rows] scores
 
@@ -37,7 +37,7 @@ def make_score_fn(trainer, params) -> ScoreFn:
     """Jitted scorer of `params` on the trainer's mesh: batch rows sharded like training, scores
     replicated to every process."""
     mesh, cfg = trainer.mesh, trainer.cfg
-    rules = rules_table(cfg.mesh.rules)
+    rules = rules_for(cfg)
 
     def step(params, batch):
         with activation_sharding(mesh, rules):

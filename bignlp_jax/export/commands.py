@@ -66,10 +66,10 @@ def run_shardings(cfg):
 
     from bignlp_jax.model import param_shardings
     from bignlp_jax.parallel.mesh import build_mesh
-    from bignlp_jax.parallel.rules import rules_table
+    from bignlp_jax.parallel.rules import rules_for
 
     try:
-        return param_shardings(cfg.model, build_mesh(cfg.mesh), rules_table(cfg.mesh.rules))
+        return param_shardings(cfg.model, build_mesh(cfg.mesh), rules_for(cfg))
     except UserError:
         if jax.process_count() > 1:
             raise

@@ -21,7 +21,7 @@ import jax
 from bignlp_jax.config import Config, ModelConfig
 from bignlp_jax.model.functional import abstract_params, count_params, param_axes
 from bignlp_jax.model.lora import LoraSpec, adapter_axes, adapter_shapes
-from bignlp_jax.model.pipeline import PipelineSpec
+from bignlp_jax.model.pipeline import PipelineSpec, group_layers
 from bignlp_jax.parallel.rules import logical_to_spec, rules_table
 
 # AdamW keeps two float32 moments per parameter.
@@ -59,13 +59,13 @@ def shard_factor(shape, axes, rules, mesh_shape: dict[str, int]) -> int:
 
 def param_bytes_per_device(cfg: ModelConfig, rules_name: str, mesh_shape: dict[str, int],
                            bytes_per_param: int = 4) -> float:
-    return _bytes_per_device(abstract_params(cfg), param_axes(cfg), rules_name, mesh_shape,
+    rules = rules_table(rules_name, cfg.num_layers, mesh_shape.get("stage", 1))
+    return _bytes_per_device(abstract_params(cfg), param_axes(cfg), rules, mesh_shape,
                              bytes_per_param)
 
 
-def _bytes_per_device(shapes, axes, rules_name: str, mesh_shape: dict[str, int],
+def _bytes_per_device(shapes, axes, rules: dict, mesh_shape: dict[str, int],
                       bytes_per_param: int = 4) -> float:
-    rules = rules_table(rules_name)
     leaves = jax.tree.leaves(shapes)
     axis_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     return sum(
@@ -75,25 +75,35 @@ def _bytes_per_device(shapes, axes, rules_name: str, mesh_shape: dict[str, int],
 
 
 def pipeline_split(cfg: Config) -> dict | None:
-    """How the layers split into pipeline stages, and the schedule's bubble (None: no stages).
-    Layer counts that do not split evenly are reported as such (training refuses them)."""
+    """How the layers split into pipeline stages (model/pipeline.py: S*R groups of K layer
+    slots, identity slots where L does not fill them), and the schedule's bubble (None: no
+    stages)."""
     S, R = cfg.mesh.stages, cfg.train.pipeline_repeats
     if S == 1:
         return None
     M = cfg.train.pipeline_microbatches or 2 * S
     L = cfg.model.num_layers
-    return {"stages": S, "repeats": R, "microbatches": M,
-            "layers_per_stage": L / S, "layers_per_group": L / (S * R),
-            "even": L % (S * R) == 0, "bubble": PipelineSpec(S, M, R).bubble}
+    groups = group_layers(L, S, R)
+    per_stage = [sum(groups[r * S + s] for r in range(R)) for s in range(S)]
+    return {"stages": S, "repeats": R, "microbatches": M, "layers_per_group": max(groups),
+            "layers_per_stage": per_stage, "identity_slots": S * R * max(groups) - L,
+            "bubble": PipelineSpec(S, M, R).bubble}
 
 
 def pipeline_text(split: dict) -> str:
-    """'4 stages x 2 repeats of 8 layers (16 per stage), 8 microbatches: bubble 15.8%'."""
-    group = split["layers_per_group"]
-    size = f"{group:g} layers" if split["even"] else f"{group:.2f} layers (NOT EVEN)"
-    return (f"{split['stages']} stages x {split['repeats']} repeat(s) of {size} "
-            f"({split['layers_per_stage']:g} per stage), {split['microbatches']} microbatches:"
-            f" bubble (S-1)/(R*M+S-1) = {split['bubble']:.1%}")
+    """'4 stages x 2 repeat(s) of 8 layers (16 per stage), 8 microbatches: bubble 15.8%'; an
+    uneven split lists the layers of every stage and the identity slots' extra compute."""
+    per_stage, pad = split["layers_per_stage"], split["identity_slots"]
+    if pad:
+        layers = sum(per_stage)
+        size = (f"{split['layers_per_group']} layer slots ({','.join(map(str, per_stage))} "
+                f"layers per stage; {pad} identity slot{'s' * (pad > 1)}: "
+                f"{pad / layers:.1%} extra layer compute)")
+    else:
+        size = f"{split['layers_per_group']} layers ({per_stage[0]} per stage)"
+    return (f"{split['stages']} stages x {split['repeats']} repeat(s) of {size}, "
+            f"{split['microbatches']} microbatches: bubble (S-1)/(R*M+S-1) = "
+            f"{split['bubble']:.1%}")
 
 
 def describe(cfg: Config, mesh_shape: dict[str, int]) -> dict:
@@ -106,8 +116,8 @@ def describe(cfg: Config, mesh_shape: dict[str, int]) -> dict:
     spec = LoraSpec.from_config(cfg.lora)
     if spec is not None:  # frozen base + adapters; AdamW moments for the adapters only
         shapes = adapter_shapes(m, spec)
-        adapter_bytes = _bytes_per_device(shapes, adapter_axes(m, spec), cfg.mesh.rules,
-                                          mesh_shape)
+        rules = rules_table(cfg.mesh.rules, m.num_layers, mesh_shape.get("stage", 1))
+        adapter_bytes = _bytes_per_device(shapes, adapter_axes(m, spec), rules, mesh_shape)
         params_bytes += adapter_bytes
         optimizer_bytes = adapter_bytes * ADAM_STATE_BYTES_PER_PARAM / 4
         lora = {"lora_parameters": count_params(shapes)}

@@ -1,11 +1,11 @@
 """Pipeline parallelism over the scanned layer stack: GPipe and circular schedules, SPMD.
 
-The stacked layers [L, ...] are cut into S stages x R repeats of K = L / (S*R) layers: group
-g = r*S + s (layers g*K .. g*K+K-1) runs on stage s in repeat r, so with R > 1 each stage holds
-R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe. A batch is cut
-into M microbatches; in iteration t stage s works on pass p = t - s (microbatch p % M of repeat
-p // M) when 0 <= p < R*M, and idles otherwise, so one step takes R*M + S - 1 iterations of
-which S - 1 are the fill and drain bubble: a fraction (S-1)/(R*M+S-1) of the time.
+The stacked layers [L, ...] are cut into S stages x R repeats of K = ceil(L / (S*R)) layer
+slots: group g = r*S + s (the next K layers in order) runs on stage s in repeat r, so with R > 1
+each stage holds R non-adjacent groups (the circular / interleaved schedule) and R = 1 is GPipe.
+A batch is cut into M microbatches; in iteration t stage s works on pass p = t - s (microbatch
+p % M of repeat p // M) when 0 <= p < R*M, and idles otherwise, so one step takes R*M + S - 1
+iterations of which S - 1 are the fill and drain bubble: a fraction (S-1)/(R*M+S-1) of the time.
 
 Why SPMD in one program (the design of MaxText and Praxis) rather than one program per stage
 (Megatron, torchtitan): every iteration is the same computation on every stage, written once as a
@@ -23,16 +23,38 @@ weights are gathered over the fsdp axis once per step, before the iteration loop
 microbatch: a stage's K*R layers sit unsharded over fsdp (still split over stage and tensor) for
 the whole step, which pays with many stages and costs memory with few
 (`train.pipeline_fsdp_gather=microbatch` gathers layer by layer in every iteration instead, as
-without stages: R*M times the all-gather bytes, one layer's weights whole at a time). Their
-gradients are
-summed over fsdp inside the loop: the compiled program all-reduces each layer's gradient once
-per iteration (XLA keeps the loop's gradient accumulator summed), so those bytes grow with M
-(benchmarks/pipeline_bubble.py measures them).
+without stages: R*M times the all-gather bytes, one layer's weights whole at a time).
 
-The checkpoint keeps the canonical layer order [L, ...], split contiguously over stages, so a
-run resumes under any stage or repeat count. For R = 1 that is exactly the schedule's layout;
-for R > 1 stage s needs groups s, s+S, ..., so XLA moves the weights between stages once per
-step (and their gradients back), whatever M is.
+Their gradients are summed over the data-parallel devices once per step too. Gathered weights
+shared by every replica (data x fsdp) would make XLA keep the loop's gradient accumulator summed,
+all-reducing each layer's gradient in every iteration (bytes growing with M). So the gathered
+weights are broadcast to one copy per replica, [R, S, n, K, ...] split over data x fsdp along n
+(each device still holds one copy), and the stage runs under a second `vmap` over n
+(`replica_vmap`), each replica on its own rows: each device accumulates its own copy's gradient
+in the loop, and the sum over n (the broadcast's transpose) happens once, after it
+(benchmarks/pipeline_bubble.py measures the fsdp bytes, flat in M).
+
+Uneven splits (L not a multiple of S*R, e.g. Llama 3 405B's 126 layers on 8 stages): the
+schedule runs S*R*K slots, and the P = S*R*K - L slots no layer fills are identity slots, the last
+slot of each of the last P groups (`group_layers`; 126 on 8 stages: 16 x 6 then 15 x 2). Inside
+the pipeline only, the regrouped weights get zeros in those slots and the slot computes
+`where(valid, layer(h), h)`: exactly the identity whatever the block, and no gradient reaches
+the zeros (which are dropped anyway when the gradient is cut back to [L]). Every stage runs its K
+slots in lock step, so an identity slot costs a layer's time whichever stage holds it: the waste
+is P / L extra layer compute, placed where the code is simplest. (Megatron and Llama 3 take the
+layer off the first and last stages because those also run the embedding and the loss; here the
+embedding and the head run outside the pipeline on every stage, so no stage is heavier.) A split
+with P >= K (a whole group's worth of slots idle: fewer groups would hold the layers) is refused
+by the train step's configuration check (`split_fits`).
+
+The checkpoint keeps the canonical layer order [L, ...] so a run resumes under any stage or
+repeat count. When S divides L it is stored split contiguously over stages: for R = 1 and no
+padding that is exactly the schedule's layout; otherwise (R > 1, or identity slots) XLA moves
+the weights between stages once per step (and their gradients back), whatever M is. When S does
+not divide L the stack cannot be split over `stage` along its layers (a sharded dimension must
+divide evenly), so the rules table (parallel/rules.py) stores it split over `stage` along the
+weights' `embed` dimension instead, with fsdp: storage per device stays the same, and the
+regrouping gathers it over `stage` and splits it by groups, the same all-to-all-sized move.
 """
 
 from __future__ import annotations
@@ -44,7 +66,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bignlp_jax.parallel.rules import constrain, constrain_gathered, stage_vmap
+from bignlp_jax.parallel.rules import (
+    batch_replicas,
+    constrain,
+    constrain_gathered,
+    replica_vmap,
+    stage_vmap,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +100,37 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
     return PipelineSpec(stages, microbatches, repeats).bubble
 
 
+def group_layers(num_layers: int, stages: int, repeats: int = 1) -> tuple[int, ...]:
+    """Real layers in each of the S*R groups (group r*S + s runs on stage s in repeat r), in
+    layer order: K = ceil(L / (S*R)) slots per group, the last P = S*R*K - L groups one short
+    (their last slot is an identity slot). P < S*R always, so one slot per group suffices."""
+    groups = stages * repeats
+    K = -(-num_layers // groups)
+    P = groups * K - num_layers
+    return tuple(K - (g >= groups - P) for g in range(groups))
+
+
+def split_fits(num_layers: int, groups: int) -> bool:
+    """Whether `groups` groups of K = ceil(L / groups) slots leave fewer than K identity slots;
+    K or more would fit the layers in fewer groups, a group's worth of compute idle."""
+    K = -(-num_layers // groups)
+    return groups * K - num_layers < K
+
+
+def _pad_groups(a: jax.Array, counts: tuple[int, ...], K: int) -> jax.Array:
+    """[L, ...] -> [len(counts) * K, ...]: each group's layers, then its identity slots (zeros;
+    a non-float leaf such as a dropout key repeats layer 0, unused)."""
+    pieces, start = [], 0
+    for c in counts:
+        pieces.append(a[start:start + c])
+        if c < K:
+            filler = a[:1] if not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(
+                a[:1])
+            pieces += [filler] * (K - c)
+        start += c
+    return jnp.concatenate(pieces)
+
+
 def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, row_xs: Any,
                  spec: PipelineSpec, remat_policy=None) -> jax.Array:
     """Apply the L stacked layers to x [B, T, D] through the schedule of `spec`.
@@ -83,7 +142,9 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
     remat_policy: a `jax.checkpoint` policy for one stage iteration (None: keep everything)."""
     S, M, R = spec.stages, spec.microbatches, spec.repeats
     L = jax.tree.leaves(layer_xs)[0].shape[0]
-    K = L // (S * R)
+    counts = group_layers(L, S, R)
+    K = max(counts)
+    padded = sum(counts) < S * R * K  # identity slots (see the docstring)
     B = x.shape[0]
     mb = B // M
 
@@ -94,26 +155,60 @@ def run_pipeline(layer: Callable, x: jax.Array, layer_xs: Any, layer_axes: Any, 
     rows = jax.tree.map(lambda a: split(jnp.asarray(a)), row_xs)
 
     def regroup(a, axes):  # [L, ...] -> [R, S, K, ...]: group r*S + s at [r, s]
+        if padded:
+            a = _pad_groups(a, counts, K)
         a = a.reshape(R, S, K, *a.shape[1:])
         if axes is None:
             return a
-        # stage s keeps its groups; gathered over fsdp here, once per step (see the docstring)
+        # stage s keeps its groups (whatever `layers` maps to in storage); gathered over fsdp
+        # here, once per step (see the docstring)
         laid_out = constrain_gathered if spec.gather_once else constrain
-        return laid_out(a, (None, "layers", None, *axes[1:]))
+        return laid_out(a, (None, "pipeline_stage", None, *axes[1:]))
+
+    _, n = batch_replicas()
+    if not spec.gather_once or mb % n:
+        n = 1
+
+    def per_replica(a, axes):  # [R, S, K, ...] -> [R, S, n, K, ...]: one copy per replica
+        if n == 1:
+            return a
+        a = jnp.broadcast_to(a[:, :, None], (R, S, n, *a.shape[2:]))
+        if axes is None:
+            return a
+        return constrain(a, (None, "pipeline_stage", "batch", None, *axes[1:]))
 
     # layer_axes matches layer_xs down to its leaves (a tuple of names, or None, per array)
-    weights = jax.tree.map(regroup, layer_xs, layer_axes)
+    weights = jax.tree.map(lambda a, axes: per_replica(regroup(a, axes), axes), layer_xs,
+                           layer_axes)
+    if padded:  # which slots hold a layer: [R, S, K], a constant
+        valid = jnp.asarray([[slot < c for slot in range(K)] for c in counts]).reshape(R, S, K)
+        weights = (weights, per_replica(valid, None))
 
     def stage(w, h, r):
-        """One stage's K layers on one microbatch: w [K, ...], h [mb, T, D]."""
+        """One stage's K layers on one microbatch (or one replica's rows of it): w [K, ...],
+        h [rows, T, D]."""
         def body(h, w_layer):
             return layer(h, w_layer, r), None
 
-        return jax.lax.scan(body, h, w)[0]
+        def body_with_identity_slots(h, xs):
+            w_layer, valid_slot = xs
+            return jnp.where(valid_slot, layer(h, w_layer, r), h), None
+
+        return jax.lax.scan(body_with_identity_slots if padded else body, h, w)[0]
 
     if remat_policy is not None:
         stage = jax.checkpoint(stage, policy=remat_policy, prevent_cse=False)
-    run_stages = stage_vmap(stage)
+    if n == 1:
+        run_stages = stage_vmap(stage)
+    else:
+        per_device = stage_vmap(replica_vmap(stage))
+
+        def run_stages(w, h, r):  # rows [S, mb, ...] -> [S, n, mb / n, ...] and back
+            def cut(a):
+                return a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:])
+
+            out = per_device(w, cut(h), jax.tree.map(cut, r))
+            return out.reshape(h.shape)
     act = ("act_stage", "batch", "seq", "act_embed")
     stage_ids = jnp.arange(S)
 

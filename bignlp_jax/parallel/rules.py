@@ -5,7 +5,11 @@ never sees the mesh. A rules table per strategy maps those names onto the mesh a
 `stage`, `data`, `fsdp`, `sequence` and `tensor`. Parameters use the plain names; activations
 use `act_*` names so that, e.g., FSDP can shard a weight's `embed` axis while activations keep
 `embed` whole. The stacked layers' `layers` axis is split over `stage` (pipeline parallelism,
-model/pipeline.py); with one stage that is no split at all.
+model/pipeline.py); with one stage that is no split at all. When the stages do not divide the
+layers (126 layers on 8 stages) a dimension cannot be split over them, so `rules_table` keeps
+`layers` whole and splits the parameters' `embed` over fsdp x stage instead: each device still
+stores 1/(stage x fsdp x tensor) of a weight. Inside the pipeline the regrouped weights name their
+stage dimension `pipeline_stage`, which is always `stage`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bignlp_jax.config import Config
 from bignlp_jax.errors import UserError
 
 MeshAxes = str | tuple[str, ...] | None
@@ -35,6 +40,7 @@ RULES: dict[str, dict[str, MeshAxes]] = {
         "head_dim": None,
         "vocab": "tensor",
         "layers": "stage",
+        "pipeline_stage": "stage",
         "act_stage": "stage",
         "norm": None,
         "act_embed": None,
@@ -46,16 +52,31 @@ RULES: dict[str, dict[str, MeshAxes]] = {
     # Every parameter on every device; only the batch is split.
     # (Pipeline stages still hold only their own layers.)
     "replicated": {"batch": ("data", "fsdp"), "seq": "sequence", "layers": "stage",
-                   "act_stage": "stage"},
+                   "pipeline_stage": "stage", "act_stage": "stage"},
 }
 # Mesh axes that split weights only to store them (ZeRO-3): `constrain_gathered` undoes them.
 STORAGE_AXES = ("fsdp",)
 
 
-def rules_table(name: str) -> dict[str, MeshAxes]:
+def rules_table(name: str, num_layers: int = 0, stages: int = 1) -> dict[str, MeshAxes]:
+    """The rules `name`; with `stages` pipeline stages that do not divide `num_layers`, the
+    layer stack stays whole along `layers` and the parameters' `embed` is split over `stage`
+    too (in the tables that split `embed`; see the module docstring)."""
     if name not in RULES:
         raise UserError(f"unknown sharding rules {name!r}; known: {', '.join(RULES)}")
-    return RULES[name]
+    rules = RULES[name]
+    if stages == 1 or num_layers % stages == 0:
+        return rules
+    uneven: dict[str, MeshAxes] = {**rules, "layers": None}
+    if rules.get("embed") is not None:
+        kept = _without(rules["embed"], ("stage",)) or ()
+        uneven["embed"] = (*kept, "stage")
+    return uneven
+
+
+def rules_for(cfg: Config) -> dict[str, MeshAxes]:
+    """The rules table a run of `cfg` uses (`mesh.rules`, fitted to its layers and stages)."""
+    return rules_table(cfg.mesh.rules, cfg.model.num_layers, cfg.mesh.stages)
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: dict[str, MeshAxes]) -> PartitionSpec:
@@ -125,12 +146,13 @@ def constrain_gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    gathered = {name: _without(mesh_axes, STORAGE_AXES) for name, mesh_axes in rules.items()}
+    gathered: dict[str, MeshAxes] = {name: _without(mesh_axes, STORAGE_AXES)
+                                     for name, mesh_axes in rules.items()}
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes,
                                                                                    gathered)))
 
 
-def _without(mesh_axes: MeshAxes, drop: Sequence[str]) -> MeshAxes:
+def _without(mesh_axes: MeshAxes, drop: Sequence[str]) -> tuple[str, ...] | None:
     names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
     kept = tuple(a for a in names if a not in drop)
     return kept or None
@@ -146,6 +168,38 @@ def stage_vmap(fn):
         named = rules.get("act_stage")
         mesh_axis = named if isinstance(named, str) and named in mesh.shape else None
     return jax.vmap(fn, spmd_axis_name=mesh_axis)
+
+
+def batch_replicas() -> tuple[tuple[str, ...], int]:
+    """(mesh axes, device count) that the active rules split the batch over: the data-parallel
+    replicas; ((), 1) outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return (), 1
+    mesh, rules = active
+    axes = tuple(a for a in _without(rules.get("batch"), ()) or () if mesh.shape.get(a, 1) > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return axes, n
+
+
+def replica_vmap(fn):
+    """`jax.vmap(fn)` over a leading axis with one entry per data-parallel replica (the mesh
+    axes of `batch_replicas`): each call of `fn` sees one replica's rows, so constraints inside
+    keep the batch whole, and the vmapped axis carries the split."""
+    active = _ACTIVE.get()
+    axes, n = batch_replicas()
+    if active is None or n == 1:
+        return jax.vmap(fn)
+    mesh, rules = active
+    inner = {**rules, "batch": None}
+
+    def per_replica(*args):
+        with activation_sharding(mesh, inner):
+            return fn(*args)
+
+    return jax.vmap(per_replica, spmd_axis_name=axes)
 
 
 def split_axis(logical: str) -> tuple[str, int] | None:

@@ -97,7 +97,8 @@ def _with_plan(tree: dict, plan: dict, scale: int, devices: int, host_size: int)
     if pipeline:  # the stage axis spans mesh.stage x mesh.dcn_stage devices
         mesh["stage"] = pipeline["stages"] // dcn_stage
         train.update(pipeline_repeats=pipeline["repeats"],
-                     pipeline_microbatches=pipeline["microbatches"])
+                     pipeline_microbatches=pipeline["microbatches"],
+                     pipeline_fsdp_gather=plan.get("pipeline_fsdp_gather", "step"))
     hosts = devices // host_size if devices > host_size and devices % host_size == 0 else 1
     if hosts > 1:
         mesh.update(dcn_data=hosts // (dcn_fsdp * dcn_stage), dcn_fsdp=dcn_fsdp)

@@ -294,5 +294,6 @@ def compile_plan(cfg: Config, devices: list | None = None, spec: DeviceSpec | No
         "est_step_s": compute_s + comm_s,
         "est_mfu": compute_s * (1 - bubble) / recompute / (compute_s + comm_s),
         "pipeline": pipeline,
+        "pipeline_fsdp_gather": cfg.train.pipeline_fsdp_gather,
         "compile_s": compile_s,
     }

@@ -3,7 +3,8 @@
 Needs N devices to compile for, so the command re-executes itself with N simulated CPU devices
 (`--xla_force_host_platform_device_count=N`); nothing is allocated on them. Without `--search` it
 compiles the config as given and prints its memory, collectives and estimated step time
-(`plan.py`); `--search` tries mesh shapes, DCN splits, remat policies and microbatch counts
+(`plan.py`); `--search` tries mesh shapes (pipeline stages included), DCN splits, remat policies and
+schedules (microbatches, pipeline microbatches, when fsdp weights are gathered)
 (plan_search.py, whose names this module re-exports) and ranks the ones that fit.
 """
 
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 from bignlp_jax.errors import UserError
 from bignlp_jax.parallel.devices import DEVICES as DEVICE_KINDS
@@ -21,7 +23,6 @@ from bignlp_jax.perf.budget_command import cmd_budget
 from bignlp_jax.perf.plan_search import (
     REMATS,
     _mesh_text,
-    activation_bytes_per_row,
     analytic_bytes,
     analytic_step_s,
     dcn_candidates,
@@ -31,8 +32,8 @@ from bignlp_jax.perf.plan_search import (
 )
 
 __all__ = [
-    "DEVICE_COUNT_FLAG", "REMATS", "activation_bytes_per_row", "analytic_bytes", "analytic_step_s",
-    "cmd_plan", "dcn_candidates", "mesh_candidates", "microbatch_choices", "register", "search",
+    "DEVICE_COUNT_FLAG", "REMATS", "analytic_bytes", "analytic_step_s", "cmd_plan",
+    "dcn_candidates", "mesh_candidates", "microbatch_choices", "register", "search",
 ]
 
 # Function-level imports: jax may be imported only after the re-exec gives the process its devices.
@@ -83,11 +84,14 @@ def _axis_text(comm: dict) -> str:
         comm.get("by_axis", {}).items(), key=lambda kv: -kv[1])) + " GiB"
 
 
-def _shape(plan: dict) -> dict[str, int]:
-    """A compiled plan's mesh sizes, DCN splits and pipeline repeats (what `_mesh_text` shows)."""
-    repeats = plan["pipeline"]["repeats"] if plan.get("pipeline") else 1
+def _shape(plan: dict) -> dict[str, Any]:
+    """A compiled plan's mesh sizes, DCN splits and pipeline schedule (what `_mesh_text`
+    shows)."""
+    pipeline = plan.get("pipeline") or {}
     return {**plan["mesh"], **{f"dcn_{k}": v for k, v in plan["dcn"].items()},
-            "repeats": repeats}
+            "repeats": pipeline.get("repeats", 1),
+            "pipeline_microbatches": pipeline.get("microbatches"),
+            "gather": plan.get("pipeline_fsdp_gather", "step")}
 
 
 def _print_plan(cfg, plan: dict, analytic: float) -> None:
@@ -167,13 +171,13 @@ def cmd_plan(args) -> int:
     if not args.json:
         print(f"\n{len(fitting)} plan(s) fit in {memory_gb:g} GiB on {args.devices} x "
               f"{spec.name}, fastest first:")
-        print(f"{'mesh d x f x seq x t':>28} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
+        print(f"{'mesh d x f x seq x t':>44} {'remat':>5} {'micro':>5} {'GiB/dev':>8} "
               f"{'est s/step':>10} {'est MFU':>8}  collective GiB/device by mesh axis")
         for r in [*fitting, *too_big]:
             shape = _shape(r)
             tail = (f" {r['est_step_s']:10.3f} {r['est_mfu']:8.1%}" if r["fits"]
                     else "  does not fit       ")
-            print(f"{_mesh_text(shape):>28} {r['remat']:>5} {r['microbatches']:>5} "
+            print(f"{_mesh_text(shape):>44} {r['remat']:>5} {r['microbatches']:>5} "
                   f"{r['total_gib_per_device']:8.1f}{tail}  "
                   f"{_axis_text(r['collective_bytes_per_device'])}")
         print(f"({len(skipped)} candidates not compiled: too large analytically or over budget)")
@@ -194,7 +198,8 @@ def register(subparsers) -> None:
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory per device in GiB (default: the --device's)")
     p.add_argument("--search", action="store_true",
-                   help="try mesh shapes and remat policies; rank those that fit")
+                   help="try mesh shapes, pipeline stages and schedules, remat policies; rank "
+                        "those that fit")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds of compiling allowed for --search (default 480; with "
                         "--budget 240)")

@@ -1,142 +1,121 @@
-"""`bignlp-jax plan --search`: which mesh, remat policy and microbatch count to compile.
+"""`bignlp-jax plan --search`: which mesh, remat policy and schedule to compile.
 
-Tries mesh shapes (stage x data x fsdp x sequence x tensor; with stages, GPipe and a 2-repeat
-circular schedule of 2 x stages microbatches), DCN splits and remat policies: candidates are
-filtered by divisibility and by the analytic parameter + optimizer bytes (`model/flops.py`, what
-`describe` prints), ordered by an analytic estimate, then compiled one by one within
-`--time-budget`; the ones that fit are ranked by the compiled estimate of step time (`plan.py`).
+Candidates (plan_space.py: mesh shapes with stages and repeats, DCN splits, remat policies,
+gradient-accumulation and pipeline microbatches, `pipeline_fsdp_gather`) are estimated
+analytically, memory (plan_memory.py) and step time (`analytic_step_s`); those whose memory
+fits are ordered by step time and compiled one by one within `--time-budget` and
+`--max-compiles`; the ones that fit are ranked by the compiled estimate of step time (`plan.py`).
+After each compile the search scales the memory of the remaining candidates of the same kind
+(stages, repeats, gather, remat none or not) by the worst compiled / analytic ratio seen for that
+kind and compiles next the fastest one that still fits, so a wrong guess moves the search to
+smaller candidates instead of repeating the mistake.
+Candidates that differ only in their DCN split compile to the same program (`compile_plan`
+compiles a one-level mesh of the same shape), so only the best-ranked split is compiled.
 
 DCN splits: with more devices than one host (or TPU slice) joins by the fast link, the hosts are
 the DCN granules; sequence x tensor must fit inside one host (they talk every layer), and the
 host count is split between the stage, data and fsdp axes (`mesh.dcn_stage` x `mesh.dcn_data`
 x `mesh.dcn_fsdp`). The analytic order counts the pipeline bubble (S-1)/(R*M+S-1) as idle
-compute and the activations handed between stages as `stage` traffic; the compiled estimate
-counts the collective-permutes XLA emits for them.
+compute, the activations handed between stages as `stage` traffic, and the fsdp gathers as
+often as the schedule makes them (once per gradient-accumulation microbatch; with
+`pipeline_fsdp_gather=microbatch` once per pipeline iteration); the compiled estimate counts the
+collectives XLA emits for them.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
+from typing import Any
 
-from bignlp_jax.config.schema import context_split_problem
+from bignlp_jax.perf.plan_memory import analytic_bytes, memory_terms
+from bignlp_jax.perf.plan_space import (
+    GATHERS,
+    REMATS,
+    dcn_candidates,
+    mesh_candidates,
+    mesh_devices,
+    microbatch_choices,
+    schedules,
+    with_candidate,
+)
+
+__all__ = ["REMATS", "Candidate", "analytic_bytes", "analytic_step_s", "dcn_candidates",
+           "mesh_candidates", "microbatch_choices", "rank", "search"]
 
 # Function-level imports: plan_command.py imports this module before its re-exec gives the
 # process its devices, and jax may be imported only after that.
 
-REMATS = ("none", "dots", "full")
-STAGES = (1, 2, 4, 8, 16)
-MESH_KEYS = ("stage", "data", "fsdp", "sequence", "tensor")
+SCHEDULES_KEPT = 3  # fitting schedules per (mesh, remat, gather), fastest first
 
 
-def _devices(shape: dict[str, int]) -> int:
-    """Devices of a candidate (its mesh sizes; `repeats` and DCN splits are not axes)."""
-    return math.prod(shape.get(k, 1) for k in MESH_KEYS)
+@dataclasses.dataclass
+class Candidate:
+    est_step_s: float  # analytic
+    shape: dict[str, int]  # mesh sizes, repeats and DCN splits
+    remat: str
+    microbatches: int
+    pipeline_microbatches: int | None
+    gather: str
+    memory: float  # analytic bytes per device
 
+    def kind(self) -> tuple:
+        """What the analytic memory model treats alike, so that its errors are shared within a
+        kind: stages or none, repeats, the gather mode, and whether anything is recomputed."""
+        staged = self.shape.get("stage", 1) > 1
+        return (self.remat == "none", staged, self.shape.get("repeats", 1) > 1,
+                staged and self.gather)
 
-def _pipeline(shape: dict[str, int]) -> tuple[int, int, int]:
-    """(stages, microbatches, repeats) of a candidate: 2 x stages microbatches, the default."""
-    S = shape.get("stage", 1)
-    return S, (2 * S if S > 1 else 1), shape.get("repeats", 1)
+    def program(self) -> tuple:
+        """What the compiled program depends on (not the DCN split)."""
+        mesh = tuple(sorted((k, v) for k, v in self.shape.items() if not k.startswith("dcn_")))
+        return mesh, self.remat, self.microbatches, self.pipeline_microbatches, self.gather
 
-
-def analytic_bytes(cfg, shape: dict[str, int]) -> float:
-    """Parameters + AdamW moments per device, as `describe` computes them."""
-    from bignlp_jax.model.flops import describe
-
-    info = describe(cfg, shape)
-    return info["param_bytes_per_device"] + info["optimizer_bytes_per_device"]
-
-
-def mesh_candidates(cfg, n: int) -> list[dict[str, int]]:
-    """Mesh shapes over n devices whose splits divide the model, the batch and the rows."""
-    m = cfg.model
-    out = []
-    for stage in STAGES:
-        for repeats in (1, 2) if stage > 1 else (1,):
-            if n % stage or m.num_layers % (stage * repeats):
-                continue
-            pipeline = {"stage": stage, "repeats": repeats} if stage > 1 else {}
-            # stages run without context parallelism (the config refuses the pair)
-            out += [{**pipeline, **shape} for shape in _inner_candidates(cfg, n // stage)
-                    if (stage == 1 or shape["sequence"] == 1)
-                    and cfg.train.global_batch_size % (
-                        shape["data"] * shape["fsdp"] * _pipeline(pipeline)[1]) == 0]
-    return out
-
-
-def _inner_candidates(cfg, n: int) -> list[dict[str, int]]:
-    """data x fsdp x sequence x tensor shapes over the n devices of one stage."""
-    m = cfg.model
-    out = []
-    for tensor in (1, 2, 4, 8):
-        if n % tensor or any(x % tensor for x in (m.num_heads, m.kv_heads, m.mlp_dim,
-                                                  m.vocab_size)):
-            continue
-        for sequence in (1, 2, 4, 8):
-            if (n // tensor) % sequence or context_split_problem(cfg.data.seq_len, sequence):
-                continue
-            rest = n // (tensor * sequence)
-            fsdp = 1
-            while fsdp <= rest:
-                if rest % fsdp == 0 and m.hidden % fsdp == 0 and \
-                        cfg.train.global_batch_size % rest == 0:
-                    out.append({"data": rest // fsdp, "fsdp": fsdp, "sequence": sequence,
-                                "tensor": tensor})
-                fsdp *= 2
-    return out
-
-
-def dcn_candidates(shape: dict[str, int], n: int, host_size: int) -> list[dict[str, int]]:
-    """Ways to split the hosts (n / host_size of them) between stage, data and fsdp; [] when
-    sequence x tensor does not fit in one host, [{1, 1}] when everything is one host."""
-    hosts = n // host_size if n > host_size and n % host_size == 0 else 1
-    if hosts == 1:
-        return [{"dcn_data": 1, "dcn_fsdp": 1}]
-    if shape["sequence"] * shape["tensor"] > host_size:
-        return []
-    out = []
-    stage = shape.get("stage", 1)
-    for p in range(1, hosts + 1):
-        if hosts % p or stage % p:
-            continue
-        rest = hosts // p
-        out += [{"dcn_data": rest // f, "dcn_fsdp": f, **({"dcn_stage": p} if p > 1 else {})}
-                for f in range(1, rest + 1)
-                if rest % f == 0 and shape["fsdp"] % f == 0 and shape["data"] % (rest // f) == 0]
-    return out
+    def text(self) -> str:
+        return _mesh_text({**self.shape, "pipeline_microbatches": self.pipeline_microbatches,
+                           "gather": self.gather})
 
 
 def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
-                    dcn: dict[str, int] | None = None) -> float:
+                    dcn: dict[str, int] | None = None, microbatches: int = 1,
+                    pipeline_microbatches: int | None = None, gather: str = "step") -> float:
     """A rough step time used only to order candidates before compiling them: compute at peak
     plus each axis's traffic at its link's bandwidth (DCN for the axes split over hosts)."""
     from bignlp_jax.model.flops import flops_per_token
     from bignlp_jax.model.functional import abstract_params, count_params
 
     m = cfg.model
-    n = _devices(shape)
+    n = mesh_devices(shape)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     recompute = 4 / 3 if remat == "full" else 1.0
-    S, M, R = _pipeline(shape)
-    bubble = (S - 1) / (R * M + S - 1)
+    S, R = shape.get("stage", 1), shape.get("repeats", 1)
+    M = (pipeline_microbatches or 2 * S) if S > 1 else 1
+    iterations = R * M + S - 1
+    bubble = (S - 1) / iterations
     compute = flops_per_token(m, cfg.data.seq_len) * tokens * recompute / n / (
         spec.peak_tflops * 1e12) / (1 - bubble)
     params = count_params(abstract_params(m)) / shape["tensor"] / S
     d, f, s, t = shape["data"], shape["fsdp"], shape.get("sequence", 1), shape["tensor"]
     act_bytes = 2 if m.dtype != "float32" else 4
-    gathers = 3 if remat == "full" else 2  # forward, backward (and the recomputed forward)
-    comm = {"fsdp": (gathers * params * act_bytes + params * 4) * (f - 1) / f,  # gather+scatter
+    # fsdp: weights gathered for the forward, the backward (and the recomputed forward) of
+    # every microbatch, or once per step for a stage with gather=step; the gradient is reduced
+    # per microbatch, and with stages per pipeline iteration (XLA sums it inside the loop)
+    layerwise = S == 1 or gather == "microbatch"
+    gathers = (3 if remat == "full" else 2) * microbatches * (
+        iterations if S > 1 and layerwise else 1)
+    reduces = microbatches * (iterations if S > 1 else 1)
+    comm = {"fsdp": (gathers * params * act_bytes + reduces * params * 4) * (f - 1) / f,
             "data": 2 * params / f * 4 * (d - 1) / d}  # all-reduce of the gradient shard
     rows = cfg.train.global_batch_size / (d * f)
     tokens = rows * cfg.data.seq_len / s  # per device
     comm["tensor"] = 8 * m.num_layers / S * tokens * m.hidden * act_bytes * (t - 1) / t
     # pipeline: one microbatch's activations to the next stage per iteration, forward and
     # backward (each stage's devices hold its rows whole over tensor)
-    comm["stage"] = 2 * (R * M + S - 1) * tokens / M * m.hidden * act_bytes if S > 1 else 0.0
+    comm["stage"] = 2 * iterations * tokens / M * m.hidden * act_bytes if S > 1 else 0.0
     # context parallelism: K and V gathered per layer (forward, recompute) and dK/dV scattered
     kv = 2 * m.kv_heads * m.dim_per_head / t
-    comm["sequence"] = gathers * m.num_layers / S * tokens * s * kv * act_bytes * (s - 1) / s
+    comm["sequence"] = (3 if remat == "full" else 2) * m.num_layers / S * tokens * s * kv * \
+        act_bytes * (s - 1) / s
     if dcn is None:  # no DCN split known: every axis at the slower link once past one host
         slow = spec.cross_host_gbps if n > spec.host_size else spec.link_gbps
         return compute + sum(comm.values()) / (slow * 1e9)
@@ -147,111 +126,88 @@ def analytic_step_s(cfg, shape: dict[str, int], remat: str, spec,
         for a, v in comm.items())
 
 
-def activation_bytes_per_row(cfg, shape: dict[str, int], remat: str) -> float:
-    """Rough activation bytes one batch row keeps for the backward pass (Korthikanti et al.
-    2022: 34*T*D + 5*heads*T^2 per layer in 16-bit, the tensor-parallel part divided by t),
-    plus the logits; used only to rule out candidates and to guess how many microbatches one
-    needs before compiling it."""
-    m = cfg.model
-    T, D, t = cfg.data.seq_len, m.hidden, shape["tensor"]
-    L = m.num_layers / shape.get("stage", 1)  # a stage keeps its own layers' activations
-    # context parallelism splits every activation of a row (and its scores) sequence ways
-    T = T / shape.get("sequence", 1)
-    scale = 2 if m.dtype == "float32" else 1
-    layer = T * D * (10 + 24 / t) + 5 * m.num_heads * T * cfg.data.seq_len / t
-    if m.kernel_attention == "cudnn":  # flash attention keeps no T x T scores
-        layer -= 5 * m.num_heads * T * cfg.data.seq_len / t
-    logits = 3 * T * m.vocab_size / t * 4
-    if remat == "full":
-        return (2 * T * D * L + layer) * scale + logits
-    return layer * L * (0.6 if remat == "dots" else 1.0) * scale + logits
-
-
-def microbatch_choices(cfg, shape: dict[str, int]) -> list[int]:
-    """Microbatch counts that split the global batch into whole rows on every device (and,
-    with stages, into whole pipeline microbatches)."""
-    B, dp = cfg.train.global_batch_size, shape["data"] * shape["fsdp"] * _pipeline(shape)[1]
-    return [k for k in range(1, B + 1) if B % k == 0 and (B // k) % dp == 0]
+def rank(cfg, n: int, spec, memory_gb: float) -> tuple[list[Candidate], list[dict]]:
+    """Every candidate whose analytic memory fits, fastest analytic step first (one per
+    compiled program), and what was left out and why."""
+    gib = 2**30
+    limit = memory_gb * gib
+    candidates, skipped = [], []
+    for shape in mesh_candidates(cfg, n):
+        static = analytic_bytes(cfg, shape)
+        plans = schedules(cfg, shape)
+        for remat in REMATS:
+            # without stages or without fsdp, when to gather makes no difference
+            staged = shape.get("stage", 1) > 1 and shape["fsdp"] > 1
+            for gather in GATHERS if staged else ("step",):
+                sized = [(memory_terms(cfg, shape, remat, k, M, gather, static)["total"], k, M)
+                         for k, M in plans]
+                fitting = sorted((analytic_step_s(cfg, shape, remat, spec, None, k, M, gather),
+                                  k, M, mem) for mem, k, M in sized if mem <= limit)
+                if not fitting:
+                    least = min(mem for mem, _, _ in sized)
+                    skipped.append({"mesh": shape, "remat": remat, "gather": gather,
+                                    "why": f"needs ~{least / gib:.0f} GiB analytically"})
+                    continue
+                for _, k, M, mem in fitting[:SCHEDULES_KEPT]:
+                    for dcn in dcn_candidates(shape, n, spec.host_size):
+                        candidates.append(Candidate(
+                            analytic_step_s(cfg, shape, remat, spec, dcn, k, M, gather),
+                            {**shape, **dcn}, remat, k, M, gather, mem))
+    candidates.sort(key=lambda c: c.est_step_s)
+    seen, unique = set(), []
+    for c in candidates:  # other DCN splits of a program already queued: not compiled again
+        if c.program() not in seen:
+            seen.add(c.program())
+            unique.append(c)
+    return unique, skipped
 
 
 def search(cfg, n: int, spec, memory_gb: float, budget_s: float, max_compiles: int, log):
+    """Compile the best-ranked candidates (see the module docstring); (fitting plans fastest
+    first by the compiled estimate, compiled plans that do not fit, candidates not compiled)."""
     from bignlp_jax.perf.plan import compile_plan
 
-    gib = 2**30
-    memory = memory_gb * gib * 0.9  # leave room for what the estimates miss
-    candidates, skipped = [], []
-    for shape in mesh_candidates(cfg, n):
-        # parameters + AdamW moments, and a float32 gradient the size of the parameters
-        static = analytic_bytes(cfg, shape) * 4 / 3
-        rows = cfg.train.global_batch_size / (shape["data"] * shape["fsdp"])
-        least = microbatch_choices(cfg, shape)[-1]
-        for remat in REMATS:
-            need = static + rows / least * activation_bytes_per_row(cfg, shape, remat)
-            if need > memory:
-                skipped.append({"mesh": shape, "remat": remat,
-                                "why": f"needs ~{need / gib:.0f} GiB analytically"})
-                continue
-            for dcn in dcn_candidates(shape, n, spec.host_size):
-                candidates.append((analytic_step_s(cfg, shape, remat, spec, dcn),
-                                   {**shape, **dcn}, remat, static))
-    candidates.sort(key=lambda c: c[0])
-
-    results, start, compiles = [], time.perf_counter(), 0
-
-    def attempt(shape, remat, micro):
-        nonlocal compiles
-        compiles += 1
-        trial = _with(cfg, shape, remat, micro)
-        log(f"compiling mesh {_mesh_text(shape)} remat={remat} microbatches={micro}")
+    limit = memory_gb * 2**30
+    queue, skipped = rank(cfg, n, spec, memory_gb)
+    log(f"{len(queue)} candidates fit analytically ({len(skipped)} too large); compiling the "
+        f"fastest by the analytic estimate")
+    results: list[dict[str, Any]] = []
+    ratios: dict[tuple, float] = {}  # kind -> worst compiled / analytic memory so far
+    start = time.perf_counter()
+    while queue and len(results) < max_compiles and time.perf_counter() - start <= budget_s:
+        # the fastest whose memory, corrected by what the compiles of its kind showed, still
+        # fits (none: the smallest, the likeliest to fit)
+        pick = next((c for c in queue if c.memory * ratios.get(c.kind(), 1.0) <= limit),
+                    None) or min(queue, key=lambda c: c.memory)
+        queue.remove(pick)
+        log(f"compiling mesh {pick.text()} remat={pick.remat} microbatches="
+            f"{pick.microbatches} (analytic {pick.memory / 2**30:.1f} GiB/device)")
+        trial = with_candidate(cfg, pick.shape, pick.remat, pick.microbatches,
+                               pick.pipeline_microbatches, pick.gather)
         plan = compile_plan(trial, spec=spec, memory_gb=memory_gb)
+        plan["analytic_bytes_per_device"] = pick.memory
+        ratio = plan["total_bytes_per_device"] / pick.memory
+        ratios[pick.kind()] = max(ratio, ratios.get(pick.kind(), ratio))
         log(f"  -> {plan['total_gib_per_device']:.1f} GiB/device "
             f"({'fits' if plan['fits'] else 'does not fit'}), est {plan['est_step_s']:.2f}s/step,"
             f" compiled in {plan['compile_s']:.0f}s")
         results.append(plan)
-        return plan
-
-    for _estimate, shape, remat, static in candidates:
-        if compiles >= max_compiles or time.perf_counter() - start > budget_s:
-            skipped.append({"mesh": shape, "remat": remat, "why": "not compiled (budget)"})
-            continue
-        choices = microbatch_choices(cfg, shape)
-        rows = cfg.train.global_batch_size / (shape["data"] * shape["fsdp"])
-        room = memory - static
-        per_row = activation_bytes_per_row(cfg, shape, remat)
-        micro = next((k for k in choices if rows / k * per_row <= room), choices[-1])
-        plan = attempt(shape, remat, micro)
-        if not plan["fits"] and compiles < max_compiles:
-            # Temporaries scale with rows per microbatch: retry once with enough microbatches.
-            grads = plan["param_bytes_per_device"]  # part of the temporaries, not per row
-            room = memory - plan["argument_bytes_per_device"] - grads
-            need = (plan["temp_bytes_per_device"] - grads) / max(room, 1.0) * micro
-            bigger = [k for k in choices if k >= need and k > micro]
-            if bigger and room > 0:
-                attempt(shape, remat, bigger[0])
+    skipped += [{"mesh": c.shape, "remat": c.remat, "gather": c.gather,
+                 "why": "not compiled (budget)"} for c in queue]
     fitting = sorted((r for r in results if r["fits"]), key=lambda r: r["est_step_s"])
     return fitting, [r for r in results if not r["fits"]], skipped
 
 
-def _with(cfg, shape: dict[str, int], remat: str, microbatches: int):
-    """`cfg` with the mesh sizes (and DCN splits) of `shape`, remat and microbatches; a
-    shape's `stage` counts all stages (mesh.stage x mesh.dcn_stage)."""
-    mesh = {k: v for k, v in shape.items() if k != "repeats"}
-    mesh["stage"] = shape.get("stage", 1) // shape.get("dcn_stage", 1)
-    S, M, R = _pipeline(shape)
-    train = {"microbatches": microbatches, "pipeline_repeats": R,
-             "pipeline_microbatches": M if S > 1 else None}
-    return cfg.model_copy(update={
-        "mesh": cfg.mesh.model_copy(update=mesh),
-        "model": cfg.model.model_copy(update={"remat": remat}),
-        "train": cfg.train.model_copy(update=train),
-    })
-
-
-def _mesh_text(shape: dict[str, int]) -> str:
+def _mesh_text(shape: dict[str, Any]) -> str:
+    """'1x64x1x8 stage 2/r2 M4 gather/microbatch dcn stage/2,fsdp/64'."""
     text = "x".join(str(shape.get(k, 1)) for k in ("data", "fsdp", "sequence", "tensor"))
     if shape.get("stage", 1) > 1:  # stages in all, and the repeats of a circular schedule
         text = f"{text} stage {shape['stage']}" + (
             f"/r{shape['repeats']}" if shape.get("repeats", 1) > 1 else "")
+        if shape.get("pipeline_microbatches"):
+            text += f" M{shape['pipeline_microbatches']}"
+        if shape.get("gather", "step") != "step":
+            text += f" gather/{shape['gather']}"
     dcn = [f"{k[4:]}/{shape[k]}" for k in ("dcn_stage", "dcn_data", "dcn_fsdp")
            if shape.get(k, 1) > 1]
     return text + (f" dcn {','.join(dcn)}" if dcn else "")

@@ -21,7 +21,7 @@ from bignlp_jax.model import forward, model_kernels
 from bignlp_jax.model.context_attention import zigzag_order
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.model.loss import token_cross_entropy
-from bignlp_jax.model.pipeline import PipelineSpec
+from bignlp_jax.model.pipeline import PipelineSpec, split_fits
 from bignlp_jax.parallel.rules import MeshAxes, activation_sharding, constrain, logical_to_spec
 from bignlp_jax.train.state import TrainState, trainable, with_trainable
 
@@ -42,12 +42,14 @@ def pipeline_spec(cfg: Config, data_parallel: int = 1) -> PipelineSpec | None:
     L = cfg.model.num_layers
     stages = (f"mesh.stage x mesh.dcn_stage = {cfg.mesh.stage} x {cfg.mesh.dcn_stage} = {S} "
               f"stages")
-    if L % (S * R):
-        valid = [d for d in range(1, L + 1) if L % d == 0]
+    if not split_fits(L, S * R):
+        valid = [n for n in range(1, L + 1) if split_fits(L, n)]
+        K = -(-L // (S * R))
         raise UserError(
             f"model.num_layers={L} does not split into {stages} x train.pipeline_repeats={R}: "
-            f"every stage runs the same number of layers; stages x repeats must divide {L} "
-            f"(one of {', '.join(map(str, valid))})")
+            f"groups of {K} layer slots would leave {S * R * K - L} identity slots, a whole "
+            f"group's worth or more; stages x repeats must be one of "
+            f"{', '.join(map(str, valid))}")
     if R > 1 and M < S:
         raise UserError(
             f"train.pipeline_microbatches={M} is fewer than the {S} stages "

@@ -19,7 +19,7 @@ from bignlp_jax.model.lora import KEY as LORA_KEY
 from bignlp_jax.model.lora import LoraSpec
 from bignlp_jax.model.preference_loss import REWARD_METRICS
 from bignlp_jax.parallel.mesh import build_mesh
-from bignlp_jax.parallel.rules import rules_table
+from bignlp_jax.parallel.rules import rules_for
 from bignlp_jax.train.dpo import (
     PAIRS,
     is_preference,
@@ -58,7 +58,7 @@ class Trainer:
     @classmethod
     def build(cfg_cls, cfg: Config, devices=None) -> Trainer:
         mesh = build_mesh(cfg.mesh, devices)
-        rules = rules_table(cfg.mesh.rules)
+        rules = rules_for(cfg)
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         micro = cfg.train.global_batch_size // cfg.train.microbatches
         if micro % dp:
