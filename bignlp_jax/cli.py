@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
+import signal
 import sys
 import traceback
 
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bignlp-jax {command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return 128 + signal.SIGPIPE  # the reader left (`| head`): end quietly, as cat does
         lost = outage.describe(e)  # not a bug: a bucket endpoint went away
         if lost is not None:
             outage.quiet_outage_tracebacks()  # Orbax's threads may still raise the same error
@@ -225,6 +230,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bignlp-jax {command}: internal error: {BUG_REPORT}", file=sys.stderr)
         announce_failure("an internal error (a traceback)", 1)
         return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether our standard output's reader has gone; if so, stdout now writes to /dev/null so
+    that the interpreter's final flush does not raise again."""
+    try:
+        sys.stdout.flush()
+        poll = select.poll()  # a pipe whose reader closed polls as an error
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):
+            return False
+    except BrokenPipeError:
+        pass
+    except (OSError, ValueError):  # stdout closed or not a file: not a reader that left
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return True
 
 
 def entry() -> int:
