@@ -22,12 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from bignlp_jax.checkpoint import integrity
-from bignlp_jax.checkpoint.manager import (
-    StateSave,
-    restore_state,
-    saving_state_handler,
-    state_handler,
-)
+from bignlp_jax.checkpoint.handlers import StateSave, saving_state_handler, state_handler
+from bignlp_jax.checkpoint.manager import restore_state
 
 
 def make_state(total_mib: float, leaves: int = 8) -> dict:

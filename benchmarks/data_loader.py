@@ -25,7 +25,8 @@ from legacy_lanes_loader import PackedBatches, lm_encoder  # noqa: E402
 
 from bignlp_jax.config import load_config  # noqa: E402
 from bignlp_jax.data import make_source  # noqa: E402
-from bignlp_jax.data.text_source import _open, resolve_tokenizer  # noqa: E402
+from bignlp_jax.data.dataset_choice import resolve_tokenizer  # noqa: E402
+from bignlp_jax.data.text_source import _open  # noqa: E402
 
 
 def timed(source, batches: int) -> float:

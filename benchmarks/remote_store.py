@@ -48,8 +48,9 @@ def main() -> None:
     from bignlp_jax.config import load_config
     from bignlp_jax.data.store import remote as remote_store
     from bignlp_jax.data.store.batches import StoreBatches
+    from bignlp_jax.data.store.manifest import MANIFEST
     from bignlp_jax.data.store.sample_index import SampleIndex
-    from bignlp_jax.data.store.token_store import MANIFEST, TokenStore
+    from bignlp_jax.data.store.token_store import TokenStore
     from bignlp_jax.data.text_source import open_store
 
     data_dir = tempfile.mkdtemp(prefix="bignlp-bench-data-")

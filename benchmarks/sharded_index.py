@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bignlp_jax.data.store.chunks import CHUNK_TOKENS  # noqa: E402
+from bignlp_jax.data.store.manifest import FORMAT, MANIFEST, OFFSETS, TOKENS  # noqa: E402
 from bignlp_jax.data.store.shard_files import write_sharded_manifest  # noqa: E402
 from bignlp_jax.data.store.shards import shard_entry  # noqa: E402
-from bignlp_jax.data.store.token_store import FORMAT, MANIFEST, OFFSETS, TOKENS  # noqa: E402
 
 
 def make(root: Path, shards: int, docs: int) -> None:

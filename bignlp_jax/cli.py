@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
+import signal
 import sys
 import traceback
 
@@ -67,13 +70,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Function-level imports: a command loads its package only when run (a fast `--help`).
 
 
-def config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG",
-                   help="YAML config (path, or name under configs/, e.g. tiny)")
-    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. train.steps=10 mesh.fsdp=4 (default: none)")
-
-
 def cmd_train(args) -> int:
     from bignlp_jax.config import load_config
     from bignlp_jax.train.loop import train
@@ -117,6 +113,8 @@ def cmd_describe(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """This module's own commands: train and describe."""
+    from bignlp_jax.config.loader import add_config_arguments
+
     p = sub.add_parser("train", help=COMMANDS["train"][1],
                        usage="%(prog)s CONFIG [KEY=VALUE ...] [--allow-config-change]\n"
                        "  e.g. bignlp-jax train tiny train.steps=50",
@@ -124,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "e.g. tiny) plus dotted overrides. Rerunning the same command resumes "
                        "the run in run.dir.",
                        epilog="example: bignlp-jax train tiny train.steps=200 run.dir=runs/mine")
-    config_args(p)
+    add_config_arguments(p, "train.steps=10 mesh.fsdp=4")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the run's config.yaml in keys "
                         "other than steps/time/cadence; the change is recorded in "
@@ -137,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "or compiling anything (`plan` compiles the step for real).",
                        epilog="example: bignlp-jax describe configs/models/gpt3_175b.yaml "
                        "--devices 512 mesh.fsdp=64 mesh.tensor=8")
-    config_args(p)
+    add_config_arguments(p, "train.steps=10 mesh.fsdp=4")
     p.add_argument("--devices", type=int, default=None,
                    help="devices to lay the mesh over (default: the devices jax sees)")
     p.set_defaults(func=cmd_describe)
@@ -216,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bignlp-jax {command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: the traceback is what a fix needs  # noqa: BLE001
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return 128 + signal.SIGPIPE  # the reader left (`| head`): end quietly, as cat does
         lost = outage.describe(e)  # not a bug: a bucket endpoint went away
         if lost is not None:
             outage.quiet_outage_tracebacks()  # Orbax's threads may still raise the same error
@@ -230,6 +230,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bignlp-jax {command}: internal error: {BUG_REPORT}", file=sys.stderr)
         announce_failure("an internal error (a traceback)", 1)
         return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether our standard output's reader has gone; if so, stdout now writes to /dev/null so
+    that the interpreter's final flush does not raise again."""
+    try:
+        sys.stdout.flush()
+        poll = select.poll()  # a pipe whose reader closed polls as an error
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):
+            return False
+    except BrokenPipeError:
+        pass
+    except (OSError, ValueError):  # stdout closed or not a file: not a reader that left
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return True
 
 
 def entry() -> int:

@@ -11,6 +11,8 @@
     RUN_DIR/resume_from.json        which `checkpoint.resume_from` was applied already
     RUN_DIR/tokenizer/              the tokenizer the run was trained with
     RUN_DIR/earlier_attempts/       metrics of starts that never saved a checkpoint, kept
+    RUN_DIR/eval.json               the latest `eval` results (evaluate/run.py)
+    RUN_DIR/lm_eval.json            the latest `lm-eval` results (evaluate/harness_commands.py)
 
 Every other module asks this one for these paths; `config.yaml` is parsed once per `RunDir`
 (and the parse follows the module's own writes), so two readers cannot disagree on it.
@@ -40,6 +42,21 @@ ABANDONED = "checkpoints_abandoned"
 RESUME_MARKER = "resume_from.json"
 TOKENIZER = "tokenizer"
 EARLIER_ATTEMPTS = "earlier_attempts"
+EVAL_FILE = "eval.json"
+LM_EVAL_FILE = "lm_eval.json"
+
+
+class _InRun:
+    """A read-only attribute of a RunDir: the path of one of its files (RUN_DIR/<name>)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, run: RunDir, owner: type | None = None) -> storage.AnyPath:
+        return run.path / self.name
+
+    def __set__(self, run: RunDir, value: object) -> None:  # read-only, as a property is
+        raise AttributeError(f"a RunDir's path of {self.name} cannot be set")
 
 
 class RunDir:
@@ -56,42 +73,16 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    # --- file names --------------------------------------------------------------------------
-    @property
-    def config_file(self) -> storage.AnyPath:
-        return self.path / CONFIG_FILE
-
-    @property
-    def history_file(self) -> storage.AnyPath:
-        return self.path / HISTORY_FILE
-
-    @property
-    def metrics_file(self) -> storage.AnyPath:
-        return self.path / METRICS_FILE
-
-    @property
-    def tensorboard(self) -> storage.AnyPath:
-        return self.path / TENSORBOARD
-
-    @property
-    def checkpoints(self) -> storage.AnyPath:
-        return self.path / CHECKPOINTS
-
-    @property
-    def abandoned(self) -> storage.AnyPath:
-        return self.path / ABANDONED
-
-    @property
-    def resume_marker(self) -> storage.AnyPath:
-        return self.path / RESUME_MARKER
-
-    @property
-    def tokenizer(self) -> storage.AnyPath:
-        return self.path / TOKENIZER
-
-    @property
-    def earlier_attempts(self) -> storage.AnyPath:
-        return self.path / EARLIER_ATTEMPTS
+    # --- file names (RUN_DIR/<name>, see the module docstring) -----------------------------
+    config_file = _InRun(CONFIG_FILE)
+    history_file = _InRun(HISTORY_FILE)
+    metrics_file = _InRun(METRICS_FILE)
+    tensorboard = _InRun(TENSORBOARD)
+    checkpoints = _InRun(CHECKPOINTS)
+    abandoned = _InRun(ABANDONED)
+    resume_marker = _InRun(RESUME_MARKER)
+    tokenizer = _InRun(TOKENIZER)
+    earlier_attempts = _InRun(EARLIER_ATTEMPTS)
 
     # --- the recorded config -----------------------------------------------------------------
     def is_run(self) -> bool:

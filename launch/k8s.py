@@ -59,7 +59,8 @@ from launch.common import (  # noqa: E402
     require_modules,
     resolve_target,
 )
-from launch.k8s_manifest import K8sOptions, dns_label, render_jobset, to_yaml  # noqa: E402
+from launch.k8s_manifest import render_jobset, to_yaml  # noqa: E402
+from launch.k8s_options import K8sOptions, dns_label  # noqa: E402
 
 
 def apply(text: str, path: Path | None) -> None:

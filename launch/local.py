@@ -21,9 +21,6 @@ parent-death signal), so none is ever left behind.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import io
 import os
 import re
 import signal
@@ -31,17 +28,19 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bignlp_jax.parallel.coordination_host import ServiceHelper, start_service  # noqa: E402
+from launch.children import (  # noqa: E402
+    die_with_parent_fn,
+    signal_group,
+    stream_output,
+    supervise,
+)
 from launch.common import LaunchError, bignlp_jax_command, main_wrapper  # noqa: E402
-
-# exit code with which bignlp-jax asks to be run again (checkpoint saved); see bignlp_jax.errors
-REQUEUE_EXIT_CODE = 75
 
 
 def free_port() -> int:
@@ -83,7 +82,7 @@ def start_coordination_service(cmd: list[str], processes: int, port: int,
         # it dies with the launcher, as the workers do: nobody is left to serve
         service = start_service(service_cmd, f"127.0.0.1:{port}", env,
                                 what="the launcher's coordination service",
-                                preexec_fn=_die_with_parent_fn())
+                                preexec_fn=die_with_parent_fn())
     except RuntimeError as e:
         raise LaunchError(f"could not start the coordination service on 127.0.0.1:{port}: {e}"
                           "\n  fix: choose a free --port, or pass --coordination-service "
@@ -91,116 +90,6 @@ def start_coordination_service(cmd: list[str], processes: int, port: int,
     print(f"local.py: coordination service (pid {service.pid}) on 127.0.0.1:{port}",
           flush=True)
     return service
-
-
-# Gloo (the CPU collectives of a multi-process jax job) prints a note to stdout from C++ for
-# every communicator it connects, with no log level to turn it off: 8 lines for 2 processes
-# that say everything went as expected. The launcher cuts them out of each process's output;
-# a whole note whose peer count is short of the expected count (a real connection problem),
-# and any line with other text after a note, are kept.
-_GLOO = b"[Gloo] Rank "
-_GLOO_CONNECTED = re.compile(rb"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
-                             rb"Expected number of connected peer ranks is : (\d+)")
-# the note's pieces: two threads' notes (one per communicator) reach the pipe interleaved
-_GLOO_PIECES = re.compile(rb"\[Gloo\] Rank | is connected to | peer ranks\. "
-                          rb"|Expected number of connected peer ranks is : |\d+")
-
-
-class GlooNotes:
-    """Cuts Gloo's all-connected notes out of one process's output, line by line."""
-
-    def __init__(self) -> None:
-        self.owed = 0  # notes begun on a cut line whose end (a count and a newline) is still due
-
-    def __call__(self, line: bytes) -> bytes | None:
-        """The line without its notes; None when nothing else was on it (a progress bar may
-        share its line: stdout and stderr go down one pipe)."""
-        body = line.rstrip(b"\r\n")
-        if self.owed and body.strip().isdigit():  # the count that ends an interleaved note
-            self.owed -= 1
-            return None
-        start = body.find(_GLOO)
-        if start < 0:
-            return line
-        notes = body[start:]
-        if (_GLOO_PIECES.sub(b"", notes).strip()
-                or any(m.group(1) != m.group(2) for m in _GLOO_CONNECTED.finditer(notes))):
-            return line
-        self.owed += max(notes.count(_GLOO) - line.endswith(b"\n"), 0)
-        head = body[:start]
-        return head + line[len(body):] if head.strip() else None
-
-
-def _stream(proc: subprocess.Popen, prefix: bytes, lock: threading.Lock) -> None:
-    """Copy a child's output to ours, one prefixed line at a time (`\\r` ends a line too, so
-    progress bars do not pile up into one endless line), without Gloo's connection notes."""
-    out = sys.stdout.buffer
-    pending = b""
-    without_gloo_notes = GlooNotes()
-    stream = proc.stdout
-    assert isinstance(stream, io.BufferedReader)  # started with stdout=PIPE, binary
-    while chunk := stream.read1(65536):
-        lines = re.split(rb"(?<=[\n\r])", pending + chunk)
-        pending = lines.pop()
-        with lock:
-            for line in lines:
-                kept = without_gloo_notes(line)
-                if kept is not None:
-                    out.write(prefix + kept.rstrip(b"\r\n") + b"\n")
-            out.flush()
-    if pending and (kept := without_gloo_notes(pending)) is not None:
-        with lock:
-            out.write(prefix + kept + b"\n")
-            out.flush()
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent_fn():
-    """A `preexec_fn`: in the child, before exec, ask the kernel for SIGKILL when the launcher
-    dies (even by SIGKILL, which it cannot forward), so workers are never left behind stalled
-    in a collective. Survives exec; Linux only (elsewhere the forwarding below still applies).
-    libc is loaded here, in the parent: the child between fork and exec only makes syscalls."""
-    try:
-        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os._exit(128 + signal.SIGKILL)
-
-    return preexec
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # each child leads its own process group (start_new_session)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode  # killed by signal s -> 128+s
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def ended(index: int, proc: subprocess.Popen) -> str:
-    """How process `index` ended, for the launcher's one line: its exit code, or the signal
-    that killed it (Popen gives -s for a process killed by signal s)."""
-    code = proc.returncode
-    how = (f"was killed by signal {-code} ({_signal_name(-code)})" if code < 0
-           else f"exited with code {code}")
-    return f"process {index} (pid {proc.pid}) {how}"
 
 
 def launch(args_: list[str], processes: int, devices: int, port: int | None = None,
@@ -226,12 +115,12 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
         # SIGHUP (the terminal closed) becomes SIGTERM: the workers save and stop
         sent = signal.SIGTERM if signum == signal.SIGHUP else signum
         for p in procs:
-            _signal_group(p, sent)
+            signal_group(p, sent)
 
     previous = {s: signal.signal(s, forward)
                 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     readers = []
-    die_with_parent = _die_with_parent_fn()
+    die_with_parent = die_with_parent_fn()
     try:
         for i in range(processes):
             env = process_env(dict(os.environ), i, processes, devices, port, external)
@@ -241,14 +130,15 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
                                  preexec_fn=die_with_parent)  # noqa: PLW1509
             procs.append(p)
             print(f"local.py: process {i} (pid {p.pid}): {' '.join(cmd)}", flush=True)
-            t = threading.Thread(target=_stream, args=(p, f"[p{i}] ".encode(), lock), daemon=True)
+            t = threading.Thread(target=stream_output, args=(p, f"[p{i}] ".encode(), lock),
+                                 daemon=True)
             t.start()
             readers.append(t)
-        code = _supervise(procs, grace, stop_requested)
+        code = supervise(procs, grace, stop_requested)
     finally:
         for p in procs:  # never leave children behind, whatever happened above
             if p.poll() is None:
-                _signal_group(p, signal.SIGKILL)
+                signal_group(p, signal.SIGKILL)
                 p.wait()
         for t in readers:
             t.join(timeout=5)
@@ -257,35 +147,6 @@ def launch(args_: list[str], processes: int, devices: int, port: int | None = No
         if service is not None:
             service.shutdown()  # every worker has ended
     return code
-
-
-def _supervise(procs: list[subprocess.Popen], grace: float, stop_requested: threading.Event) -> int:
-    """Wait for all processes; on the first failure stop the rest and return its code."""
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-        if all(c is not None for c in codes):
-            if not failed:
-                return 0
-            i, c = failed[0]
-            print(f"local.py: {ended(i, procs[i])}; job exit code {_exit_code(c)}", flush=True)
-            return _exit_code(c)
-        if failed and not stop_requested.is_set() and failed[0][1] != REQUEUE_EXIT_CODE:
-            i, c = failed[0]
-            running = [p for p in procs if p.poll() is None]
-            print(f"local.py: {ended(i, procs[i])}; stopping the other {len(running)} "
-                  f"process(es); job exit code {_exit_code(c)}", flush=True)
-            for p in running:
-                _signal_group(p, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while any(p.poll() is None for p in running) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for p in running:
-                if p.poll() is None:
-                    _signal_group(p, signal.SIGKILL)
-                p.wait()
-            return _exit_code(c)
-        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

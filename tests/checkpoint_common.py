@@ -1,4 +1,5 @@
-"""Shared set-up for the checkpoint tests: one pinned tiny config and a compile cache.
+"""Shared set-up for the checkpoint tests: one pinned tiny config, a compile cache, and two
+checkpoint_worker.py processes joined by jax.distributed.
 
 The optimizer schedule is pinned to `decay_steps=12` so a run's numerics do not depend on
 `train.steps` (a run stopped at 8 and one stopped at 12 follow the same schedule). JAX's
@@ -9,6 +10,9 @@ subprocesses) compile the train step once.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -79,3 +83,43 @@ def assert_trees_equal(a, b) -> None:
 def subprocess_env(cache_env: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **cache_env)
     return env
+
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_workers(run_dir: Path, dump: Path, cache_env, *overrides: str,
+                   name: str = "worker") -> list[subprocess.Popen]:
+    """checkpoint_worker.py as two processes of 2 CPU devices each, training `run_dir` with MESH
+    and `overrides` (process 0 dumps its params to `dump`); output in RUN_DIR/../<name><i>.log."""
+    env = subprocess_env(cache_env)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    port, procs = str(free_port()), []
+    for i in range(2):
+        log = open(run_dir.parent / f"{name}{i}.log", "w")  # noqa: SIM115 - closed by the OS
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), port, "2", str(i), str(run_dir), str(dump),
+             *MESH, *overrides], env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def worker_log(run_dir: Path, i: int, name: str = "worker") -> str:
+    return (run_dir.parent / f"{name}{i}.log").read_text()
+
+
+def finish_workers(procs: list[subprocess.Popen], timeout: float = 300.0) -> list[int]:
+    """The workers' exit codes; any still running after `timeout` is killed."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

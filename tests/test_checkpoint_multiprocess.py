@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +19,15 @@ import jax
 import numpy as np
 import pytest
 from checkpoint_common import (
+    MESH,
     assert_trees_equal,
     config,
+    finish_workers,
+    free_port,
+    launch_workers,
     logged_steps,
     subprocess_env,
+    worker_log,
 )
 
 from bignlp_jax.checkpoint import integrity, latest_step, load_params
@@ -33,62 +37,26 @@ from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.start import start_state
 
 cache_env = checkpoint_common.cache_env  # the compile cache, on for this module
-WORKER = Path(__file__).with_name("checkpoint_worker.py")
-MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(run_dir: Path, dump: Path, cache_env, *overrides: str) -> list[subprocess.Popen]:
-    env = subprocess_env(cache_env)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    port = str(free_port())
-    procs = []
-    for i in range(2):
-        log = open(run_dir.parent / f"worker{i}.log", "w")  # noqa: SIM115 - closed by the OS
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), port, "2", str(i), str(run_dir), str(dump),
-             *MESH, *overrides],
-            env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def finish(procs, run_dir: Path, timeout: float = 300.0) -> list[int]:
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-
-
-def log(run_dir: Path, i: int) -> str:
-    return (run_dir.parent / f"worker{i}.log").read_text()
-
-
 @pytest.mark.multiprocess
 def test_two_processes_save_and_restore_then_one_process_restores(tmp_path, cache_env):
     run, dump = tmp_path / "run", tmp_path / "params.npz"
 
     # 1. Only process 1 gets SIGTERM; both stop after the same step, save it, restore it
     #    together onto their sharded mesh (full state and data position), and exit 75.
-    procs = launch(run, dump, cache_env, "train.steps=100000", "checkpoint.every_steps=0")
+    procs = launch_workers(run, dump, cache_env, "train.steps=100000", "checkpoint.every_steps=0")
     deadline = time.monotonic() + 300
     while logged_steps(run) < 2:
-        assert all(p.poll() is None for p in procs), log(run, 0)[-3000:] + log(run, 1)[-3000:]
+        assert all(p.poll() is None for p in procs), (worker_log(run, 0)[-3000:]
+                                                       + worker_log(run, 1)[-3000:])
         assert time.monotonic() < deadline, "the two-process run did not start training"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
-    codes = finish(procs, run)
-    assert codes == [REQUEUE_EXIT_CODE] * 2, log(run, 0)[-3000:] + log(run, 1)[-3000:]
+    codes = finish_workers(procs)
+    assert codes == [REQUEUE_EXIT_CODE] * 2, (worker_log(run, 0)[-3000:]
+                                              + worker_log(run, 1)[-3000:])
     stopped = latest_step(run)
     for i in range(2):
-        assert f"stopped after step {stopped} of 100000" in log(run, i)
+        assert f"stopped after step {stopped} of 100000" in worker_log(run, i)
     data_files = sorted(p.name for p in (run / "checkpoints" / str(stopped) / "data").iterdir()
                         if p.suffix == ".json")
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
@@ -170,15 +138,15 @@ def test_load_params_shares_the_verification_and_all_processes_agree(tmp_path, c
 # only: the other process writes fine).
 ONE_FAILS = """
 import errno, sys
-from bignlp_jax.checkpoint import integrity
+from bignlp_jax.checkpoint import checksum_writer
 if sys.argv[1] == sys.argv[sys.argv.index("--process-id") + 1]:
-    original, calls = integrity.write_process_sums, []
+    original, calls = checksum_writer.write_process_sums, []
     def failing(state_dir, process_index):
         calls.append(state_dir)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(state_dir))
         return original(state_dir, process_index)
-    integrity.write_process_sums = failing
+    checksum_writer.write_process_sums = failing
 from bignlp_jax.cli import main
 sys.exit(main(sys.argv[2:]))
 """

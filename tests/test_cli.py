@@ -7,6 +7,7 @@ import argparse
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,16 @@ def test_only_storage_errors_count_as_unreadable_checkpoints():
     assert not is_read_error(orbax_style(ours)) and not is_read_error(ours)
     assert not is_read_error(orbax_style(TypeError("unsupported operand")))  # our bug
     assert not is_read_error(AttributeError("'NoneType' object has no attribute 'shape'"))
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """`bignlp-jax describe ... | head`: the reader closes the pipe before we write; the command
+    ends with SIGPIPE's status (141) and says nothing, instead of an 'internal error'."""
+    proc = subprocess.Popen([sys.executable, "-m", "bignlp_jax.cli", "describe", "configs/tiny.yaml"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141, err
+    assert "internal error" not in err and "Traceback" not in err, err

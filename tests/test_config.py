@@ -21,6 +21,20 @@ def test_yaml_defaults_and_overrides(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg  # the saved config is complete and exact
 
 
+def test_a_section_override_takes_that_section_of_a_config_file():
+    """`model=FILE` swaps the whole model section (nothing of the old one survives); dotted
+    keys apply on top of it wherever they stand; the other sections stay."""
+    llama = load_config("models/tiny_llama.yaml").model
+    cfg = load_config("tiny", ["model.num_layers=3", "model=models/tiny_llama.yaml"])
+    assert cfg.model == llama.model_copy(update={"num_layers": 3})
+    assert cfg.model.family == "llama" and cfg.model.use_bias is False
+    tiny = load_config("tiny")
+    assert (cfg.train, cfg.data, cfg.run) == (tiny.train, tiny.data, tiny.run)
+    # a mapping sets keys of the section, never resets the rest of it to the defaults
+    assert load_config("tiny", ["model={num_layers: 3}"]).model == tiny.model.model_copy(
+        update={"num_layers": 3})
+
+
 def test_public_keys_exist():
     cfg = load_config(None, [])
     for key in ("run.dir", "run.seed", "train.steps", "train.global_batch_size", "data.seq_len",
@@ -75,6 +89,11 @@ def test_defaults_cycle_is_reported(tmp_path):
         (["train", "tiny", "mesh.data=3", "mesh.fsdp=2"], "mesh.data=3 x mesh.fsdp=2 x mesh.sequence=1 x mesh.tensor=1"
                                                           " = 6 devices, but 8 are available"),
         (["train", "no_such_config.yaml"], "config file not found: no_such_config.yaml"),
+        # a section given a value that names no config file is refused, never ignored
+        (["describe", "tiny", "model=tiny_llama"],
+         "override model=tiny_llama: model is a section, so its value names a config file"),
+        (["describe", "tiny", "mesh=models/tiny_llama.yaml"], "has no `mesh:` section to take\n"
+                                                              "  fix: name a file that has one"),
     ],
 )
 def test_cli_exits_2_with_one_message(args, expected, capsys, tmp_path):

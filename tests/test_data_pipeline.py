@@ -207,7 +207,7 @@ def test_checkpoint_files_of_two_processes_restore_on_one_and_four(store, tmp_pa
     """Through the checkpoint's per-process JSON files, as `start_state` restores them."""
     import jax
 
-    from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave
+    from bignlp_jax.checkpoint.handlers import ProcessJsonHandler, ProcessJsonSave
 
     k = 6
     full = take(batches(store), k + 3)

@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO))
 
 from launch.common import LaunchError, Stage  # noqa: E402
 from launch.k8s import main  # noqa: E402
-from launch.k8s_manifest import K8sOptions, render_jobset, to_yaml  # noqa: E402
+from launch.k8s_manifest import render_jobset, to_yaml  # noqa: E402
+from launch.k8s_options import K8sOptions  # noqa: E402
 
 NASTY = "run.name=a b;$(rm -rf ~)`x`'\""
 STAGES = [Stage("pretrain", ("pipeline", "configs/p.yaml", "--stage", "pretrain", NASTY)),

@@ -15,7 +15,7 @@ from checkpoint_common import losses
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # launch/ is not an installed package
-from launch.local import GlooNotes  # noqa: E402
+from launch.children import GlooNotes  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 

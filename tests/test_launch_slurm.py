@@ -17,7 +17,8 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))  # `launch` is a top-level folder of the repository
 
 from launch.common import LaunchError, Stage, bignlp_jax_command, plan_stages  # noqa: E402
-from launch.slurm import SlurmOptions, render_script, submit  # noqa: E402
+from launch.slurm import submit  # noqa: E402
+from launch.slurm_script import SlurmOptions, render_script  # noqa: E402
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SLURM_DIR = Path(os.environ.get("BIGNLP_SLURM_DIR", "/tmp/bignlp-slurm"))

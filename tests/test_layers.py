@@ -173,3 +173,46 @@ def test_the_reason_check_finds_a_silent_import(tmp_path):
         "def f():\n    import json  # why\n\n\ndef g():\n    # why, for both\n"
         "    import os\n    import re\n\n\ndef h():\n    import sys\n")
     assert unexplained_function_imports(package) == ["bignlp_jax/a.py:12: import sys"]
+
+
+def names_from_own_package(package: Path = PACKAGE) -> list[str]:
+    """'file:line package: names' where a module takes names from the `__init__` of a package
+    it sits in (`from bignlp_jax.data import make_source` inside data/): such an import points
+    up, from a part to the whole. Importing a sibling module through the package is fine."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        enclosing = {".".join(parts[:i]) for i in range(2, len(parts))}
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0
+                    and node.module in enclosing):
+                continue
+            folder = package.parent.joinpath(*node.module.split("."))
+            names = [a.name for a in node.names if not (folder / f"{a.name}.py").is_file()
+                     and not (folder / a.name / "__init__.py").is_file()]
+            if names:
+                out.append(f"{path.relative_to(package.parent)}:{node.lineno} {node.module}: "
+                           f"{', '.join(names)}")
+    return out
+
+
+def test_no_module_imports_the_package_it_sits_in():
+    assert names_from_own_package() == []
+
+
+def test_the_package_import_check_finds_one(tmp_path):
+    package = tmp_path / "bignlp_jax"
+    (package / "data" / "store").mkdir(parents=True)
+    for init in (package / "__init__.py", package / "data" / "__init__.py",
+                 package / "data" / "store" / "__init__.py"):
+        init.write_text("")
+    (package / "data" / "tokenizer.py").write_text("")
+    (package / "data" / "store" / "commands.py").write_text(
+        "from bignlp_jax.data import tokenizer\nfrom bignlp_jax.data import make_source\n"
+        "from bignlp_jax.data.store import commands\nfrom bignlp_jax.model import Model\n")
+    (package / "data" / "other.py").write_text("def f():\n    from bignlp_jax.data import x\n")
+    assert names_from_own_package(package) == [
+        "bignlp_jax/data/other.py:2 bignlp_jax.data: x",
+        "bignlp_jax/data/store/commands.py:2 bignlp_jax.data: make_source"]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,9 +25,11 @@ import pytest
 from checkpoint_common import (
     assert_trees_equal,
     config,
+    finish_workers,
     host_params,
+    launch_workers,
     losses,
-    subprocess_env,
+    worker_log,
 )
 
 from bignlp_jax.checkpoint import complete_steps, integrity, latest_step, local_tier, shard_files
@@ -41,8 +41,6 @@ from bignlp_jax.train.local_resume import local_step_dir
 from bignlp_jax.train.loop import Trainer, train
 
 cache_env = checkpoint_common.cache_env  # the compile cache, on for this module
-WORKER = Path(__file__).with_name("checkpoint_worker.py")
-MESH = ["mesh.data=1", "mesh.fsdp=-1"]  # every parameter split over both processes
 END = 16  # the resumed runs' last step (the schedule is pinned: see checkpoint_common)
 
 
@@ -188,38 +186,14 @@ def test_stop_saves_to_the_local_tier_then_the_durable_one(tmp_path, cache_env, 
 # --- two processes: kill after a local-only step ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(run: Path, name: str, cache_env, *overrides: str) -> list[subprocess.Popen]:
-    env = subprocess_env(cache_env)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    port, procs = str(_free_port()), []
-    for i in range(2):
-        log = open(run.parent / f"{name}{i}.log", "w")  # noqa: SIM115 - closed by the OS
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), port, "2", str(i), str(run), str(run.parent / "x.npz"),
-             *MESH, *overrides], env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def _log(run: Path, name: str, i: int) -> str:
-    return (run.parent / f"{name}{i}.log").read_text()
+    return launch_workers(run, run.parent / "x.npz", cache_env, *overrides, name=name)
 
 
 def _finish(procs, what: str, run: Path, name: str) -> None:
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0], f"{what}: {codes}\n" + _log(run, name, 0)[-3000:] \
-        + _log(run, name, 1)[-3000:]
+    codes = finish_workers(procs)
+    assert codes == [0, 0], f"{what}: {codes}\n" + worker_log(run, 0, name)[-3000:] \
+        + worker_log(run, 1, name)[-3000:]
 
 
 def _common_local(local: Path, run: Path) -> list[int]:
@@ -250,7 +224,7 @@ def test_two_processes_resume_from_the_agreed_local_step_or_fall_back(tmp_path, 
     # processes run, a durable save could catch up before the kill: the processes are frozen
     # (SIGSTOP) and the condition read again, so it holds for what the kill leaves.
     while True:
-        assert all(p.poll() is None for p in killed), _log(run, "w", 0)[-3000:]
+        assert all(p.poll() is None for p in killed), worker_log(run, 0, "w")[-3000:]
         assert time.monotonic() < deadline, "the two-process run did not save local steps"
         if _local_ahead(local, run):
             for p in killed:
@@ -279,11 +253,12 @@ def test_two_processes_resume_from_the_agreed_local_step_or_fall_back(tmp_path, 
     _finish(fallback, "resume after a lost local dir", run_b, "r")
 
     step_dir = local_tier.tier_root(local, run) / str(lost)
-    assert f"resumed from local checkpoint {step_dir}" in _log(run, "r", 0)
+    assert f"resumed from local checkpoint {step_dir}" in worker_log(run, 0, "r")
     warning = (f"WARNING: local step(s) {lost} (missing on process 1) not complete on every "
                f"process; lost, resuming from durable step {durable}")
-    assert warning in _log(run_b, "r", 0)
-    assert f"resumed from checkpoint {run_b / 'checkpoints' / str(durable)}" in _log(run_b, "r", 0)
+    assert warning in worker_log(run_b, 0, "r")
+    assert (f"resumed from checkpoint {run_b / 'checkpoints' / str(durable)}"
+            in worker_log(run_b, 0, "r"))
     cfg = config(ref, f"train.steps={END}")
     want = host_params(ref, cfg.model)
     for r in (run, run_b):

@@ -356,7 +356,7 @@ SBATCH_VALUES = [p.format(canary="CANARY") for p in SHELL] + [
 @pytest.mark.parametrize("value", SBATCH_VALUES)
 def test_sbatch_values_reach_sbatch_unchanged_or_are_refused_in_one_line(tmp_path, value):
     from launch.common import LaunchError, Stage
-    from launch.slurm import SlurmOptions, render_script
+    from launch.slurm_script import SlurmOptions, render_script
 
     stage = Stage("train", ("train", "tiny", f"run.name={value}"))
     for field in ("account", "partition", "qos", "time"):
@@ -402,7 +402,8 @@ def test_jobset_strings_read_the_same_in_yaml_1_1_and_1_2():
     from ruamel.yaml import YAML as YAML12  # noqa: N811 - a YAML 1.2 reader
 
     from launch.common import Stage
-    from launch.k8s_manifest import K8sOptions, render_jobset, to_yaml
+    from launch.k8s_manifest import render_jobset, to_yaml
+    from launch.k8s_options import K8sOptions
 
     env = {f"V{i}": value for i, value in enumerate(YAML + ["0o17", "1e3", "+1", ".5", "y", "n",
                                                             "0b1", "-.inf", ".NaN", ""])}
@@ -421,7 +422,8 @@ def test_jobset_strings_read_the_same_in_yaml_1_1_and_1_2():
     {"memory": "1GB; rm"}, {"image": "img\nkind: Secret"}])
 def test_kubernetes_names_are_checked_before_rendering(change):
     from launch.common import LaunchError, Stage
-    from launch.k8s_manifest import K8sOptions, render_jobset
+    from launch.k8s_manifest import render_jobset
+    from launch.k8s_options import K8sOptions
 
     opts = K8sOptions(**{"name": "demo", "image": "img", "nodes": 2, **change})
     with pytest.raises(LaunchError) as e:

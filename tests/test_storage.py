@@ -214,7 +214,7 @@ def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, ca
 @pytest.mark.multiprocess
 @BUCKETS
 def test_two_processes_save_to_a_bucket_and_one_restores(scheme, request, tmp_path):
-    from test_checkpoint_multiprocess import MESH, WORKER, free_port
+    from checkpoint_common import MESH, WORKER, free_port
 
     from bignlp_jax.data import make_source
     from bignlp_jax.train.loop import Trainer

@@ -22,8 +22,9 @@ from bignlp_jax.cli import main
 from bignlp_jax.data.store import remote as remote_store
 from bignlp_jax.data.store.batches import StoreBatches
 from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.manifest import MANIFEST, TOKENS
 from bignlp_jax.data.store.sample_index import SampleIndex
-from bignlp_jax.data.store.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.data.store.token_store import TokenStore
 from bignlp_jax.data.tfds.source import open_split
 from bignlp_jax.errors import UserError
 from bignlp_jax.train.loop import train

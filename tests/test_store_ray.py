@@ -22,9 +22,9 @@ import storage_emulators
 
 from bignlp_jax.cli import main
 from bignlp_jax.data.store import raw_build, ray_build
+from bignlp_jax.data.store.manifest import MANIFEST
 from bignlp_jax.data.store.sample_index import SampleIndex
 from bignlp_jax.data.store.shards import ShardedStore
-from bignlp_jax.data.store.token_store import MANIFEST
 
 pytestmark = pytest.mark.slow
 gcs_emulator = storage_emulators.gcs_emulator

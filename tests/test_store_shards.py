@@ -12,10 +12,11 @@ import pytest
 from bignlp_jax.checkpoint.preemption import StopRequest
 from bignlp_jax.data.store.batches import StoreBatches
 from bignlp_jax.data.store.build import write_store
+from bignlp_jax.data.store.manifest import MANIFEST, TOKENS
 from bignlp_jax.data.store.sample_index import SampleIndex
 from bignlp_jax.data.store.shard_files import write_sharded_manifest
 from bignlp_jax.data.store.shards import ShardedStore, shard_entry
-from bignlp_jax.data.store.token_store import MANIFEST, TOKENS, TokenStore
+from bignlp_jax.data.store.token_store import TokenStore
 from bignlp_jax.errors import Preempted, UserError
 
 T = 16

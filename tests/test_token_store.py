@@ -11,7 +11,8 @@ from bignlp_jax.cli import main
 from bignlp_jax.data.store import build as token_build
 from bignlp_jax.data.store import token_store
 from bignlp_jax.data.store.build import write_store
-from bignlp_jax.data.store.token_store import MANIFEST, OFFSETS, TOKENS, TokenStore
+from bignlp_jax.data.store.manifest import MANIFEST, OFFSETS, TOKENS
+from bignlp_jax.data.store.token_store import TokenStore
 from bignlp_jax.errors import UserError
 
 DOCS = [np.array([2, *range(10, 10 + n), 3]) for n in (5, 0, 17, 3)]

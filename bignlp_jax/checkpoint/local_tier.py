@@ -42,7 +42,8 @@ from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
 from bignlp_jax.checkpoint import fs_probe, integrity, shard_files
-from bignlp_jax.checkpoint.manager import ProcessJsonHandler, ProcessJsonSave, read_meta
+from bignlp_jax.checkpoint.handlers import ProcessJsonHandler, ProcessJsonSave
+from bignlp_jax.checkpoint.manager import read_meta
 from bignlp_jax.checkpoint.paths import DATA, META, STATE, complete_steps
 from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint, is_read_error
 from bignlp_jax.checkpoint.step_metadata_log import quiet_step_metadata

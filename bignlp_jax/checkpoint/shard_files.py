@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bignlp_jax import storage
-from bignlp_jax.checkpoint import integrity
+from bignlp_jax.checkpoint import checksum_writer, integrity
 from bignlp_jax.checkpoint.paths import SHARD_INDEX as INDEX
 from bignlp_jax.checkpoint.read_errors import DamagedCheckpoint
 from bignlp_jax.compat import orbax as orbax_compat
@@ -120,11 +120,11 @@ class ShardFilesHandler(ocp.handlers.AsyncCheckpointHandler):
         index = json.dumps({"format": FORMAT, "leaves": entries}).encode()
         (state_dir / INDEX).write_bytes(index)
         sums[INDEX] = (len(index), google_crc32c.value(index))
-        integrity.write_listing(state_dir, sums, jax.process_count(), processes=[])
+        checksum_writer.write_listing(state_dir, sums, jax.process_count(), processes=[])
 
     def finalize(self, directory) -> None:
         # the step's data position and metadata are written by now: add their sums
-        integrity.add_step_items(storage.path(str(directory)))
+        checksum_writer.add_step_items(storage.path(str(directory)))
 
     def save(self, directory, args: ShardFilesSave) -> None:
         for f in orbax_compat.run_sync(self.async_save(directory, args)):

@@ -1,5 +1,5 @@
-"""Typed, validated configuration (schema.py: `Config`; its sections in sections.py and
-finetune.py) and its loader (loader.py)."""
+"""Typed, validated configuration (schema.py: `Config`; its sections in architecture.py,
+sections.py and finetune.py) and its loader (loader.py)."""
 
 from bignlp_jax.config.loader import config_to_yaml, load_config, save_config
 from bignlp_jax.config.schema import (

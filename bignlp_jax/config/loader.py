@@ -7,10 +7,12 @@ this module only turns its errors into one message a person can act on.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import importlib.resources
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,15 @@ from bignlp_jax.errors import ConfigError
 # The presets ship inside the package (bignlp_jax/configs links to the top-level configs/ in a
 # clone, and is a plain folder in a wheel), so names such as `tiny` work from any install.
 CONFIG_ROOT = Path(str(importlib.resources.files("bignlp_jax") / "configs"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """`CONFIG [KEY=VALUE ...]`, the positional arguments of every command that runs
+    `load_config(args.config, args.overrides)`; `example`: overrides that suit the command."""
+    parser.add_argument("config", metavar="CONFIG",
+                        help="YAML config (path, or name under configs/, e.g. tiny)")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"dotted overrides, e.g. {example} (default: none)")
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -99,27 +110,81 @@ def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(merged, data)
 
 
-def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str],
+                    sections: Collection[str] | None = None) -> dict[str, Any]:
     """Apply `a.b.c=value` strings; values are parsed as YAML scalars/lists (`3`, `1e-4`,
-    `[1,2]`)."""
+    `[1,2]`). `SECTION=FILE` (e.g. `model=models/tiny_llama.yaml`) replaces a whole section
+    with that config file's section first; dotted keys then apply on top of it, wherever they
+    stand on the command line (`model.hidden=128 model=FILE` keeps hidden=128); a mapping
+    given to a section sets its keys (`model={hidden: 128}` = `model.hidden=128`). `sections`:
+    the keys that are sections (default: those of a run's `Config`)."""
     tree = copy.deepcopy(tree)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(
-                f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+    sections = SECTIONS if sections is None else sections
+    parsed = [_parse_override(item) for item in overrides]
+    from_files = {key for key, value in parsed if key in sections and isinstance(value, str)}
+    for key, value in parsed:
+        if key in from_files:
+            tree[key] = section_from_file(key, str(value))
+    for key, value in parsed:
+        if key in from_files:
+            continue
+        if key in sections and isinstance(value, dict) and isinstance(tree.get(key), dict):
+            # `model={num_layers: 3}` sets those keys, as a `defaults:` file would; replacing
+            # the section would silently reset every other key of it to its default
+            tree[key] = deep_merge(tree[key], value)
+            continue
         node = tree
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
     return tree
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _sections() -> set[str]:
+    """The top-level keys of `Config` that are sections (mappings of keys), not values."""
+    out = set()
+    for name, field in Config.model_fields.items():
+        kinds = typing.get_args(field.annotation) or (field.annotation,)
+        if any(isinstance(kind, type) and issubclass(kind, BaseModel) for kind in kinds):
+            out.add(name)
+    return out
+
+
+SECTIONS = _sections()
+
+
+def section_from_file(section: str, name: str) -> dict[str, Any]:
+    """The `section` of a config file (a path, or a name under configs/; its `defaults`
+    merged first), for `SECTION=FILE`; ConfigError in one line when there is none."""
+    try:
+        path = resolve_config_path(name)
+    except ConfigError:
+        raise ConfigError(
+            f"override {section}={name}: {section} is a section, so its value names a config "
+            f"file whose `{section}:` section replaces this one, and no file {name} was found "
+            f"(nor {CONFIG_ROOT / name}[.yaml])\n  fix: name a file, e.g. {section}="
+            f"{'models/tiny_llama.yaml' if section == 'model' else 'FILE.yaml'}, or set single "
+            f"keys: {section}.KEY=VALUE") from None
+    tree = load_yaml_tree(path)
+    if not isinstance(tree.get(section), dict):
+        raise ConfigError(f"override {section}={name}: {path} has no `{section}:` section to "
+                          f"take\n  fix: name a file that has one, or set single keys: "
+                          f"{section}.KEY=VALUE")
+    return tree[section]
 
 
 def check_unique_overrides(overrides: Sequence[str]) -> None:

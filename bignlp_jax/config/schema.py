@@ -1,9 +1,10 @@
 """The typed configuration: one frozen pydantic model per section, joined into `Config`.
 
 Every field has a type and, where it matters, a range; unknown keys are refused (`extra="forbid"`).
-The sections live in sections.py (model, mesh, data, optimizer, train, checkpoint, run) and
-finetune.py (task, lora); this module holds `Config`, which checks the rules that span sections,
-and re-exports every section so `bignlp_jax.config.schema` names them all.
+The sections live in architecture.py (model, mesh), sections.py (data, optimizer, train,
+checkpoint, run) and finetune.py (task, lora); this module holds `Config`, which checks the
+rules that span sections, and re-exports every section so `bignlp_jax.config.schema` names
+them all.
 `loader.py` turns YAML files plus dotted command-line overrides into a validated `Config`.
 """
 
@@ -11,13 +12,12 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from bignlp_jax.config.architecture import MeshConfig, ModelConfig
 from bignlp_jax.config.finetune import LORA_TARGETS, DpoConfig, LoraConfig, TaskConfig
 from bignlp_jax.config.sections import (
     CheckpointConfig,
     DataConfig,
-    MeshConfig,
     MixtureEntry,
-    ModelConfig,
     OptimizerConfig,
     RunConfig,
     Section,

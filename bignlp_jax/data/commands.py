@@ -1,10 +1,11 @@
-"""CLI: `bignlp-jax tokenizer train ...` and `bignlp-jax data prepare|embedded ...` (and, from
-store_commands.py, `data tokenize|bench`)."""
+"""CLI: `bignlp-jax tokenizer train ...` and `bignlp-jax data prepare|embedded|bench ...` (and,
+from store/commands.py, `data tokenize`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from bignlp_jax import storage
@@ -46,14 +47,14 @@ def training_texts(args) -> tuple[list[str], str]:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from bignlp_jax.data.tokenizer import train_tokenizer
+    from bignlp_jax.data.tokenizer import JSON_FILE, train_tokenizer
 
     texts, origin = training_texts(args)
     tokenizer = train_tokenizer(texts, args.out, args.vocab_size, args.model_type)
     info = tokenizer.describe()
     info["trained_on"] = origin
     # The provenance goes into the JSON written next to the model as well.
-    (Path(args.out) / "tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
+    (Path(args.out) / JSON_FILE).write_text(json.dumps(info, indent=2) + "\n")
     print(f"tokenizer ({info['model_type']}, {info['vocab_size']} pieces) trained on {origin}")
     print(f"  written to {args.out}; use it with data.tokenizer={args.out} "
           f"model.vocab_size={info['vocab_size']}")
@@ -105,7 +106,40 @@ def cmd_data_embedded(args) -> int:
     return 0
 
 
+def cmd_data_bench(args) -> int:
+    import jax
+
+    from bignlp_jax.config import load_config
+    from bignlp_jax.data.sources import make_source
+
+    cfg = load_config(args.config, args.overrides or [])
+    B, T = cfg.train.global_batch_size, cfg.data.seq_len
+    n, i = jax.process_count(), jax.process_index()
+    rows = (i * B // n, (i + 1) * B // n)
+    start = time.perf_counter()
+    source = make_source(cfg, "train", rows)
+    if args.start_step:
+        source.set_state({**source.get_state(), "step": args.start_step})
+    next(source)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        batch = next(source)
+    seconds = time.perf_counter() - start
+    local_rows = rows[1] - rows[0]
+    result = {"tokens_per_sec": args.steps * local_rows * T / seconds,
+              "rows_per_sec": args.steps * local_rows / seconds, "first_batch_s": first,
+              "steps": args.steps, "seq_len": T, "global_batch": B, "rows": list(rows),
+              "start_step": args.start_step, "workers": cfg.data.workers,
+              "threads": cfg.data.worker_threads, "keys": sorted(batch)}
+    print(f"loader: {result['tokens_per_sec']:,.0f} tokens/s, {result['rows_per_sec']:,.1f} "
+          f"rows/s, first batch {first:.2f} s ({args.steps} batches of {local_rows} x {T})")
+    print(json.dumps(result))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from bignlp_jax.config.loader import add_config_arguments
     from bignlp_jax.data.tfds.local_files import FORMATS, TEXT_UNITS
     from bignlp_jax.data.tokenizer import MODEL_TYPES
 
@@ -161,3 +195,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     store_commands.register(data_sub)
 
+    p = data_sub.add_parser("bench", help="time the data loader alone (last line: JSON)")
+    add_config_arguments(p, "data.workers=4")
+    p.add_argument("--steps", type=int, default=20, help="batches to time (default 20)")
+    p.add_argument("--start-step", type=int, default=0,
+                   help="first batch to read (time to the first batch of a resumed run)")
+    p.set_defaults(func=cmd_data_bench, command="data bench")

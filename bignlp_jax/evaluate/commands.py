@@ -46,7 +46,8 @@ def resolve_run(target: str, overrides: list[str]):
 
 
 def cmd_eval(args) -> int:
-    from bignlp_jax.evaluate.run import EVAL_FILE, evaluate_run
+    from bignlp_jax.evaluate.run import evaluate_run
+    from bignlp_jax.rundir import EVAL_FILE
 
     cfg, run_dir = resolve_run(args.target, args.overrides)
     results = evaluate_run(cfg, run_dir, args.step)

@@ -12,8 +12,8 @@ import argparse
 import importlib.util
 
 from bignlp_jax.errors import UserError
+from bignlp_jax.rundir import LM_EVAL_FILE
 
-RESULTS_FILE = "lm_eval.json"
 INSTALL_HINT = ("lm-eval is not installed; install the eval extra: pip install -e '.[eval]' "
                 "(or pip install 'lm-eval>=0.4.8,<0.5')")
 
@@ -53,7 +53,7 @@ def cmd_lm_eval(args) -> int:
     lm, step = load_model(cfg, run_dir, args.step, settings)
     results = run_harness(lm, settings)
     path = write_results(results_json(results, run_dir, step), args.output or
-                         run_dir / RESULTS_FILE)
+                         run_dir / LM_EVAL_FILE)
     if jax.process_index() == 0:
         for task, metric, value, stderr in score_table(results):
             spread = f" ± {stderr:.4f}" if stderr is not None else ""
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory of extra task YAMLs; data_files may be relative to the YAML "
                         "(repeatable)")
     p.add_argument("--output", default=None, metavar="FILE",
-                   help=f"results JSON (default: RUN_DIR/{RESULTS_FILE})")
+                   help=f"results JSON (default: RUN_DIR/{LM_EVAL_FILE})")
     p.add_argument("--log-samples", action="store_true",
                    help="keep every request and response in the results JSON (`samples`)")
     p.add_argument("--add-bos-token", choices=("true", "false"), default=None,

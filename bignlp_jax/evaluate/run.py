@@ -29,11 +29,10 @@ from bignlp_jax.evaluate.scoring import (
     make_score_fn,
     target_nll,
 )
-from bignlp_jax.rundir import RunDir
+from bignlp_jax.rundir import EVAL_FILE, RunDir
 from bignlp_jax.train.loop import Trainer
 from bignlp_jax.train.metrics import MetricsLogger
 
-EVAL_FILE = "eval.json"
 # Examples written into eval.json so a person can see what the model answered.
 SHOWN_EXAMPLES = 5
 

@@ -27,16 +27,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from bignlp_jax import storage
+from bignlp_jax.checkpoint.paths import STATE
 from bignlp_jax.compat import orbax as orbax_compat  # noqa: F401 - applied on import: s3:// arrays
 from bignlp_jax.config import Config, save_config
 from bignlp_jax.hf.gather import check_on_writer
 from bignlp_jax.hf.tokenizer import resolve_tokenizer
 from bignlp_jax.hf.weights import check_out_dir, export_dtype
 from bignlp_jax.owned import check_replaceable, seal
-from bignlp_jax.rundir import CONFIG_FILE
+from bignlp_jax.rundir import RunDir
 
 Params = dict[str, Any]
-MARKER = CONFIG_FILE
 
 
 def _sync(name: str) -> None:
@@ -77,17 +77,15 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _sync("bignlp_jax bundle start")
-    ocp.PyTreeCheckpointer().save((tmp / "checkpoints" / str(step) / "state").absolute(),
+    staged = RunDir(tmp)
+    ocp.PyTreeCheckpointer().save((staged.checkpoints / str(step) / STATE).absolute(),
                                   {"params": params})
     if jax.process_index() == 0:
-        data = cfg.data
         if tok is not None:
-            tok.save(tmp / "tokenizer")
-            data = data.model_copy(update={"tokenizer": str(out_dir.resolve() / "tokenizer")})
-        bundle_cfg = cfg.model_copy(update={
-            "data": data, "init_from": None,
-            "run": cfg.run.model_copy(update={"dir": str(out_dir.resolve())})})
-        save_config(bundle_cfg, tmp / MARKER)
+            tok.save(staged.tokenizer)
+        # config.yaml names the bundle's final place (the staging folder is renamed to it)
+        save_config(_bundle_config(cfg, RunDir(out_dir.resolve()), tok is not None),
+                    staged.config_file)
         seal(tmp)  # the ledger of what we wrote: a later --overwrite replaces exactly that
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -96,18 +94,20 @@ def save_params_bundle(params: Params, cfg: Config, out_dir: str | Path, *, step
     return out_dir
 
 
-def _bundle_config(cfg: Config, out_dir: str, tokenizer_saved: bool) -> Config:
+def _bundle_config(cfg: Config, bundle: RunDir, tokenizer_saved: bool) -> Config:
+    """`cfg` as the bundle records it: run.dir is the bundle, data.tokenizer its own copy."""
     data = cfg.data
     if tokenizer_saved:
-        data = data.model_copy(update={"tokenizer": f"{out_dir}/tokenizer"})
+        data = data.model_copy(update={"tokenizer": str(bundle.tokenizer)})
     return cfg.model_copy(update={"data": data, "init_from": None,
-                                  "run": cfg.run.model_copy(update={"dir": out_dir})})
+                                  "run": cfg.run.model_copy(update={"dir": str(bundle)})})
 
 
 def _save_to_bucket(params: Params, cfg: Config, out_dir: str, step: int,
                     tokenizer: Any, overwrite: bool) -> storage.AnyPath:
     """`save_params_bundle` for a bucket OUT: no rename there, so written in place, marker last."""
     out = storage.path(out_dir)
+    bundle = RunDir(out)
     tok = None
 
     def check() -> None:
@@ -122,12 +122,12 @@ def _save_to_bucket(params: Params, cfg: Config, out_dir: str, step: int,
     # a step item written through Orbax's composite handler: on a bucket the step directory is
     # finalized by Orbax's commit file, which is what its step listing (and ours) looks for
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(out / "checkpoints" / str(step), ocp.args.Composite(
+        checkpointer.save(bundle.checkpoints / str(step), ocp.args.Composite(
             state=ocp.args.PyTreeSave({"params": params})))
     if jax.process_index() == 0:
         if tok is not None:
-            tok.save(out / "tokenizer")
-        save_config(_bundle_config(cfg, out_dir.rstrip("/"), tok is not None), out / MARKER)
+            tok.save(bundle.tokenizer)
+        save_config(_bundle_config(cfg, bundle, tok is not None), bundle.config_file)
         seal(out)
     _sync("bignlp_jax bundle done")
     return out

@@ -83,14 +83,16 @@ def run_tokenizer(run: Path, cfg, given: str | None = None) -> Path | None:
     Nothing else outside the run directory is read: `data.tokenizer` in its config.yaml may
     name any file, and a run directory can come from anyone."""
     from bignlp_jax.checkpoint import run_root
+    from bignlp_jax.data.tokenizer import JSON_FILE, MODEL_FILE
+    from bignlp_jax.rundir import TOKENIZER, RunDir
 
     if given is not None:
         return storage.path(given)  # the user's own choice
     root = run_root(run)
-    for name in ("tokenizer/tokenizer.json", "tokenizer"):
+    for name in (f"{TOKENIZER}/{JSON_FILE}", TOKENIZER):
         contained(root, name)  # a symlink out of the run directory is refused
-    if contained(root, "tokenizer/tokenizer.model").is_file():
-        return root / "tokenizer"
+    if contained(root, f"{TOKENIZER}/{MODEL_FILE}").is_file():
+        return RunDir(root).tokenizer
     if cfg.data.tokenizer:  # e.g. a run on synthetic data, which records no tokenizer
         raise UserError(f"{root} holds no tokenizer/ but its config.yaml names data.tokenizer="
                         f"{cfg.data.tokenizer}, outside the run directory, which export does "

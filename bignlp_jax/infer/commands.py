@@ -15,9 +15,10 @@ def cmd_generate(args) -> int:
     from bignlp_jax.data.tokenizer import load_tokenizer
     from bignlp_jax.errors import UserError
     from bignlp_jax.infer.generate import generate
+    from bignlp_jax.rundir import TOKENIZER
 
     cfg = load_run_config(args.run)
-    contained(args.run, "tokenizer")  # a run's tokenizer/ leading outside it is refused
+    contained(args.run, TOKENIZER)  # a run's tokenizer/ leading outside it is refused
     try:
         tokenizer = load_tokenizer(args.run)
     except UserError:

@@ -27,9 +27,10 @@ def cmd_bench(args) -> int:
 
 
 def register(subparsers) -> None:
+    from bignlp_jax.config.loader import add_config_arguments
+
     p = subparsers.add_parser("bench", help="time the train step: tokens/s, MFU, memory")
-    p.add_argument("config", help="YAML config (path, or name under configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.remat=full")
+    add_config_arguments(p, "model.remat=full")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps after compiling (default 3)")

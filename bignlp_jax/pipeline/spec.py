@@ -114,7 +114,8 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
         file = resolve_config_path(path)
-        tree = apply_overrides(load_yaml_tree(file), list(overrides))
+        # a pipeline's keys are stages, not run config sections: no `SECTION=FILE` here
+        tree = apply_overrides(load_yaml_tree(file), list(overrides), sections=())
         try:
             spec = PipelineConfig.model_validate(tree)
         except ValidationError as e:

@@ -43,10 +43,8 @@ from bignlp_jax.pipeline.state import (  # noqa: F401 - read_state: re-exported 
     why_stale,
     write_whole,
 )
-from bignlp_jax.rundir import RunDir
+from bignlp_jax.rundir import LM_EVAL_FILE, RunDir
 from bignlp_jax.train.loop import train
-
-LM_EVAL_FILE = "lm_eval.json"  # the lm_eval stage's scores, in OUT/lm_eval/
 
 
 def _barrier(name: str) -> None:

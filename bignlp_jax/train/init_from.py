@@ -45,7 +45,7 @@ def check_tokenizer(cfg: Config, step_dir: Path, what: str) -> None:
             break
     else:
         return  # a run without a recorded tokenizer (synthetic data): nothing to compare
-    from bignlp_jax.data.text_source import resolve_tokenizer  # grain, tfds: tfds runs only
+    from bignlp_jax.data.dataset_choice import resolve_tokenizer  # tfds: tfds runs only
 
     tokenizer = resolve_tokenizer(cfg)
     theirs = json.loads(recorded.read_text(encoding="utf-8"))

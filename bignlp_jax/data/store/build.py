@@ -27,16 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax import storage
+from bignlp_jax.data.store.manifest import MANIFEST, TOKENS, VERIFIED
 from bignlp_jax.data.store.remote import publish_store
 from bignlp_jax.data.store.shard_files import finish_shard, split_into_shards
-from bignlp_jax.data.store.token_store import (
-    MANIFEST,
-    TOKENS,
-    VERIFIED,
-    StoreSpec,
-    dataset_identity,
-    store_dir,
-)
+from bignlp_jax.data.store.token_store import StoreSpec, dataset_identity, store_dir
 from bignlp_jax.data.tfds.source import local_dataset_dir
 
 # Records per encode call: big enough to amortise the call, small enough to stream.

@@ -1,4 +1,4 @@
-"""CLI: `bignlp-jax data tokenize ...` (build token stores), `data bench CONFIG` (loader alone)."""
+"""CLI: `bignlp-jax data tokenize ...`: build token stores."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def cmd_data_tokenize(args) -> int:
     from bignlp_jax.access import check_path
     from bignlp_jax.data.corpora import embedded
     from bignlp_jax.data.store.build import build_store
+    from bignlp_jax.data.store.manifest import MANIFEST
     from bignlp_jax.data.store.shards import ShardedStore
-    from bignlp_jax.data.store.token_store import MANIFEST, StoreSpec, dataset_identity, store_dir
+    from bignlp_jax.data.store.token_store import StoreSpec, dataset_identity, store_dir
     from bignlp_jax.data.tfds.source import resolve_data_dir, split_size
     from bignlp_jax.data.tokenizer import load_tokenizer
 
@@ -97,38 +98,6 @@ def _slice(text: str) -> tuple[int, int]:
     return i, n
 
 
-def cmd_data_bench(args) -> int:
-    import jax
-
-    from bignlp_jax.config import load_config
-    from bignlp_jax.data import make_source
-
-    cfg = load_config(args.config, args.overrides or [])
-    B, T = cfg.train.global_batch_size, cfg.data.seq_len
-    n, i = jax.process_count(), jax.process_index()
-    rows = (i * B // n, (i + 1) * B // n)
-    start = time.perf_counter()
-    source = make_source(cfg, "train", rows)
-    if args.start_step:
-        source.set_state({**source.get_state(), "step": args.start_step})
-    next(source)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        batch = next(source)
-    seconds = time.perf_counter() - start
-    local_rows = rows[1] - rows[0]
-    result = {"tokens_per_sec": args.steps * local_rows * T / seconds,
-              "rows_per_sec": args.steps * local_rows / seconds, "first_batch_s": first,
-              "steps": args.steps, "seq_len": T, "global_batch": B, "rows": list(rows),
-              "start_step": args.start_step, "workers": cfg.data.workers,
-              "threads": cfg.data.worker_threads, "keys": sorted(batch)}
-    print(f"loader: {result['tokens_per_sec']:,.0f} tokens/s, {result['rows_per_sec']:,.1f} "
-          f"rows/s, first batch {first:.2f} s ({args.steps} batches of {local_rows} x {T})")
-    print(json.dumps(result))
-    return 0
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -168,11 +137,3 @@ def register(data_sub: argparse._SubParsersAction) -> None:
                    help="with --input: build only tasks I, I+N, ... (an array job of N); the "
                         "last slice to finish writes the manifest")
     p.set_defaults(func=cmd_data_tokenize, command="data tokenize")
-
-    p = data_sub.add_parser("bench", help="time the data loader alone (last line: JSON)")
-    p.add_argument("config", help="run config (path, or name under configs/, e.g. tiny)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.add_argument("--steps", type=int, default=20, help="batches to time (default 20)")
-    p.add_argument("--start-step", type=int, default=0,
-                   help="first batch to read (time to the first batch of a resumed run)")
-    p.set_defaults(func=cmd_data_bench, command="data bench")

@@ -34,6 +34,7 @@ import numpy as np
 from bignlp_jax import storage
 from bignlp_jax.data.store.build import _with_specials
 from bignlp_jax.data.store.chunks import check_stop
+from bignlp_jax.data.store.manifest import MANIFEST, TOKENS
 from bignlp_jax.data.store.raw_inputs import expand_inputs, read_texts
 from bignlp_jax.data.store.shard_files import (
     finish_shard,
@@ -41,7 +42,6 @@ from bignlp_jax.data.store.shard_files import (
     write_sharded_manifest,
 )
 from bignlp_jax.data.store.shards import shard_entry
-from bignlp_jax.data.store.token_store import MANIFEST, TOKENS
 from bignlp_jax.data.tokenizer import load_tokenizer
 from bignlp_jax.errors import UserError
 

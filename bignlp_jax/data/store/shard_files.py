@@ -17,15 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax.data.store.chunks import CHUNK_TOKENS, chunk_crcs
+from bignlp_jax.data.store.manifest import FORMAT, MANIFEST, OFFSETS, TOKENS, VERIFIED, sha256_file
 from bignlp_jax.data.store.shards import SHARDED_FORMAT, shard_entry, shards_sha256
-from bignlp_jax.data.store.token_store import (
-    FORMAT,
-    MANIFEST,
-    OFFSETS,
-    TOKENS,
-    VERIFIED,
-    sha256_file,
-)
 
 
 def finish_shard(tmp: Path, lengths: np.ndarray, info: dict) -> dict:

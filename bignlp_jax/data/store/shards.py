@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bignlp_jax import storage
-from bignlp_jax.data.store.token_store import FORMAT, MANIFEST, TokenStore, read_manifest
+from bignlp_jax.data.store.manifest import FORMAT, MANIFEST, read_manifest
+from bignlp_jax.data.store.token_store import TokenStore
 from bignlp_jax.errors import UserError
 
 SHARDED_FORMAT = "bignlp_token_store/sharded-1"

@@ -10,17 +10,17 @@ Layout of a store directory (DATA_DIR/token_stores/NAME/SPLIT-TOKENIZERSHA[:16]-
     verified.json  (size, mtime, sha256) of the files when their sha256 was last checked (only
                    stores without chunk checksums)
 
-This module names and opens stores (`token_build.py` writes them); a store may also be a set of
-such stores, its shards (`store/shards.py`). Opening checks the manifest (tokenizer, format, the
-files it names: only the two above, inside the store's folder), the file sizes, the offsets and
-their sha256, so it costs O(documents), not O(tokens). The tokens are checked chunk by chunk as a
-process first reads them (`store/chunks.py`): crc32 and ids below the vocabulary size. A store
-written before chunk checksums existed has its tokens' sha256 checked when the file's size or
-mtime differs from `verified.json`. A damaged store is one message naming the file and the
-command that rebuilds it.
+This module names and opens stores (`build.py` writes them); a store may also be a set of
+such stores, its shards (`shards.py`). Opening checks the manifest (manifest.py: tokenizer,
+format, the files it names: only the two above, inside the store's folder), the file sizes,
+the offsets and their sha256, so it costs O(documents), not O(tokens). The tokens are checked
+chunk by chunk as a process first reads them (`chunks.py`): crc32 and ids below the vocabulary
+size. A store written before chunk checksums existed has its tokens' sha256 checked when the
+file's size or mtime differs from `verified.json`. A damaged store is one message naming the
+file and the command that rebuilds it.
 
 A store in a bucket (gs://, s3://: `data.data_dir` there) is opened the same way, but its
-tokens are read by byte ranges as batches need them (`remote_store.RemoteTokens`), never
+tokens are read by byte ranges as batches need them (`remote.RemoteTokens`), never
 copied whole; opening it checks the manifest, the sizes and the offsets (and their sha256),
 and `data tokenize` hashes its tokens too (a training run does not read a whole corpus to
 open it).
@@ -29,7 +29,6 @@ open it).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -38,12 +37,20 @@ from pathlib import Path
 import numpy as np
 
 from bignlp_jax import storage
-from bignlp_jax.data.store.chunks import ChunkChecker, check_stop
+from bignlp_jax.data.store.chunks import ChunkChecker
+from bignlp_jax.data.store.manifest import (
+    FORMAT,
+    OFFSETS,
+    TOKENS,
+    check_contained,
+    corrupt,
+    read_manifest,
+    verify_files,
+    verify_remote,
+)
 from bignlp_jax.data.store.remote import RemoteTokens
 from bignlp_jax.errors import UserError
 
-FORMAT = "bignlp_token_store/1"
-TOKENS, OFFSETS, MANIFEST, VERIFIED = "tokens.bin", "offsets.npy", "manifest.json", "verified.json"
 STORES_DIR = "token_stores"
 
 
@@ -84,16 +91,6 @@ def store_dir(spec: StoreSpec, identity: str) -> storage.AnyPath:
             / f"{split}-{spec.tokenizer_sha256[:16]}-{identity[:12]}")
 
 
-def sha256_file(path: storage.AnyPath) -> str:
-    """sha256 of a file, read in 16 MiB blocks; a stop request (SIGTERM) ends it promptly."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            check_stop(f"verifying token store file {path}")
-            h.update(block)
-    return h.hexdigest()
-
-
 class TokenStore:
     """An opened store: `tokens` (memory-mapped; read by ranges in a bucket), `offsets`, and
     its `manifest`. `verify_tokens` hashes a bucket store's tokens too (`data tokenize`)."""
@@ -112,12 +109,12 @@ class TokenStore:
         if self.remote:
             # a bucket's objects carry their own checksums; reading whole chunks to check
             # them would defeat reading by byte ranges
-            self.offsets = _verify_remote(self.path, self.manifest, rebuild, verify_tokens)
+            self.offsets = verify_remote(self.path, self.manifest, rebuild, verify_tokens)
             self.tokens = RemoteTokens(str(self.path / TOKENS), self.manifest["dtype"],
                                        int(self.manifest["tokens"]), rebuild)
         else:
-            _contained(self.path, rebuild)
-            _verify_files(self.path, self.manifest, rebuild)
+            check_contained(self.path, rebuild)
+            verify_files(self.path, self.manifest, rebuild)
             self.tokens = np.memmap(self.path / TOKENS, dtype=self.manifest["dtype"], mode="r")
             self.offsets = np.load(self.path / OFFSETS, mmap_mode="r")
             chunks = self.manifest.get("chunks")
@@ -143,7 +140,7 @@ class TokenStore:
         if isinstance(self.tokens, RemoteTokens):
             inputs, targets = self.tokens.pairs(idx)
             if inputs.size and max(int(inputs.max()), int(targets.max())) >= self.vocab_size:
-                raise _corrupt(self.path / TOKENS, "corrupt (a token id is not below the "
+                raise corrupt(self.path / TOKENS, "corrupt (a token id is not below the "
                                f"vocabulary size {self.vocab_size})", self.rebuild)
             return inputs, targets
         if self.checker is not None:
@@ -172,136 +169,3 @@ class TokenStore:
         return {"path": str(self.path), "identity": self.identity, "dataset": m["dataset"],
                 "split": m["split"], "tokenizer_sha256": m["tokenizer_sha256"],
                 "documents": m["documents"], "tokens": m["tokens"]}
-
-
-def _corrupt(path: storage.AnyPath, problem: str, rebuild: str) -> UserError:
-    return UserError(f"token store file {path} is {problem}\n"
-                     f"  fix: rebuild it: {rebuild}")
-
-
-def read_manifest(path: storage.AnyPath, rebuild: str, formats: tuple[str, ...]) -> dict:
-    """The manifest of the store at `path`, if its format is one of `formats`; a shard's
-    manifest may name only the store's own two files."""
-    file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"no token store at {path} (no {MANIFEST})\n"
-                        f"  fix: build it: {rebuild}") from None
-    except (OSError, ValueError) as e:  # a bucket: also permission and network errors
-        raise _corrupt(file, f"unreadable ({type(e).__name__})", rebuild) from None
-    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
-        raise _corrupt(file, f"not a {' or '.join(formats)} manifest", rebuild)
-    if manifest["format"] == FORMAT:
-        if (manifest.get("dtype") not in ("uint16", "uint32")
-                or not all(isinstance(manifest.get(k), int) and manifest[k] >= 0
-                           for k in ("documents", "tokens", "vocab_size"))):
-            raise _corrupt(file, "corrupt (its dtype or counts are not valid)", rebuild)
-        named = manifest.get("sha256")
-        if not isinstance(named, dict) or sorted(named) != sorted((TOKENS, OFFSETS)):
-            names = sorted(named) if isinstance(named, dict) else named
-            raise UserError(f"token store manifest {file} names the files {names!r}; a store "
-                            f"holds exactly {TOKENS} and {OFFSETS} in its own folder, nothing "
-                            f"else is read\n  fix: rebuild it: {rebuild}")
-    return manifest
-
-
-def _contained(path: Path, rebuild: str) -> None:
-    """The store's files must lie in its folder: a symlink out of it is refused, not read."""
-    root = Path(path).resolve()
-    for name in (TOKENS, OFFSETS):
-        target = (Path(path) / name).resolve()
-        if target.parent != root:
-            raise UserError(f"token store file {Path(path) / name} leads outside its folder "
-                            f"{root} (to {target}); a store's files are read only inside it\n"
-                            f"  fix: rebuild it: {rebuild}")
-
-
-def _check_tokens_size(path: storage.AnyPath, m: dict, rebuild: str) -> None:
-    size = m["tokens"] * np.dtype(m["dtype"]).itemsize
-    file = path / TOKENS
-    if not file.is_file():
-        raise _corrupt(file, "missing", rebuild)
-    if storage.size(file) != size:
-        raise _corrupt(file, f"{storage.size(file)} bytes, not the {size} its manifest "
-                       "says (truncated?)", rebuild)
-
-
-def _check_offsets(path: storage.AnyPath, offsets: np.ndarray, m: dict, rebuild: str) -> None:
-    if (offsets.shape != (m["documents"] + 1,) or offsets[0] != 0
-            or offsets[-1] != m["tokens"] or np.any(np.diff(offsets) < 2)):
-        raise _corrupt(path / OFFSETS, "inconsistent with its manifest", rebuild)
-
-
-def _verify_remote(path: storage.AnyPath, m: dict, rebuild: str, tokens: bool) -> np.ndarray:
-    """A bucket store: sizes, the offsets (read whole: O(documents)) and their sha256; the
-    tokens' sha256 only when asked (it reads every byte)."""
-    _check_tokens_size(path, m, rebuild)
-    try:
-        data = (path / OFFSETS).read_bytes()
-    except FileNotFoundError:
-        raise _corrupt(path / OFFSETS, "missing", rebuild) from None
-    except (OSError, ValueError) as e:
-        raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
-    # the bytes first: a damaged header is never parsed
-    if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
-        raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
-    offsets = np.load(io.BytesIO(data))
-    _check_offsets(path, offsets, m, rebuild)
-    if tokens and sha256_file(path / TOKENS) != m["sha256"][TOKENS]:
-        raise _corrupt(path / TOKENS, "corrupt (sha256 differs from its manifest)", rebuild)
-    return offsets
-
-
-def _check_chunk_table(path: Path, m: dict, rebuild: str) -> None:
-    chunks = m["chunks"]
-    try:
-        size, crcs = int(chunks["tokens"]), chunks["crc32"]
-        ok = size > 0 and isinstance(crcs, list) and len(crcs) == -(-int(m["tokens"]) // size)
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise _corrupt(path / MANIFEST, "inconsistent (its chunk checksums do not cover "
-                       f"{TOKENS})", rebuild)
-
-
-def _verify_files(path: Path, m: dict, rebuild: str) -> None:
-    """Sizes, offsets and the offsets' sha256 always; the tokens chunk by chunk as they are
-    read, or (a store without chunk checksums) their sha256 once per (size, mtime)."""
-    _check_tokens_size(path, m, rebuild)
-    if m.get("chunks") is not None:  # the offsets' bytes first: a damaged header is not parsed
-        _check_chunk_table(path, m, rebuild)
-        try:
-            data = (path / OFFSETS).read_bytes()
-        except OSError as e:
-            raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
-        if hashlib.sha256(data).hexdigest() != m["sha256"][OFFSETS]:
-            raise _corrupt(path / OFFSETS, "corrupt (sha256 differs from its manifest)", rebuild)
-    try:
-        offsets = np.load(path / OFFSETS, mmap_mode="r")
-    except Exception as e:  # noqa: BLE001 - numpy raises SyntaxError, TokenError, ... on a bad header
-        raise _corrupt(path / OFFSETS, f"unreadable ({type(e).__name__})", rebuild) from None
-    _check_offsets(path, offsets, m, rebuild)
-    if m.get("chunks") is not None:
-        return  # the tokens are checked chunk by chunk as they are read
-    stamp_file = path / VERIFIED
-    try:
-        stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
-    except ValueError:
-        stamp = {}
-    changed = False
-    for name, digest in m["sha256"].items():
-        st = (path / name).stat()
-        key = [st.st_size, st.st_mtime_ns, digest]
-        if stamp.get(name) == key:
-            continue
-        if sha256_file(path / name) != digest:
-            raise _corrupt(path / name, "corrupt (sha256 differs from its manifest)", rebuild)
-        stamp[name], changed = key, True
-    if changed:
-        try:  # a read-only store is fine: it is verified again next time
-            tmp = stamp_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stamp))
-            os.replace(tmp, stamp_file)
-        except OSError:
-            pass

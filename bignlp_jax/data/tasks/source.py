@@ -86,7 +86,7 @@ class TaskBatches:
 
 
 def task_format(cfg: Config, where: str = "task data") -> TaskFormat:
-    from bignlp_jax.data.text_source import resolve_tokenizer  # grain: only when used
+    from bignlp_jax.data.dataset_choice import resolve_tokenizer  # tfds: only when used
 
     assert cfg.task is not None, "a task format needs a config with a task: section"
     return format_class(cfg)(cfg.task, resolve_tokenizer(cfg), cfg.data.seq_len, where)
@@ -100,13 +100,13 @@ def format_class(cfg: Config) -> type[TaskFormat]:
 
 def open_task_split(cfg: Config, split: str) -> tuple[Sequence, str]:
     """Records of a stream role ('train', 'validation') or a named split; and a description."""
-    from bignlp_jax.data import text_source  # grain: only when used
+    from bignlp_jax.data.dataset_choice import data_dir, dataset_name, split_name  # tfds
 
     if cfg.data.source != "tfds":
         raise UserError(f"a task needs data.source=tfds (records of data.tfds_name), got "
                         f"data.source={cfg.data.source}")
-    name, directory = text_source.dataset_name(cfg), text_source.data_dir(cfg)
-    split_ = text_source.split_name(cfg, split)
+    name, directory = dataset_name(cfg), data_dir(cfg)
+    split_ = split_name(cfg, split)
     assert cfg.task is not None, "task records need a config with a task: section"
     fmt_keys = format_class(cfg)(cfg.task, _NoTokenizer(), cfg.data.seq_len).required_keys()
     records = open_split(name, directory, split_, required_keys=fmt_keys)
