@@ -28,7 +28,7 @@ def ranked405b(llama405b):
 
 def test_405b_on_1024_h100s_needs_per_microbatch_gathers(ranked405b):
     """126 layers on 1,024 devices: 2, 4, 8 and 16 stages (the last three uneven, padded with
-    identity slots) are proposed. A stage's layers gathered whole for the step need 140 GiB or
+    identity slots) are proposed. A stage's slots gathered whole for the step need 98 GiB or
     more even with 16 stages, one mesh without stages keeps all 126 layers' activations: only
     meshes with stages and train.pipeline_fsdp_gather=microbatch fit analytically."""
     queue, skipped = ranked405b
