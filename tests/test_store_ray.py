@@ -84,6 +84,15 @@ def _running_task(node_pid: int) -> bool:
     return False
 
 
+def _env() -> dict:
+    """The nodes' environment: ours (with the cluster's token) and this checkout first."""
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _worker_node(address: str) -> subprocess.Popen:
+    return _node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2"], _env())
+
+
 def _wait_nodes(address: str, n: int, timeout: float = 120.0) -> None:
     import ray
 
@@ -104,29 +113,29 @@ def _wait_nodes(address: str, n: int, timeout: float = 120.0) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(gcs_emulator):
-    """(address, worker process) of a head (1 CPU) and a worker node (2 CPUs) on 127.0.0.1.
-    Its processes see the GCS emulator and this checkout."""
+    """(address, nodes) of a head node with no CPUs and a worker node with 2, on 127.0.0.1:
+    every task runs on a worker node. `nodes` lists the worker nodes started (a test may add a
+    replacement); all are stopped at the end. Its processes see the GCS emulator and this
+    checkout."""
     # The cluster authenticates its clients with a token of its own (not the user's
     # ~/.ray/auth_token); the driver (this process) gets it too.
     loopback = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     saved = {k: os.environ.get(k) for k in loopback}
     os.environ.update(loopback)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must stay < 108 bytes
     port = _port()
     address = f"127.0.0.1:{port}"
-    head = _node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                  "--include-dashboard=false", f"--temp-dir={temp}"], env)
-    worker = None
+    head = _node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0",
+                  "--include-dashboard=false", f"--temp-dir={temp}"], _env())
+    nodes: list[subprocess.Popen] = []
     try:
         _wait_nodes(address, 1)
-        worker = _node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2"],
-                       env)
+        nodes.append(_worker_node(address))
         _wait_nodes(address, 2)
-        yield address, worker
+        yield address, nodes
     finally:
-        if worker is not None:
-            _stop(worker)
+        for node in nodes:
+            _stop(node)
         _stop(head)
         for k, v in saved.items():
             if v is None:
@@ -171,18 +180,22 @@ def in_process(inputs, tmp_path_factory):
 
 def test_worker_killed_mid_build_the_store_is_byte_identical(cluster, inputs, in_process,
                                                             tmp_path):
-    address, worker = cluster
+    address, nodes = cluster
+    worker = nodes[0]
     out = tmp_path / "ray"
     tasks, info = _plan(inputs, out)
 
     killed = []
 
     def kill_while_it_runs_a_task():
+        """The only node with CPUs dies running a task; a replacement node joins (as a
+        cluster's autoscaler or a requeued node would) and the lost tasks are retried there."""
         deadline = time.monotonic() + 120
         while not _running_task(worker.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         killed.append(_running_task(worker.pid))
         _stop(worker, signal.SIGKILL)
+        nodes.append(_worker_node(address))
 
     killer = threading.Thread(target=kill_while_it_runs_a_task, daemon=True)
     killer.start()
@@ -207,7 +220,7 @@ def test_ray_build_into_a_gcs_bucket_reads_like_the_local_one(cluster, inputs, i
         storage.copy_file(f, f"{bucket}/raw/{f.name}")
     pattern = f"{bucket}/raw/part*.jsonl.gz"
     out = f"{bucket}/stores/corpus"
-    # the head node alone is left (its worker was killed above): any cluster will do
+    # the replacement worker node runs it (the first one was killed above)
     assert main(["data", "tokenize", "--name", "corpus", "--input", pattern, "--out", out,
                  "--tokenizer", tokenizer, "--shard-tokens", "100000", "--ray",
                  cluster[0]]) == 0
