@@ -11,6 +11,7 @@ Checking that a path can be read or written before a command starts is access.py
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -136,13 +137,21 @@ def rmtree(p: str | os.PathLike) -> None:
         target.rmtree()
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A new local temporary directory, removed when this process exits (normally, by an error
+    or after a stop on SIGTERM; a SIGKILL leaves it). Callers done with it sooner remove it."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, scratch, True)
+    return scratch
+
+
 def staging_dir(dest: str | os.PathLike) -> Path:
     """Where to write a directory tree bound for `dest`: `dest` itself when local, else a fresh
     local temporary directory that `publish` uploads. Used by writers that need real files
     (safetensors, renames for atomicity)."""
     if not is_remote(dest):
         return Path(dest)
-    return Path(tempfile.mkdtemp(prefix="bignlp-stage-")) / path(dest).name
+    return scratch_dir("bignlp-stage-") / path(dest).name
 
 
 def publish(staged: Path, dest: str | os.PathLike, marker: str) -> AnyPath:
@@ -170,13 +179,14 @@ def publish(staged: Path, dest: str | os.PathLike, marker: str) -> AnyPath:
 
 def fetch_dir(src: str | os.PathLike) -> Path:
     """A local copy of directory `src` (itself when local): for readers that need real files
-    (safetensors memory-maps them). The copy lives in a temporary directory."""
+    (safetensors memory-maps them). The copy lives in a `scratch_dir` (gone at exit); a caller
+    done with it sooner removes `.parent`."""
     if not is_remote(src):
         return Path(src)
     remote = path(src)
     if not remote.is_dir():
         raise UserError(f"{src} does not exist (or holds no objects)")
-    local = Path(tempfile.mkdtemp(prefix="bignlp-fetch-")) / remote.name
+    local = scratch_dir("bignlp-fetch-") / remote.name
     pending = [remote]
     while pending:
         for item in pending.pop().iterdir():

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 OVERRIDES = [
     "model.vocab_size=256", "data.source=synthetic", "data.seq_len=32",
@@ -100,7 +101,7 @@ def launch_workers(run_dir: Path, dump: Path, cache_env, *overrides: str,
     """checkpoint_worker.py as two processes of 2 CPU devices each, training `run_dir` with MESH
     and `overrides` (process 0 dumps its params to `dump`); output in RUN_DIR/../<name><i>.log."""
     env = subprocess_env(cache_env)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags(2)
     env["JAX_PLATFORMS"] = "cpu"
     port, procs = str(free_port()), []
     for i in range(2):

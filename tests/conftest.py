@@ -5,9 +5,18 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The suite compiles with LLVM's optimisations off: on 2 CPU cores compiling is most of its
+# time, and the level changes how XLA's CPU code is generated, not the program (the HLO) our
+# code builds. tests/test_compile_level.py checks that a run at XLA's default level trains alike.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test subprocess with `devices` simulated CPU devices."""
+    return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Embedded corpora and default tokenizers are built once per test session into a fresh cache
 # dir (subprocesses inherit it), so tests neither depend on nor write to the user's ~/.cache.

@@ -29,6 +29,7 @@ from checkpoint_common import (
     subprocess_env,
     worker_log,
 )
+from conftest import xla_flags
 
 from bignlp_jax.checkpoint import integrity, latest_step, load_params
 from bignlp_jax.data import make_source
@@ -114,7 +115,7 @@ def test_load_params_shares_the_verification_and_all_processes_agree(tmp_path, c
 
     port = str(free_port())
     env = {**cli_env, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     procs = [subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("load_params_worker.py")), port, str(i),
          model.model_dump_json(), str(good), str(bad)],
@@ -159,7 +160,7 @@ def test_a_write_failure_on_one_process_stops_the_job_in_seconds(tmp_path, cache
     names it within seconds; the earlier steps are intact and the rerun resumes exactly."""
     run = tmp_path / "run"
     env = {**subprocess_env(cache_env), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     from checkpoint_common import cli_overrides
 
     def job(fail: str) -> tuple[list[int], list[str], float]:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, bignlp_cmd
+from conftest import REPO, bignlp_cmd, xla_flags
 
 sys.path.insert(0, str(REPO))
 
@@ -226,7 +226,7 @@ def pod_process(container: dict, index: int, port: int, cli_env: dict) -> subpro
     """Start a rendered container's command here: `bignlp-jax` is this interpreter's CLI, the
     pod host names are loopback, the completion index is `index`."""
     env = {**cli_env, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     for item in container.get("env", []):
         # valueFrom: the pod's IP (loopback here) or its completion index
         ip = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"

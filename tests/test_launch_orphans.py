@@ -149,10 +149,12 @@ def test_a_vanished_peer_gives_one_message_not_a_cxx_abort(tmp_path, cli_env, lo
     helper = None
     try:
         deadline = time.monotonic() + 180
-        while not all("joined" in (tmp_path / f"p{i}.log").read_text() for i in range(2)):
+        # whole lines only: unbuffered, print writes "joined", the pid and the newline apart
+        joined = re.compile(r"^joined (\d*)\n", re.M)
+        while not all(joined.search((tmp_path / f"p{i}.log").read_text()) for i in range(2)):
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
             time.sleep(0.1)
-        pid = re.search(r"^joined (\d*)$", (tmp_path / "p0.log").read_text(), re.M).group(1)
+        pid = joined.search((tmp_path / "p0.log").read_text()).group(1)
         helper = int(pid) if pid else None
         assert (helper is None) == (service == "external")  # process 0 started no helper
         started = time.monotonic()

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import bignlp_cmd
+from conftest import bignlp_cmd, xla_flags
 
 from bignlp_jax.cli import main
 
@@ -24,7 +24,7 @@ def run_cli(*args, env, check=True):
 @pytest.fixture
 def env(cli_env):
     # two simulated devices: the batch is sharded, and compiles stay quick
-    return dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return dict(cli_env, XLA_FLAGS=xla_flags(2))
 
 
 def test_mini_pipeline_end_to_end_and_rerun(tmp_path, env, capsys):

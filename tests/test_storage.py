@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import storage_emulators
 from checkpoint_common import assert_trees_equal, config, host_params, losses
-from conftest import bignlp_cmd
+from conftest import bignlp_cmd, xla_flags
 
 from bignlp_jax import access, storage
 from bignlp_jax.checkpoint import latest_step, load_params, load_run_config
@@ -169,6 +169,21 @@ def test_local_path_check_reads_writes_and_free_space(tmp_path):
     assert sorted(tmp_path.iterdir()) == [blocker]  # no probe left anything behind
 
 
+@pytest.mark.parametrize("ending", ["pass", "raise SystemExit(2)", "raise ValueError('bug')"])
+def test_scratch_dirs_are_removed_when_the_process_ends(tmp_path, ending):
+    # bucket runs copy TensorBoard files, exports and HF models through local temporary dirs:
+    # however the process ends (short of SIGKILL), none is left behind in the temp folder
+    code = ("from bignlp_jax import storage\n"
+            "d = storage.scratch_dir('bignlp-test-')\n"
+            "(d / 'sub').mkdir(); (d / 'sub' / 'f.bin').write_bytes(b'x' * 4096)\n"
+            f"print(d, flush=True)\n{ending}\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=120)
+    made = Path(proc.stdout.strip())
+    assert made.parent == tmp_path and made.name.startswith("bignlp-test-"), proc.stderr
+    assert not made.exists() and not list(tmp_path.iterdir())
+
+
 def test_local_paths_are_untouched(tmp_path):
     assert type(storage.path(tmp_path)) is type(tmp_path)
     assert storage.absolute("rel").is_absolute()
@@ -178,7 +193,10 @@ def test_local_paths_are_untouched(tmp_path):
 
 @pytest.mark.slow
 @BUCKETS
-def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, capsys):
+def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, capsys,
+                                                    monkeypatch):
+    import tempfile
+
     from bignlp_jax.checkpoint.params import default_shardings
     from bignlp_jax.cli import main
     from bignlp_jax.train.start import load_init_params
@@ -200,6 +218,15 @@ def test_export_hf_to_a_bucket_then_import_from_it(scheme, request, tmp_path, ca
     from_bucket = load_init_params(config(tmp_path / "fresh", f"init_from={run}"),
                                    default_shardings(model))
     assert_trees_equal(jax.tree.map(np.asarray, from_bucket), host_params(run, model))
+    # init_from the Hugging Face model in the bucket: safetensors needs local files, so it is
+    # copied to a temporary dir, removed as soon as it is read (not when the run ends)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    from_hf = load_init_params(config(tmp_path / "fresh_hf", f"init_from=hf:{hf}"),
+                               default_shardings(model))
+    assert_trees_equal(jax.tree.map(np.asarray, from_hf), host_params(run, model))
+    assert not list(scratch.iterdir())
     # a second export to the same --out replaces the earlier one with --overwrite; a foreign
     # prefix is refused even then
     assert main(["export", "--run", run, "--format", "hf", "--out", hf]) == 2
@@ -222,7 +249,7 @@ def test_two_processes_save_to_a_bucket_and_one_restores(scheme, request, tmp_pa
 
     run, dump = f"{_bucket(request, scheme)}/two", tmp_path / "params.npz"
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags(2))
     port, logs = str(free_port()), [tmp_path / f"worker{i}.log" for i in range(2)]
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER), port, "2", str(i), run, str(dump), *MESH,

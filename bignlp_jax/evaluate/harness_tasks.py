@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from bignlp_jax import storage
 from bignlp_jax.data.corpora.embedded import LABELS, clean_examples
 from bignlp_jax.errors import UserError
 
@@ -64,7 +64,7 @@ def _resolved_yaml(path: Path) -> str | None:
 
 def prepare_include_dirs(dirs: list[str | Path]) -> Path:
     """One temporary directory holding every include dir's task files (data paths resolved)."""
-    out = Path(tempfile.mkdtemp(prefix="bignlp_lm_eval_tasks_"))
+    out = storage.scratch_dir("bignlp_lm_eval_tasks_")
     for n, directory in enumerate(dirs):
         source = Path(directory).expanduser()
         if not source.is_dir():

@@ -27,9 +27,15 @@ def load_init_params(cfg: Config, shardings: Params) -> Params:
         raise ValueError("load_init_params needs a config with init_from")
     if spec.startswith(HF_PREFIX):
         # it checks the architecture, names and shapes itself, and places each tensor as read
-        # safetensors reads local files: an `hf:gs://...` model is copied to a temporary dir
-        return load_hf_params(storage.fetch_dir(spec[len(HF_PREFIX):]), cfg.model,
-                              shardings=shardings)
+        # safetensors reads local files: an `hf:gs://...` model is copied to a temporary dir,
+        # removed once read (a large model's copy must not hold the disk for the whole run)
+        source = spec[len(HF_PREFIX):]
+        local = storage.fetch_dir(source)
+        try:
+            return load_hf_params(local, cfg.model, shardings=shardings)
+        finally:
+            if storage.is_remote(source):
+                storage.rmtree(local.parent)
     check_tokenizer(cfg, resolve_step_dir(spec), f"init_from={spec}")
     return load_params(spec, cfg.model, shardings)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ class MetricsLogger:
 
         tb_dir = RunDir(run_dir).tensorboard
         if self._remote:
-            self._tb_local, self._tb_remote = Path(tempfile.mkdtemp(prefix="bignlp-tb-")), tb_dir
+            self._tb_local, self._tb_remote = storage.scratch_dir("bignlp-tb-"), tb_dir
             tb_dir = self._tb_local
         self._tb = SummaryWriter(str(tb_dir))
         if progress:

@@ -51,8 +51,11 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: how long a revoked job credential blocks a requeued job from starting again
-# (default 120 s; SLURM holds requeued jobs that long). Shorter here so the requeue test is quick.
-AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=30
+# (default 120 s; SLURM holds requeued jobs that long). Shorter here so the requeue test is quick,
+# and the schedulers look at pending jobs every second or two (defaults: backfill every 30 s, the
+# main loop every 60 s), so the requeued job starts when its hold ends, not up to 30 s later.
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
+SchedulerParameters=bf_interval=1,sched_interval=2
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid

@@ -9,10 +9,8 @@ TensorFlow) is imported. Records come back as dicts of numpy values; strings are
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -138,9 +136,7 @@ def split_size(name: str, data_dir: str | Path | None, split: str,
 
 @functools.cache
 def _fetched(name: str, data_dir: str) -> Path:
-    local = storage.fetch_dir(f"{data_dir.rstrip('/')}/{name.split(':')[0]}")
-    atexit.register(shutil.rmtree, local.parent, True)
-    return local.parent
+    return storage.fetch_dir(f"{data_dir.rstrip('/')}/{name.split(':')[0]}").parent
 
 
 def local_dataset_dir(name: str, data_dir: str | Path) -> Path:
