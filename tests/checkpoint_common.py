@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags
+from compile_flags import xla_flags
 
 OVERRIDES = [
     "model.vocab_size=256", "data.source=synthetic", "data.seq_len=32",

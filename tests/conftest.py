@@ -5,17 +5,9 @@ import os
 import shutil
 import tempfile
 
-# The suite compiles with LLVM's optimisations off: on 2 CPU cores compiling is most of its
-# time, and the level changes how XLA's CPU code is generated, not the program (the HLO) our
-# code builds. tests/test_compile_level.py checks that a run at XLA's default level trains alike.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+from compile_flags import xla_flags
 
-
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test subprocess with `devices` simulated CPU devices."""
-    return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
-
-
+# LLVM optimisations off, 8 simulated devices (compile_flags.py says why)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Embedded corpora and default tokenizers are built once per test session into a fresh cache

@@ -29,7 +29,7 @@ from checkpoint_common import (
     subprocess_env,
     worker_log,
 )
-from conftest import xla_flags
+from compile_flags import xla_flags
 
 from bignlp_jax.checkpoint import integrity, latest_step, load_params
 from bignlp_jax.data import make_source

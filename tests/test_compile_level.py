@@ -6,13 +6,16 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 from checkpoint_common import host_params, losses
-from conftest import TEST_XLA_FLAGS, bignlp_cmd
+from compile_flags import TEST_XLA_FLAGS
+from conftest import bignlp_cmd
 
 OVERRIDES = ["train.steps=3", "train.log_every=1", "train.eval_every=0",
              "data.source=synthetic", "checkpoint.every_steps=3"]
 
 
+@pytest.mark.slow  # a compile at the default level in a subprocess
 def test_xla_default_level_trains_like_the_suites_level(tmp_path, cli_env):
     import jax
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, bignlp_cmd, xla_flags
+from compile_flags import xla_flags
+from conftest import REPO, bignlp_cmd
 
 sys.path.insert(0, str(REPO))
 

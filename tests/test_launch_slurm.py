@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, xla_flags
+from compile_flags import xla_flags
+from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # `launch` is a top-level folder of the repository
 

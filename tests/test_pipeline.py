@@ -6,7 +6,8 @@ import os
 import subprocess
 
 import pytest
-from conftest import bignlp_cmd, xla_flags
+from compile_flags import xla_flags
+from conftest import bignlp_cmd
 
 from bignlp_jax.cli import main
 

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import storage_emulators
 from checkpoint_common import assert_trees_equal, config, host_params, losses
-from conftest import bignlp_cmd, xla_flags
+from compile_flags import xla_flags
+from conftest import bignlp_cmd
 
 from bignlp_jax import access, storage
 from bignlp_jax.checkpoint import latest_step, load_params, load_run_config
