@@ -31,7 +31,7 @@ def test_on_slurm(slurm_cluster):
 
 
 def _run(tmp_path, *args: str, ci: str | None = None) -> subprocess.CompletedProcess:
-    for name in ("conftest.py", "required_tests.py"):
+    for name in ("conftest.py", "compile_flags.py", "required_tests.py"):
         shutil.copy(REPO / "tests" / name, tmp_path / name)
     (tmp_path / "test_probe.py").write_text(PROBE, encoding="utf-8")
     (tmp_path / "pytest.ini").write_text(
