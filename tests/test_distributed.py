@@ -8,8 +8,15 @@ import subprocess
 import pytest
 from conftest import bignlp_cmd
 
-from bignlp_jax.parallel.distributed import add_arguments
-from bignlp_jax.parallel.layout import CoordinatorError, detect, first_slurm_host, tasks_on_node
+from bignlp_jax.parallel.distributed import _unreachable_message, add_arguments
+from bignlp_jax.parallel.layout import (
+    CoordinatorError,
+    Layout,
+    detect,
+    first_slurm_host,
+    loopback_only,
+    tasks_on_node,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -110,6 +117,37 @@ def test_gke_tpu_layout():
     assert detect(parse(), env={"TPU_WORKER_HOSTNAMES": "w-0", "TPU_WORKER_ID": "0"}) is None
 
 
+def _resolving(monkeypatch, table: dict[str, list[str]]) -> None:
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        family = {True: socket.AF_INET6, False: socket.AF_INET}
+        return [(family[":" in a], socket.SOCK_STREAM, 6, "", (a, 0)) for a in table[host]]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_host_name_that_resolves_to_loopback_is_named_in_the_timeout(monkeypatch):
+    # Debian and Ubuntu put "127.0.1.1 <hostname>" in /etc/hosts: process 0 of a SLURM job binds
+    # the service to its node name, and processes on the other nodes time out connecting
+    _resolving(monkeypatch, {"node-0": ["127.0.1.1"], "node-1": ["10.1.2.3", "127.0.1.1"],
+                             "node-6": ["::1"]})
+    assert loopback_only("node-0") == "127.0.1.1" and loopback_only("node-6") == "::1"
+    for host in ("node-1", "localhost", "127.0.0.1", "[::1]", "no-such-host"):
+        assert loopback_only(host) is None, host  # a network address, or loopback on purpose
+    slurm = Layout("slurm", 16, 0, "node-0:61441")
+    message = _unreachable_message(slurm, 300)
+    assert message.splitlines()[0].endswith(
+        "node-0 resolves to 127.0.1.1 on this host, so the service listens for this host's "
+        "processes only")
+    assert "fix: pass --coordinator-bind with this host's network address" in message
+    assert len(message.splitlines()) == 2
+    # bound elsewhere on purpose, or a name other hosts can use: the general fix
+    for layout, bind in ((slurm, "10.1.2.3"), (Layout("slurm", 16, 0, "node-1:61441"), None),
+                         (Layout("slurm", 16, 3, "node-0:61441"), None)):
+        message = _unreachable_message(layout, 300, bind)
+        assert "--coordinator-bind" not in message and "reachable from every host" in message
+
+
 @pytest.mark.slow
 def test_unreachable_coordinator_fails_fast_with_address(cli_env):
     with socket.socket() as s:  # a port nobody listens on
@@ -200,3 +238,28 @@ def test_coordinator_command_refuses_a_port_in_use(cli_env):
     assert "bignlp-jax coordinator: error: could not start the coordination service on " \
            f"127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_coordinator_on_a_loopback_host_name_says_who_can_join(monkeypatch, capsys):
+    from bignlp_jax.parallel import coordination_host
+
+    _resolving(monkeypatch, {"node-0": ["127.0.1.1"]})
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-0")
+    bound = []
+
+    def port_check(bind, port):  # stands in for the service: nothing is started
+        bound.append(bind)
+        raise CoordinatorError("stop here")
+    monkeypatch.setattr(coordination_host, "_check_port_free", port_check)
+    args = argparse.Namespace(processes=2, port=1234, bind=None, heartbeat_timeout=None,
+                              shutdown_timeout=None, until="signal")
+    with pytest.raises(CoordinatorError):
+        coordination_host.cmd_coordinator(args)
+    assert bound == ["node-0"]
+    assert capsys.readouterr().err.strip() == (
+        "coordinator: note: node-0 resolves to 127.0.1.1 on this host, so only its own "
+        "processes can join; for processes on other hosts, --bind this host's network address")
+    args.bind = "127.0.0.1"  # asked for: no note
+    with pytest.raises(CoordinatorError):
+        coordination_host.cmd_coordinator(args)
+    assert capsys.readouterr().err == ""

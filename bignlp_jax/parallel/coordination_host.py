@@ -49,7 +49,12 @@ import time
 from typing import Any
 
 from bignlp_jax.compat import jax as compat_jax
-from bignlp_jax.parallel.layout import HEARTBEAT_TIMEOUT, SHUTDOWN_TIMEOUT, CoordinatorError
+from bignlp_jax.parallel.layout import (
+    HEARTBEAT_TIMEOUT,
+    SHUTDOWN_TIMEOUT,
+    CoordinatorError,
+    loopback_only,
+)
 
 READY = "ready"
 DONE = "done"
@@ -238,6 +243,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                                f"and --port {args.port} in 1..65535")
     if args.bind is None:
         args.bind = socket.gethostname()
+        if (local := loopback_only(args.bind)) is not None:
+            print(f"coordinator: note: {args.bind} resolves to {local} on this host, so only its "
+                  "own processes can join; for processes on other hosts, --bind this host's "
+                  "network address", file=sys.stderr, flush=True)
     if ":" in args.bind and not args.bind.startswith("["):
         args.bind = f"[{args.bind}]"  # a bare IPv6 address (a pod's IP)
     _check_port_free(args.bind, args.port)  # jaxlib crashes (SIGSEGV) on a taken port

@@ -34,6 +34,7 @@ from bignlp_jax.parallel.layout import (
     Layout,
     describe,
     detect,
+    loopback_only,
 )
 from bignlp_jax.parallel.peer_watch import PeerWatchdog
 
@@ -87,11 +88,18 @@ def _timeout(value: float | None, flag: str, default: float) -> float:
     return float(value)
 
 
-def _unreachable_message(layout: Layout, timeout: float) -> str:
+def _unreachable_message(layout: Layout, timeout: float, bind: str | None = None) -> str:
     n, i, addr = layout.num_processes, layout.process_id, layout.coordinator or "(TPU worker 0)"
     if i == 0 and layout.service != "external":
         what = (f"process 0 of {n} started the coordinator at {addr}, but not all {n} processes "
                 f"joined within {timeout:g} s")
+        host = bind_address(addr, bind).rsplit(":", 1)[0] if layout.coordinator else ""
+        local = loopback_only(host) if host else None
+        if local is not None:
+            return (f"{what} (layout from {layout.source}); {host} resolves to {local} on this "
+                    "host, so the service listens for this host's processes only\n"
+                    "  fix: pass --coordinator-bind with this host's network address (or map "
+                    f"{host} to it in /etc/hosts) so that processes on other hosts can join")
     else:
         what = f"process {i} of {n} could not reach the coordinator at {addr} within {timeout:g} s"
     return (
@@ -148,7 +156,7 @@ def initialize(layout: Layout, init_timeout: float = INIT_TIMEOUT, command: str 
 
     def give_up() -> None:
         # JAX would abort with a C++ stack dump a little later; leave with a message instead.
-        print(f"{prefix}: error: {_unreachable_message(layout, init_timeout)}",
+        print(f"{prefix}: error: {_unreachable_message(layout, init_timeout, bind)}",
               file=sys.stderr, flush=True)
         os._exit(CoordinatorError.exit_code)
 

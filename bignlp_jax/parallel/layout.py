@@ -23,8 +23,10 @@ torchrun's and JAX's do.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -197,3 +199,23 @@ def describe(layout: Layout) -> str:
     return (f"process {layout.process_id} of {layout.num_processes} "
             f"(layout from {layout.source}, coordinator {where}{hosted})")
 
+
+def loopback_only(host: str) -> str | None:
+    """The address `host` resolves to here when every one is a loopback address and `host` is
+    not a loopback name itself: Debian and Ubuntu map a machine's own name to 127.0.1.1 in
+    /etc/hosts, so a service bound to that name is out of other hosts' reach."""
+    host = host.strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None  # asked for loopback by address
+    except ValueError:
+        pass
+    if host == "localhost" or host.endswith(".localhost"):
+        return None
+    try:
+        found = {str(info[4][0])
+                 for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
+        return None
+    loopback = sorted(a for a in found if ipaddress.ip_address(a.split("%")[0]).is_loopback)
+    return loopback[0] if loopback and len(loopback) == len(found) else None
