@@ -1,4 +1,4 @@
-"""The suite compiles with LLVM's optimisations off (tests/conftest.py, to keep its time down);
+"""The suite compiles with LLVM's optimisations off (tests/compile_flags.py, to keep its time down);
 users' runs compile at XLA's default level. A run at each level must train alike, or the suite
 would be testing a different program from the one users run."""
 
